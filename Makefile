@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Both create .venv and install on first use, and are
+# quick afterwards (the install stamp is refreshed only when pyproject.toml changes).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+# pytest's own -x/-k etc. can be passed with: make test PYTEST_ARGS="-k loader"
+PYTEST_ARGS ?=
+
+.PHONY: demo test install bench-data clean-data
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/imagenet-pipeline demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-data: $(STAMP)
+	$(BIN)/imagenet-pipeline bench-data
+
+clean-data:
+	rm -rf data/demo

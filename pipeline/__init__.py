@@ -1,0 +1,1 @@
+"""Distributed ImageNet training on Ray Train / Tune with MLflow tracking."""

@@ -1,0 +1,224 @@
+"""The one typed configuration: YAML files -> `--set key=value` overrides -> driver -> workers -> checkpoints.
+
+Every setting lives here once. Loading validates everything that can be checked without touching the
+cluster, so a bad value fails with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MODEL_NAMES = ("alexnet", "alexnet_tv", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = PROJECT_ROOT / "jobs" / "configs" / "default.yaml"
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    root: Path = Field(Path("data/shards"), description="directory holding train/, val/ and test/ shard splits")
+    train_image_size: int = Field(224, ge=16, le=1024, description="RandomResizedCrop output side, pixels")
+    eval_image_size: int = Field(224, ge=16, le=1024, description="centre-crop side for val/test, pixels")
+    eval_crop_ratio: float = Field(0.875, gt=0.0, le=1.0, description="crop side / resize side (224/256)")
+    min_crop_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop smallest area share")
+    loader_workers: int = Field(2, ge=0, le=64, description="DataLoader processes per training worker")
+    shuffle_buffer: int = Field(1000, ge=1, description="samples held for the in-worker shuffle")
+    prefetch_batches: int = Field(2, ge=1, description="batches prefetched per DataLoader process")
+
+
+class ModelConfig(_Section):
+    name: Literal[MODEL_NAMES] = "resnet18"  # type: ignore[valid-type]
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="AlexNet FC dropout / ResNet pre-classifier dropout")
+    local_response_norm: bool = Field(True, description="AlexNet only: LRN after conv1 and conv2 as in 2012")
+
+
+class OptimConfig(_Section):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0.0, le=10.0, description="SGD: per 256 images, scaled with the global batch")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0.0, lt=1.0, description="not applied to BatchNorm and bias")
+    batch_size: int = Field(256, ge=1, description="global batch: summed over all training workers")
+    epochs: int = Field(90, ge=1)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    step_epochs: int = Field(30, ge=1, description="step schedule: divide lr by step_gamma every this many epochs")
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip_norm: float | None = Field(None, gt=0.0)
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without val improvement")
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 runs in-process (local mode)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, gt=0.0)
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+
+    @property
+    def world_size(self) -> int:
+        return max(1, self.num_workers)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else SQLite in the project")
+    experiment: str = "imagenet"
+    run_name: str | None = Field(None, description="also the Ray Train run name: same name resumes")
+    storage_path: Path = Field(Path("ray_results"), description="checkpoints; shared storage on a cluster")
+    registered_model: str = "imagenet-classifier"
+    keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept by val top-1, plus the latest")
+
+
+class SearchSpaceParam(_Section):
+    kind: Literal["loguniform", "uniform", "choice"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "SearchSpaceParam":
+        if self.kind == "choice":
+            if not self.values:
+                raise ValueError("a 'choice' parameter needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"a '{self.kind}' parameter needs low < high (got low={self.low}, high={self.high})")
+            if self.kind == "loguniform" and self.low <= 0:
+                raise ValueError(f"a 'loguniform' parameter needs low > 0 (got {self.low})")
+        return self
+
+
+class SearchConfig(_Section):
+    space: dict[str, SearchSpaceParam] = Field(default_factory=dict, description="dotted config key -> range")
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    algorithm: Literal["random", "optuna"] = "random"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(3.0, gt=1.0)
+    max_trial_failures: int = Field(1, ge=0)
+    seed: int = 0
+
+
+class Config(_Section):
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    search: SearchConfig = SearchConfig()
+
+    @model_validator(mode="after")
+    def _check_batch_divides(self) -> "Config":
+        world = self.scaling.world_size
+        if self.optim.batch_size % world:
+            raise ValueError(
+                f"optim.batch_size = {self.optim.batch_size} is not divisible by scaling.num_workers = {world}; "
+                "the batch is global, choose a multiple of the worker count"
+            )
+        return self
+
+    @property
+    def per_worker_batch_size(self) -> int:
+        return self.optim.batch_size // self.scaling.world_size
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem, always one line."""
+
+
+def load_config(paths: list[Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge YAML files left to right, apply `key=value` overrides, validate once at the end."""
+    merged: dict[str, Any] = {}
+    for path in paths or [DEFAULT_CONFIG]:
+        _deep_merge(merged, _read_yaml(Path(path)))
+    for override in overrides or []:
+        _apply_override(merged, override)
+    return validate_config(merged)
+
+
+def validate_config(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def _apply_override(merged: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. optim.lr=0.2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = merged
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check the spelling; see jobs/configs/default.yaml for every key)"
+    if first["loc"]:
+        shown = first.get("input")
+        more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+        return f"{key} = {shown!r}: {message}{more}"
+    return message
+
+
+def require_shards(config: Config, splits: tuple[str, ...] = ("train", "val")) -> None:
+    """Fail before any worker starts when the configured shard splits are missing."""
+    root = Path(config.data.root)
+    if not root.is_dir():
+        raise ConfigError(
+            f"data.root = '{root}': directory does not exist; create shards with `imagenet-pipeline shard` "
+            "or point data.root at a folder holding train/ val/ test/"
+        )
+    for split in splits:
+        if not (root / split / "manifest.json").is_file():
+            raise ConfigError(
+                f"data.root = '{root}': no {split}/manifest.json; shard the data or run `imagenet-pipeline index`"
+            )

@@ -1,0 +1,102 @@
+"""Config: YAML -> overrides -> one validated object; every bad value is one line naming key and value."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import (
+    DEFAULT_CONFIG, PROJECT_ROOT, Config, ConfigError, load_config, require_shards, validate_config,
+)
+
+
+def test_default_yaml_lists_every_key_with_the_code_defaults():
+    # The documented defaults file and the typed defaults must never drift apart.
+    from_file = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert from_file == Config().model_dump(mode="json")
+
+
+def test_every_shipped_config_validates():
+    for path in sorted((PROJECT_ROOT / "jobs" / "configs").glob("*.yaml")):
+        load_config([DEFAULT_CONFIG, path])
+
+
+def test_files_merge_left_to_right_and_overrides_win(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("optim:\n  lr: 0.05\n  epochs: 3\nmodel:\n  name: alexnet\n")
+    config = load_config([DEFAULT_CONFIG, extra], ["optim.lr=0.2", "scaling.use_gpu=true", "data.root=/x/y"])
+    assert config.optim.lr == 0.2
+    assert config.optim.epochs == 3
+    assert config.optim.momentum == 0.9  # untouched default survives the merge
+    assert config.model.name == "alexnet"
+    assert config.scaling.use_gpu is True
+    assert config.data.root == Path("/x/y")
+
+
+def test_per_worker_batch_is_derived_from_the_global_batch():
+    config = load_config(overrides=["optim.batch_size=96", "scaling.num_workers=3"])
+    assert config.per_worker_batch_size == 32
+    local = load_config(overrides=["optim.batch_size=96", "scaling.num_workers=0"])
+    assert local.per_worker_batch_size == 96
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.name=vgg16", r"model\.name = 'vgg16': Input should be 'alexnet', 'alexnet_tv', 'resnet18'"),
+        ("optim.lr=-0.1", r"optim\.lr = -0\.1: Input should be greater than 0"),
+        ("optim.batch_size=33", r"optim\.batch_size = 33 is not divisible by scaling\.num_workers = 2"),
+        ("model.dropout=1.5", r"model\.dropout = 1\.5: Input should be less than 1"),
+        ("optim.lrr=0.1", r"optim\.lrr: unknown key"),
+        ("optim.optimizer=rmsprop", r"optim\.optimizer = 'rmsprop'"),
+        ("scaling.num_workers=two", r"scaling\.num_workers = 'two': Input should be a valid integer"),
+    ],
+)
+def test_invalid_values_fail_with_one_line_naming_key_and_value(override, expected):
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_config(overrides=[override])
+    assert "\n" not in str(caught.value)
+
+
+def test_malformed_override_and_files_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(overrides=["optim.lr"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([tmp_path / "missing.yaml"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([broken])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config([listed])
+
+
+def test_search_space_is_validated():
+    ok = validate_config({"search": {"space": {
+        "optim.lr": {"kind": "loguniform", "low": 1e-3, "high": 1.0},
+        "optim.batch_size": {"kind": "choice", "values": [64, 128]},
+    }}})
+    assert ok.search.space["optim.lr"].kind == "loguniform"
+    with pytest.raises(ConfigError, match="needs low < high"):
+        validate_config({"search": {"space": {"model.dropout": {"kind": "uniform", "low": 0.5, "high": 0.1}}}})
+    with pytest.raises(ConfigError, match="needs low > 0"):
+        validate_config({"search": {"space": {"optim.lr": {"kind": "loguniform", "low": 0, "high": 1}}}})
+    with pytest.raises(ConfigError, match="non-empty 'values'"):
+        validate_config({"search": {"space": {"optim.batch_size": {"kind": "choice", "values": []}}}})
+
+
+def test_missing_shards_fail_before_any_worker_starts(tmp_path):
+    config = load_config(overrides=[f"data.root={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match=r"data\.root = '.*nope': directory does not exist"):
+        require_shards(config)
+    (tmp_path / "nope" / "train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="no train/manifest.json"):
+        require_shards(config)
+
+
+def test_resolved_config_round_trips_through_yaml():
+    config = load_config(overrides=["optim.lr=0.3", "model.name=resnet50"])
+    again = validate_config(yaml.safe_load(config.to_yaml()))
+    assert again == config
