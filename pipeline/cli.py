@@ -168,6 +168,34 @@ def load(
     raise typer.Exit(0 if report.ok else 1)
 
 
+@app.command()
+def train(config_files: ConfigFiles = None, overrides: Overrides = None) -> None:
+    """Train with Ray Train (data parallel), track in MLflow, register the best model."""
+    from pipeline.trainer import ensure_ray, run_training
+
+    config = resolve_config(config_files, overrides)
+    try:
+        ensure_ray()
+        outcome = run_training(config)
+    except ValueError as error:
+        fail(str(error))
+    print_outcome(outcome)
+
+
+def print_outcome(outcome) -> None:
+    from pipeline import metrics as m
+
+    best = outcome.best_metrics
+    typer.echo(
+        f"\nrun '{outcome.run_name}' finished in {outcome.seconds:.0f} s; best epoch {best.get(m.EPOCH, '?')}: "
+        f"val top-1 {best.get(m.VAL_TOP1, float('nan')):.2f} %, top-5 {best.get(m.VAL_TOP5, float('nan')):.2f} %"
+    )
+    if outcome.model_version:
+        typer.echo(f"registered model version {outcome.model_version}"
+                   f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}")
+    typer.echo("open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000")
+
+
 @app.command(name="bench-data")
 def bench_data(
     work_dir: Annotated[Path, typer.Option(help="scratch folder for the benchmark images and shards")] = Path("data/bench"),

@@ -61,7 +61,7 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(1.0, gt=0.0)
-    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    mixed_precision: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
     compile: bool = False
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")

@@ -1,0 +1,104 @@
+"""Checkpoint contents: everything needed to continue a run exactly where it stopped.
+
+A checkpoint directory holds `state.pt` (model, optimiser, scheduler, grad scaler, RNG states, epoch,
+global step, metric history) and `meta.json` (model name, class count, manifest hash, resolved config),
+which is small and readable without torch so the driver can refuse a mismatched resume up front.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+@dataclass
+class TrainingState:
+    """The mutable state of one training run, saved whole in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per epoch
+    best_metric: float | None = None
+    epochs_without_improvement: int = 0
+
+
+def checkpoint_meta(config: dict[str, Any], num_classes: int, manifest_hash: str) -> dict[str, Any]:
+    return {
+        "model": config["model"]["name"],
+        "num_classes": num_classes,
+        "manifest_hash": manifest_hash,
+        "config": config,
+    }
+
+
+def save_checkpoint(
+    directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    scaler: torch.amp.GradScaler | None, state: TrainingState, meta: dict[str, Any],
+) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "training_state": state.__dict__,
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+    torch.save(payload, directory / STATE_FILE)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def load_checkpoint(
+    directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
+) -> TrainingState:
+    payload = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(payload["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and payload["scaler"] is not None:
+        scaler.load_state_dict(payload["scaler"])
+    rng = payload["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainingState(**payload["training_state"])
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+
+def check_compatible(meta: dict[str, Any], model_name: str, num_classes: int, where: str) -> None:
+    """A checkpoint of another architecture or class count would silently fail to load; say why instead."""
+    if meta["model"] != model_name or meta["num_classes"] != num_classes:
+        raise ValueError(
+            f"{where} holds a {meta['model']} checkpoint with {meta['num_classes']} classes, but the config asks "
+            f"for {model_name} with {num_classes} classes; choose another tracking.run_name or remove that run"
+        )
+
+
+def latest_run_checkpoint(storage_path: Path, run_name: str) -> Path | None:
+    """The newest checkpoint directory Ray Train left for `run_name`, if any (local storage only)."""
+    run_dir = Path(storage_path) / run_name
+    if not run_dir.is_dir():
+        return None
+    metas = sorted(run_dir.glob(f"checkpoint_*/{META_FILE}"), key=lambda p: p.stat().st_mtime)
+    return metas[-1].parent if metas else None

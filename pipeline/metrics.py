@@ -1,0 +1,37 @@
+"""Metric names, defined once: Ray Train reports, checkpoint scoring, Ray Tune and MLflow all use these.
+
+MLflow accepts '/' in metric names and groups them in its UI, so `val/top1` shows under `val`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EPOCH = "epoch"
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_IMAGES_PER_SECOND = "train/images_per_second"
+TRAIN_DATA_WAIT_SHARE = "train/data_wait_share"  # share of step time spent waiting for the loader
+TRAIN_CORRUPT_SAMPLES = "train/corrupt_samples"
+VAL_LOSS = "val/loss"
+VAL_TOP1 = "val/top1"  # percent, exact: counts summed over all ranks
+VAL_TOP5 = "val/top5"
+VAL_CORRUPT_SAMPLES = "val/corrupt_samples"
+TEST_TOP1 = "test/top1"
+TEST_TOP5 = "test/top5"
+TEST_TOP5_ERROR = "test/top5_error"
+
+# Model selection: checkpoints, early stopping, ASHA and the champion gate all maximise this.
+SELECTION_METRIC = VAL_TOP1
+SELECTION_MODE = "max"
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Correct predictions among valid labels (labels < 0 are masked slots) for each k."""
+    valid = labels >= 0
+    logits, labels = logits[valid], labels[valid]
+    if labels.numel() == 0:
+        return [0 for _ in ks]
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top.eq(labels.unsqueeze(1))
+    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]

@@ -1,0 +1,143 @@
+"""MLflow: where runs go, one run per training job, and what rank 0 writes into it.
+
+The driver resolves the tracking URI (absolute: Ray workers change directory, so MLflow's relative
+`sqlite:///mlflow.db` default would scatter databases), creates the SQLite database once (concurrent
+first-time creation races in migrations), and creates or re-finds the job's run. Workers only
+attach to that run id, so a restarted worker group or a resumed job keeps writing to one run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import PROJECT_ROOT, Config, ConfigError
+
+RUN_NAME_TAG = "pipeline.run_name"
+MANIFEST_TAG = "pipeline.manifest_hash"
+
+
+def resolve_tracking_uri(config: Config) -> str:
+    uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{(PROJECT_ROOT / uri.removeprefix('sqlite:///')).resolve()}"
+        return uri
+    return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a SQLite database; a tracking server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None
+
+
+def prepare_tracking(config: Config) -> tuple[str, str]:
+    """Check the tracking store is usable, create it once; return (uri, experiment id)."""
+    uri = resolve_tracking_uri(config)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is not None:
+        return uri, experiment.experiment_id
+    return uri, client.create_experiment(config.tracking.experiment, artifact_location=artifact_root(uri))
+
+
+def _check_server(uri: str) -> None:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+            if response.status == 200:
+                return
+    except (urllib.error.URLError, OSError) as error:
+        raise ConfigError(
+            f"tracking.tracking_uri = {uri!r}: MLflow server not reachable ({getattr(error, 'reason', error)}); "
+            "start it or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+        ) from None
+    raise ConfigError(f"tracking.tracking_uri = {uri!r}: server answered /health with an error")
+
+
+def start_or_resume_run(
+    config: Config, uri: str, experiment_id: str, run_name: str, manifest_hash: str,
+) -> tuple[str, bool]:
+    """The one MLflow run of a training job: re-found by its run name when the job is resumed."""
+    client = MlflowClient(uri)
+    found = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1,
+    )
+    if found:
+        return found[0].info.run_id, True
+    run = client.create_run(experiment_id, run_name=run_name, tags={
+        RUN_NAME_TAG: run_name, MANIFEST_TAG: manifest_hash, **git_tags(), **ray_job_tags(),
+    })
+    client.log_batch(run.info.run_id, params=[
+        mlflow.entities.Param(key, str(value)[:6000]) for key, value in flatten(config.model_dump(mode="json")).items()
+    ])
+    return run.info.run_id, False
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def git_tags() -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.commit": commit or "unknown", "git.dirty": str(dirty).lower()} if commit else {}
+
+
+def ray_job_tags() -> dict[str, str]:
+    job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    return {"ray.job_id": job_id} if job_id else {}
+
+
+class WorkerTracker:
+    """Rank 0 attaches to the job's run and logs per-epoch metrics; other ranks do nothing."""
+
+    def __init__(self, run_id: str | None, uri: str | None) -> None:
+        self.run_id, self.uri = run_id, uri
+        self._active = False
+
+    @classmethod
+    def for_rank(cls, rank: int, run_id: str | None, uri: str | None) -> "WorkerTracker":
+        return cls(run_id if rank == 0 else None, uri)
+
+    def __enter__(self) -> "WorkerTracker":
+        if self.run_id and self.uri:
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
+            self._active = True
+        return self
+
+    def log_epoch(self, epoch_metrics: dict[str, float]) -> None:
+        if self._active:
+            step = int(epoch_metrics["epoch"])
+            mlflow.log_metrics({k: float(v) for k, v in epoch_metrics.items() if k != "epoch"}, step=step)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._active:
+            # A restarted worker group re-opens the run; the driver sets the final status at the end.
+            mlflow.end_run(status="FINISHED" if exc_info[0] is None else "FAILED")
+            self._active = False

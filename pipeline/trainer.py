@@ -1,0 +1,162 @@
+"""The training driver: check everything, start the Ray Train job, then publish the result in MLflow.
+
+    imagenet-pipeline train -c jobs/configs/resnet18_small.yaml --set tracking.run_name=r18-a
+
+Everything that can be wrong with the inputs fails here, before a worker starts: shards, class
+counts, a resumed run of another architecture, an unwritable storage path, an unreachable tracking
+server. Running again with the same `tracking.run_name` resumes from the latest checkpoint and keeps
+writing to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import metrics as m
+from pipeline.checkpoints import check_compatible, latest_run_checkpoint, read_meta
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, require_shards
+from pipeline.manifest import Manifest, read_manifest
+from pipeline.publish import publish_best_model
+from pipeline.tracking import prepare_tracking, start_or_resume_run
+from pipeline.train_loop import train_worker
+
+
+@dataclass
+class TrainingOutcome:
+    run_name: str
+    mlflow_run_id: str
+    best_metrics: dict[str, Any]
+    best_checkpoint: str | None
+    model_version: str | None
+    promoted: bool
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+def run_training(config: Config, run_callbacks: list[Any] | None = None) -> TrainingOutcome:
+    started = time.perf_counter()
+    manifest = check_inputs(config)
+    run_name = config.tracking.run_name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = storage_path(config)
+    check_resume_compatible(storage, run_name, config, manifest)
+    uri, experiment_id = prepare_tracking(config)
+    run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash())
+    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; Ray run '{run_name}' in {storage}")
+
+    trainer = build_trainer(config, run_name, storage, run_id, uri, run_callbacks)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    best = best_checkpoint(result)
+    history = read_history(result.checkpoint.path if result.checkpoint else None)
+    published = publish_best_model(config, uri, run_id, best.path, best.metrics, history, manifest) if best else None
+    return TrainingOutcome(
+        run_name=run_name, mlflow_run_id=run_id,
+        best_metrics=dict(best.metrics) if best else {}, best_checkpoint=best.path if best else None,
+        model_version=published.version if published else None, promoted=bool(published and published.promoted),
+        history=history, seconds=time.perf_counter() - started,
+    )
+
+
+def check_inputs(config: Config) -> Manifest:
+    require_shards(config, ("train", "val"))
+    train = read_manifest(Path(config.data.root) / "train")
+    val = read_manifest(Path(config.data.root) / "val")
+    if train.num_classes != val.num_classes:
+        raise ConfigError(
+            f"data.root = '{config.data.root}': train has {train.num_classes} classes but val has {val.num_classes}; "
+            "shard both splits from the same source"
+        )
+    return train
+
+
+def storage_path(config: Config) -> Path:
+    path = Path(config.tracking.storage_path)
+    path = path if path.is_absolute() else PROJECT_ROOT / path
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{time.time_ns()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"tracking.storage_path = '{config.tracking.storage_path}': cannot write there ({error.strerror})"
+        ) from None
+    return path
+
+
+def check_resume_compatible(storage: Path, run_name: str, config: Config, manifest: Manifest) -> None:
+    latest = latest_run_checkpoint(storage, run_name)
+    if latest is not None:
+        try:
+            check_compatible(read_meta(latest), config.model.name, manifest.num_classes, f"run '{run_name}' ({latest})")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def build_trainer(config: Config, run_name: str, storage: Path, run_id: str, uri: str,
+                  run_callbacks: list[Any] | None) -> TorchTrainer:
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if config.scaling.use_gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
+            # Local mode (num_workers=0, for tests and debugging) does not persist checkpoints itself.
+            "local_checkpoint_root": str(storage / run_name) if config.scaling.num_workers == 0 else None,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.tracking.keep_checkpoints,
+                checkpoint_score_attribute=m.SELECTION_METRIC, checkpoint_score_order=m.SELECTION_MODE,
+            ),
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            callbacks=run_callbacks or [],
+        ),
+    )
+
+
+def best_checkpoint(result: Any):
+    """The best reported checkpoint by the selection metric (Ray keeps it and the latest)."""
+    scored = [(checkpoint, metrics) for checkpoint, metrics in (result.best_checkpoints or [])
+              if m.SELECTION_METRIC in metrics]
+    if not scored and result.checkpoint is not None and m.SELECTION_METRIC in (result.metrics or {}):
+        scored = [(result.checkpoint, result.metrics)]  # local mode keeps only the last checkpoint
+    if not scored:
+        return None
+    checkpoint, metrics = max(scored, key=lambda pair: pair[1][m.SELECTION_METRIC])
+    return _Best(checkpoint.path, metrics)
+
+
+@dataclass
+class _Best:
+    path: str
+    metrics: dict[str, Any]
+
+
+def read_history(checkpoint_path: str | None) -> list[dict[str, Any]]:
+    """The per-epoch metrics of the whole run, from the latest checkpoint's training state."""
+    if checkpoint_path is None:
+        return []
+    import torch
+
+    payload = torch.load(Path(checkpoint_path) / "state.pt", map_location="cpu", weights_only=False)
+    return payload["training_state"]["history"]
+
+
+def ensure_ray() -> None:
+    """Join the cluster when run as a Ray job (RAY_ADDRESS); otherwise start Ray in-process."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
