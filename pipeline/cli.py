@@ -179,11 +179,12 @@ def train(config_files: ConfigFiles = None, overrides: Overrides = None) -> None
         outcome = run_training(config)
     except ValueError as error:
         fail(str(error))
-    print_outcome(outcome)
+    print_outcome(outcome, config)
 
 
-def print_outcome(outcome) -> None:
+def print_outcome(outcome, config: Config) -> None:
     from pipeline import metrics as m
+    from pipeline.tracking import mlflow_ui_command
 
     best = outcome.best_metrics
     typer.echo(
@@ -193,7 +194,7 @@ def print_outcome(outcome) -> None:
     if outcome.model_version:
         typer.echo(f"registered model version {outcome.model_version}"
                    f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}")
-    typer.echo("open the MLflow UI: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000")
+    typer.echo(f"open the MLflow UI: {mlflow_ui_command(config)}")
 
 
 @app.command(name="bench-data")
@@ -214,7 +215,7 @@ def demo(
     overrides: Overrides = None,
     data_dir: Annotated[Path, typer.Option(help="where the demo's generated images and shards go")] = Path("data/demo"),
 ) -> None:
-    """End to end on generated data: generate, shard, verify, stream as 2 ranks (training comes next)."""
+    """End to end on generated data: generate, shard, verify, train on 2 Ray workers, register in MLflow."""
     from pipeline.demo import run_demo
 
     files = config_files or [PROJECT_ROOT / "jobs" / "configs" / "demo.yaml"]

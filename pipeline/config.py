@@ -35,6 +35,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: Literal[MODEL_NAMES] = "resnet18"  # type: ignore[valid-type]
+    num_classes: int | None = Field(None, ge=2, description="None: from the shard manifest; else must match it")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="AlexNet FC dropout / ResNet pre-classifier dropout")
     local_response_norm: bool = Field(True, description="AlexNet only: LRN after conv1 and conv2 as in 2012")
 

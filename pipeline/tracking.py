@@ -33,6 +33,13 @@ def resolve_tracking_uri(config: Config) -> str:
     return f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
+def mlflow_ui_command(config: Config) -> str:
+    uri = resolve_tracking_uri(config)
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifacts beside a SQLite database; a tracking server decides its own."""
     if uri.startswith("sqlite:///"):

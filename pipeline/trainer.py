@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipeline import metrics as m
@@ -74,6 +74,12 @@ def check_inputs(config: Config) -> Manifest:
             f"data.root = '{config.data.root}': train has {train.num_classes} classes but val has {val.num_classes}; "
             "shard both splits from the same source"
         )
+    expected = config.model.num_classes
+    if expected is not None and expected != train.num_classes:
+        raise ConfigError(
+            f"model.num_classes = {expected}: the shards in {config.data.root} have {train.num_classes} classes; "
+            "set model.num_classes to null to take it from the manifest"
+        )
     return train
 
 
@@ -124,6 +130,8 @@ def build_trainer(config: Config, run_name: str, storage: Path, run_id: str, uri
             ),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             callbacks=run_callbacks or [],
+            # Ray's per-report INFO lines drown the epoch table; warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
 

@@ -49,3 +49,62 @@ def tiny_shards(tmp_path_factory) -> Path:
     write_split(root / "val", [8, 8, 6], split="val")
     write_split(root / "test", [6, 5], split="test")
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray and training fixtures: Ray starts once per test session; one real 2-worker run is shared by
+# every test that only reads its results (MLflow contents, evaluate, predict).
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    # 4 logical CPUs on 2 cores: room for the train controller plus 2 workers without queueing.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def learnable_shards(tmp_path_factory) -> Path:
+    """The project's own generator and sharder: 4 classes, 64x48 px, train 80 / val 16 / test 24."""
+    from pipeline.sharding import shard_imagenet
+    from pipeline.synthetic import generate_imagenet_folder
+
+    base = tmp_path_factory.mktemp("learnable")
+    generate_imagenet_folder(base / "source", num_classes=4, train_per_class=24, val_per_class=6,
+                             width=64, height=48, seed=3)
+    shard_imagenet(base / "source", base / "shards", val_per_class=4, samples_per_shard=16, seed=3, progress=False)
+    return base / "shards"
+
+
+def training_config(shards: Path, workdir: Path, run_name: str, *extra: str):
+    from pipeline.config import load_config
+
+    return load_config(overrides=[
+        f"data.root={shards}", "data.train_image_size=32", "data.eval_image_size=32", "data.loader_workers=0",
+        "data.shuffle_buffer=64", "model.name=resnet18", "optim.batch_size=16", "optim.lr=0.4", "optim.epochs=3",
+        "optim.warmup_epochs=0.3", "scaling.num_workers=2", "scaling.max_failures=1",
+        f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}", f"tracking.storage_path={workdir / 'ray'}",
+        f"tracking.run_name={run_name}", "tracking.experiment=tests", "tracking.registered_model=test-model",
+        *extra,
+    ])
+
+
+class TrainedRun:
+    def __init__(self, config, outcome, workdir: Path, shards: Path) -> None:
+        self.config, self.outcome, self.workdir, self.shards = config, outcome, workdir, shards
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.config.tracking.tracking_uri
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, learnable_shards, tmp_path_factory) -> TrainedRun:
+    """One real 2-worker Ray Train run, 3 epochs, registered in a SQLite MLflow store."""
+    from pipeline.trainer import run_training
+
+    workdir = tmp_path_factory.mktemp("trained")
+    config = training_config(learnable_shards, workdir, "shared-run")
+    return TrainedRun(config, run_training(config), workdir, learnable_shards)
