@@ -27,11 +27,11 @@ app = typer.Typer(
 
 ConfigFiles = Annotated[
     Optional[list[Path]],
-    typer.Option("--config", "-c", help=f"YAML config file(s), merged left to right [default: {DEFAULT_CONFIG.relative_to(PROJECT_ROOT)}]"),
+    typer.Option("--config", "-c", help=f"YAML config file(s), merged left to right (default: {DEFAULT_CONFIG.relative_to(PROJECT_ROOT)})"),
 ]
 Overrides = Annotated[
     Optional[list[str]],
-    typer.Option("--set", "-s", help="override a config key, e.g. --set optim.lr=0.2 (repeatable)"),
+    typer.Option("--set", "-s", help="override a config key, e.g. --set optim.lr=0.2 (repeatable) (default: none)"),
 ]
 
 
@@ -83,9 +83,9 @@ def generate(
 def shard(
     source: Annotated[Path, typer.Option(help="ILSVRC2012 folder: train/<wnid>/*.JPEG and val/")] = Path("data/synthetic"),
     output: Annotated[Path, typer.Option(help="shard root; writes train/, val/, test/ with manifest.json")] = Path("data/shards"),
-    val_per_class: Annotated[int, typer.Option(min=1, help="train images per class held out as the val split")] = 50,
+    val_per_class: Annotated[int, typer.Option(min=0, help="train images per class held out as the val split (0: none)")] = 50,
     samples_per_shard: Annotated[int, typer.Option(min=1, help="samples per tar shard")] = 1000,
-    max_side: Annotated[Optional[int], typer.Option(min=16, help="pre-resize longer side to at most this (re-encodes)")] = None,
+    max_side: Annotated[Optional[int], typer.Option(min=16, help="pre-resize longer side to at most this (re-encodes) (default: keep size)")] = None,
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality when re-encoding")] = 90,
     processes: Annotated[int, typer.Option(min=1, help="parallel shard writers")] = 1,
     seed: Annotated[int, typer.Option(help="seed for the val hold-out and the cross-shard shuffle")] = 0,
@@ -134,7 +134,7 @@ def index(
     shard_dir: Annotated[Path, typer.Argument(help="folder of .tar shards made elsewhere (jpg/cls keys)")],
     split: Annotated[str, typer.Option(help="split these shards hold: train | val | test")] = "train",
     pattern: Annotated[str, typer.Option(help="glob of shard files inside the folder")] = "*.tar",
-    classes_file: Annotated[Optional[Path], typer.Option(help="'wnid name' per line, in class-index order")] = None,
+    classes_file: Annotated[Optional[Path], typer.Option(help="'wnid name' per line, in class-index order (default: names = indices)")] = None,
 ) -> None:
     """Write manifest.json for existing shards so they can be trained on."""
     from pipeline.verify import index_shards
@@ -195,6 +195,54 @@ def print_outcome(outcome, config: Config) -> None:
         typer.echo(f"registered model version {outcome.model_version}"
                    f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}")
     typer.echo(f"open the MLflow UI: {mlflow_ui_command(config)}")
+
+
+ModelSource = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<id>/model or a "
+                 "checkpoint folder (default: models:/<tracking.registered_model>@champion)"),
+]
+
+
+@app.command()
+def evaluate(
+    config_files: ConfigFiles = None,
+    overrides: Overrides = None,
+    model: ModelSource = None,
+    split: Annotated[str, typer.Option(help="split to evaluate on: test (final, once) | val | train")] = "test",
+    log: Annotated[bool, typer.Option(help="log test/top1, test/top5 to the model's MLflow run")] = True,
+) -> None:
+    """Top-1 / top-5 of a registered model, run or checkpoint on the test split, beside published figures."""
+    from pipeline.evaluate import evaluate_model
+
+    config = resolve_config(config_files, overrides, show=False)
+    source = model or f"models:/{config.tracking.registered_model}@champion"
+    try:
+        evaluate_model(config, source, split=split, log_to_mlflow=log)
+    except ValueError as error:
+        fail(str(error))
+
+
+@app.command()
+def predict(
+    inputs: Annotated[list[Path], typer.Argument(help="image files and/or folders (searched recursively)")],
+    config_files: ConfigFiles = None,
+    overrides: Overrides = None,
+    model: ModelSource = None,
+    top_k: Annotated[int, typer.Option(min=1, help="classes shown per image")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table (default: table)")] = False,
+) -> None:
+    """Top-k classes with names and probabilities for image files or folders."""
+    from pipeline.predict import format_predictions
+    from pipeline.predict import predict as run_predict
+
+    config = resolve_config(config_files, overrides, show=False)
+    source = model or f"models:/{config.tracking.registered_model}@champion"
+    try:
+        predictions = run_predict(config, source, inputs, top_k=top_k)
+    except ValueError as error:
+        fail(str(error))
+    typer.echo(format_predictions(predictions, as_json=as_json))
 
 
 @app.command(name="bench-data")

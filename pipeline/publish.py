@@ -48,7 +48,8 @@ def publish_best_model(
         info = mlflow.pytorch.log_model(
             model, name="model", input_example=example.numpy(),
             registered_model_name=config.tracking.registered_model,
-            metadata={"classes": manifest.class_names(), "manifest_hash": manifest.content_hash(),
+            metadata={"classes": manifest.class_names(), "wnids": [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)],
+                      "manifest_hash": manifest.content_hash(),
                       "architecture": config.model.name, "eval_image_size": size},
         )
         mlflow.log_metrics({f"best/{key.replace('/', '_')}": float(value) for key, value in best_metrics.items()

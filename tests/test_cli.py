@@ -8,19 +8,25 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "bench-data", "demo", "config"]
+COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "evaluate", "predict", "bench-data", "demo", "config"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_option_in_help_shows_its_default(command):
     result = runner.invoke(app, [command, "--help"], terminal_width=200, env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
-    options = [line for line in result.output.splitlines() if re.match(r"^\s*[│|]?\s*--", line)]
-    assert options, result.output
-    for line in options:
-        if "--help" in line:
+    entries: list[str] = []  # one per option: its first line plus wrapped continuation lines
+    for line in result.output.splitlines():
+        body = line.strip(" │|")
+        if re.match(r"^-{1,2}\w", body):
+            entries.append(body)
+        elif entries and body and not body.startswith(("╰", "╭", "─")):
+            entries[-1] += " " + body
+    assert entries, result.output
+    for entry in entries:
+        if entry.startswith("--help"):
             continue
-        assert "default" in line or "[required]" in line, f"{command}: option without a default shown: {line}"
+        assert "default" in entry or "[required]" in entry, f"{command}: option without a default shown: {entry}"
 
 
 def test_bad_config_value_is_one_line_and_exit_code_2():
