@@ -57,8 +57,12 @@ def tiny_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
+    import os
+
     import ray
 
+    # Test runs last seconds, MLflow samples system metrics every 10 s by default; workers inherit this.
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
     # 4 logical CPUs on 2 cores: room for the train controller plus 2 workers without queueing.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray

@@ -41,7 +41,7 @@ def test_sqlite_run_has_params_epoch_metrics_plot_model_version_and_alias(traine
     version = client.get_model_version("test-model", trained_run.outcome.model_version)
     assert version.run_id == trained_run.outcome.mlflow_run_id
     champion = client.get_model_version_by_alias("test-model", CHAMPION_ALIAS)
-    assert champion.version == trained_run.outcome.model_version  # the first model is always promoted
+    assert str(champion.version) == trained_run.outcome.model_version  # the first model is always promoted
     assert float(version.tags[m.VAL_TOP1]) == pytest.approx(trained_run.outcome.best_metrics[m.VAL_TOP1])
     system = [key for key in client.get_run(version.run_id).data.metrics if key.startswith("system/")]
     assert system, "system metrics (CPU, memory) were not recorded"
@@ -57,10 +57,10 @@ def test_champion_moves_only_when_val_top1_beats_the_current_champion(tmp_path):
     client.set_model_version_tag("gate", "1", m.VAL_TOP1, "60.0")
     promoted, decision = champion_gate(client, "gate", "2", 55.0)
     assert not promoted and "kept version 1" in decision
-    assert client.get_model_version_by_alias("gate", CHAMPION_ALIAS).version == "1"
+    assert str(client.get_model_version_by_alias("gate", CHAMPION_ALIAS).version) == "1"
     promoted, decision = champion_gate(client, "gate", "3", 61.5)
     assert promoted and "61.50 > 60.00" in decision
-    assert client.get_model_version_by_alias("gate", CHAMPION_ALIAS).version == "3"
+    assert str(client.get_model_version_by_alias("gate", CHAMPION_ALIAS).version) == "3"
 
 
 def test_default_tracking_uri_is_an_absolute_sqlite_file_in_the_project(monkeypatch):
@@ -109,4 +109,4 @@ def test_training_through_a_real_mlflow_server(ray_session, learnable_shards, tm
     outcome = run_training(config)
     client = MlflowClient(mlflow_server)
     _check_run_contents(client, outcome.mlflow_run_id, config, epochs=2)
-    assert client.get_model_version_by_alias("server-model", CHAMPION_ALIAS).version == outcome.model_version
+    assert str(client.get_model_version_by_alias("server-model", CHAMPION_ALIAS).version) == outcome.model_version
