@@ -76,7 +76,7 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else SQLite in the project")
     experiment: str = "imagenet"
     run_name: str | None = Field(None, description="also the Ray Train run name: same name resumes")
-    storage_path: Path = Field(Path("ray_results"), description="checkpoints; shared storage on a cluster")
+    storage_path: str = Field("ray_results", description="checkpoints: a local path, NFS, s3:// or gs:// URI")
     registered_model: str = "imagenet-classifier"
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept by val top-1, plus the latest")
 
@@ -133,6 +133,15 @@ class Config(_Section):
     @property
     def per_worker_batch_size(self) -> int:
         return self.optim.batch_size // self.scaling.world_size
+
+    def with_absolute_paths(self) -> "Config":
+        """Relative paths mean 'from the current directory'; Ray workers run elsewhere, so pin them here."""
+        data = self.data.model_copy(update={"root": Path(self.data.root).expanduser().absolute()})
+        storage = str(self.tracking.storage_path)
+        if "://" not in storage:  # s3://, gs:// and other URIs are already absolute
+            storage = str(Path(storage).expanduser().absolute())
+        tracking = self.tracking.model_copy(update={"storage_path": storage})
+        return self.model_copy(update={"data": data, "tracking": tracking})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

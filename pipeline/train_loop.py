@@ -8,6 +8,7 @@ whether to stop early. The Ray calls are `ray.train.get_context/get_checkpoint/r
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from contextlib import nullcontext
@@ -77,6 +78,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 
 def setup_worker(config: Config) -> Worker:
+    # Ray Train logs every report at INFO on each worker (its logger is named after its file path);
+    # the epoch table says the same in one line.
+    from ray.train.v2._internal.execution import context as ray_train_context
+
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
     precision = config.scaling.mixed_precision

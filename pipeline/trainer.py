@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import metrics as m
 from pipeline.checkpoints import check_compatible, latest_run_checkpoint, read_meta
-from pipeline.config import PROJECT_ROOT, Config, ConfigError, require_shards
+from pipeline.config import Config, ConfigError, require_shards
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.publish import publish_best_model
 from pipeline.tracking import prepare_tracking, start_or_resume_run
@@ -42,6 +42,7 @@ class TrainingOutcome:
 
 def run_training(config: Config, run_callbacks: list[Any] | None = None) -> TrainingOutcome:
     started = time.perf_counter()
+    config = config.with_absolute_paths()
     manifest = check_inputs(config)
     run_name = config.tracking.run_name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_path(config)
@@ -83,9 +84,11 @@ def check_inputs(config: Config) -> Manifest:
     return train
 
 
-def storage_path(config: Config) -> Path:
+def storage_path(config: Config) -> str:
+    """Checkpoint storage, checked writable up front (object-store URIs are left to Ray's filesystem)."""
+    if "://" in config.tracking.storage_path:
+        return config.tracking.storage_path
     path = Path(config.tracking.storage_path)
-    path = path if path.is_absolute() else PROJECT_ROOT / path
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{time.time_ns()}"
@@ -95,11 +98,13 @@ def storage_path(config: Config) -> Path:
         raise ConfigError(
             f"tracking.storage_path = '{config.tracking.storage_path}': cannot write there ({error.strerror})"
         ) from None
-    return path
+    return str(path)
 
 
-def check_resume_compatible(storage: Path, run_name: str, config: Config, manifest: Manifest) -> None:
-    latest = latest_run_checkpoint(storage, run_name)
+def check_resume_compatible(storage: str, run_name: str, config: Config, manifest: Manifest) -> None:
+    if "://" in storage:
+        return  # remote storage: the worker checks the checkpoint's meta.json when it restores
+    latest = latest_run_checkpoint(Path(storage), run_name)
     if latest is not None:
         try:
             check_compatible(read_meta(latest), config.model.name, manifest.num_classes, f"run '{run_name}' ({latest})")
@@ -107,7 +112,7 @@ def check_resume_compatible(storage: Path, run_name: str, config: Config, manife
             raise ConfigError(str(error)) from None
 
 
-def build_trainer(config: Config, run_name: str, storage: Path, run_id: str, uri: str,
+def build_trainer(config: Config, run_name: str, storage: str, run_id: str, uri: str,
                   run_callbacks: list[Any] | None) -> TorchTrainer:
     resources = {"CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
@@ -117,7 +122,7 @@ def build_trainer(config: Config, run_name: str, storage: Path, run_id: str, uri
         train_loop_config={
             "config": config.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
             # Local mode (num_workers=0, for tests and debugging) does not persist checkpoints itself.
-            "local_checkpoint_root": str(storage / run_name) if config.scaling.num_workers == 0 else None,
+            "local_checkpoint_root": f"{storage}/{run_name}" if config.scaling.num_workers == 0 else None,
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources,

@@ -100,3 +100,13 @@ def test_resolved_config_round_trips_through_yaml():
     config = load_config(overrides=["optim.lr=0.3", "model.name=resnet50"])
     again = validate_config(yaml.safe_load(config.to_yaml()))
     assert again == config
+
+
+def test_relative_paths_are_pinned_to_the_launch_directory_before_workers_start(tmp_path, monkeypatch):
+    # Ray workers run in another directory: a relative data.root would point nowhere there.
+    monkeypatch.chdir(tmp_path)
+    config = load_config(overrides=["data.root=shards", "tracking.storage_path=runs"]).with_absolute_paths()
+    assert config.data.root == tmp_path / "shards"
+    assert config.tracking.storage_path == str(tmp_path / "runs")
+    remote = load_config(overrides=["tracking.storage_path=s3://bucket/ray"]).with_absolute_paths()
+    assert remote.tracking.storage_path == "s3://bucket/ray"
