@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets
 from torchvision import transforms as tv_transforms
 
+from pipeline.sharding import prepare_image
 from pipeline.synthetic import generate_imagenet_folder
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
 
@@ -43,6 +44,8 @@ REDUCED_IMAGE_SIZES = (160, 128)
 BENCHMARK_CLASSES = 4
 IMAGES_PER_SHARD = 100
 TARGET_SPEEDUP = 3.0
+# `shard --max-side 342` stores 500x375 images as 342x256 (shorter side 256, torchvision's eval resize).
+PRE_RESIZED_MAX_SIDE = 342
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ def run_data_benchmark(
     image_sizes = list(dict.fromkeys([image_size, *reduced_image_sizes]))
     image_folder = make_benchmark_images(Path(work_dir) / "jpeg_folder", num_images)
     shards = write_benchmark_shards(image_folder, Path(work_dir) / "shards", num_images)
+    resized_shards = write_benchmark_shards(
+        image_folder, Path(work_dir) / "shards_resized", num_images, max_side=PRE_RESIZED_MAX_SIDE)
     # Reading every shard once also puts them in the page cache, as the JPEG folder already is.
     images_in_memory = list(read_shard_images(shards))
     mean_jpeg_kilobytes = sum(len(image) for image in images_in_memory) / num_images / 1000
@@ -80,12 +85,13 @@ def run_data_benchmark(
 
     by_image_size = {}
     for size in image_sizes:
-        reference_best = ours_best = transform_best = None
+        reference_best = ours_best = transform_best = resized_best = None
         for repeat in range(repeats):
             reference_best = _faster(reference_best, measure_reference(image_folder, size, num_images, repeat))
             ours_best = _faster(ours_best, measure_train_transform(read_shard_images(shards), size, repeat))
             # The transform alone, bytes already in memory: what is left once shard reading is free.
             transform_best = _faster(transform_best, measure_train_transform(images_in_memory, size, repeat))
+            resized_best = _faster(resized_best, measure_train_transform(read_shard_images(resized_shards), size, repeat))
         by_image_size[size] = {
             "reference": asdict(reference_best),
             "ours": asdict(ours_best),
@@ -94,6 +100,9 @@ def run_data_benchmark(
             "ours_images_per_second_per_core": ours_best.images_per_second_per_core,
             "ours_transform_only_images_per_second_per_core": transform_best.images_per_second_per_core,
             "speedup": ours_best.images_per_second_per_core / reference_best.images_per_second_per_core,
+            "ours_pre_resized": asdict(resized_best),
+            "ours_pre_resized_images_per_second_per_core": resized_best.images_per_second_per_core,
+            "pre_resized_speedup": resized_best.images_per_second_per_core / reference_best.images_per_second_per_core,
         }
     result = {
         "num_images": num_images, "repeats": repeats, "image_width": IMAGE_WIDTH, "image_height": IMAGE_HEIGHT,
@@ -149,8 +158,9 @@ def make_benchmark_images(output: Path, num_images: int) -> Path:
                                     quality=JPEG_QUALITY, processes=processes)
 
 
-def write_benchmark_shards(image_folder: Path, output: Path, num_images: int) -> list[Path]:
-    """The first `num_images` training JPEGs (ImageFolder order) as raw bytes in webdataset tar shards."""
+def write_benchmark_shards(image_folder: Path, output: Path, num_images: int, max_side: int | None = None) -> list[Path]:
+    """The first `num_images` training JPEGs (ImageFolder order) in webdataset tar shards: the original
+    bytes, or with `max_side` the bytes the sharder stores for `shard --max-side`."""
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
@@ -160,7 +170,8 @@ def write_benchmark_shards(image_folder: Path, output: Path, num_images: int) ->
         shards.append(output / f"train-{start // IMAGES_PER_SHARD:06d}.tar")
         with wds.TarWriter(str(shards[-1])) as writer:
             for index, (path, label) in enumerate(samples[start:start + IMAGES_PER_SHARD], start=start):
-                writer.write({"__key__": f"{index:08d}", "jpg": Path(path).read_bytes(), "cls": str(label).encode()})
+                data = Path(path).read_bytes() if max_side is None else prepare_image(Path(path), max_side, JPEG_QUALITY).data
+                writer.write({"__key__": f"{index:08d}", "jpg": data, "cls": str(label).encode()})
     return shards
 
 
@@ -175,14 +186,18 @@ def format_table(result: dict) -> str:
     lines = [
         f"{result['num_images']} JPEGs {result['image_width']}x{result['image_height']} q{result['jpeg_quality']}"
         f" (~{result['mean_jpeg_kilobytes']:.0f} KB each), best of {result['repeats']} passes, one core",
-        f"{'size':>5} {'reference img/s':>16} {'transform only':>15} {'ours img/s':>11} {'speedup':>8}",
+        f"{'size':>5} {'reference img/s':>16} {'transform only':>15} {'ours img/s':>11} {'speedup':>8}"
+        f" {'ours, pre-resized':>18} {'speedup':>8}",
     ]
     for size, figures in result["by_image_size"].items():
         lines.append(f"{size:>5} {figures['reference_images_per_second_per_core']:>16.1f}"
                      f" {figures['ours_transform_only_images_per_second_per_core']:>15.1f}"
-                     f" {figures['ours_images_per_second_per_core']:>11.1f} {figures['speedup']:>7.2f}x")
+                     f" {figures['ours_images_per_second_per_core']:>11.1f} {figures['speedup']:>7.2f}x"
+                     f" {figures['ours_pre_resized_images_per_second_per_core']:>18.1f}"
+                     f" {figures['pre_resized_speedup']:>7.2f}x")
     lines.append(f"(target speedup: {result['target_speedup']:.0f}x; img/s = images per CPU-second of one process;"
-                 " 'transform only' = ours without reading the shards)")
+                 " 'transform only' = ours without reading the shards;"
+                 f" 'pre-resized' = shards made with `shard --max-side {PRE_RESIZED_MAX_SIDE}`)")
     return "\n".join(lines)
 
 
