@@ -7,7 +7,7 @@ STAMP := $(VENV)/.install-stamp
 # pytest's own -x/-k etc. can be passed with: make test PYTEST_ARGS="-k loader"
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench-data clean-data
+.PHONY: demo test install bench-data bench-train clean-data
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
@@ -28,6 +28,9 @@ test: $(STAMP)
 
 bench-data: $(STAMP)
 	$(BIN)/imagenet-pipeline bench-data
+
+bench-train: $(STAMP)
+	$(BIN)/imagenet-pipeline bench-train
 
 clean-data:
 	rm -rf data/demo

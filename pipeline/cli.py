@@ -171,10 +171,11 @@ def load(
 @app.command()
 def train(config_files: ConfigFiles = None, overrides: Overrides = None) -> None:
     """Train with Ray Train (data parallel), track in MLflow, register the best model."""
-    from pipeline.trainer import ensure_ray, run_training
-
     config = resolve_config(config_files, overrides)
     try:
+        require_shards(config, ("train", "val"))  # before the slow imports and Ray's start
+        from pipeline.trainer import ensure_ray, run_training
+
         ensure_ray()
         outcome = run_training(config)
     except ValueError as error:
@@ -195,6 +196,30 @@ def print_outcome(outcome, config: Config) -> None:
         typer.echo(f"registered model version {outcome.model_version}"
                    f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}")
     typer.echo(f"open the MLflow UI: {mlflow_ui_command(config)}")
+
+
+@app.command()
+def tune(
+    config_files: ConfigFiles = None,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="continue the sweep named tracking.run_name after an interruption")] = False,
+) -> None:
+    """Search learning rate, batch size and dropout with Ray Tune + ASHA; register the best trial's model."""
+    config = resolve_config(config_files, overrides)
+    if resume and not config.tracking.run_name:
+        fail("--resume needs the sweep's name: --set tracking.run_name=<name>")
+    try:
+        require_shards(config, ("train", "val"))
+        from pipeline.search import run_search
+
+        outcome = run_search(config, resume=resume)
+    except ValueError as error:
+        fail(str(error))
+    if outcome.best is not None:
+        typer.echo(f"\nbest trial {outcome.best.trial_id}: val top-1 {outcome.best.best_top1:.2f} % with {outcome.best.params}")
+    if outcome.model_version:
+        typer.echo(f"registered model '{config.tracking.registered_model}' version {outcome.model_version}"
+                   f"{' -> @champion' if outcome.promoted else ' (champion unchanged)'}")
 
 
 ModelSource = Annotated[
@@ -255,6 +280,32 @@ def bench_data(
     from pipeline.benchmark_data import run_data_benchmark
 
     run_data_benchmark(work_dir, num_images=images, repeats=repeats)
+
+
+@app.command(name="bench-train")
+def bench_train(
+    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated shards, throw-away MLflow store and Ray storage")] = Path("data/bench_train"),
+    only: Annotated[Optional[str], typer.Option(help="overhead | startup (default: both)")] = None,
+    model: Annotated[str, typer.Option(help="architecture for both paths")] = "resnet18",
+    image_size: Annotated[int, typer.Option(min=16, help="overhead: training crop side, pixels")] = 64,
+    global_batch: Annotated[int, typer.Option(min=1, help="overhead: global batch")] = 32,
+    epochs: Annotated[int, typer.Option(min=2, help="overhead: epochs per run; the first is warm-up")] = 2,
+    train_images: Annotated[int, typer.Option(min=1, help="overhead: training images per epoch")] = 512,
+    rounds: Annotated[int, typer.Option(min=1, help="overhead: alternating reference/ours pairs")] = 2,
+) -> None:
+    """Benchmark: Ray Train vs plain torchrun DDP images/s, and a 1-epoch train job's start-up time."""
+    from pipeline.benchmark_train import run_overhead_benchmark, run_startup_benchmark
+
+    if only not in (None, "overhead", "startup"):
+        fail(f"--only {only!r} is not one of overhead, startup")
+    try:
+        if only in (None, "overhead"):
+            run_overhead_benchmark(work_dir, model=model, image_size=image_size, global_batch=global_batch,
+                                   epochs=epochs, train_images=train_images, rounds=rounds)
+        if only in (None, "startup"):
+            run_startup_benchmark(work_dir, model=model)
+    except ValueError as error:
+        fail(str(error))
 
 
 @app.command()

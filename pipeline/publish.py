@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # drivers and Ray jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline import metrics as m  # noqa: E402
@@ -48,6 +49,10 @@ def publish_best_model(
         info = mlflow.pytorch.log_model(
             model, name="model", input_example=example.numpy(),
             registered_model_name=config.tracking.registered_model,
+            # Listing requirements skips MLflow's inference of them in a subprocess (~6 s per model).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"torchvision=={torchvision.__version__.split('+')[0]}",
+                              f"mlflow=={mlflow.__version__}"],
             metadata={"classes": manifest.class_names(), "wnids": [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)],
                       "manifest_hash": manifest.content_hash(),
                       "architecture": config.model.name, "eval_image_size": size},

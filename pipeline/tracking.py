@@ -75,6 +75,7 @@ def _check_server(uri: str) -> None:
 
 def start_or_resume_run(
     config: Config, uri: str, experiment_id: str, run_name: str, manifest_hash: str,
+    parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
 ) -> tuple[str, bool]:
     """The one MLflow run of a training job: re-found by its run name when the job is resumed."""
     client = MlflowClient(uri)
@@ -83,9 +84,10 @@ def start_or_resume_run(
     )
     if found:
         return found[0].info.run_id, True
-    run = client.create_run(experiment_id, run_name=run_name, tags={
-        RUN_NAME_TAG: run_name, MANIFEST_TAG: manifest_hash, **git_tags(), **ray_job_tags(),
-    })
+    tags = {RUN_NAME_TAG: run_name, MANIFEST_TAG: manifest_hash, **git_tags(), **ray_job_tags(), **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id  # nests the run under the sweep in the MLflow UI
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[
         mlflow.entities.Param(key, str(value)[:6000]) for key, value in flatten(config.model_dump(mode="json")).items()
     ])

@@ -47,6 +47,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config = validate_config(loop_config["config"])
     worker = setup_worker(config)
     log = RankLogger(worker.rank)
+    record_placement_group(worker, loop_config.get("placement_group_file"))
     train_loader, val_loader = build_loaders(config, worker)
     manifest = train_loader.manifest
     model = build_model(config.model, manifest.num_classes)
@@ -96,6 +97,18 @@ def setup_worker(config: Config) -> Worker:
         rank=context.get_world_rank(), world_size=context.get_world_size(), device=device,
         autocast_dtype=dtype, channels_last=config.scaling.channels_last and device.type == "cuda",
     )
+
+
+def record_placement_group(worker: Worker, path: str | None) -> None:
+    """Write the worker group's placement group id where the sweep driver can release it.
+
+    Ray 2.60 can leave a Ray Train placement group reserved after a Tune trial ends (ray#54305);
+    the sweep driver removes it when Tune reports the trial finished or stopped.
+    """
+    group = ray.util.get_current_placement_group()
+    if worker.rank == 0 and path and group is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(group.id.hex())
 
 
 def build_loaders(config: Config, worker: Worker) -> tuple[EpochLoader, EpochLoader]:
@@ -163,6 +176,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, config: Config,
             optimizer.step()
         scheduler.step()
         state.global_step += 1
+        if state.global_step == 1:  # `imagenet-pipeline bench-train` times start-up from this line
+            RankLogger(worker.rank).info(f"first training step finished at unix time {time.time():.3f}")
         valid = int((batch.labels != IGNORE_LABEL).sum())
         if valid:  # an all-masked batch gives a NaN loss that must not reach the average
             totals += torch.tensor([loss.item() * valid, valid, int(batch.corrupt)], dtype=torch.float64)

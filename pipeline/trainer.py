@@ -10,12 +10,14 @@ writing to the same MLflow run.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -40,7 +42,14 @@ class TrainingOutcome:
     seconds: float
 
 
-def run_training(config: Config, run_callbacks: list[Any] | None = None) -> TrainingOutcome:
+def run_training(
+    config: Config, run_callbacks: list[Any] | None = None, parent_run_id: str | None = None, publish: bool = True,
+) -> TrainingOutcome:
+    """Train to the end (or early stop) and, with `publish`, log and register the best model.
+
+    A Ray Tune trial calls this with `parent_run_id` (its run nests under the sweep's) and
+    `publish=False` (only the sweep's best trial is registered).
+    """
     started = time.perf_counter()
     config = config.with_absolute_paths()
     manifest = check_inputs(config)
@@ -48,7 +57,7 @@ def run_training(config: Config, run_callbacks: list[Any] | None = None) -> Trai
     storage = storage_path(config)
     check_resume_compatible(storage, run_name, config, manifest)
     uri, experiment_id = prepare_tracking(config)
-    run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash())
+    run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash(), parent_run_id)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; Ray run '{run_name}' in {storage}")
 
     trainer = build_trainer(config, run_name, storage, run_id, uri, run_callbacks)
@@ -57,7 +66,11 @@ def run_training(config: Config, run_callbacks: list[Any] | None = None) -> Trai
         raise result.error
     best = best_checkpoint(result)
     history = read_history(result.checkpoint.path if result.checkpoint else None)
-    published = publish_best_model(config, uri, run_id, best.path, best.metrics, history, manifest) if best else None
+    published = None
+    if best and publish:
+        published = publish_best_model(config, uri, run_id, best.path, best.metrics, history, manifest)
+    else:
+        MlflowClient(uri).set_terminated(run_id, "FINISHED")
     return TrainingOutcome(
         run_name=run_name, mlflow_run_id=run_id,
         best_metrics=dict(best.metrics) if best else {}, best_checkpoint=best.path if best else None,
@@ -123,6 +136,7 @@ def build_trainer(config: Config, run_name: str, storage: str, run_id: str, uri:
             "config": config.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
             # Local mode (num_workers=0, for tests and debugging) does not persist checkpoints itself.
             "local_checkpoint_root": f"{storage}/{run_name}" if config.scaling.num_workers == 0 else None,
+            "placement_group_file": placement_group_file(storage, run_name),
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources,
@@ -133,12 +147,19 @@ def build_trainer(config: Config, run_name: str, storage: str, run_id: str, uri:
                 num_to_keep=config.tracking.keep_checkpoints,
                 checkpoint_score_attribute=m.SELECTION_METRIC, checkpoint_score_order=m.SELECTION_MODE,
             ),
-            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
+            # A controller that keeps failing (e.g. a worker group that never fits) ends the run
+            # instead of retrying forever, Ray's default.
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures, controller_failure_limit=3),
             callbacks=run_callbacks or [],
             # Ray's per-report INFO lines drown the epoch table; warnings and errors still show.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+def placement_group_file(storage: str, run_name: str) -> str | None:
+    """Where rank 0 notes its placement group id (local storage only; see train_loop.record_placement_group)."""
+    return None if "://" in storage else f"{storage}/{run_name}/.placement_group"
 
 
 def best_checkpoint(result: Any):
@@ -169,7 +190,13 @@ def read_history(checkpoint_path: str | None) -> list[dict[str, Any]]:
     return payload["training_state"]["history"]
 
 
+# Ray Train gives a worker group 60 s to start; on a busy machine importing torch in fresh worker
+# processes can take longer, and a timed-out start is retried in a loop. Raised unless already set.
+WORKER_GROUP_START_TIMEOUT_S = "300"
+
+
 def ensure_ray() -> None:
     """Join the cluster when run as a Ray job (RAY_ADDRESS); otherwise start Ray in-process."""
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_GROUP_START_TIMEOUT_S)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "evaluate", "predict", "bench-data", "demo", "config"]
+COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "tune", "evaluate", "predict", "bench-data", "bench-train", "demo", "config"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

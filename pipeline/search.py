@@ -1,0 +1,278 @@
+"""Hyperparameter search: Ray Tune runs one full Ray Train job per trial, ASHA stops the weak ones early.
+
+    imagenet-pipeline tune -c jobs/configs/demo.yaml -c jobs/configs/demo_sweep.yaml --set tracking.run_name=s1
+    imagenet-pipeline tune ... --set tracking.run_name=s1 --resume     # after the driver was killed
+
+Ray 2.60 wiring (Train V2): a Tune function trainable, `trial_driver`, builds the trial's config and calls
+the same `run_training` as `imagenet-pipeline train`, whose `TorchTrainer` forwards each rank-0 report to
+Tune with `TuneReportCallback`. Each trial's Ray Train run is named after the sweep and trial id, so a
+restarted trial resumes its own checkpoint. ASHA's time unit is our `epoch` metric, never Tune's
+`training_iteration` (it restarts at 0 when a trial restarts without a Tune checkpoint).
+
+The sweep selects on the `val` split only; it never reads `test`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray._raylet import PlacementGroupID
+from ray.util.placement_group import PlacementGroup
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from pipeline import metrics as m
+from pipeline.config import Config, ConfigError, SearchSpaceParam, require_shards, validate_config
+from pipeline.manifest import read_manifest
+from pipeline.publish import publish_best_model
+from pipeline.search_report import TrialSummary, log_sweep_summary, print_trial_table
+from pipeline.tracking import RUN_NAME_TAG, prepare_tracking, resolve_tracking_uri, start_or_resume_run
+from pipeline.trainer import TrainingOutcome, placement_group_file, run_training, storage_path
+
+SWEEP_TAG = "pipeline.sweep"
+COMPLETED_TAG = "pipeline.completed"  # set by a trial that trained to its end (or its own early stop)
+
+
+@dataclass
+class SearchOutcome:
+    sweep_name: str
+    parent_run_id: str
+    trials: list[TrialSummary]
+    best: TrialSummary | None
+    model_version: str | None
+    promoted: bool
+
+
+def run_search(config: Config, resume: bool = False) -> SearchOutcome:
+    config = config.with_absolute_paths()
+    check_search(config)
+    sweep_name = config.tracking.run_name or f"sweep-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = storage_path(config)
+    check_cluster_fits(config)
+    manifest = read_manifest(config.data.root / "train")
+    uri, experiment_id = prepare_tracking(config)
+    parent_run_id, reused = start_or_resume_run(
+        config, uri, experiment_id, sweep_name, manifest.content_hash(), extra_tags={SWEEP_TAG: "parent"},
+    )
+    print(f"sweep '{sweep_name}': MLflow parent run {parent_run_id} ({'reused' if reused else 'new'}) in {uri}")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, base_config=config.model_dump(mode="json"), sweep_name=sweep_name,
+                             parent_run_id=parent_run_id),
+        {"CPU": 0.01},  # the trial driver only waits on its trainer; the trainer's workers hold the CPUs
+    )
+    path = f"{storage}/{sweep_name}"
+    if resume:
+        if not tune.Tuner.can_restore(path):
+            raise ConfigError(f"tracking.run_name = '{sweep_name}': no sweep to resume in {path}")
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+    else:
+        if tune.Tuner.can_restore(path):
+            raise ConfigError(
+                f"tracking.run_name = '{sweep_name}': a sweep of that name exists in {path}; "
+                "pass --resume to continue it or choose another name"
+            )
+        tuner = tune.Tuner(trainable, param_space=param_space(config), tune_config=tune_config(config),
+                           run_config=tune.RunConfig(
+                               name=sweep_name, storage_path=storage,
+                               failure_config=tune.FailureConfig(max_failures=config.search.max_trial_failures),
+                               callbacks=[ReleaseTrialPlacementGroups(storage, sweep_name)],
+                           ))
+    results = tuner.fit()
+
+    client = MlflowClient(uri)
+    trials = summarize_trials(results, client, experiment_id, sweep_name, config.optim.epochs)
+    print_trial_table(trials, list(config.search.space))
+    best = max((t for t in trials if t.best_top1 is not None), key=lambda t: t.best_top1, default=None)
+    published = None
+    if best is not None and best.best_checkpoint:
+        trial_config = apply_params(config, best.params, f"{sweep_name}-{best.trial_id}")
+        published = publish_best_model(trial_config, uri, best.mlflow_run_id, best.best_checkpoint,
+                                       best.best_metrics, best.history, manifest)
+    log_sweep_summary(client, parent_run_id, config, trials, best)
+    return SearchOutcome(sweep_name, parent_run_id, trials, best,
+                         published.version if published else None, bool(published and published.promoted))
+
+
+def trial_driver(params: dict[str, Any], base_config: dict[str, Any], sweep_name: str, parent_run_id: str) -> None:
+    """One Tune trial: a full Ray Train run with the sampled values, nested in the sweep's MLflow run."""
+    trial_id = tune.get_context().get_trial_id()
+    config = apply_params(validate_config(base_config), params, f"{sweep_name}-{trial_id}")
+    outcome: TrainingOutcome = run_training(
+        config, run_callbacks=[TuneReportCallback()], parent_run_id=parent_run_id, publish=False,
+    )
+    MlflowClient(resolve_tracking_uri(config)).set_tag(outcome.mlflow_run_id, COMPLETED_TAG, "true")
+
+
+class ReleaseTrialPlacementGroups(tune.Callback):
+    """Free each finished or stopped trial's Ray Train placement group (ray#54305: Ray 2.60 can keep it
+    reserved after the trial ends, and the next trials then wait for CPUs that never come back)."""
+
+    def __init__(self, storage: str, sweep_name: str) -> None:
+        self.storage, self.sweep_name = storage, sweep_name
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._release(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._release(trial.trial_id)
+
+    def _release(self, trial_id: str) -> None:
+        path = placement_group_file(self.storage, f"{self.sweep_name}-{trial_id}")
+        if path is None or not Path(path).is_file():
+            return
+        group_id = Path(path).read_text().strip()
+        Path(path).unlink()
+        state = ray.util.placement_group_table().get(group_id, {}).get("state")
+        if state not in (None, "REMOVED"):
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+
+
+def apply_params(config: Config, params: dict[str, Any], run_name: str | None = None) -> Config:
+    """The config with dotted keys set to sampled values, validated as a whole."""
+    data = config.model_dump(mode="json")
+    for key, value in params.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"search.space.{key}: '{part}' is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"search.space.{key}: unknown config key (see jobs/configs/default.yaml)")
+        node[parts[-1]] = value.item() if hasattr(value, "item") else value
+    if run_name is not None:
+        data["tracking"]["run_name"] = run_name
+    try:
+        return validate_config(data)
+    except ConfigError as error:
+        raise ConfigError(f"search.space {params}: {error}") from None
+
+
+def check_search(config: Config) -> None:
+    """Everything about the space that can be wrong fails here, before any trial starts."""
+    require_shards(config, ("train", "val"))
+    space = config.search.space
+    if not space:
+        raise ConfigError("search.space is empty: add at least one parameter, e.g. optim.lr: "
+                          "{kind: loguniform, low: 0.01, high: 1.0}")
+    for key, spec in space.items():
+        for value in _extreme_values(spec):
+            apply_params(config, {key: value})
+    if config.search.grace_period > config.optim.epochs:
+        raise ConfigError(f"search.grace_period = {config.search.grace_period} exceeds optim.epochs = "
+                          f"{config.optim.epochs}: ASHA could never stop a trial")
+
+
+def _extreme_values(spec: SearchSpaceParam) -> list[Any]:
+    if spec.kind == "choice":
+        return list(spec.values or [])
+    return [spec.low, spec.high]
+
+
+def check_cluster_fits(config: Config) -> None:
+    """A trial whose trainer cannot be placed would wait forever: say so up front."""
+    from pipeline.trainer import ensure_ray
+
+    ensure_ray()
+    available = ray.cluster_resources()
+    workers = config.scaling.world_size
+    needed = {"CPU": workers * config.scaling.cpus_per_worker}
+    if config.scaling.use_gpu:
+        needed["GPU"] = workers * config.scaling.gpus_per_worker
+    for resource, amount in needed.items():
+        if amount > available.get(resource, 0):
+            raise ConfigError(
+                f"scaling: one trial needs {amount:g} {resource} ({workers} workers) but the cluster has "
+                f"{available.get(resource, 0):g}; lower scaling.num_workers or scaling.cpus_per_worker"
+            )
+
+
+def param_space(config: Config) -> dict[str, Any]:
+    space = {}
+    for key, spec in config.search.space.items():
+        if spec.kind == "loguniform":
+            space[key] = tune.loguniform(spec.low, spec.high)
+        elif spec.kind == "uniform":
+            space[key] = tune.uniform(spec.low, spec.high)
+        else:
+            space[key] = tune.choice(spec.values)
+    return space
+
+
+def tune_config(config: Config) -> tune.TuneConfig:
+    search = config.search
+    scheduler = ASHAScheduler(
+        time_attr=m.EPOCH, max_t=config.optim.epochs, grace_period=search.grace_period,
+        reduction_factor=search.reduction_factor,
+    )
+    if search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return tune.TuneConfig(
+            metric=m.SELECTION_METRIC, mode=m.SELECTION_MODE, scheduler=scheduler,
+            search_alg=OptunaSearch(seed=search.seed), num_samples=search.num_samples,
+            max_concurrent_trials=search.max_concurrent_trials,
+        )
+    # Tune ignores max_concurrent_trials for a seeded random generator: the generator limits itself.
+    algorithm = BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials)
+    return tune.TuneConfig(
+        metric=m.SELECTION_METRIC, mode=m.SELECTION_MODE, scheduler=scheduler, search_alg=algorithm,
+        num_samples=search.num_samples,
+    )
+
+
+def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_name: str,
+                     max_epochs: int) -> list[TrialSummary]:
+    summaries = []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id", "unknown")
+        run_name = f"{sweep_name}-{trial_id}"
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                                  max_results=1)
+        run = runs[0] if runs else None
+        frame = result.metrics_dataframe
+        history = [] if frame is None or frame.empty else _epoch_rows(frame)
+        best_row = _best_kept_row(history)
+        completed = bool(run and run.data.tags.get(COMPLETED_TAG) == "true")
+        epochs_run = int(max((row[m.EPOCH] for row in history), default=0))
+        if result.error is not None:
+            status = "failed"
+        elif not completed and epochs_run < max_epochs:
+            status = "stopped early"
+        else:
+            status = "completed"
+        summaries.append(TrialSummary(
+            trial_id=trial_id, params={k: v for k, v in (result.config or {}).items()},
+            status=status, epochs_run=epochs_run, history=history,
+            best_top1=best_row[m.VAL_TOP1] if best_row else None,
+            best_metrics=best_row or {}, best_checkpoint=(best_row or {}).get("checkpoint_path"),
+            mlflow_run_id=run.info.run_id if run else None,
+        ))
+    return summaries
+
+
+def _best_kept_row(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best epoch whose checkpoint Ray kept (with ties, Ray may have kept another of equal score)."""
+    ranked = sorted(history, key=lambda row: -row.get(m.VAL_TOP1, float("-inf")))
+    for row in ranked:
+        path = str(row.get("checkpoint_path") or "")
+        if "://" in path or (path and Path(path).is_dir()):
+            return row
+    return ranked[0] if ranked else None
+
+
+def _epoch_rows(frame) -> list[dict[str, Any]]:
+    """One row per epoch (the last report wins if a restarted trial reported an epoch twice)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for row in frame.to_dict("records"):
+        if m.EPOCH in row and row[m.EPOCH] == row[m.EPOCH]:  # skip NaN epochs
+            rows[int(row[m.EPOCH])] = row
+    return [rows[epoch] for epoch in sorted(rows)]
