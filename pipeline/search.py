@@ -255,6 +255,7 @@ def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_na
             best_top1=best_row[m.VAL_TOP1] if best_row else None,
             best_metrics=best_row or {}, best_checkpoint=(best_row or {}).get("checkpoint_path"),
             mlflow_run_id=run.info.run_id if run else None,
+            epochs_trained=len(client.get_metric_history(run.info.run_id, m.VAL_TOP1)) if run else epochs_run,
         ))
     return summaries
 

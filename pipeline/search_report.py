@@ -23,12 +23,13 @@ class TrialSummary:
     trial_id: str
     params: dict[str, Any]
     status: str  # completed | stopped early | failed
-    epochs_run: int
+    epochs_run: int  # epochs Tune received; for a stopped trial, the epoch ASHA stopped it at
     best_top1: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metrics: dict[str, Any] = field(default_factory=dict)
     best_checkpoint: str | None = None
     mlflow_run_id: str | None = None
+    epochs_trained: int = 0  # epochs actually computed: a stopped trial may finish one more before it dies
 
 
 def print_trial_table(trials: list[TrialSummary], keys: list[str]) -> None:
@@ -58,7 +59,7 @@ def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, 
             client.set_terminated(trial.mlflow_run_id, "KILLED")
         elif trial.status == "failed":
             client.set_terminated(trial.mlflow_run_id, "FAILED")
-    trial_epochs = sum(t.epochs_run for t in trials)
+    trial_epochs = sum(max(t.epochs_trained, t.epochs_run) for t in trials)
     budget = config.search.num_samples * config.optim.epochs
     counts = {status: sum(t.status == status for t in trials) for status in ("completed", "stopped early", "failed")}
     metrics = {
