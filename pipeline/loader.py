@@ -12,8 +12,10 @@ sample becomes a masked slot (label IGNORE_LABEL) and never changes a rank's ste
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -140,8 +142,9 @@ def _read_segment(url: str, segment: Segment, manifest: Manifest) -> Iterator[_S
                 break
             yield _parse(raw, manifest)
             produced += 1
-    except Exception:  # noqa: BLE001 - a damaged shard must not change this rank's step count
-        pass
+    except Exception as error:  # noqa: BLE001 - a damaged shard must not change this rank's step count
+        logging.getLogger(__name__).warning(
+            "%s on %s: %s; %d samples masked", url, socket.gethostname(), error, segment.length - produced)
     for _ in range(segment.length - produced):
         yield _Sample(None, _UNREADABLE)
 

@@ -58,6 +58,8 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
     check_cluster_fits(config)
     manifest = read_manifest(config.data.root / "train")
     uri, experiment_id = prepare_tracking(config)
+    # Trial actors may run where the driver's MLFLOW_TRACKING_URI is unset: hand them the resolved URI.
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tracking_uri": uri})})
     parent_run_id, reused = start_or_resume_run(
         config, uri, experiment_id, sweep_name, manifest.content_hash(), extra_tags={SWEEP_TAG: "parent"},
     )
@@ -85,18 +87,26 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
                                failure_config=tune.FailureConfig(max_failures=config.search.max_trial_failures),
                                callbacks=[ReleaseTrialPlacementGroups(storage, sweep_name)],
                            ))
-    results = tuner.fit()
-
     client = MlflowClient(uri)
+    try:
+        return finish_search(config, tuner.fit(), client, uri, experiment_id, sweep_name, parent_run_id, manifest)
+    except BaseException:
+        client.set_terminated(parent_run_id, "FAILED")
+        raise
+
+
+def finish_search(config: Config, results, client: MlflowClient, uri: str, experiment_id: str, sweep_name: str,
+                  parent_run_id: str, manifest) -> SearchOutcome:
+    """Summarise the trials, close the runs, then register the best trial's model."""
     trials = summarize_trials(results, client, experiment_id, sweep_name, config.optim.epochs)
     print_trial_table(trials, list(config.search.space))
     best = max((t for t in trials if t.best_top1 is not None), key=lambda t: t.best_top1, default=None)
+    log_sweep_summary(client, parent_run_id, config, trials, best)
     published = None
     if best is not None and best.best_checkpoint:
         trial_config = apply_params(config, best.params, f"{sweep_name}-{best.trial_id}")
         published = publish_best_model(trial_config, uri, best.mlflow_run_id, best.best_checkpoint,
                                        best.best_metrics, best.history, manifest)
-    log_sweep_summary(client, parent_run_id, config, trials, best)
     return SearchOutcome(sweep_name, parent_run_id, trials, best,
                          published.version if published else None, bool(published and published.promoted))
 

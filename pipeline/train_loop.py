@@ -50,12 +50,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     record_placement_group(worker, loop_config.get("placement_group_file"))
     train_loader, val_loader = build_loaders(config, worker)
     manifest = train_loader.manifest
-    model = build_model(config.model, manifest.num_classes)
+    # On its device before the optimiser exists: restored momentum buffers then land on the same device.
+    model = to_device(build_model(config.model, manifest.num_classes), worker)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, len(train_loader))
     scaler = torch.amp.GradScaler("cuda") if worker.autocast_dtype == torch.float16 else None
     state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, log)
-    model = prepare(model, worker)
+    torch.manual_seed(config.seed + 1000 * state.epoch + worker.rank)  # ranks differ again after a resume
+    model = wrap(model, worker, config.scaling.compile)
+    if config.optim.patience and state.epochs_without_improvement >= config.optim.patience:
+        log.info(f"this run already stopped early after epoch {state.epoch}; nothing to do")
+        return
     tracker = WorkerTracker.for_rank(worker.rank, loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"))
     table = EpochTable(log)
     meta = checkpoint_meta(loop_config["config"], manifest.num_classes, manifest.content_hash())
@@ -128,16 +133,20 @@ def restore(config, model, optimizer, scheduler, scaler, num_classes: int, log: 
     return state
 
 
-def prepare(model: torch.nn.Module, worker: Worker) -> torch.nn.Module:
-    if worker.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+def to_device(model: torch.nn.Module, worker: Worker) -> torch.nn.Module:
+    model = model.to(worker.device)
+    return model.to(memory_format=torch.channels_last) if worker.channels_last else model
+
+
+def wrap(model: torch.nn.Module, worker: Worker, compile_model: bool) -> torch.nn.Module:
     if worker.world_size > 1:
-        return ray.train.torch.prepare_model(model)  # DDP: gloo on CPUs, NCCL on GPUs
-    return model.to(worker.device)
+        model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP: gloo on CPUs, NCCL on GPUs
+    return torch.compile(model) if compile_model else model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     # Evaluation runs the plain module: no DDP collectives, so ranks never wait on each other mid-pass.
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 

@@ -61,9 +61,13 @@ def run_training(
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; Ray run '{run_name}' in {storage}")
 
     trainer = build_trainer(config, run_name, storage, run_id, uri, run_callbacks)
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+    except BaseException:
+        MlflowClient(uri).set_terminated(run_id, "FAILED")
+        raise
     best = best_checkpoint(result)
     history = read_history(result.checkpoint.path if result.checkpoint else None)
     published = None
