@@ -14,6 +14,7 @@ The sweep selects on the `val` split only; it never reads `test`.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,7 +244,7 @@ def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_na
                      max_epochs: int) -> list[TrialSummary]:
     summaries = []
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id", "unknown")
+        trial_id = trial_id_of(result)
         run_name = f"{sweep_name}-{trial_id}"
         runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                   max_results=1)
@@ -268,6 +269,16 @@ def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_na
             epochs_trained=len(client.get_metric_history(run.info.run_id, m.VAL_TOP1)) if run else epochs_run,
         ))
     return summaries
+
+
+def trial_id_of(result) -> str:
+    """The Tune trial id, also for a trial that failed before its first report (no metrics): Tune names
+    the trial folder `<trainable>_<trial id>_<index>_...`."""
+    reported = (result.metrics or {}).get("trial_id")
+    if reported:
+        return reported
+    match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(str(result.path)).name)
+    return match.group(1) if match else "unknown"
 
 
 def _best_kept_row(history: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as m
 from pipeline.config import ConfigError
 from pipeline.publish import CHAMPION_ALIAS
-from pipeline.search import SWEEP_TAG, apply_params, check_cluster_fits, check_search, run_search
+from pipeline.search import SWEEP_TAG, apply_params, check_cluster_fits, check_search, run_search, trial_id_of
 from pipeline.search_report import STOPPED_AT_TAG, STOPPED_TAG
 from tests.conftest import training_config
 
@@ -72,6 +72,16 @@ def test_sampled_values_land_in_the_trial_config(learnable_shards, tmp_path):
     trial = apply_params(base, {"optim.lr": 0.123, "model.dropout": 0.2}, "x-trial1")
     assert trial.optim.lr == 0.123 and trial.model.dropout == 0.2 and trial.tracking.run_name == "x-trial1"
     assert trial.optim.momentum == base.optim.momentum
+
+
+def test_trial_id_comes_from_the_trial_folder_when_a_trial_never_reported():
+    class FailedEarly:
+        metrics = {}
+        path = "/runs/sweep-a/trial_driver_98fb1_00003_3_model_dropout=0.1,optim_lr=0.4_2026-11-30_03-03-20"
+
+    assert trial_id_of(FailedEarly()) == "98fb1_00003"
+    FailedEarly.metrics = {"trial_id": "98fb1_00007"}
+    assert trial_id_of(FailedEarly()) == "98fb1_00007"
 
 
 def _children(client, experiment_id, parent_id):
