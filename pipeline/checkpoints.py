@@ -65,7 +65,7 @@ def load_checkpoint(
     directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
 ) -> TrainingState:
-    payload = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+    payload = read_state(directory)
     model.load_state_dict(payload["model"])
     if optimizer is not None:
         optimizer.load_state_dict(payload["optimizer"])
@@ -80,6 +80,17 @@ def load_checkpoint(
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return TrainingState(**payload["training_state"])
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """The whole saved state (weights, optimiser, training state, RNG) without applying any of it."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_weights(directory: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+    """Only the model weights: for inference, where restoring RNG states would disturb the caller."""
+    model.load_state_dict(read_state(directory)["model"])
+    return model
 
 
 def read_meta(directory: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
-from pipeline.checkpoints import META_FILE, STATE_FILE, read_meta
+from pipeline.checkpoints import META_FILE, STATE_FILE, load_weights, read_meta
 from pipeline.config import Config, validate_config
 from pipeline.loader import build_loader
 from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, read_manifest
@@ -252,9 +252,7 @@ def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -
     meta = read_meta(directory)
     trained = validate_config(meta["config"])  # the architecture and crop the weights were trained with
     model = build_model(trained.model, meta["num_classes"])
-    # Only the weights: load_checkpoint would also restore the RNG states of this process.
-    payload = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-    model.load_state_dict(payload["model"])
+    load_weights(directory, model)
     num_classes = meta["num_classes"]
     candidates = [split] if split else [name for name in SPLITS[::-1]
                                         if (Path(config.data.root) / name / MANIFEST_NAME).is_file()]

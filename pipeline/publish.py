@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -18,7 +17,7 @@ import torchvision  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline import metrics as m  # noqa: E402
-from pipeline.checkpoints import load_checkpoint  # noqa: E402
+from pipeline.checkpoints import load_weights  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -86,9 +85,7 @@ def champion_gate(client: MlflowClient, name: str, version: str, score: float) -
 
 
 def load_model_from_checkpoint(config: Config, checkpoint_path: str, num_classes: int) -> torch.nn.Module:
-    model = build_model(config.model, num_classes)
-    load_checkpoint(Path(checkpoint_path), model=model)
-    return model.cpu().eval()
+    return load_weights(checkpoint_path, build_model(config.model, num_classes)).cpu().eval()
 
 
 def learning_curve(history: list[dict[str, Any]]):

@@ -22,7 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from pipeline import metrics as m
-from pipeline.checkpoints import check_compatible, latest_run_checkpoint, read_meta
+from pipeline.checkpoints import check_compatible, latest_run_checkpoint, read_meta, read_state
 from pipeline.config import Config, ConfigError, require_shards
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.publish import publish_best_model
@@ -188,10 +188,7 @@ def read_history(checkpoint_path: str | None) -> list[dict[str, Any]]:
     """The per-epoch metrics of the whole run, from the latest checkpoint's training state."""
     if checkpoint_path is None:
         return []
-    import torch
-
-    payload = torch.load(Path(checkpoint_path) / "state.pt", map_location="cpu", weights_only=False)
-    return payload["training_state"]["history"]
+    return read_state(checkpoint_path)["training_state"]["history"]
 
 
 # Ray Train gives a worker group 60 s to start; on a busy machine importing torch in fresh worker
