@@ -7,7 +7,7 @@ STAMP := $(VENV)/.install-stamp
 # pytest's own -x/-k etc. can be passed with: make test PYTEST_ARGS="-k loader"
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench-data bench-train clean-data
+.PHONY: demo test install bench-data bench-train clean-data cluster-demo cluster-up cluster-down
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
@@ -25,6 +25,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# A real 2-node Ray cluster on this machine (token auth, MLflow server), the training job submitted with
+# `ray job submit`, checks, then the dashboard and MLflow UI addresses. The cluster keeps running until
+# `make cluster-down`.
+cluster-demo: $(STAMP)
+	$(BIN)/imagenet-pipeline cluster demo
+
+cluster-up: $(STAMP)
+	$(BIN)/imagenet-pipeline cluster up
+
+cluster-down: $(STAMP)
+	$(BIN)/imagenet-pipeline cluster down
 
 bench-data: $(STAMP)
 	$(BIN)/imagenet-pipeline bench-data

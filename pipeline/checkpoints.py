@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -113,3 +116,25 @@ def latest_run_checkpoint(storage_path: Path, run_name: str) -> Path | None:
         return None
     metas = sorted(run_dir.glob(f"checkpoint_*/{META_FILE}"), key=lambda p: p.stat().st_mtime)
     return metas[-1].parent if metas else None
+
+
+@contextmanager
+def local_checkpoint(location: str, storage_path: str) -> Iterator[Path]:
+    """A checkpoint as a directory on this machine: `location` itself when it is one (local disk, NFS), else
+    downloaded for the duration of the block from object storage (s3://, gs://) and removed afterwards.
+
+    Ray reports a remote checkpoint's path without its scheme ("bucket/run/checkpoint_000003"), so the
+    scheme comes from `tracking.storage_path`.
+    """
+    if Path(location).is_dir():
+        yield Path(location)
+        return
+    from ray.train import Checkpoint
+
+    scheme = urlsplit(storage_path).scheme if "://" in storage_path else ""
+    uri = location if "://" in location or not scheme else f"{scheme}://{location}"
+    if "://" not in uri:
+        raise ValueError(f"checkpoint '{location}': no such directory, and tracking.storage_path "
+                         f"'{storage_path}' is local; was the run's storage moved?")
+    with Checkpoint(uri).as_directory() as directory:
+        yield Path(directory)

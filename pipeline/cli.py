@@ -332,6 +332,12 @@ def show_config(config_files: ConfigFiles = None, overrides: Overrides = None) -
     resolve_config(config_files, overrides)
 
 
+from pipeline.cli_cluster import cluster_app, job_app  # noqa: E402 - sub-commands register on `app`
+
+app.add_typer(job_app, name="job")
+app.add_typer(cluster_app, name="cluster")
+
+
 def main() -> None:
     app()
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from pipeline.config import Config, load_config
 from pipeline.loader import IGNORE_LABEL, build_loader
 from pipeline.models import build_model
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.optim import build_optimizer, build_scheduler, step_after_iteration
 from pipeline.transforms import normalize_batch
 
 
@@ -105,7 +105,7 @@ def train(config: Config, rank: int, world_size: int) -> dict:
             if config.optim.grad_clip_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
             optimizer.step()
-            scheduler.step()
+            step_after_iteration(scheduler)  # no validation here: a plateau rate stays put
             valid = int((batch.labels != IGNORE_LABEL).sum())
             totals += torch.tensor([valid, loss.item() * valid], dtype=torch.float64)
             tick = time.perf_counter()

@@ -16,6 +16,7 @@ import typer
 
 from pipeline import metrics as m
 from pipeline.config import Config
+from pipeline.locations import require_local
 from pipeline.manifest import SPLITS, manifest_path
 from pipeline.tracking import mlflow_ui_command
 
@@ -28,11 +29,38 @@ DEMO_IMAGE_SIZE = (160, 120)
 
 
 def run_demo(config: Config, data_dir: Path) -> bool:
+    if not prepare_demo_data(config, data_dir):
+        typer.echo("\ndemo FAILED: the shards did not verify")
+        return False
+
+    _step(f"train {config.model.name} with {config.scaling.num_workers} Ray Train workers")
+    from pipeline.trainer import ensure_ray, run_training
+
+    ensure_ray()
+    outcome = run_training(config)
+    best = outcome.best_metrics
+    chance = 100.0 / DEMO_CLASSES
+    typer.echo(
+        f"\nbest val top-1 {best[m.VAL_TOP1]:.1f} % (chance {chance:.0f} %), top-5 {best[m.VAL_TOP5]:.1f} %, "
+        f"{outcome.seconds:.0f} s of training"
+    )
+    typer.echo(
+        f"registered model '{config.tracking.registered_model}' version {outcome.model_version}"
+        f"{' -> @champion' if outcome.promoted else ' (champion kept: it scored higher)'}"
+    )
+    typer.echo(f"evaluate it once on test: imagenet-pipeline evaluate -c jobs/configs/demo.yaml "
+               f"--model models:/{config.tracking.registered_model}@champion")
+    typer.echo(f"open the MLflow UI:       {mlflow_ui_command(config)}")
+    return best[m.VAL_TOP1] > chance
+
+
+def prepare_demo_data(config: Config, data_dir: Path) -> bool:
+    """Generate, shard and verify the demo data under `data_dir` (kept when complete); True when it verifies."""
     from pipeline.sharding import shard_imagenet
     from pipeline.synthetic import generate_imagenet_folder
     from pipeline.verify import verify_dataset
 
-    source, shards = data_dir / "source", Path(config.data.root)
+    source, shards = data_dir / "source", require_local(config.data.root, "data.root")  # the demo writes shards
     _step("generate")
     if (source / "train").is_dir():
         typer.echo(f"  {source} exists, kept")
@@ -58,31 +86,7 @@ def run_demo(config: Config, data_dir: Path) -> bool:
     problems = verify_dataset(shards, decode=True)
     for split, issues in problems.items():
         typer.echo(f"  {split}: {'ok' if not issues else issues}")
-    ok = not any(problems.values())
-
-    if not ok:
-        typer.echo("\ndemo FAILED: the shards did not verify")
-        return False
-
-    _step(f"train {config.model.name} with {config.scaling.num_workers} Ray Train workers")
-    from pipeline.trainer import ensure_ray, run_training
-
-    ensure_ray()
-    outcome = run_training(config)
-    best = outcome.best_metrics
-    chance = 100.0 / DEMO_CLASSES
-    typer.echo(
-        f"\nbest val top-1 {best[m.VAL_TOP1]:.1f} % (chance {chance:.0f} %), top-5 {best[m.VAL_TOP5]:.1f} %, "
-        f"{outcome.seconds:.0f} s of training"
-    )
-    typer.echo(
-        f"registered model '{config.tracking.registered_model}' version {outcome.model_version}"
-        f"{' -> @champion' if outcome.promoted else ' (champion kept: it scored higher)'}"
-    )
-    typer.echo(f"evaluate it once on test: imagenet-pipeline evaluate -c jobs/configs/demo.yaml "
-               f"--model models:/{config.tracking.registered_model}@champion")
-    typer.echo(f"open the MLflow UI:       {mlflow_ui_command(config)}")
-    return best[m.VAL_TOP1] > chance
+    return not any(problems.values())
 
 
 def _step(name: str) -> None:

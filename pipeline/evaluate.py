@@ -24,11 +24,12 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline import locations
 from pipeline import metrics as m
 from pipeline.checkpoints import META_FILE, STATE_FILE, load_weights, read_meta
 from pipeline.config import Config, validate_config
 from pipeline.loader import build_loader
-from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, read_manifest
+from pipeline.manifest import MANIFEST_NAME, SPLITS, Manifest, has_manifest, read_manifest
 from pipeline.models import HUMAN_TOP5_ERROR, PUBLISHED_TOP1_TOP5, build_model
 from pipeline.tracking import resolve_tracking_uri
 from pipeline.train_loop import Worker, evaluate
@@ -178,8 +179,8 @@ def source_run_id(source: str, tracking_uri: str) -> str | None:
 
 
 def split_manifest(config: Config, split: str) -> Manifest:
-    split_dir = Path(config.data.root) / split
-    if not (split_dir / MANIFEST_NAME).is_file():
+    split_dir = locations.join(config.data.root, split)
+    if not has_manifest(split_dir):
         raise ValueError(
             f"data.root = '{config.data.root}': no {split}/{MANIFEST_NAME}; shard the {split} split or point "
             "data.root at a folder holding it"
@@ -255,7 +256,7 @@ def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -
     load_weights(directory, model)
     num_classes = meta["num_classes"]
     candidates = [split] if split else [name for name in SPLITS[::-1]
-                                        if (Path(config.data.root) / name / MANIFEST_NAME).is_file()]
+                                        if has_manifest(locations.join(config.data.root, name))]
     if not candidates:  # nothing to name the classes by: predictions still show the indices
         class_names = [f"class {index}" for index in range(num_classes)]
     else:
@@ -267,5 +268,5 @@ def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -
 
 
 def _class_count_mismatch(source: str, num_classes: int, config: Config, split: str, manifest: Manifest) -> str:
-    return (f"{source} predicts {num_classes} classes but {Path(config.data.root) / split} has "
+    return (f"{source} predicts {num_classes} classes but {locations.join(config.data.root, split)} has "
             f"{manifest.num_classes}; use shards made from the same class list")

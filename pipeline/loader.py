@@ -13,17 +13,16 @@ sample becomes a masked slot (label IGNORE_LABEL) and never changes a rank's ste
 from __future__ import annotations
 
 import logging
-import os
 import random
 import socket
 from collections.abc import Iterator
-from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
 
+from pipeline import locations
 from pipeline.config import DataConfig
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.plan import (
@@ -52,10 +51,11 @@ class ShardStream(IterableDataset):
     """One rank's view of a split. DataLoader processes each take their block of the rank's plan."""
 
     def __init__(
-        self, split_dir: Path, manifest: Manifest, *, train: bool, rank: int, world_size: int,
+        self, split_dir: str, manifest: Manifest, *, train: bool, rank: int, world_size: int,
         batch_size: int, seed: int, data: DataConfig,
     ) -> None:
-        self.split_dir = Path(split_dir)
+        self.split_dir = split_dir  # a local path or a URL (pipeline.locations)
+        self.shard_command = data.shard_command
         self.manifest = manifest
         self.train = train
         self.rank = rank
@@ -100,11 +100,8 @@ class ShardStream(IterableDataset):
 
     def _read(self, segments: tuple[Segment, ...]) -> Iterator[_Sample]:
         for segment in segments:
-            yield from _read_segment(self._url(segment.shard), segment, self.manifest)
-
-    def _url(self, shard: int) -> str:
-        name = self.manifest.shards[shard].name
-        return name if "://" in name or name.startswith("pipe:") else os.fspath(self.split_dir / name)
+            url = locations.shard_location(self.split_dir, self.manifest.shards[segment.shard].name)
+            yield from _read_segment(url, segment, self.manifest, self.shard_command)
 
     def _decode_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
         images = torch.zeros((len(samples), 3, self.image_size, self.image_size), dtype=torch.uint8)
@@ -130,23 +127,32 @@ class ShardStream(IterableDataset):
 _UNREADABLE = -1  # label of a sample whose bytes could not be read (counted as corrupt)
 
 
-def _read_segment(url: str, segment: Segment, manifest: Manifest) -> Iterator[_Sample]:
+def _read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: str | None) -> Iterator[_Sample]:
     """Yield exactly `segment.length` samples; what cannot be read becomes an unreadable sample."""
     produced = 0
     try:
-        source = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
-        for index, raw in enumerate(source):
-            if index < segment.start:
-                continue  # skipping costs a read, not a decode
-            if index >= segment.stop:
-                break
-            yield _parse(raw, manifest)
-            produced += 1
+        with locations.open_shard(url, shard_command) as stream:
+            for index, raw in enumerate(_tar_samples(stream, url)):
+                if index < segment.start:
+                    continue  # skipping costs a read, not a decode
+                if index >= segment.stop:
+                    break
+                yield _parse(raw, manifest)
+                produced += 1
     except Exception as error:  # noqa: BLE001 - a damaged shard must not change this rank's step count
-        logging.getLogger(__name__).warning(
-            "%s on %s: %s; %d samples masked", url, socket.gethostname(), error, segment.length - produced)
+        # Stopping early closes a `pipe:` mid-stream and its command may then exit with an error: harmless
+        # once every sample of the segment is in hand, so only a shortfall is worth a warning.
+        if produced < segment.length:
+            logging.getLogger(__name__).warning(
+                "%s on %s: %s; %d samples masked", url, socket.gethostname(), error, segment.length - produced)
     for _ in range(segment.length - produced):
         yield _Sample(None, _UNREADABLE)
+
+
+def _tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
+    """webdataset's own tar expansion and grouping by key, over a stream we opened (file, fsspec or pipe)."""
+    files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
+    return tariterators.group_by_keys(files)
 
 
 def _parse(raw: dict, manifest: Manifest) -> _Sample:
@@ -214,7 +220,7 @@ def build_loader(
     pin_memory: bool = False,
 ) -> EpochLoader:
     """`batch_size` is per rank. `split` is train (shuffled, equal steps) or val/test (exactly once)."""
-    split_dir = Path(data.root) / split
+    split_dir = locations.join(data.root, split)
     manifest = read_manifest(split_dir)
     dataset = ShardStream(
         split_dir, manifest, train=split == "train", rank=rank, world_size=world_size,

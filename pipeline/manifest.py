@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import locations
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -97,6 +99,7 @@ class Manifest:
 
 
 def manifest_path(split_dir: str | Path) -> Path:
+    """Where the writers put the manifest: writing is local only (see `pipeline.locations`)."""
     return Path(split_dir) / MANIFEST_NAME
 
 
@@ -107,17 +110,23 @@ def write_manifest(manifest: Manifest, split_dir: str | Path) -> Path:
     return path
 
 
+def has_manifest(split_dir: str | Path) -> bool:
+    """Whether a local split folder or a split URL holds a manifest (the sign of a complete split)."""
+    return locations.is_file(locations.join(split_dir, MANIFEST_NAME))
+
+
 def read_manifest(split_dir: str | Path) -> Manifest:
-    path = manifest_path(split_dir)
-    if not path.is_file():
+    """The manifest of a local split folder or a split URL (s3://bucket/imagenet/train, any fsspec protocol)."""
+    location = locations.join(split_dir, MANIFEST_NAME)
+    if not has_manifest(split_dir):
         raise ValueError(
             f"no {MANIFEST_NAME} in {split_dir}: shard it with `imagenet-pipeline shard` "
             "or index existing shards with `imagenet-pipeline index`"
         )
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(locations.read_text(location))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise ValueError(f"{location} is not valid JSON: {error}") from error
     return Manifest.from_dict(data)
 
 

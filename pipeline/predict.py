@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline import locations
 from pipeline.config import Config
 from pipeline.evaluate import load_model_for_inference
-from pipeline.manifest import MANIFEST_NAME, SPLITS, read_manifest
+from pipeline.manifest import SPLITS, has_manifest, read_manifest
 from pipeline.transforms import CorruptImageError, EvalTransform, normalize_batch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -92,8 +93,8 @@ def find_images(inputs: list[Path]) -> list[Path]:
 def class_wnids(config: Config, class_names: list[str]) -> list[str | None]:
     """wnids from a manifest under data.root whose class list is the model's; None where none matches."""
     for split in SPLITS:
-        split_dir = Path(config.data.root) / split
-        if (split_dir / MANIFEST_NAME).is_file():
+        split_dir = locations.join(config.data.root, split)
+        if has_manifest(split_dir):
             manifest = read_manifest(split_dir)
             if manifest.class_names() == class_names:
                 return [info.wnid for info in sorted(manifest.classes, key=lambda info: info.index)]

@@ -17,7 +17,7 @@ import torchvision  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline import metrics as m  # noqa: E402
-from pipeline.checkpoints import load_weights  # noqa: E402
+from pipeline.checkpoints import load_weights, local_checkpoint  # noqa: E402
 from pipeline.config import Config  # noqa: E402
 from pipeline.manifest import Manifest  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
@@ -42,7 +42,8 @@ def publish_best_model(
     with mlflow.start_run(run_id=run_id):
         if history:
             mlflow.log_figure(learning_curve(history), "learning_curve.png")
-        model = load_model_from_checkpoint(config, checkpoint_path, manifest.num_classes)
+        with local_checkpoint(checkpoint_path, config.tracking.storage_path) as directory:
+            model = load_model_from_checkpoint(config, directory, manifest.num_classes)
         size = config.data.eval_image_size
         example = torch.zeros((2, 3, size, size), dtype=torch.float32)  # batch > 1 keeps the batch dim dynamic
         info = mlflow.pytorch.log_model(

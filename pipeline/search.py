@@ -29,6 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
+from pipeline import locations
 from pipeline import metrics as m
 from pipeline.config import Config, ConfigError, SearchSpaceParam, require_shards, validate_config
 from pipeline.manifest import read_manifest
@@ -57,7 +58,7 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
     sweep_name = config.tracking.run_name or f"sweep-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_path(config)
     check_cluster_fits(config)
-    manifest = read_manifest(config.data.root / "train")
+    manifest = read_manifest(locations.join(config.data.root, "train"))
     uri, experiment_id = prepare_tracking(config)
     # Trial actors may run where the driver's MLFLOW_TRACKING_URI is unset: hand them the resolved URI.
     config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tracking_uri": uri})})

@@ -31,6 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.imagenet_source import ImageNetSource, LabeledFile, discover_source, hold_out_validation
+from pipeline.locations import require_local
 from pipeline.manifest import SPLITS, Manifest, ShardInfo, file_sha256, manifest_path, write_json_atomic, write_manifest
 
 PLAN_FILE = "plan.json"
@@ -116,7 +117,7 @@ def shard_imagenet(
     """Shard the ILSVRC2012 tree at `source` into `output/{train,val,test}/`; see the module docstring."""
     started = time.perf_counter()
     _check_options(val_per_class, samples_per_shard, max_side, quality, processes)
-    source, output = Path(source), Path(output)
+    source, output = Path(source), require_local(output, "shard --output")
     found = discover_source(source)
     options = {"seed": seed, "val_per_class": val_per_class, "samples_per_shard": samples_per_shard,
                "max_side": max_side, "quality": quality}

@@ -8,6 +8,7 @@ attach to that run id, so a restarted worker group or a resumed job keeps writin
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import urllib.error
@@ -22,6 +23,7 @@ from pipeline.config import PROJECT_ROOT, Config, ConfigError
 
 RUN_NAME_TAG = "pipeline.run_name"
 MANIFEST_TAG = "pipeline.manifest_hash"
+WORKER_NODES_TAG = "pipeline.worker_nodes"  # Ray node ids of the workers, rank order: where a run really ran
 
 
 def resolve_tracking_uri(config: Config) -> str:
@@ -106,6 +108,11 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def git_tags() -> dict[str, str]:
+    """The commit the code came from. A Ray job's uploaded working directory has no .git (.rayignore), so
+    `imagenet-pipeline job submit` passes the submitter's commit as PIPELINE_GIT_COMMIT / PIPELINE_GIT_DIRTY."""
+    if os.environ.get("PIPELINE_GIT_COMMIT"):
+        return {"git.commit": os.environ["PIPELINE_GIT_COMMIT"], "git.dirty": os.environ.get("PIPELINE_GIT_DIRTY", "unknown")}
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
 
@@ -118,7 +125,13 @@ def git_tags() -> dict[str, str]:
 
 
 def ray_job_tags() -> dict[str, str]:
-    job_id = os.environ.get("RAY_JOB_SUBMISSION_ID") or os.environ.get("RAY_JOB_ID")
+    """The Ray job id (`ray job submit`'s submission id) when this driver runs as a Ray job."""
+    # The job supervisor hands the entrypoint its metadata, submission id included, in this variable.
+    try:
+        metadata = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("metadata") or {}
+    except ValueError:
+        metadata = {}
+    job_id = metadata.get("job_submission_id") or os.environ.get("RAY_JOB_SUBMISSION_ID")
     return {"ray.job_id": job_id} if job_id else {}
 
 
@@ -139,6 +152,10 @@ class WorkerTracker:
             mlflow.start_run(run_id=self.run_id, log_system_metrics=True)
             self._active = True
         return self
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._active:
+            mlflow.set_tags(tags)
 
     def log_epoch(self, epoch_metrics: dict[str, float]) -> None:
         if self._active:

@@ -26,9 +26,9 @@ from pipeline.checkpoints import TrainingState, check_compatible, checkpoint_met
 from pipeline.config import Config, validate_config
 from pipeline.loader import IGNORE_LABEL, EpochLoader, build_loader
 from pipeline.models import build_model
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.optim import build_optimizer, build_scheduler, step_after_iteration, step_after_validation
 from pipeline.progress import EpochTable, RankLogger
-from pipeline.tracking import WorkerTracker
+from pipeline.tracking import WORKER_NODES_TAG, WorkerTracker
 from pipeline.transforms import normalize_batch
 
 
@@ -48,6 +48,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     worker = setup_worker(config)
     log = RankLogger(worker.rank)
     record_placement_group(worker, loop_config.get("placement_group_file"))
+    nodes = worker_node_ids(worker)
     train_loader, val_loader = build_loaders(config, worker)
     manifest = train_loader.manifest
     # On its device before the optimiser exists: restored momentum buffers then land on the same device.
@@ -66,12 +67,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     meta = checkpoint_meta(loop_config["config"], manifest.num_classes, manifest.content_hash())
     log.info(
         f"world size {worker.world_size}, device {worker.device}, global batch {config.optim.batch_size} "
-        f"= {worker.world_size} x {config.per_worker_batch_size}, {len(train_loader)} steps per epoch"
+        f"= {worker.world_size} x {config.per_worker_batch_size}, {len(train_loader)} steps per epoch, "
+        f"on {len(set(nodes))} node(s)"
     )
     with tracker:
+        tracker.set_tags({WORKER_NODES_TAG: ",".join(nodes)})
         for epoch in range(state.epoch, config.optim.epochs):
             train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, worker, epoch, state)
             val_metrics = evaluate(unwrap(model), val_loader, worker, prefix="val")
+            step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
             stop = update_early_stopping(state, epoch_metrics, config.optim.patience)
             report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, worker,
@@ -114,6 +118,16 @@ def record_placement_group(worker: Worker, path: str | None) -> None:
     if worker.rank == 0 and path and group is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(group.id.hex())
+
+
+def worker_node_ids(worker: Worker) -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    if worker.world_size == 1 or not dist.is_initialized():
+        return [node]
+    nodes: list[Any] = [None] * worker.world_size
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def build_loaders(config: Config, worker: Worker) -> tuple[EpochLoader, EpochLoader]:
@@ -183,7 +197,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, config: Config,
             scaler.update()
         else:
             optimizer.step()
-        scheduler.step()
+        step_after_iteration(scheduler)
         state.global_step += 1
         if state.global_step == 1:  # `imagenet-pipeline bench-train` times start-up from this line
             RankLogger(worker.rank).info(f"first training step finished at unix time {time.time():.3f}")

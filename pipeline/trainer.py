@@ -18,9 +18,10 @@ from typing import Any
 
 import ray
 from mlflow.tracking import MlflowClient
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipeline import locations
 from pipeline import metrics as m
 from pipeline.checkpoints import check_compatible, latest_run_checkpoint, read_meta, read_state
 from pipeline.config import Config, ConfigError, require_shards
@@ -69,7 +70,7 @@ def run_training(
         MlflowClient(uri).set_terminated(run_id, "FAILED")
         raise
     best = best_checkpoint(result)
-    history = read_history(result.checkpoint.path if result.checkpoint else None)
+    history = read_history(result.checkpoint)
     published = None
     if best and publish:
         published = publish_best_model(config, uri, run_id, best.path, best.metrics, history, manifest)
@@ -85,8 +86,8 @@ def run_training(
 
 def check_inputs(config: Config) -> Manifest:
     require_shards(config, ("train", "val"))
-    train = read_manifest(Path(config.data.root) / "train")
-    val = read_manifest(Path(config.data.root) / "val")
+    train = read_manifest(locations.join(config.data.root, "train"))
+    val = read_manifest(locations.join(config.data.root, "val"))
     if train.num_classes != val.num_classes:
         raise ConfigError(
             f"data.root = '{config.data.root}': train has {train.num_classes} classes but val has {val.num_classes}; "
@@ -184,11 +185,13 @@ class _Best:
     metrics: dict[str, Any]
 
 
-def read_history(checkpoint_path: str | None) -> list[dict[str, Any]]:
-    """The per-epoch metrics of the whole run, from the latest checkpoint's training state."""
-    if checkpoint_path is None:
+def read_history(checkpoint: Checkpoint | None) -> list[dict[str, Any]]:
+    """The per-epoch metrics of the whole run, from the latest checkpoint's training state (downloaded
+    first when the checkpoint lives in object storage)."""
+    if checkpoint is None:
         return []
-    return read_state(checkpoint_path)["training_state"]["history"]
+    with checkpoint.as_directory() as directory:
+        return read_state(directory)["training_state"]["history"]
 
 
 # Ray Train gives a worker group 60 s to start; on a busy machine importing torch in fresh worker

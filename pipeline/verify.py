@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pipeline.locations import require_local
 from pipeline.manifest import SPLITS, ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class ShardScan:
 
 def verify_split(split_dir: Path, decode: bool = True) -> list[str]:
     """Problems with one split's shards, each a readable sentence naming the shard; an empty list means OK."""
-    split_dir = Path(split_dir)
+    split_dir = require_local(split_dir, "verify folder")  # checksums and sizes are read from local files
     try:
         manifest = read_manifest(split_dir)
     except ValueError as error:
@@ -86,7 +87,7 @@ def verify_split(split_dir: Path, decode: bool = True) -> list[str]:
 
 def verify_dataset(root: Path, decode: bool = True) -> dict[str, list[str]]:
     """`verify_split` for each of train/, val/ and test/ present under `root`; {} when none is."""
-    root = Path(root)
+    root = require_local(root, "verify folder")
     return {split: verify_split(root / split, decode=decode) for split in SPLITS if (root / split).is_dir()}
 
 
@@ -103,14 +104,14 @@ def index_shards(
     `pattern` is a glob or a brace range as webdataset writes them (`imagenet-train-{000000..001281}.tar`).
     Without `classes_file` ("wnid name" per line, line n = class n) there are max(cls) + 1 classes named by index.
     """
-    shard_dir = Path(shard_dir)
+    shard_dir = require_local(shard_dir, "index folder")  # index writes manifest.json next to the shards
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if not shard_dir.is_dir():
         raise ValueError(f"shard folder {shard_dir} does not exist")
     paths = _match_shards(shard_dir, pattern)
     classes = _read_classes_file(Path(classes_file)) if classes_file is not None else None
-    output = Path(output) if output is not None else shard_dir
+    output = require_local(output, "index output") if output is not None else shard_dir
 
     shards, image_keys, max_label = [], Counter(), -1
     for path in tqdm(paths, unit="shard", desc="indexing", disable=not progress):

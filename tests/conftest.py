@@ -51,6 +51,30 @@ def tiny_shards(tmp_path_factory) -> Path:
     return root
 
 
+def copy_to_memory(local_root: Path, name: str) -> str:
+    """Every file under `local_root` into fsspec's in-process memory filesystem; returns the memory:// root."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    root = f"memory://{name}"
+    for path in sorted(local_root.rglob("*")):
+        if path.is_file():
+            memory.pipe_file(f"{root}/{path.relative_to(local_root).as_posix()}", path.read_bytes())
+    return root
+
+
+@pytest.fixture
+def memory_shards(tiny_shards):
+    """`tiny_shards` as an object-store-like URL root (memory://), removed after the test."""
+    import uuid
+
+    import fsspec
+
+    root = copy_to_memory(tiny_shards, f"shards-{uuid.uuid4().hex}")  # the memory filesystem is process-wide
+    yield root
+    fsspec.filesystem("memory").rm(root, recursive=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray and training fixtures: Ray starts once per test session; one real 2-worker run is shared by
 # every test that only reads its results (MLflow contents, evaluate, predict).

@@ -41,6 +41,22 @@ def test_load_without_shards_fails_before_streaming(tmp_path):
     assert "data.root" in result.output and "does not exist" in result.output
 
 
+def test_load_streams_shards_from_a_url_root(memory_shards):
+    result = runner.invoke(app, ["load", "--split", "val", "--set", f"data.root={memory_shards}",
+                                 "--set", "optim.batch_size=4", "--set", "data.eval_image_size=32",
+                                 "--set", "data.loader_workers=0"])
+    assert result.exit_code == 0, result.output
+    assert "val: 22 samples" in result.output
+
+
+@pytest.mark.parametrize("args", [["shard", "--output", "s3://bucket/shards"], ["index", "gs://bucket/shards/train"]])
+def test_writing_shards_to_a_url_is_one_line_saying_to_upload(tmp_path, args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert "://bucket/shards" in line and "shard (and index, verify) locally, then upload" in line
+
+
 @pytest.mark.slow
 def test_generate_shard_verify_load_round_trip(tmp_path):
     source, shards = tmp_path / "src", tmp_path / "shards"

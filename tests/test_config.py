@@ -1,7 +1,5 @@
 """Config: YAML -> overrides -> one validated object; every bad value is one line naming key and value."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -30,7 +28,7 @@ def test_files_merge_left_to_right_and_overrides_win(tmp_path):
     assert config.optim.momentum == 0.9  # untouched default survives the merge
     assert config.model.name == "alexnet"
     assert config.scaling.use_gpu is True
-    assert config.data.root == Path("/x/y")
+    assert config.data.root == "/x/y"
 
 
 def test_per_worker_batch_is_derived_from_the_global_batch():
@@ -106,7 +104,65 @@ def test_relative_paths_are_pinned_to_the_launch_directory_before_workers_start(
     # Ray workers run in another directory: a relative data.root would point nowhere there.
     monkeypatch.chdir(tmp_path)
     config = load_config(overrides=["data.root=shards", "tracking.storage_path=runs"]).with_absolute_paths()
-    assert config.data.root == tmp_path / "shards"
+    assert config.data.root == str(tmp_path / "shards")
     assert config.tracking.storage_path == str(tmp_path / "runs")
     remote = load_config(overrides=["tracking.storage_path=s3://bucket/ray"]).with_absolute_paths()
     assert remote.tracking.storage_path == "s3://bucket/ray"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_config(overrides=["data.root=~/shards"]).with_absolute_paths().data.root == str(
+        tmp_path / "home" / "shards")
+
+
+@pytest.mark.parametrize("url", ["memory://bucket/imagenet", "file:///data/imagenet"])
+def test_url_roots_are_left_exactly_as_given(url):
+    # A URL is not relative to the launch directory: pinning it would turn it into a local path.
+    assert load_config(overrides=[f"data.root={url}"]).with_absolute_paths().data.root == url
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("data.root=nope://bucket/x", r"data\.root = 'nope://bucket/x': fsspec knows no nope:// protocol"),
+        ("data.shard_command=aws s3 cp -", r"data\.shard_command = 'aws s3 cp -': must contain \{url\}"),
+    ],
+)
+def test_unreadable_locations_fail_with_one_line(override, expected):
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_config(overrides=[override])
+    assert "\n" not in str(caught.value)
+
+
+def test_a_url_whose_backend_is_missing_names_the_package_to_install(monkeypatch):
+    import fsspec
+
+    def missing_backend(protocol):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", missing_backend)  # whether or not s3fs is installed here
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=["data.root=s3://b/x"])
+    assert str(caught.value) == (
+        "data.root = 's3://b/x': reading s3:// needs the s3fs package: pip install 'imagenet-ray-pipeline[cloud]'")
+
+
+def test_a_url_root_needs_the_manifests_of_its_splits(memory_shards):
+    require_shards(load_config(overrides=[f"data.root={memory_shards}"]), ("train", "val", "test"))
+    empty = load_config(overrides=[f"data.root={memory_shards}/nothing-here"])
+    with pytest.raises(ConfigError, match=r"data\.root = 'memory://.*/nothing-here': no train/manifest\.json"):
+        require_shards(empty)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optim.warmup_epochs=1"], r"^optim\.warmup_epochs = 1\.0: the plateau schedule has no warmup"),
+        (["optim.patience=3", "optim.plateau_patience=3"], r"^optim\.patience = 3 must exceed optim\.plateau_patience"),
+        (["optim.min_lr=0.1", "optim.lr=0.1"], r"^optim\.min_lr = 0\.1 is not below optim\.lr = 0\.1"),
+        (["optim.step_gamma=1.0"], r"^optim\.step_gamma = 1\.0: the plateau schedule needs a multiplier below 1"),
+    ],
+)
+def test_plateau_schedule_refuses_settings_it_cannot_honour_in_one_line(overrides, expected):
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_config(overrides=["optim.schedule=plateau", *overrides])
+    assert "\n" not in str(caught.value)
+    load_config(overrides=["optim.schedule=cosine", *overrides])  # the other schedules accept them

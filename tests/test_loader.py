@@ -1,5 +1,6 @@
 """The real loader (webdataset + DataLoader processes + decoding) keeps the plan's promises."""
 
+import shlex
 from collections import Counter
 
 import pytest
@@ -13,8 +14,8 @@ from tests.conftest import jpeg_bytes, write_split
 SMALL = dict(train_image_size=16, eval_image_size=16, shuffle_buffer=8, prefetch_batches=1)
 
 
-def _data(root, workers):
-    return DataConfig(root=root, loader_workers=workers, **SMALL)
+def _data(root, workers, **extra):
+    return DataConfig(root=root, loader_workers=workers, **SMALL, **extra)
 
 
 def _run(root, split, world, workers, batch, epoch=0, seed=0):
@@ -108,3 +109,66 @@ def test_masked_slots_use_the_ignore_label(tmp_path):
     loader = build_loader(_data(tmp_path, 0), "test", rank=0, world_size=2, batch_size=4, seed=0)
     (batch,) = list(loader)
     assert batch.labels.tolist().count(IGNORE_LABEL) == 1 and int(batch.corrupt) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards from other places: a URL root (fsspec) and a shard command (webdataset's pipe:) must give
+# exactly the batches a local root gives, so where the data lives never changes what is trained on.
+
+def _batches(root, split, workers, **extra):
+    """Every batch of both ranks of a 2-worker job, as (keys, labels): order, contents and masking."""
+    seen = []
+    for rank in range(2):
+        loader = build_loader(_data(root, workers, **extra), split, rank=rank, world_size=2, batch_size=3, seed=7)
+        loader.set_epoch(1)
+        seen.append([(batch.keys, batch.labels.tolist()) for batch in loader])
+    return seen
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("workers", [0, 2])  # 2: DataLoader processes are forked and inherit the memory fs
+def test_a_url_root_gives_the_same_batches_as_the_local_root(tiny_shards, memory_shards, split, workers):
+    local = _batches(tiny_shards, split, workers)
+    assert sum(len(rank) for rank in local) > 0
+    assert _batches(memory_shards, split, workers) == local
+    assert _batches(f"file://{tiny_shards}", split, workers) == local
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_command_streams_the_same_batches_through_a_pipe(tiny_shards, tmp_path, workers):
+    local = _batches(tiny_shards, "train", workers)
+    assert _batches(tiny_shards, "train", workers, shard_command="cat {url}") == local
+    # The command really is what reads the shards: each shard's path reaches it, shell-quoted.
+    log = tmp_path / "streamed shards.txt"
+    command = f"echo {{url}} >> {shlex.quote(str(log))}; cat {{url}}"
+    assert _batches(tiny_shards, "train", workers, shard_command=command) == local
+    assert set(log.read_text().split()) == {str(path) for path in (tiny_shards / "train").glob("*.tar")}
+
+
+def test_a_shard_command_that_fails_masks_its_samples_and_keeps_step_counts(tiny_shards, caplog):
+    keys, steps, corrupt = _run_with(tiny_shards, "val", shard_command="exit 3; cat {url}")
+    assert not keys and corrupt == 22
+    assert steps == {0: 4, 1: 4}  # 22 samples, 2 ranks x batch 3: ceil(11 / 3) steps each
+    assert "samples masked" in caplog.text
+
+
+def test_a_truncated_shard_under_a_url_root_is_masked_like_a_local_one(memory_shards):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    shard = f"{memory_shards}/val/val-000001.tar"
+    memory.pipe_file(shard, memory.cat_file(shard)[:3000])
+    keys, steps, corrupt = _run_with(memory_shards, "val")
+    assert steps == {0: 4, 1: 4}
+    assert corrupt >= 1 and len(keys) + corrupt == 22
+
+
+def _run_with(root, split, **extra):
+    keys, steps, corrupt = set(), {}, 0
+    for rank in range(2):
+        loader = build_loader(_data(root, 0, **extra), split, rank=rank, world_size=2, batch_size=3, seed=0)
+        batches = list(loader)
+        steps[rank] = len(batches)
+        keys.update(key for batch in batches for key in batch.keys if key)
+        corrupt += sum(int(batch.corrupt) for batch in batches)
+    return keys, steps, corrupt

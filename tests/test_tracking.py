@@ -110,3 +110,23 @@ def test_training_through_a_real_mlflow_server(ray_session, learnable_shards, tm
     client = MlflowClient(mlflow_server)
     _check_run_contents(client, outcome.mlflow_run_id, config, epochs=2)
     assert str(client.get_model_version_by_alias("server-model", CHAMPION_ALIAS).version) == outcome.model_version
+
+
+def test_a_ray_job_driver_tags_its_run_with_the_submission_id(monkeypatch):
+    from pipeline.tracking import ray_job_tags
+
+    monkeypatch.delenv("RAY_JOB_SUBMISSION_ID", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert ray_job_tags() == {}
+    # What Ray's job supervisor sets for `ray job submit --submission-id nightly-r50`.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       '{"runtime_env": {}, "metadata": {"job_submission_id": "nightly-r50", "job_name": "x"}}')
+    assert ray_job_tags() == {"ray.job_id": "nightly-r50"}
+
+
+def test_a_job_without_git_takes_the_submitters_commit(monkeypatch):
+    from pipeline.tracking import git_tags
+
+    monkeypatch.setenv("PIPELINE_GIT_COMMIT", "abc123")
+    monkeypatch.setenv("PIPELINE_GIT_DIRTY", "true")
+    assert git_tags() == {"git.commit": "abc123", "git.dirty": "true"}

@@ -1,0 +1,113 @@
+"""A real 2-node Ray cluster on this machine (`ray start --head` + `ray start --address`), token auth on,
+an MLflow server beside it, and the training job submitted with the real `ray job submit` CLI.
+
+One cluster serves the whole module and is stopped at the end even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import PROJECT_ROOT
+from pipeline.local_cluster import LocalCluster
+from pipeline.tracking import RUN_NAME_TAG, WORKER_NODES_TAG
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+RAY = str(Path(sys.executable).parent / "ray")
+PIPELINE = str(Path(sys.executable).parent / "imagenet-pipeline")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    started = LocalCluster.start(tmp_path_factory.mktemp("cluster"), nodes=2, cpus_per_node=1)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def client_env(cluster: LocalCluster, with_token: bool = True) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
+    if with_token:
+        return {**env, **cluster.client_env()}
+    # No token anywhere Ray looks: not in the environment, not in ~/.ray/auth_token.
+    return {**env, "RAY_AUTH_MODE": "token", "HOME": str(Path(cluster.state_dir) / "no-home")}
+
+
+def node_ids(cluster: LocalCluster) -> set[str]:
+    request = urllib.request.Request(f"{cluster.dashboard_url}/api/v0/nodes",
+                                     headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        rows = json.load(response)["data"]["result"]["result"]
+    return {row["node_id"] for row in rows if row["state"] == "ALIVE"}
+
+
+def test_the_job_server_refuses_a_client_without_the_token(cluster):
+    done = subprocess.run([RAY, "job", "list", "--address", cluster.dashboard_url],
+                          env=client_env(cluster, with_token=False), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Authentication" in done.stdout + done.stderr or "Unauthorized" in done.stdout + done.stderr
+
+
+def test_a_training_job_submitted_with_ray_job_submit_runs_on_both_nodes_and_lands_in_mlflow(cluster, tiny_shards):
+    run_name = "cluster-test-run"
+    storage = Path(cluster.state_dir) / "ray_results"  # one path every node reaches, as NFS would be
+    command = [
+        RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", run_name,
+        "--working-dir", str(PROJECT_ROOT), "--",
+        "python", "-m", "jobs.train", "-c", "jobs/configs/demo.yaml",
+        "--set", f"data.root={tiny_shards}", "--set", "data.train_image_size=32", "--set", "data.eval_image_size=32",
+        "--set", "data.loader_workers=0", "--set", "optim.batch_size=8", "--set", "optim.epochs=1",
+        "--set", f"tracking.storage_path={storage}", "--set", f"tracking.run_name={run_name}",
+        "--set", "tracking.experiment=cluster-test", "--set", "tracking.registered_model=cluster-test-model",
+    ]
+    done = subprocess.run(command, env=client_env(cluster), cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=540)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "succeeded" in done.stdout + done.stderr
+
+    # The job found the cluster's MLflow server through the nodes' MLFLOW_TRACKING_URI, as pods get it in infra/.
+    client = MlflowClient(cluster.mlflow_uri)
+    experiment = client.get_experiment_by_name("cluster-test")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    assert run.data.tags.get("ray.job_id") == run_name
+    assert client.search_model_versions(f"name = 'cluster-test-model' and run_id = '{run.info.run_id}'")
+    workers = run.data.tags[WORKER_NODES_TAG].split(",")
+    assert len(workers) == 2 and set(workers) == node_ids(cluster)  # rank 0 on one node, rank 1 on the other
+    assert list(storage.glob(f"{run_name}/checkpoint_*/state.pt"))
+
+
+def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
+    entry = "import os; print('uri=' + os.environ['MLFLOW_TRACKING_URI'], 'commit=' + os.environ.get('PIPELINE_GIT_COMMIT', '-'))"
+    env = {**client_env(cluster), "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}
+    submit = subprocess.run(
+        [PIPELINE, "job", "submit", "--submission-id", "env-check", "--", "python", "-c", entry],
+        env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
+    assert "uri=http://mlflow.example:5000" in submit.stdout  # the submitter's URI, not the cluster's default
+    assert "job env-check SUCCEEDED" in submit.stdout
+
+    listed = subprocess.run([PIPELINE, "job", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "env-check" in listed.stdout and "SUCCEEDED" in listed.stdout
+
+
+def test_stopping_the_cluster_leaves_no_process_behind(tmp_path):
+    cluster = LocalCluster.start(tmp_path / "short-lived", nodes=1, cpus_per_node=1)
+    assert cluster.alive_nodes() == 1
+    cluster.stop()
+    leftovers = [process.pid for process in psutil.process_iter(["cmdline"])
+                 if any(cluster.temp_dir in part for part in process.info["cmdline"] or [])]
+    assert leftovers == [] and not psutil.pid_exists(cluster.mlflow_pid)
+    assert LocalCluster.load(Path(cluster.state_dir)) is None
