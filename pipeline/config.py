@@ -266,14 +266,22 @@ def _one_line(error: ValidationError) -> str:
     return message
 
 
+# Under `ray job submit --working-dir`, the job runs in Ray's copy of the working directory, which holds
+# neither data/ (.gitignore) nor anything else the relative path was meant to reach.
+RAY_WORKING_DIR_MARK = "/runtime_resources/working_dir_files/"
+RAY_JOB_COPY_HINT = ("this Ray job runs in Ray's copy of the working directory, where relative paths land and data/ "
+                     "is not uploaded; give an absolute path every node reaches (NFS) or a URL (s3://, gs://)")
+
+
 def require_shards(config: Config, splits: tuple[str, ...] = ("train", "val")) -> None:
     """Fail before any worker starts when the configured shard splits are missing."""
     root = config.data.root
     # Object stores have no directories, only keys: for a URL the manifests are the whole check.
     if not locations.is_url(root) and not Path(root).expanduser().is_dir():
         raise ConfigError(
-            f"data.root = '{root}': directory does not exist; create shards with `imagenet-pipeline shard` "
-            "or point data.root at a folder holding train/ val/ test/"
+            f"data.root = '{root}': directory does not exist; "
+            + (RAY_JOB_COPY_HINT if RAY_WORKING_DIR_MARK in root else
+               "create shards with `imagenet-pipeline shard` or point data.root at a folder holding train/ val/ test/")
         )
     for split in splits:
         if not locations.is_file(locations.join(root, split, "manifest.json")):

@@ -28,7 +28,7 @@ from urllib.parse import urlparse
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.tracking import git_tags
+from pipeline.tracking import git_tags, pin_sqlite_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
@@ -87,8 +87,7 @@ def job_tracking_uri(cluster: ClusterAddress, tracking_uri: str | None) -> str |
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return None
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{(PROJECT_ROOT / uri.removeprefix('sqlite:///')).resolve()}"  # not the job's temp copy
+    uri = pin_sqlite_uri(uri)  # not the job's temporary copy of the project
     if not cluster.is_local and not uri.startswith(("http://", "https://", "databricks")):
         raise JobClientError(
             f"tracking URI '{uri}' is a file on this machine, which the cluster at {cluster.dashboard_url} cannot "

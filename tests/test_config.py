@@ -166,3 +166,12 @@ def test_plateau_schedule_refuses_settings_it_cannot_honour_in_one_line(override
         load_config(overrides=["optim.schedule=plateau", *overrides])
     assert "\n" not in str(caught.value)
     load_config(overrides=["optim.schedule=cosine", *overrides])  # the other schedules accept them
+
+
+def test_a_relative_data_root_inside_a_ray_jobs_working_dir_copy_says_why(tmp_path):
+    from pipeline.config import ConfigError, load_config, require_shards
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12" / "data" / "shards"
+    config = load_config(overrides=[f"data.root={copy}"])
+    with pytest.raises(ConfigError, match="runs in Ray's copy of the working directory.*absolute path every node reaches"):
+        require_shards(config)

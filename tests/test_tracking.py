@@ -130,3 +130,14 @@ def test_a_job_without_git_takes_the_submitters_commit(monkeypatch):
     monkeypatch.setenv("PIPELINE_GIT_COMMIT", "abc123")
     monkeypatch.setenv("PIPELINE_GIT_DIRTY", "true")
     assert git_tags() == {"git.commit": "abc123", "git.dirty": "true"}
+
+
+def test_a_sqlite_store_inside_a_ray_jobs_working_dir_copy_is_refused(monkeypatch):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.tracking import resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = load_config(overrides=[
+        "tracking.tracking_uri=sqlite:////tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_1/mlflow.db"])
+    with pytest.raises(ConfigError, match="would vanish with the job; set MLFLOW_TRACKING_URI"):
+        resolve_tracking_uri(config)
