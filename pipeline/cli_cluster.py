@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,6 +32,17 @@ def _fail(message: str) -> None:
     from pipeline.cli import fail
 
     fail(message)
+
+
+@contextmanager
+def _one_line_errors():
+    """Ray's job client raises RuntimeError with the server's whole response (a missing job, a bad token)."""
+    from pipeline.job_client import JobClientError, first_line
+
+    try:
+        yield
+    except (JobClientError, RuntimeError, ConnectionError) as error:
+        _fail(first_line(error))
 
 
 def _cluster(address: str | None, token_file: Path | None):
@@ -84,17 +96,19 @@ def job_logs(
     from pipeline.job_client import follow
 
     cluster = _cluster(address, token_file)
-    if follow_logs:
-        status = follow(cluster, job_id)
-        typer.echo(f"job {job_id} {status.value}")
-    else:
-        typer.echo(cluster.client().get_job_logs(job_id), nl=False)
+    with _one_line_errors():
+        if follow_logs:
+            status = follow(cluster, job_id)
+            typer.echo(f"job {job_id} {status.value}")
+        else:
+            typer.echo(cluster.client().get_job_logs(job_id), nl=False)
 
 
 @job_app.command("status")
 def job_status(job_id: str, address: Address = None, token_file: TokenFile = None) -> None:
     """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
-    typer.echo(_cluster(address, token_file).client().get_job_status(job_id).value)
+    with _one_line_errors():
+        typer.echo(_cluster(address, token_file).client().get_job_status(job_id).value)
 
 
 @job_app.command("stop")
@@ -102,7 +116,8 @@ def job_stop(job_id: str, address: Address = None, token_file: TokenFile = None)
     """Ask a running job to stop (its checkpoints stay; resubmit with the same run name to resume)."""
     from pipeline.job_client import stop
 
-    stopped = stop(_cluster(address, token_file), job_id)
+    with _one_line_errors():
+        stopped = stop(_cluster(address, token_file), job_id)
     typer.echo(f"job {job_id} {'stopping' if stopped else 'was not running'}")
 
 
@@ -111,7 +126,9 @@ def job_list(address: Address = None, token_file: TokenFile = None) -> None:
     """Jobs on the cluster, newest first."""
     from pipeline.job_client import list_jobs
 
-    for row in list_jobs(_cluster(address, token_file)):
+    with _one_line_errors():
+        rows = list_jobs(_cluster(address, token_file))
+    for row in rows:
         typer.echo(f"{row['id']:<32} {row['status']:<10} {row['started']:<20} {row['entrypoint']}")
 
 

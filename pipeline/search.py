@@ -190,21 +190,37 @@ def _extreme_values(spec: SearchSpaceParam) -> list[Any]:
 
 
 def check_cluster_fits(config: Config) -> None:
-    """A trial whose trainer cannot be placed would wait forever: say so up front."""
+    """A trial whose trainer cannot be placed would wait until Ray Train gives up on it: say so up front."""
     from pipeline.trainer import ensure_ray
 
     ensure_ray()
-    available = ray.cluster_resources()
-    workers = config.scaling.world_size
-    needed = {"CPU": workers * config.scaling.cpus_per_worker}
+    problem = cluster_fit_problem(config, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+    if problem:
+        raise ConfigError(problem)
+
+
+def cluster_fit_problem(config: Config, nodes: list[dict[str, float]]) -> str | None:
+    """Why `nodes` (each node's resources) cannot run one trial, or the configured trials at once; None if they can.
+
+    Ray Train places each worker whole on one node, so a cluster of 2 nodes x 4 GPUs holds four 2-GPU
+    workers, not one 8-GPU worker; the count is per node, then summed.
+    """
+    per_worker = {"CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
-        needed["GPU"] = workers * config.scaling.gpus_per_worker
-    for resource, amount in needed.items():
-        if amount > available.get(resource, 0):
-            raise ConfigError(
-                f"scaling: one trial needs {amount:g} {resource} ({workers} workers) but the cluster has "
-                f"{available.get(resource, 0):g}; lower scaling.num_workers or scaling.cpus_per_worker"
-            )
+        per_worker["GPU"] = config.scaling.gpus_per_worker
+    slots = sum(min(int(node.get(name, 0) // amount) for name, amount in per_worker.items()) for node in nodes)
+    workers = config.scaling.world_size
+    each = " + ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
+    if slots < workers:
+        totals = ", ".join(f"{sum(node.get(name, 0) for node in nodes):g} {name}" for name in per_worker)
+        return (f"scaling: one trial needs {workers} workers of {each} each, but the cluster's {len(nodes)} node(s) "
+                f"({totals}) hold {slots}; lower scaling.num_workers or the per-worker resources")
+    concurrent = slots // workers
+    if config.search.max_concurrent_trials > concurrent:
+        return (f"search.max_concurrent_trials = {config.search.max_concurrent_trials}: the cluster places at most "
+                f"{concurrent} trial(s) of {workers} workers ({each} each) at once; a trial left waiting fails "
+                f"when Ray Train's start timeout runs out, so set it to {concurrent} or less")
+    return None
 
 
 def param_space(config: Config) -> dict[str, Any]:

@@ -8,12 +8,13 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "tune", "evaluate", "predict", "bench-data", "bench-train", "demo", "config"]
+COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "tune", "evaluate", "predict", "bench-data", "bench-train", "demo", "config",
+            "job submit", "job logs", "job status", "job stop", "job list", "cluster up", "cluster down", "cluster demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_option_in_help_shows_its_default(command):
-    result = runner.invoke(app, [command, "--help"], terminal_width=200, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    result = runner.invoke(app, [*command.split(), "--help"], terminal_width=200, env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     entries: list[str] = []  # one per option: its first line plus wrapped continuation lines
     for line in result.output.splitlines():

@@ -102,6 +102,10 @@ def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
     listed = subprocess.run([PIPELINE, "job", "list"], env=env, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "env-check" in listed.stdout and "SUCCEEDED" in listed.stdout
 
+    missing = subprocess.run([PIPELINE, "job", "status", "no-such-job"], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no-such-job" in missing.stderr
+
 
 def test_stopping_the_cluster_leaves_no_process_behind(tmp_path):
     cluster = LocalCluster.start(tmp_path / "short-lived", nodes=1, cpus_per_node=1)
