@@ -1,9 +1,11 @@
-"""Benchmarks of the training path: Ray Train's throughput against plain torchrun DDP, and a job's start-up time.
+"""Benchmark of the training path: Ray Train's throughput against plain torchrun DDP.
 
-    imagenet-pipeline bench-train --work-dir data/bench_train      (both; see `run_overhead_benchmark` and
-                                                                   `run_startup_benchmark` for the options)
+    imagenet-pipeline bench-train --only overhead --work-dir data/bench_train
 
-Overhead: the same config file, shards, model builder, loader, optimiser and global batch run through our
+(options: see `run_overhead_benchmark`; without `--only` the start-up benchmark, `pipeline.benchmark_startup`,
+runs too.)
+
+The same config file, shards, model builder, loader, optimiser and global batch run through our
 `train` path (`trainer.run_training`, N Ray Train workers) and through `pipeline.ddp_reference` under
 `torchrun --nproc_per_node N`. Both measure an epoch's images/s the same way (valid images over all ranks /
 rank 0's time from creating the epoch's DataLoader to its last step; ours is `train/images_per_second` read
@@ -14,10 +16,9 @@ machine only slows a run down, so the headline ratio compares the fastest steady
 per-round ratios (adjacent runs) and the load average before each run show how noisy the machine was.
 Absolute images/s are not portable; the ratio is the figure.
 
-Start-up: the real console script, `imagenet-pipeline train` for one epoch on tiny data, as a subprocess. Its
-output lines are time-stamped as they arrive; with MLflow's own timestamps (epoch-1 metrics, model version)
-and the learning-curve file's mtime they split the wall time into phases. Nothing here asserts a speed.
-All MLflow runs, registry versions and Ray checkpoints go to a SQLite store and a folder inside `work_dir`.
+The generated shards, `--set` overrides and argument checks at the end are shared with
+`pipeline.benchmark_startup` (the start-up benchmark). All MLflow runs, registry versions and Ray checkpoints
+go to a SQLite store and a folder inside `work_dir`.
 """
 
 from __future__ import annotations
@@ -25,12 +26,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shlex
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 from statistics import harmonic_mean, mean, median
@@ -39,7 +37,6 @@ from pipeline import metrics as m
 from pipeline.config import MODEL_NAMES, Config, load_config
 
 TARGET_RATIO = 0.97  # ours / plain DDP, steady-state images/s
-TARGET_STARTUP_SECONDS = 30.0  # one-epoch tiny job, command start to exit, on 2 cores
 EXPERIMENT, REGISTERED_MODEL = "bench-train", "bench-train-model"
 CLASSES, VAL_PER_CLASS, SAMPLES_PER_SHARD = 4, 4, 64
 # Small source photos: decoding stays a few % of a step, as with ImageNet JPEGs at 224 px on real hardware.
@@ -53,8 +50,8 @@ def run_overhead_benchmark(
     warmup_epochs: int = 1,
 ) -> dict:
     """Steady-state training images/s of ours and of plain DDP, alternating for `rounds`; print a table."""
-    _check_common(model, image_size, global_batch, train_images, num_workers, loader_workers)
-    _check_positive(epochs=epochs, rounds=rounds)
+    check_benchmark_arguments(model, image_size, global_batch, train_images, num_workers, loader_workers)
+    check_positive(epochs=epochs, rounds=rounds)
     if not 0 <= warmup_epochs < epochs:
         raise ValueError(f"warmup_epochs = {warmup_epochs} must be >= 0 and below epochs = {epochs}: "
                          "at least one epoch has to be left for the steady state")
@@ -167,205 +164,37 @@ def steady_state(epoch_images_per_second: list[float], warmup_epochs: int) -> fl
     return harmonic_mean(steady)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Start-up time of `imagenet-pipeline train`
-
-# The job's own output lines that mark an event (first match counts).
-OUTPUT_EVENTS = (
-    ("config_printed", re.compile(r"^# resolved config")),
-    ("ray_started", re.compile(r"Started a local Ray instance")),
-    ("mlflow_run_ready", re.compile(r"^MLflow run \S+ \((new|resumed)\)")),
-    ("loop_ready", re.compile(r"\[rank 0\] world size")),
-    ("finished_line", re.compile(r"^run '.*' finished in")),
-)
-# Printed by rank 0 after its first optimiser step, if train_loop has that line; carries its own clock reading,
-# so the log forwarding delay does not count.
-FIRST_STEP = re.compile(r"first training step finished at unix time (\d+(?:\.\d+)?)")
-
-
-def run_startup_benchmark(
-    work_dir: Path, model: str = "resnet18", image_size: int = 32, global_batch: int = 16, train_images: int = 64,
-    num_workers: int = 2, loader_workers: int = 1, timeout_seconds: float = 600.0, echo: bool = False,
-) -> dict:
-    """Wall time of a 1-epoch `imagenet-pipeline train` job from command start to exit, split into phases; print
-    a table. `echo` also prints the job's output lines with their arrival times."""
-    _check_common(model, image_size, global_batch, train_images, num_workers, loader_workers)
-    _check_positive(timeout_seconds=timeout_seconds)
-    script = Path(sys.executable).parent / "imagenet-pipeline"
-    if not script.is_file():
-        raise ValueError(f"console script {script} not found: install the project into this environment")
-    work_dir = Path(work_dir).resolve()
-    shards = make_benchmark_shards(work_dir / "data", train_images)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    store = work_dir / f"startup-{stamp}"  # a fresh MLflow store: the first job's cost, migrations included
-    run_name = f"startup-{stamp}"
-    overrides = benchmark_overrides(shards, store, model=model, image_size=image_size, global_batch=global_batch,
-                                    epochs=1, num_workers=num_workers, loader_workers=loader_workers, run_name=run_name)
-    command = [str(script), "train", *[part for override in overrides for part in ("--set", override)]]
-    # Ray workers inherit the environment: unbuffered output gives honest line times. A fresh local Ray, as on
-    # a laptop: the job must not join a cluster named in RAY_ADDRESS.
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {"PYTHONUNBUFFERED": "1"}
-
-    started = time.time()
-    lines, exit_code = _run_timed(command, env, work_dir, timeout_seconds, echo)
-    exit_seconds = time.time() - started
-    if exit_code != 0:
-        tail = "\n".join(text for _, text in lines[-20:])
-        raise RuntimeError(f"the train job failed (exit status {exit_code}):\n{tail}")
-
-    events = timeline_from_lines(lines, started)
-    events.update(_mlflow_events(store, run_name, started))
-    events.update(_ray_train_events(run_name, started))
-    train_seconds = images_per_epoch(shards, global_batch) / events.pop("epoch1_images_per_second")
-    events["exit"] = exit_seconds
-    result = {
-        "command": shlex.join(command), "wall_seconds": exit_seconds, "target_seconds": TARGET_STARTUP_SECONDS,
-        "meets_target": exit_seconds <= TARGET_STARTUP_SECONDS, "events": events, "phases": startup_phases(events),
-        "epoch1_train_seconds": train_seconds,
-        # Without the first-step line: the loop starts after `loop_ready`, and epoch 1's training ends before its
-        # metrics are logged, so it started at most its training time before then.
-        "first_step_window": ((events["first_step"],) * 2 if "first_step" in events
-                              else (events.get("loop_ready"), events["epoch1_logged"] - train_seconds)),
-        "model_build_seconds": _time_model_build(model),
-        "output": [f"{at:7.2f}  {text}" for at, text in lines],
-    }
-    print(format_startup_table(result))
-    return result
-
-
-def timeline_from_lines(lines: list[tuple[float, str]], started: float = 0.0) -> dict[str, float]:
-    """Seconds since start of the first output line matching each of OUTPUT_EVENTS, and of the first step
-    (its own unix time minus `started`, the unix time of the command's start)."""
-    events: dict[str, float] = {}
-    for at, text in lines:
-        first_step = FIRST_STEP.search(text)
-        if first_step and "first_step" not in events:
-            events["first_step"] = float(first_step.group(1)) - started
-        for name, pattern in OUTPUT_EVENTS:
-            if name not in events and pattern.search(text):
-                events[name] = at
-    return events
-
-
-# Ray Train's controller log (JSON lines in the job's Ray session): the worker group's start-up steps.
-CONTROLLER_EVENTS = (
-    ("controller_started", re.compile(r"Requesting resources")),
-    ("workers_created", re.compile(r"worker actors created in")),
-    ("context_ready", re.compile(r"Train context initialized on workers")),
-    ("train_fn_started", re.compile(r"Train function launched on workers")),
-    ("workers_stopped", re.compile(r"Shutting down \d+ workers")),
-)
-
-# Phases in the order they happen. When an event was not seen, its phase joins the next one.
-PHASE_ORDER = (
-    ("config_printed", "interpreter start, imports (pipeline.trainer: torch, ray.train, mlflow), config"),
-    ("ray_started", "Ray start (ray.init: GCS, raylet, dashboard)"),
-    ("mlflow_run_ready", "driver checks, MLflow store (created, migrated) and run"),
-    ("controller_started", "TorchTrainer + Ray Train controller actor start"),
-    ("workers_created", "worker actors created (placement group, processes)"),
-    ("context_ready", "train context and gloo process group on the workers"),
-    ("train_fn_started", "train function shipped and started (imports on the workers)"),
-    ("loop_ready", "train_worker set-up: loaders, model build, optimiser, DDP wrap"),
-    ("first_step", "first step: worker MLflow attach, DataLoader start, first batch, forward/backward"),
-    ("epoch1_logged", "epoch 1: train, validate, checkpoint report"),
-    ("workers_stopped", "Ray Train notices the end (health-check poll) and stops the workers"),
-    ("publish_started", "fit() returns, history read, learning curve"),
-    ("model_registered", "model logging (pt2 export, artifacts) and registration"),
-    ("finished_line", "champion alias, tags, run end"),
-    ("exit", "Ray shutdown and interpreter exit"),
-)
-
-
-def startup_phases(events: dict[str, float]) -> list[dict]:
-    phases, previous, skipped = [], 0.0, []
-    for name, label in PHASE_ORDER:
-        if name not in events:
-            skipped.append(label)
-            continue
-        # Worker lines reach the driver through Ray's log monitor, a fraction of a second late: clamp at 0.
-        phases.append({"phase": " + ".join([*skipped, label]), "ends_at": events[name],
-                       "seconds": max(0.0, events[name] - previous)})
-        previous, skipped = max(previous, events[name]), []
-    return phases
-
-
-def controller_events(log_lines: list[str], started: float) -> dict[str, float]:
-    """Seconds since `started` of the first controller log record matching each of CONTROLLER_EVENTS."""
-    events: dict[str, float] = {}
-    for line in log_lines:
-        try:
-            record = json.loads(line)
-            at = time.mktime(time.strptime(record["asctime"][:19], "%Y-%m-%d %H:%M:%S"))
-            at += int(record["asctime"][20:23]) / 1000  # local time with milliseconds: "2026-01-01 10:00:00,123"
-        except (ValueError, KeyError, TypeError):
-            continue
-        for name, pattern in CONTROLLER_EVENTS:
-            if name not in events and pattern.search(record.get("message") or ""):
-                events[name] = at - started
-    return events
-
-
-def _ray_train_events(run_name: str, started: float) -> dict[str, float]:
-    """The controller's events, from the Ray session whose artifacts folder holds the run (the workers' cwd)."""
-    ray_temp = Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir())) / "ray"
-    for run_folder in ray_temp.glob(f"session_2*/artifacts/{run_name}"):
-        logs = sorted((run_folder.parent.parent / "logs" / "train").glob("ray-train-sys-controller-*.log"))
-        if logs:
-            return controller_events(logs[0].read_text().splitlines(), started)
-    return {}
-
-
-def _run_timed(command: list[str], env: dict, cwd: Path, timeout_seconds: float,
-               echo: bool) -> tuple[list[tuple[float, str]], int]:
-    cwd.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                               env=env, cwd=cwd)
-    watchdog = threading.Timer(timeout_seconds, process.kill)
-    watchdog.start()
-    lines = []
-    try:
-        for text in process.stdout:
-            lines.append((time.time() - started, text.rstrip("\n")))
-            if echo:
-                print(f"{lines[-1][0]:7.2f}  {lines[-1][1]}", flush=True)
-        return lines, process.wait()
-    finally:
-        watchdog.cancel()
-
-
-def _mlflow_events(store: Path, run_name: str, started: float) -> dict[str, float]:
-    """Times the job itself recorded: epoch-1 metrics (rank 0, no log forwarding lag) and the model version."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking import RUN_NAME_TAG
-
-    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    run = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")[0]
-    rate = min(client.get_metric_history(run.info.run_id, m.TRAIN_IMAGES_PER_SECOND), key=lambda metric: metric.step)
-    events = {"epoch1_logged": rate.timestamp / 1000 - started, "epoch1_images_per_second": rate.value}
-    versions = [version for version in client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
-                if version.run_id == run.info.run_id]
-    if versions:
-        events["model_registered"] = versions[0].creation_timestamp / 1000 - started
-    curves = sorted(store.rglob("learning_curve.png"))
-    if curves:  # the first thing publish_best_model writes, right after fit() returns
-        events["publish_started"] = curves[0].stat().st_mtime - started
-    return events
-
-
-def _time_model_build(model: str) -> float:
-    from pipeline.config import ModelConfig
-    from pipeline.models import build_model
-
-    started = time.perf_counter()
-    build_model(ModelConfig(name=model), CLASSES)
-    return time.perf_counter() - started
+def format_overhead_table(result: dict) -> str:
+    first, last = result["warmup_epochs"] + 1, result["epochs"]
+    lines = [
+        f"Training throughput: {result['model']} at {result['image_size']} px, global batch {result['global_batch']}"
+        f" ({result['num_workers']} x {result['per_worker_batch']}), {result['loader_workers']} loader process(es)"
+        f" per worker, {result['images_per_epoch']} images per epoch; steady state = epochs {first}-{last}",
+        f"{'round':>5}  {'first':<9}  {'reference img/s':>15}  {'ours img/s':>10}  {'ours/ref':>8}  "
+        f"{'data wait ref/ours':>18}  {'load before ref/ours':>20}",
+    ]
+    for index, one in enumerate(result["rounds"], start=1):
+        reference, ours = one["reference"], one["ours"]
+        waits = [mean(side["epoch_data_wait_share"][first - 1:]) for side in (reference, ours)]
+        lines.append(f"{index:>5}  {one['first']:<9}  {reference['steady_images_per_second']:>15.1f}  "
+                     f"{ours['steady_images_per_second']:>10.1f}  {one['ratio']:>8.3f}  "
+                     f"{waits[0]:>10.0%} / {waits[1]:>4.0%}  "
+                     f"{reference['load_average_before']:>12.1f} / {ours['load_average_before']:>4.1f}")
+    lines += [
+        f"{'best':>5}  {'':<9}  {result['reference_images_per_second']:>15.1f}  "
+        f"{result['ours_images_per_second']:>10.1f}  {result['ratio']:>8.3f}  "
+        f"(target >= {result['target_ratio']:.2f}: {'met' if result['meets_target'] else 'NOT met'}; "
+        f"median of rounds {result['median_round_ratio']:.3f})",
+        f"best = fastest steady epoch of each path over all rounds; load = 1-min load average on "
+        f"{os.cpu_count()} CPUs; per-epoch train losses of the two paths "
+        f"{'identical (same work)' if result['same_train_losses'] else 'DIFFER: the paths did not do the same work'}",
+        f"reference: {result['reference_command']}",
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Shared: data, config, validation, tables
+# Shared with benchmark_startup: data, config, validation
 
 def make_benchmark_shards(data_dir: Path, train_images: int) -> Path:
     """At least `train_images` generated JPEGs (plus a small val split) sharded by the project's sharder;
@@ -406,13 +235,13 @@ def benchmark_overrides(shards: Path, store: Path, *, model: str, image_size: in
     ]
 
 
-def _check_common(model: str, image_size: int, global_batch: int, train_images: int, num_workers: int,
-                  loader_workers: int) -> None:
+def check_benchmark_arguments(model: str, image_size: int, global_batch: int, train_images: int,
+                              num_workers: int, loader_workers: int) -> None:
     from pipeline.models import MIN_IMAGE_SIZE
 
     if model not in MODEL_NAMES:
         raise ValueError(f"model = {model!r}: unknown model; choose one of {', '.join(MODEL_NAMES)}")
-    _check_positive(global_batch=global_batch, num_workers=num_workers)
+    check_positive(global_batch=global_batch, num_workers=num_workers)
     if image_size < max(16, MIN_IMAGE_SIZE[model]):
         raise ValueError(f"image_size = {image_size}: {model} needs at least {max(16, MIN_IMAGE_SIZE[model])} px")
     if global_batch % num_workers:
@@ -423,55 +252,8 @@ def _check_common(model: str, image_size: int, global_batch: int, train_images: 
         raise ValueError(f"loader_workers = {loader_workers} must be >= 0 (0: load in the training process)")
 
 
-def _check_positive(**values: float) -> None:
+def check_positive(**values: float) -> None:
     for name, value in values.items():
         if value <= 0:
             raise ValueError(f"{name} = {value} must be positive")
 
-
-def format_overhead_table(result: dict) -> str:
-    first, last = result["warmup_epochs"] + 1, result["epochs"]
-    lines = [
-        f"Training throughput: {result['model']} at {result['image_size']} px, global batch {result['global_batch']}"
-        f" ({result['num_workers']} x {result['per_worker_batch']}), {result['loader_workers']} loader process(es)"
-        f" per worker, {result['images_per_epoch']} images per epoch; steady state = epochs {first}-{last}",
-        f"{'round':>5}  {'first':<9}  {'reference img/s':>15}  {'ours img/s':>10}  {'ours/ref':>8}  "
-        f"{'data wait ref/ours':>18}  {'load before ref/ours':>20}",
-    ]
-    for index, one in enumerate(result["rounds"], start=1):
-        reference, ours = one["reference"], one["ours"]
-        waits = [mean(side["epoch_data_wait_share"][first - 1:]) for side in (reference, ours)]
-        lines.append(f"{index:>5}  {one['first']:<9}  {reference['steady_images_per_second']:>15.1f}  "
-                     f"{ours['steady_images_per_second']:>10.1f}  {one['ratio']:>8.3f}  "
-                     f"{waits[0]:>10.0%} / {waits[1]:>4.0%}  "
-                     f"{reference['load_average_before']:>12.1f} / {ours['load_average_before']:>4.1f}")
-    lines += [
-        f"{'best':>5}  {'':<9}  {result['reference_images_per_second']:>15.1f}  "
-        f"{result['ours_images_per_second']:>10.1f}  {result['ratio']:>8.3f}  "
-        f"(target >= {result['target_ratio']:.2f}: {'met' if result['meets_target'] else 'NOT met'}; "
-        f"median of rounds {result['median_round_ratio']:.3f})",
-        f"best = fastest steady epoch of each path over all rounds; load = 1-min load average on "
-        f"{os.cpu_count()} CPUs; per-epoch train losses of the two paths "
-        f"{'identical (same work)' if result['same_train_losses'] else 'DIFFER: the paths did not do the same work'}",
-        f"reference: {result['reference_command']}",
-    ]
-    return "\n".join(lines)
-
-
-def format_startup_table(result: dict) -> str:
-    lines = [f"Start-up of a 1-epoch job: {result['command']}", f"{'ends at s':>9}  {'seconds':>7}  phase"]
-    lines += [f"{phase['ends_at']:>9.1f}  {phase['seconds']:>7.1f}  {phase['phase']}" for phase in result["phases"]]
-    low, high = result["first_step_window"]
-    if low == high:
-        first_step = f"first training step finished at {high:.1f} s (rank 0's own clock)"
-    else:
-        first_step = (f"first training step: begins between {'?' if low is None else f'{low:.1f}'} s (loop ready) "
-                      f"and {high:.1f} s (epoch-1 metrics logged minus its {result['epoch1_train_seconds']:.1f} s "
-                      "of training)")
-    lines += [
-        f"{'':>9}  {result['wall_seconds']:>7.1f}  total, command start to exit "
-        f"(target <= {result['target_seconds']:.0f} s: {'met' if result['meets_target'] else 'NOT met'})",
-        first_step,
-        f"model build alone (measured in this process): {result['model_build_seconds']:.2f} s",
-    ]
-    return "\n".join(lines)

@@ -120,21 +120,20 @@ def latest_run_checkpoint(storage_path: Path, run_name: str) -> Path | None:
 
 @contextmanager
 def local_checkpoint(location: str, storage_path: str) -> Iterator[Path]:
-    """A checkpoint as a directory on this machine: `location` itself when it is one (local disk, NFS), else
-    downloaded for the duration of the block from object storage (s3://, gs://) and removed afterwards.
+    """A checkpoint as a directory on this machine: `location` itself on local storage (disk, NFS); with
+    object storage (s3://, gs://) downloaded for the duration of the block and removed afterwards.
 
-    Ray reports a remote checkpoint's path without its scheme ("bucket/run/checkpoint_000003"), so the
-    scheme comes from `tracking.storage_path`.
+    Ray reports a checkpoint's path without its scheme ("bucket/run/checkpoint_000003"), so the scheme comes
+    from `tracking.storage_path`, the storage the run wrote to.
     """
-    if Path(location).is_dir():
+    if "://" not in location and "://" not in storage_path:
+        if not Path(location).is_dir():
+            raise ValueError(f"checkpoint '{location}': no such directory; was tracking.storage_path "
+                             f"'{storage_path}' moved or cleaned?")
         yield Path(location)
         return
     from ray.train import Checkpoint
 
-    scheme = urlsplit(storage_path).scheme if "://" in storage_path else ""
-    uri = location if "://" in location or not scheme else f"{scheme}://{location}"
-    if "://" not in uri:
-        raise ValueError(f"checkpoint '{location}': no such directory, and tracking.storage_path "
-                         f"'{storage_path}' is local; was the run's storage moved?")
+    uri = location if "://" in location else f"{urlsplit(storage_path).scheme}://{location}"
     with Checkpoint(uri).as_directory() as directory:
         yield Path(directory)

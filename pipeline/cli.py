@@ -294,7 +294,8 @@ def bench_train(
     rounds: Annotated[int, typer.Option(min=1, help="overhead: alternating reference/ours pairs")] = 2,
 ) -> None:
     """Benchmark: Ray Train vs plain torchrun DDP images/s, and a 1-epoch train job's start-up time."""
-    from pipeline.benchmark_train import run_overhead_benchmark, run_startup_benchmark
+    from pipeline.benchmark_startup import run_startup_benchmark
+    from pipeline.benchmark_train import run_overhead_benchmark
 
     if only not in (None, "overhead", "startup"):
         fail(f"--only {only!r} is not one of overhead, startup")

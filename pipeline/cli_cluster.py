@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from pipeline.config import PROJECT_ROOT
@@ -41,6 +42,8 @@ def _one_line_errors():
 
     try:
         yield
+    except (click.exceptions.Exit, click.exceptions.Abort):
+        raise  # typer's own exits are RuntimeErrors too: not errors to reword
     except (JobClientError, RuntimeError, ConnectionError) as error:
         _fail(first_line(error))
 
@@ -60,7 +63,11 @@ def job_submit(
     address: Address = None,
     token_file: TokenFile = None,
     mlflow_uri: Annotated[Optional[str], typer.Option(
-        help="MLflow tracking URI for the job (default: $MLFLOW_TRACKING_URI, else the cluster's own)")] = None,
+        help="MLflow tracking URI for the job (default: the cluster's own MLFLOW_TRACKING_URI)")] = None,
+    entrypoint_num_cpus: Annotated[float, typer.Option(
+        min=0, help="CPUs reserved for the driver: > 0 places it on a worker node, e.g. for `jobs.shard`")] = 0,
+    entrypoint_num_gpus: Annotated[float, typer.Option(
+        min=0, help="GPUs reserved for the driver, e.g. for `jobs.evaluate` on a GPU node")] = 0,
     working_dir: Annotated[Path, typer.Option(help="uploaded as the job's working directory (.gitignore and .rayignore apply)")] = PROJECT_ROOT,
     submission_id: Annotated[Optional[str], typer.Option(help="job id to use (default: Ray picks one)")] = None,
     wait: Annotated[bool, typer.Option(help="follow the logs until the job ends; exit 1 unless it SUCCEEDED")] = True,
@@ -71,7 +78,8 @@ def job_submit(
     cluster = _cluster(address, token_file)
     try:
         job_id = submit(cluster, list(context.args), working_dir=working_dir, tracking_uri=mlflow_uri,
-                        submission_id=submission_id)
+                        submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
+                        entrypoint_num_gpus=entrypoint_num_gpus)
     except JobClientError as error:
         _fail(str(error))
     typer.echo(f"submitted {job_id} to {cluster.dashboard_url}")
@@ -145,7 +153,7 @@ def cluster_up(
         cluster = LocalCluster.start(state_dir, nodes=nodes, cpus_per_node=cpus_per_node)
     except (ClusterError, ValueError) as error:
         _fail(str(error))
-    print_addresses(cluster)
+    typer.echo("\n".join(cluster.describe()))
 
 
 @cluster_app.command("down")
@@ -168,17 +176,13 @@ def cluster_demo(
 ) -> None:
     """`make cluster-demo`: a 2-node cluster, the demo data, `ray job submit` of training, checks, addresses."""
     from pipeline.cluster_demo import run_cluster_demo
+    from pipeline.job_client import first_line
+    from pipeline.local_cluster import ClusterError
 
     try:
         ok = run_cluster_demo(state_dir.absolute(), data_dir.absolute())
-    except ValueError as error:
-        _fail(str(error))
+    except (ClusterError, ValueError, TimeoutError) as error:
+        _fail(first_line(error))
     raise typer.Exit(0 if ok else 1)
 
 
-def print_addresses(cluster) -> None:
-    typer.echo(f"Ray dashboard:  {cluster.dashboard_url}   ({cluster.nodes} nodes, token auth on)")
-    typer.echo(f"MLflow UI:      {cluster.mlflow_uri}")
-    typer.echo("to submit jobs from this shell:")
-    typer.echo("  export " + " ".join(f"{key}={value}" for key, value in cluster.client_env().items()))
-    typer.echo("stop it with:   imagenet-pipeline cluster down   (or make cluster-down)")

@@ -21,7 +21,6 @@ from pathlib import Path
 import typer
 from mlflow.tracking import MlflowClient
 
-from pipeline.cli_cluster import print_addresses
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.demo import prepare_demo_data
 from pipeline.job_client import resolve_address, wait
@@ -79,7 +78,7 @@ def run_cluster_demo(state_dir: Path, data_dir: Path) -> bool:
                f"workers on {len(set(check.worker_nodes))} node(s)")
     for problem in problems:
         typer.echo(f"  FAILED: {problem}")
-    print_addresses(cluster)
+    typer.echo("\n".join(cluster.describe()))
     return not problems
 
 
@@ -88,8 +87,11 @@ def submit_with_ray_cli(cluster: LocalCluster, entrypoint: list[str], submission
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard_url,
                "--submission-id", submission_id, "--working-dir", str(PROJECT_ROOT), "--", *entrypoint]
     typer.echo("  " + " ".join(command[1:]))
-    subprocess.run(command, env={**os.environ, **cluster.client_env()}, cwd=PROJECT_ROOT, check=False)
-    return wait(resolve_address(cluster.dashboard_url, cluster.token_path), submission_id, timeout_seconds=60).value
+    done = subprocess.run(command, env={**os.environ, **cluster.client_env()}, cwd=PROJECT_ROOT, check=False)
+    try:  # `ray job submit` exits non-zero both when the job fails and when it never started: ask the server
+        return wait(resolve_address(cluster.dashboard_url, cluster.token_path), submission_id, timeout_seconds=60).value
+    except RuntimeError:
+        return f"not submitted (`ray job submit` exited with {done.returncode})"
 
 
 def check_cluster_run(mlflow_uri: str, experiment: str, run_name: str, registered_model: str) -> ClusterRunCheck:

@@ -59,15 +59,23 @@ class ClusterAddress:
 
 
 def resolve_address(address: str | None = None, token_file: Path | None = None) -> ClusterAddress:
-    """The job server: --address, else $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS (http only), else localhost:8265."""
-    url = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    """The job server: --address, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is an http(s) URL
+    (it usually holds a GCS address, host:6379, which is not the job server), else localhost:8265."""
+    from_ray_address = os.environ.get("RAY_ADDRESS", "")
+    url = (address or os.environ.get("RAY_API_SERVER_ADDRESS")
+           or (from_ray_address if from_ray_address.startswith(("http://", "https://")) else None) or DEFAULT_ADDRESS)
     if "://" not in url:
         url = f"http://{url}"
     if urlparse(url).scheme not in {"http", "https"}:
         raise JobClientError(
             f"address '{url}': jobs are submitted to the dashboard's HTTP address (http://<head>:8265), not a GCS or "
             "ray:// address")
-    return ClusterAddress(url.rstrip("/"), read_token(token_file))
+    cluster = ClusterAddress(url.rstrip("/"), read_token(token_file))
+    if cluster.token and url.startswith("http://") and not cluster.is_local:
+        # The token lets its holder run any code on the cluster; plain http shows it to the network.
+        print(f"warning: sending the Ray auth token to {cluster.dashboard_url} over plain http; reach the head through "
+              "`kubectl port-forward` or an SSH tunnel (`ray dashboard`), or use https", file=sys.stderr)
+    return cluster
 
 
 def read_token(token_file: Path | None = None) -> str | None:
@@ -83,21 +91,24 @@ def read_token(token_file: Path | None = None) -> str | None:
 
 
 def job_tracking_uri(cluster: ClusterAddress, tracking_uri: str | None) -> str | None:
-    """The MLflow URI a job should use; None leaves it to the cluster's own MLFLOW_TRACKING_URI."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
+    """The MLflow URI a job should use; None (the default) leaves it to the cluster's own MLFLOW_TRACKING_URI.
+
+    Only an explicit --mlflow-uri is forwarded, never this shell's $MLFLOW_TRACKING_URI: that often names a
+    port-forward (http://127.0.0.1:5000) which means nothing on the cluster and would override the pods' URI.
+    """
+    if not tracking_uri:
         return None
-    uri = pin_sqlite_uri(uri)  # not the job's temporary copy of the project
+    uri = pin_sqlite_uri(tracking_uri)  # not the job's temporary copy of the project
     if not cluster.is_local and not uri.startswith(("http://", "https://", "databricks")):
         raise JobClientError(
-            f"tracking URI '{uri}' is a file on this machine, which the cluster at {cluster.dashboard_url} cannot "
+            f"--mlflow-uri '{uri}' is a file on this machine, which the cluster at {cluster.dashboard_url} cannot "
             "reach; pass an MLflow server (--mlflow-uri http://mlflow:5000) or leave it to the cluster's MLFLOW_TRACKING_URI")
     return uri
 
 
 def submit(
     cluster: ClusterAddress, entrypoint: list[str], *, working_dir: Path = PROJECT_ROOT, tracking_uri: str | None = None,
-    submission_id: str | None = None, entrypoint_num_cpus: float = 0,
+    submission_id: str | None = None, entrypoint_num_cpus: float = 0, entrypoint_num_gpus: float = 0,
 ) -> str:
     """Upload `working_dir` (minus .gitignore/.rayignore entries) and start `entrypoint`; returns the job id."""
     if not entrypoint:
@@ -112,7 +123,7 @@ def submit(
     try:
         return cluster.client().submit_job(
             entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
-            submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
+            submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
         )
     except RuntimeError as error:
         raise JobClientError(f"submitting to {cluster.dashboard_url} failed: {first_line(error)}") from None

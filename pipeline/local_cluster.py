@@ -47,6 +47,7 @@ class LocalCluster:
     mlflow_pid: int | None
     nodes: int
     cpus_per_node: int
+    mlflow_started: float | None = None  # the server's process start time: a reused pid after a reboot is not ours
 
     @property
     def dashboard_url(self) -> str:
@@ -94,12 +95,14 @@ class LocalCluster:
         state.mkdir(parents=True, exist_ok=True)
         cluster = cls(
             state_dir=str(state), temp_dir=tempfile.mkdtemp(prefix="ray-pipeline-"), gcs_port=free_port(),
-            dashboard_port=free_port(), mlflow_port=free_port(), mlflow_pid=None, nodes=nodes, cpus_per_node=cpus_per_node,
+            dashboard_port=free_port(), mlflow_port=free_port(), mlflow_pid=None, mlflow_started=None, nodes=nodes,
+            cpus_per_node=cpus_per_node,
         )
         write_token(cluster.token_path)
         cluster.save()
         try:
             cluster.mlflow_pid = start_mlflow_server(state, cluster.mlflow_port, cluster.node_env())
+            cluster.mlflow_started = psutil.Process(cluster.mlflow_pid).create_time()
             cluster.save()
             for index in range(nodes):
                 cluster.ray_start(index)
@@ -121,13 +124,16 @@ class LocalCluster:
                    # The default agent port (52365) is one per machine; every node here needs its own.
                    "--dashboard-agent-listen-port", str(free_port())]
         if head:
-            command += ["--head", "--port", str(self.gcs_port),
+            command += ["--head", "--port", str(self.gcs_port), "--ray-client-server-port", str(free_port()),
                         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port)]
         else:
             command += ["--address", self.gcs_address]
         # A session of its own: the nodes outlive this command and its terminal's Ctrl-C.
-        done = subprocess.run(command, env=self.node_env(), capture_output=True, text=True, timeout=120,
-                              start_new_session=True)
+        try:
+            done = subprocess.run(command, env=self.node_env(), capture_output=True, text=True, timeout=120,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"`ray start{' --head' if head else ''}` did not return within 120 s") from None
         if done.returncode != 0:
             lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
             raise ClusterError(f"`ray start{' --head' if head else ''}` failed: {lines[-1] if lines else done.returncode}")
@@ -147,11 +153,29 @@ class LocalCluster:
         """Kill this cluster's Ray processes (and their workers) and its MLflow server; keep state_dir."""
         roots = [process for process in psutil.process_iter(["cmdline"])
                  if any(self.temp_dir in part for part in process.info["cmdline"] or [])]
-        if self.mlflow_pid is not None and psutil.pid_exists(self.mlflow_pid):
-            roots.append(psutil.Process(self.mlflow_pid))
+        if (server := self.mlflow_server()) is not None:
+            roots.append(server)
         terminate_trees(roots)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         (Path(self.state_dir) / STATE_FILE).unlink(missing_ok=True)
+
+    def mlflow_server(self) -> psutil.Process | None:
+        """This cluster's MLflow server process if it still runs: the same pid and the same start time."""
+        try:
+            process = psutil.Process(self.mlflow_pid) if self.mlflow_pid is not None else None
+        except psutil.NoSuchProcess:
+            return None
+        return process if process is not None and process.create_time() == self.mlflow_started else None
+
+    def describe(self) -> list[str]:
+        """Where to look and how to connect, for a person at a shell."""
+        return [
+            f"Ray dashboard:  {self.dashboard_url}   ({self.nodes} nodes, token auth on)",
+            f"MLflow UI:      {self.mlflow_uri}",
+            "to submit jobs from this shell:",
+            "  export " + " ".join(f"{key}={value}" for key, value in self.client_env().items()),
+            "stop it with:   imagenet-pipeline cluster down   (or make cluster-down)",
+        ]
 
     def save(self) -> None:
         (Path(self.state_dir) / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -162,7 +186,11 @@ class LocalCluster:
         path = Path(state_dir) / STATE_FILE
         if not path.is_file():
             return None
-        cluster = cls(**json.loads(path.read_text()))
+        try:
+            cluster = cls(**json.loads(path.read_text()))
+        except (TypeError, ValueError) as error:
+            raise ClusterError(f"{path} is not a cluster record this version reads ({error}); stop that cluster's "
+                               "processes and remove the file") from None
         if not any(cluster.temp_dir in " ".join(process.info["cmdline"] or [])
                    for process in psutil.process_iter(["cmdline"])):
             cluster.stop()  # a stale record (machine rebooted, processes killed): clean up what is left

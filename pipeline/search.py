@@ -70,7 +70,10 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base_config=config.model_dump(mode="json"), sweep_name=sweep_name,
                              parent_run_id=parent_run_id),
-        {"CPU": 0.01},  # the trial driver only waits on its trainer; the trainer's workers hold the CPUs
+        # The trial driver only waits on its trainer, whose workers hold the CPUs and GPUs. Reserving memory,
+        # not CPU: even 0.01 CPU on a node sized for whole workers leaves no room for one there (seen on a
+        # 2-node cluster of 1 CPU each: both trainers waited forever).
+        {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES},
     )
     path = f"{storage}/{sweep_name}"
     if resume:
@@ -187,6 +190,9 @@ def _extreme_values(spec: SearchSpaceParam) -> list[Any]:
     if spec.kind == "choice":
         return list(spec.values or [])
     return [spec.low, spec.high]
+
+
+TRIAL_DRIVER_MEMORY_BYTES = 256 * 1024**2  # a Python process waiting on Ray calls
 
 
 def check_cluster_fits(config: Config) -> None:

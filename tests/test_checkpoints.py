@@ -40,3 +40,11 @@ def test_a_missing_local_checkpoint_names_the_path(tmp_path):
     with pytest.raises(ValueError, match="checkpoint_000009': no such directory"):
         with local_checkpoint(str(tmp_path / "checkpoint_000009"), storage_path=str(tmp_path)):
             pass
+
+
+def test_a_path_ray_reported_for_uri_storage_gets_the_storages_scheme(tmp_path):
+    model = write_checkpoint(tmp_path / "run" / "checkpoint_000003", seed=2)
+    # Ray reports checkpoints on s3://bucket/... as "bucket/..."; on file:// storage as "/abs/...".
+    with local_checkpoint(str(tmp_path / "run" / "checkpoint_000003"), storage_path=f"file://{tmp_path}") as directory:
+        restored = load_weights(directory, torch.nn.Linear(3, 2))
+    assert torch.equal(restored.weight, model.weight)

@@ -89,18 +89,58 @@ def test_a_training_job_submitted_with_ray_job_submit_runs_on_both_nodes_and_lan
     assert list(storage.glob(f"{run_name}/checkpoint_*/state.pt"))
 
 
+def test_a_sweep_runs_its_trials_side_by_side_one_per_node(cluster, tiny_shards):
+    # 2 trials x 1 worker of 1 CPU on 2 nodes of 1 CPU: they fit only if the trial drivers take no CPU.
+    command = [
+        PIPELINE, "job", "submit", "--submission-id", "cluster-sweep", "--",
+        "python", "-m", "jobs.tune", "-c", "jobs/configs/demo.yaml", "-c", "jobs/configs/demo_sweep.yaml",
+        "--set", f"data.root={tiny_shards}", "--set", "data.train_image_size=32", "--set", "data.eval_image_size=32",
+        "--set", "data.loader_workers=0", "--set", "optim.epochs=1", "--set", "search.num_samples=2",
+        "--set", "search.max_concurrent_trials=2", "--set", "search.space={optim.lr: {kind: loguniform, low: 0.01, high: 1.0}}",
+        "--set", "optim.batch_size=8", "--set", f"tracking.storage_path={Path(cluster.state_dir) / 'ray_results'}",
+        "--set", "tracking.run_name=cluster-sweep", "--set", "tracking.experiment=cluster-sweep",
+        "--set", "tracking.registered_model=cluster-sweep-model",
+    ]
+    done = subprocess.run(command, env=client_env(cluster), cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=540)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    client = MlflowClient(cluster.mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("cluster-sweep").experiment_id])
+    trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId")]
+    assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
+    nodes = {run.data.tags[WORKER_NODES_TAG] for run in trials}
+    assert nodes == node_ids(cluster)  # both at once, so one on each node
+    assert client.search_model_versions("name = 'cluster-sweep-model'")
+
+
 def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
     entry = "import os; print('uri=' + os.environ['MLFLOW_TRACKING_URI'], 'commit=' + os.environ.get('PIPELINE_GIT_COMMIT', '-'))"
-    env = {**client_env(cluster), "MLFLOW_TRACKING_URI": "http://mlflow.example:5000"}
+    env = client_env(cluster)
     submit = subprocess.run(
-        [PIPELINE, "job", "submit", "--submission-id", "env-check", "--", "python", "-c", entry],
+        [PIPELINE, "job", "submit", "--submission-id", "env-check", "--mlflow-uri", "http://mlflow.example:5000",
+         "--", "python", "-c", entry],
         env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
     assert "uri=http://mlflow.example:5000" in submit.stdout  # the submitter's URI, not the cluster's default
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+    assert f"commit={commit}" in submit.stdout  # the uploaded copy has no .git: the submitter passes its commit
     assert "job env-check SUCCEEDED" in submit.stdout
 
     listed = subprocess.run([PIPELINE, "job", "list"], env=env, capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "env-check" in listed.stdout and "SUCCEEDED" in listed.stdout
+
+    logs = subprocess.run([PIPELINE, "job", "logs", "env-check"], env=env, capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0 and "uri=http://mlflow.example:5000" in logs.stdout
+
+    sleeper = subprocess.run([PIPELINE, "job", "submit", "--submission-id", "sleeper", "--no-wait", "--",
+                              "python", "-c", "import time; time.sleep(300)"],
+                             env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert sleeper.returncode == 0, sleeper.stderr
+    stopped = subprocess.run([PIPELINE, "job", "stop", "sleeper"], env=env, capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0 and "sleeper stopping" in stopped.stdout
+    from pipeline.job_client import resolve_address, wait
+
+    assert wait(resolve_address(cluster.dashboard_url, cluster.token_path), "sleeper", timeout_seconds=60).value == "STOPPED"
 
     missing = subprocess.run([PIPELINE, "job", "status", "no-such-job"], env=env, capture_output=True, text=True,
                              timeout=120)
@@ -113,5 +153,5 @@ def test_stopping_the_cluster_leaves_no_process_behind(tmp_path):
     cluster.stop()
     leftovers = [process.pid for process in psutil.process_iter(["cmdline"])
                  if any(cluster.temp_dir in part for part in process.info["cmdline"] or [])]
-    assert leftovers == [] and not psutil.pid_exists(cluster.mlflow_pid)
+    assert leftovers == [] and cluster.mlflow_server() is None
     assert LocalCluster.load(Path(cluster.state_dir)) is None

@@ -17,6 +17,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from pipeline.config import load_config
+from pipeline.search import cluster_fit_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -233,15 +234,14 @@ def test_rayjobs_fit_the_cluster_they_run_on():
     for doc in manifests(("RayJob",)):
         module, config = job_config(doc)
         spec = doc["spec"].get("rayClusterSpec") or clusters[doc["spec"]["clusterSelector"]["ray.io/cluster"]]
-        scaling, places = config.scaling, 0
-        for group in spec["workerGroupSpecs"]:  # Ray reads a pod's CPUs and GPUs from its limits
-            per_pod = limits(group)["cpu"] // scaling.cpus_per_worker
-            if scaling.use_gpu:
-                per_pod = min(per_pod, int(limits(group).get("nvidia.com/gpu", 0)) // scaling.gpus_per_worker)
-            places += per_pod * group["replicas"]
-        concurrent = config.search.max_concurrent_trials if module == "jobs.tune" else 1
-        assert places >= scaling.world_size * concurrent, (
-            f"{doc['metadata']['name']}: {concurrent} x {scaling.world_size} workers, room for {places:g}")
+        nodes = []
+        for group in spec["workerGroupSpecs"]:  # Ray reads a pod's CPUs and GPUs from its limits unless told
+            advertised = {"CPU": float(group["rayStartParams"].get("num-cpus", limits(group)["cpu"])),
+                          "GPU": float(limits(group).get("nvidia.com/gpu", 0))}
+            nodes += [advertised] * group["replicas"]
+        if module != "jobs.tune":
+            config = config.model_copy(update={"search": config.search.model_copy(update={"max_concurrent_trials": 1})})
+        assert cluster_fit_problem(config, nodes) is None, doc["metadata"]["name"]
 
 
 def test_mlflow_server_uses_basic_auth_allowed_hosts_and_secrets():

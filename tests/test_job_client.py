@@ -22,6 +22,8 @@ def clean_env(monkeypatch, tmp_path):
 
 def test_the_address_comes_from_the_option_then_the_environment_then_localhost(clean_env):
     assert resolve_address().dashboard_url == "http://127.0.0.1:8265"
+    clean_env.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # a GCS address, as Ray sets it inside every job
+    assert resolve_address().dashboard_url == "http://127.0.0.1:8265"
     clean_env.setenv("RAY_ADDRESS", "http://head:8265")
     assert resolve_address().dashboard_url == "http://head:8265"
     clean_env.setenv("RAY_API_SERVER_ADDRESS", "head-api:8265")  # Ray's job CLI prefers this one
@@ -57,8 +59,9 @@ def test_a_relative_sqlite_uri_is_pinned_to_the_project_not_the_jobs_temporary_c
     local = ClusterAddress("http://127.0.0.1:8265", None)
     assert job_tracking_uri(local, "sqlite:///mlflow.db") == f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
     assert job_tracking_uri(local, None) is None  # the cluster's own MLFLOW_TRACKING_URI then applies
-    clean_env.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert job_tracking_uri(local, None) == "http://mlflow:5000"
+    # This shell's URI (often a port-forward) is not forwarded: only --mlflow-uri is.
+    clean_env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert job_tracking_uri(local, None) is None
 
 
 def test_a_file_store_is_refused_for_a_remote_cluster(clean_env):
@@ -66,6 +69,15 @@ def test_a_file_store_is_refused_for_a_remote_cluster(clean_env):
     with pytest.raises(JobClientError, match="cannot reach; pass an MLflow server"):
         job_tracking_uri(remote, "sqlite:////data/mlflow.db")
     assert job_tracking_uri(remote, "https://mlflow.example") == "https://mlflow.example"
+
+
+def test_a_token_sent_over_plain_http_to_another_host_is_warned_about(clean_env, capsys):
+    clean_env.setenv("RAY_AUTH_TOKEN", "secret-token")
+    resolve_address("http://127.0.0.1:8265")  # a port-forward or tunnel: fine
+    assert capsys.readouterr().err == ""
+    resolve_address("http://ray-head.example:8265")
+    warning = capsys.readouterr().err
+    assert "over plain http" in warning and "secret-token" not in warning
 
 
 def test_submit_refuses_an_empty_entrypoint_or_a_missing_working_dir_before_connecting(clean_env, tmp_path):
@@ -92,7 +104,7 @@ def test_the_local_clusters_token_is_private_and_fresh(tmp_path):
 
 def test_a_stale_cluster_record_is_cleaned_up_not_reused(tmp_path):
     record = {"state_dir": str(tmp_path), "temp_dir": str(tmp_path / "gone"), "gcs_port": 1, "dashboard_port": 2,
-              "mlflow_port": 3, "mlflow_pid": None, "nodes": 2, "cpus_per_node": 1}
+              "mlflow_port": 3, "mlflow_pid": None, "mlflow_started": None, "nodes": 2, "cpus_per_node": 1}
     (tmp_path / STATE_FILE).write_text(json.dumps(record))
     assert LocalCluster.load(tmp_path) is None
     assert not (tmp_path / STATE_FILE).exists()

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.optim import scaled_lr
+from pipeline.search import cluster_fit_problem
 
 CONFIGS = PROJECT_ROOT / "jobs" / "configs"
 SWEEP_BASES = {  # a sweep is layered on the recipe it tunes
@@ -16,7 +17,9 @@ SWEEP_BASES = {  # a sweep is layered on the recipe it tunes
     "resnet18_sweep.yaml": "resnet18_imagenet.yaml",
 }
 IMAGENET_RECIPES = sorted(path.name for path in CONFIGS.glob("*_imagenet.yaml"))
-GPUS_PER_NODE, CPUS_PER_NODE = 8, 96  # the node the ImageNet configs are sized for
+# The clusters the ImageNet configs are sized for: one 8-GPU node with 96 vCPUs, or infra/kuberay's gpu group
+# (2 pods x 4 GPUs, 44 CPUs).
+CLUSTERS = {"one 8-GPU node": [{"CPU": 96.0, "GPU": 8.0}], "infra/kuberay": [{"CPU": 44.0, "GPU": 4.0}] * 2}
 
 
 def layers(name: str) -> list[Path]:
@@ -54,8 +57,9 @@ def test_every_sweep_passes_the_search_checks_that_need_no_cluster(name, monkeyp
 def test_imagenet_sweeps_fit_their_node_and_run_shorter_than_the_recipe(name):
     config, recipe = load_config(layers(name)), load_config([CONFIGS / SWEEP_BASES[name]])
     trial = config.scaling
-    assert config.search.max_concurrent_trials * trial.num_workers * trial.gpus_per_worker == GPUS_PER_NODE
-    assert config.search.max_concurrent_trials * trial.num_workers * trial.cpus_per_worker <= CPUS_PER_NODE
+    assert config.search.max_concurrent_trials * trial.num_workers * trial.gpus_per_worker == 8  # every GPU busy
+    for cluster, nodes in CLUSTERS.items():
+        assert cluster_fit_problem(config, nodes) is None, cluster
     assert config.optim.epochs < recipe.optim.epochs
     assert config.search.num_samples > config.search.max_concurrent_trials
     assert f"python -m jobs.tune -c jobs/configs/{SWEEP_BASES[name]} -c jobs/configs/{name}" in comments(name)
@@ -70,7 +74,8 @@ def test_imagenet_recipes_name_their_published_target_and_run_on_the_shared_gpu_
     assert config.scaling.use_gpu and config.scaling.num_workers == 8
     assert config.scaling.mixed_precision == "auto"
     assert config.scaling.cpus_per_worker >= config.data.loader_workers + 1
-    assert config.scaling.num_workers * config.scaling.cpus_per_worker <= CPUS_PER_NODE
+    for cluster, nodes in CLUSTERS.items():
+        assert cluster_fit_problem(config, nodes) is None, cluster
     assert str(config.data.root) == "/mnt/shared/imagenet-shards"
     assert config.tracking.storage_path == "/mnt/shared/ray_results"
 
