@@ -18,6 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT
+from pipeline.job_client import resolve_address, wait
 from pipeline.local_cluster import LocalCluster
 from pipeline.tracking import RUN_NAME_TAG, WORKER_NODES_TAG
 
@@ -138,8 +139,6 @@ def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
     assert sleeper.returncode == 0, sleeper.stderr
     stopped = subprocess.run([PIPELINE, "job", "stop", "sleeper"], env=env, capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0 and "sleeper stopping" in stopped.stdout
-    from pipeline.job_client import resolve_address, wait
-
     assert wait(resolve_address(cluster.dashboard_url, cluster.token_path), "sleeper", timeout_seconds=60).value == "STOPPED"
 
     missing = subprocess.run([PIPELINE, "job", "status", "no-such-job"], env=env, capture_output=True, text=True,
