@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
+from pipeline import locations
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
@@ -96,8 +98,9 @@ def load_weights(directory: str | Path, model: torch.nn.Module) -> torch.nn.Modu
     return model
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / META_FILE).read_text())
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """meta.json of a checkpoint on local storage or object storage (no torch, no download of the weights)."""
+    return json.loads(locations.read_text(locations.join(directory, META_FILE)))
 
 
 def check_compatible(meta: dict[str, Any], model_name: str, num_classes: int, where: str) -> None:
@@ -109,13 +112,14 @@ def check_compatible(meta: dict[str, Any], model_name: str, num_classes: int, wh
         )
 
 
-def latest_run_checkpoint(storage_path: Path, run_name: str) -> Path | None:
-    """The newest checkpoint directory Ray Train left for `run_name`, if any (local storage only)."""
-    run_dir = Path(storage_path) / run_name
-    if not run_dir.is_dir():
-        return None
-    metas = sorted(run_dir.glob(f"checkpoint_*/{META_FILE}"), key=lambda p: p.stat().st_mtime)
-    return metas[-1].parent if metas else None
+def latest_run_checkpoint(storage_path: str | Path, run_name: str) -> str | None:
+    """The newest checkpoint Ray Train left for `run_name` on any storage, if any.
+
+    Ray names checkpoint directories by their UTC time (checkpoint_2026-11-30_05-36-54.789035), so the
+    last by name is the newest, on object stores too, which keep no directory times.
+    """
+    metas = locations.glob(locations.join(storage_path, run_name, "checkpoint_*", META_FILE))
+    return metas[-1][: -len(META_FILE) - 1] if metas else None
 
 
 @contextmanager

@@ -141,10 +141,10 @@ class ReleaseTrialPlacementGroups(tune.Callback):
 
     def _release(self, trial_id: str) -> None:
         path = placement_group_file(self.storage, f"{self.sweep_name}-{trial_id}")
-        if path is None or not Path(path).is_file():
+        if not locations.is_file(path):
             return
-        group_id = Path(path).read_text().strip()
-        Path(path).unlink()
+        group_id = locations.read_text(path).strip()
+        locations.remove(path)
         state = ray.util.placement_group_table().get(group_id, {}).get("state")
         if state not in (None, "REMOVED"):
             ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))

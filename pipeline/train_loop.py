@@ -21,6 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from pipeline import locations
 from pipeline import metrics as m
 from pipeline.checkpoints import TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, save_checkpoint
 from pipeline.config import Config, validate_config
@@ -116,8 +117,7 @@ def record_placement_group(worker: Worker, path: str | None) -> None:
     """
     group = ray.util.get_current_placement_group()
     if worker.rank == 0 and path and group is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(group.id.hex())
+        locations.write_text(path, group.id.hex())
 
 
 def worker_node_ids(worker: Worker) -> list[str]:

@@ -123,9 +123,10 @@ def storage_path(config: Config) -> str:
 
 
 def check_resume_compatible(storage: str, run_name: str, config: Config, manifest: Manifest) -> None:
-    if "://" in storage:
-        return  # remote storage: the worker checks the checkpoint's meta.json when it restores
-    latest = latest_run_checkpoint(Path(storage), run_name)
+    try:
+        latest = latest_run_checkpoint(storage, run_name)
+    except ValueError as error:  # an object store that cannot be listed (credentials, network)
+        raise ConfigError(f"tracking.storage_path = '{storage}': {error}") from None
     if latest is not None:
         try:
             check_compatible(read_meta(latest), config.model.name, manifest.num_classes, f"run '{run_name}' ({latest})")
@@ -165,9 +166,9 @@ def build_trainer(config: Config, run_name: str, storage: str, run_id: str, uri:
     )
 
 
-def placement_group_file(storage: str, run_name: str) -> str | None:
-    """Where rank 0 notes its placement group id (local storage only; see train_loop.record_placement_group)."""
-    return None if "://" in storage else f"{storage}/{run_name}/.placement_group"
+def placement_group_file(storage: str, run_name: str) -> str:
+    """Where rank 0 notes its placement group id, on the run's storage (see train_loop.record_placement_group)."""
+    return locations.join(storage, run_name, ".placement_group")
 
 
 def best_checkpoint(result: Any):

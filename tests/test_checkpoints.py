@@ -48,3 +48,27 @@ def test_a_path_ray_reported_for_uri_storage_gets_the_storages_scheme(tmp_path):
     with local_checkpoint(str(tmp_path / "run" / "checkpoint_000003"), storage_path=f"file://{tmp_path}") as directory:
         restored = load_weights(directory, torch.nn.Linear(3, 2))
     assert torch.equal(restored.weight, model.weight)
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["local", "file-url"])
+def test_the_latest_checkpoint_of_a_run_is_found_on_any_storage(tmp_path, as_url):
+    from pipeline.checkpoints import latest_run_checkpoint
+
+    storage = f"file://{tmp_path}" if as_url else str(tmp_path)
+    assert latest_run_checkpoint(storage, "r1") is None
+    for stamp in ("2026-11-30_05-36-54.789035", "2026-11-30_05-37-03.304209", "2026-11-30_05-36-59.000001"):
+        write_checkpoint(tmp_path / "r1" / f"checkpoint_{stamp}")
+    latest = latest_run_checkpoint(storage, "r1")
+    assert latest == f"{storage}/r1/checkpoint_2026-11-30_05-37-03.304209"  # Ray names them by time
+    assert read_meta(latest)["model"] == "linear"
+
+
+def test_a_resume_of_another_architecture_is_refused_on_uri_storage_too(tmp_path, tiny_shards):
+    from pipeline.config import ConfigError, load_config
+    from pipeline.manifest import read_manifest
+    from pipeline.trainer import check_resume_compatible
+
+    write_checkpoint(tmp_path / "r2" / "checkpoint_2026-11-30_05-36-54.789035")  # meta: model "linear"
+    config = load_config(overrides=[f"data.root={tiny_shards}"])
+    with pytest.raises(ConfigError, match="holds a linear checkpoint with 2 classes, but the config asks for resnet18"):
+        check_resume_compatible(f"file://{tmp_path}", "r2", config, read_manifest(tiny_shards / "train"))

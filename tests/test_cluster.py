@@ -90,7 +90,7 @@ def test_a_training_job_submitted_with_ray_job_submit_runs_on_both_nodes_and_lan
     assert list(storage.glob(f"{run_name}/checkpoint_*/state.pt"))
 
 
-def test_a_sweep_runs_its_trials_side_by_side_one_per_node(cluster, tiny_shards):
+def test_a_sweep_on_uri_storage_runs_its_trials_side_by_side_one_per_node(cluster, tiny_shards):
     # 2 trials x 1 worker of 1 CPU on 2 nodes of 1 CPU: they fit only if the trial drivers take no CPU.
     command = [
         PIPELINE, "job", "submit", "--submission-id", "cluster-sweep", "--",
@@ -98,7 +98,9 @@ def test_a_sweep_runs_its_trials_side_by_side_one_per_node(cluster, tiny_shards)
         "--set", f"data.root={tiny_shards}", "--set", "data.train_image_size=32", "--set", "data.eval_image_size=32",
         "--set", "data.loader_workers=0", "--set", "optim.epochs=1", "--set", "search.num_samples=2",
         "--set", "search.max_concurrent_trials=2", "--set", "search.space={optim.lr: {kind: loguniform, low: 0.01, high: 1.0}}",
-        "--set", "optim.batch_size=8", "--set", f"tracking.storage_path={Path(cluster.state_dir) / 'ray_results'}",
+        # A storage URI, as s3:// or gs:// would be: Ray writes through pyarrow, the driver reads back through
+        # fsspec (placement-group notes) and downloads the best checkpoint to register it.
+        "--set", "optim.batch_size=8", "--set", f"tracking.storage_path=file://{Path(cluster.state_dir) / 'uri_results'}",
         "--set", "tracking.run_name=cluster-sweep", "--set", "tracking.experiment=cluster-sweep",
         "--set", "tracking.registered_model=cluster-sweep-model",
     ]
@@ -112,6 +114,7 @@ def test_a_sweep_runs_its_trials_side_by_side_one_per_node(cluster, tiny_shards)
     nodes = {run.data.tags[WORKER_NODES_TAG] for run in trials}
     assert nodes == node_ids(cluster)  # both at once, so one on each node
     assert client.search_model_versions("name = 'cluster-sweep-model'")
+    assert len(list((Path(cluster.state_dir) / "uri_results").glob("cluster-sweep-*/checkpoint_*/state.pt"))) >= 2
 
 
 def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
