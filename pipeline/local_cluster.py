@@ -170,7 +170,8 @@ class LocalCluster:
     def describe(self) -> list[str]:
         """Where to look and how to connect, for a person at a shell."""
         return [
-            f"Ray dashboard:  {self.dashboard_url}   ({self.nodes} nodes, token auth on)",
+            f"Ray dashboard:  {self.dashboard_url}   ({self.nodes} nodes, token auth on: it asks for the token "
+            f"once, `cat {self.token_path}`)",
             f"MLflow UI:      {self.mlflow_uri}",
             "to submit jobs from this shell:",
             "  export " + " ".join(f"{key}={value}" for key, value in self.client_env().items()),
