@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
-from pipeline import locations
+from pipeline import run_storage
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -100,7 +100,7 @@ def load_weights(directory: str | Path, model: torch.nn.Module) -> torch.nn.Modu
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """meta.json of a checkpoint on local storage or object storage (no torch, no download of the weights)."""
-    return json.loads(locations.read_text(locations.join(directory, META_FILE)))
+    return json.loads(run_storage.read_text(run_storage.join(directory, META_FILE)))
 
 
 def check_compatible(meta: dict[str, Any], model_name: str, num_classes: int, where: str) -> None:
@@ -113,31 +113,40 @@ def check_compatible(meta: dict[str, Any], model_name: str, num_classes: int, wh
 
 
 def latest_run_checkpoint(storage_path: str | Path, run_name: str) -> str | None:
-    """The newest checkpoint Ray Train left for `run_name` on any storage, if any.
+    """The newest complete checkpoint (one with its meta.json) Ray Train left for `run_name`, on any storage.
 
-    Ray names checkpoint directories by their UTC time (checkpoint_2026-11-30_05-36-54.789035), so the
-    last by name is the newest, on object stores too, which keep no directory times.
+    Ray names checkpoint directories by the time they were written (checkpoint_2026-11-30_05-36-54.789035), so
+    the last by name is the newest, on object stores too, which keep no directory times.
     """
-    metas = locations.glob(locations.join(storage_path, run_name, "checkpoint_*", META_FILE))
-    return metas[-1][: -len(META_FILE) - 1] if metas else None
+    for name in reversed(run_storage.checkpoint_names(storage_path, run_name)):
+        directory = run_storage.join(storage_path, run_name, name)
+        if run_storage.exists(run_storage.join(directory, META_FILE)):
+            return directory
+    return None
+
+
+def checkpoint_uri(location: str, storage_path: str) -> str:
+    """Where Ray put a checkpoint, as a URI: Ray reports paths on a storage URI without the scheme
+    ("bucket/run/checkpoint_…" for s3://bucket, "/mnt/x/run/checkpoint_…" for file:///mnt/x)."""
+    if "://" in location or "://" not in storage_path:
+        return location
+    return f"{urlsplit(storage_path).scheme}://{location}"
 
 
 @contextmanager
 def local_checkpoint(location: str, storage_path: str) -> Iterator[Path]:
-    """A checkpoint as a directory on this machine: `location` itself on local storage (disk, NFS); with
-    object storage (s3://, gs://) downloaded for the duration of the block and removed afterwards.
-
-    Ray reports a checkpoint's path without its scheme ("bucket/run/checkpoint_000003"), so the scheme comes
-    from `tracking.storage_path`, the storage the run wrote to.
+    """A checkpoint as a directory on this machine: `location` itself on local storage (disk, NFS); with a
+    storage URI (s3://, gs://, file://) fetched through Ray's filesystem layer for the duration of the block
+    (a local file:// path is used in place, a remote one downloaded and removed afterwards).
     """
-    if "://" not in location and "://" not in storage_path:
-        if not Path(location).is_dir():
+    uri = checkpoint_uri(location, storage_path)
+    if "://" not in uri:
+        if not Path(uri).is_dir():
             raise ValueError(f"checkpoint '{location}': no such directory; was tracking.storage_path "
                              f"'{storage_path}' moved or cleaned?")
-        yield Path(location)
+        yield Path(uri)
         return
     from ray.train import Checkpoint
 
-    uri = location if "://" in location else f"{urlsplit(storage_path).scheme}://{location}"
     with Checkpoint(uri).as_directory() as directory:
         yield Path(directory)

@@ -16,6 +16,7 @@ dashboard, so they belong in the cluster's environment (a Kubernetes secret).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -33,6 +34,7 @@ from pipeline.tracking import git_tags, pin_sqlite_uri
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+log = logging.getLogger(__name__)
 
 
 class JobClientError(ValueError):
@@ -62,8 +64,11 @@ def resolve_address(address: str | None = None, token_file: Path | None = None) 
     """The job server: --address, else $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS when it is an http(s) URL
     (it usually holds a GCS address, host:6379, which is not the job server), else localhost:8265."""
     from_ray_address = os.environ.get("RAY_ADDRESS", "")
-    url = (address or os.environ.get("RAY_API_SERVER_ADDRESS")
-           or (from_ray_address if from_ray_address.startswith(("http://", "https://")) else None) or DEFAULT_ADDRESS)
+    usable = from_ray_address if from_ray_address.startswith(("http://", "https://")) else None
+    url = address or os.environ.get("RAY_API_SERVER_ADDRESS") or usable or DEFAULT_ADDRESS
+    if from_ray_address and not usable and not address and not os.environ.get("RAY_API_SERVER_ADDRESS"):
+        log.warning("RAY_ADDRESS=%s is not a job server (http://<head>:8265); using %s — set "
+                    "RAY_API_SERVER_ADDRESS or --address", from_ray_address, url)
     if "://" not in url:
         url = f"http://{url}"
     if urlparse(url).scheme not in {"http", "https"}:
@@ -73,8 +78,8 @@ def resolve_address(address: str | None = None, token_file: Path | None = None) 
     cluster = ClusterAddress(url.rstrip("/"), read_token(token_file))
     if cluster.token and url.startswith("http://") and not cluster.is_local:
         # The token lets its holder run any code on the cluster; plain http shows it to the network.
-        print(f"warning: sending the Ray auth token to {cluster.dashboard_url} over plain http; reach the head through "
-              "`kubectl port-forward` or an SSH tunnel (`ray dashboard`), or use https", file=sys.stderr)
+        log.warning("sending the Ray auth token to %s over plain http; reach the head through `kubectl "
+                    "port-forward` or an SSH tunnel (`ray dashboard`), or use https", cluster.dashboard_url)
     return cluster
 
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import psutil
@@ -47,7 +47,6 @@ class LocalCluster:
     mlflow_pid: int | None
     nodes: int
     cpus_per_node: int
-    mlflow_started: float | None = None  # the server's process start time: a reused pid after a reboot is not ours
 
     @property
     def dashboard_url(self) -> str:
@@ -95,14 +94,13 @@ class LocalCluster:
         state.mkdir(parents=True, exist_ok=True)
         cluster = cls(
             state_dir=str(state), temp_dir=tempfile.mkdtemp(prefix="ray-pipeline-"), gcs_port=free_port(),
-            dashboard_port=free_port(), mlflow_port=free_port(), mlflow_pid=None, mlflow_started=None, nodes=nodes,
+            dashboard_port=free_port(), mlflow_port=free_port(), mlflow_pid=None, nodes=nodes,
             cpus_per_node=cpus_per_node,
         )
         write_token(cluster.token_path)
         cluster.save()
         try:
             cluster.mlflow_pid = start_mlflow_server(state, cluster.mlflow_port, cluster.node_env())
-            cluster.mlflow_started = psutil.Process(cluster.mlflow_pid).create_time()
             cluster.save()
             for index in range(nodes):
                 cluster.ray_start(index)
@@ -160,12 +158,15 @@ class LocalCluster:
         (Path(self.state_dir) / STATE_FILE).unlink(missing_ok=True)
 
     def mlflow_server(self) -> psutil.Process | None:
-        """This cluster's MLflow server process if it still runs: the same pid and the same start time."""
+        """This cluster's MLflow server if it still runs: the recorded pid, still running the server on our port
+        and store (after a reboot the pid may belong to anything else)."""
         try:
             process = psutil.Process(self.mlflow_pid) if self.mlflow_pid is not None else None
-        except psutil.NoSuchProcess:
+            command = " ".join(process.cmdline()) if process is not None else ""
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             return None
-        return process if process is not None and process.create_time() == self.mlflow_started else None
+        ours = "mlflow" in command and f"--port {self.mlflow_port}" in command and self.state_dir in command
+        return process if ours else None
 
     def describe(self) -> list[str]:
         """Where to look and how to connect, for a person at a shell."""
@@ -188,7 +189,8 @@ class LocalCluster:
         if not path.is_file():
             return None
         try:
-            cluster = cls(**json.loads(path.read_text()))
+            known = {field.name for field in fields(cls)}
+            cluster = cls(**{key: value for key, value in json.loads(path.read_text()).items() if key in known})
         except (TypeError, ValueError) as error:
             raise ClusterError(f"{path} is not a cluster record this version reads ({error}); stop that cluster's "
                                "processes and remove the file") from None

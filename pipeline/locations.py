@@ -90,40 +90,6 @@ def read_text(location: str | os.PathLike) -> str:
         raise ValueError(f"cannot read {location}: {_first_line(error)}") from None
 
 
-def write_text(location: str | os.PathLike, text: str) -> None:
-    """Write a small file (a run's bookkeeping) on local storage or through fsspec; parents are created."""
-    if not is_url(location):
-        path = Path(location).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        return
-    try:
-        with fsspec.open(location, "wt", encoding="utf-8", auto_mkdir=True) as handle:
-            handle.write(text)
-    except Exception as error:  # noqa: BLE001 - see is_file
-        raise ValueError(f"cannot write {location}: {_first_line(error)}") from None
-
-
-def remove(location: str | os.PathLike) -> None:
-    if not is_url(location):
-        Path(location).expanduser().unlink(missing_ok=True)
-        return
-    filesystem, path = fsspec.core.url_to_fs(location)
-    if filesystem.exists(path):
-        filesystem.rm(path)
-
-
-def glob(pattern: str | os.PathLike) -> list[str]:
-    """Locations matching a `*` pattern, sorted by name, with the URL's protocol kept."""
-    if not is_url(pattern):
-        return sorted(str(path) for path in Path("/").glob(str(Path(pattern).expanduser().absolute())[1:]))
-    try:
-        filesystem, path = fsspec.core.url_to_fs(pattern)
-        return sorted(filesystem.unstrip_protocol(found) for found in filesystem.glob(path))
-    except Exception as error:  # noqa: BLE001 - see is_file
-        raise ValueError(f"cannot list {pattern}: {_first_line(error)}") from None
-
-
 def open_shard(location: str, shard_command: str | None = None) -> ContextManager[IO[bytes]]:
     """A binary stream of one shard, to use in a `with` block.
 

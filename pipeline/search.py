@@ -14,6 +14,7 @@ The sweep selects on the `val` split only; it never reads `test`.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipeline import locations
+from pipeline import locations, run_storage
 from pipeline import metrics as m
 from pipeline.config import Config, ConfigError, SearchSpaceParam, require_shards, validate_config
 from pipeline.manifest import read_manifest
@@ -122,6 +123,7 @@ def trial_driver(params: dict[str, Any], base_config: dict[str, Any], sweep_name
     config = apply_params(validate_config(base_config), params, f"{sweep_name}-{trial_id}")
     outcome: TrainingOutcome = run_training(
         config, run_callbacks=[TuneReportCallback()], parent_run_id=parent_run_id, publish=False,
+        note_placement_group=True,
     )
     MlflowClient(resolve_tracking_uri(config)).set_tag(outcome.mlflow_run_id, COMPLETED_TAG, "true")
 
@@ -141,10 +143,14 @@ class ReleaseTrialPlacementGroups(tune.Callback):
 
     def _release(self, trial_id: str) -> None:
         path = placement_group_file(self.storage, f"{self.sweep_name}-{trial_id}")
-        if not locations.is_file(path):
+        try:
+            if not run_storage.exists(path):
+                return
+            group_id = run_storage.read_text(path).strip()
+            run_storage.remove(path)
+        except ValueError as error:  # bookkeeping: a storage hiccup must not end the sweep
+            logging.getLogger(__name__).warning("trial %s: placement group not freed (%s)", trial_id, error)
             return
-        group_id = locations.read_text(path).strip()
-        locations.remove(path)
         state = ray.util.placement_group_table().get(group_id, {}).get("state")
         if state not in (None, "REMOVED"):
             ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))

@@ -21,8 +21,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline import locations
 from pipeline import metrics as m
+from pipeline import run_storage
 from pipeline.checkpoints import TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, save_checkpoint
 from pipeline.config import Config, validate_config
 from pipeline.loader import IGNORE_LABEL, EpochLoader, build_loader
@@ -117,7 +117,10 @@ def record_placement_group(worker: Worker, path: str | None) -> None:
     """
     group = ray.util.get_current_placement_group()
     if worker.rank == 0 and path and group is not None:
-        locations.write_text(path, group.id.hex())
+        try:
+            run_storage.write_text(path, group.id.hex())
+        except ValueError as error:  # bookkeeping: a storage hiccup must not fail the training run
+            logging.getLogger(__name__).warning("placement group id not recorded (%s); the sweep cannot free it", error)
 
 
 def worker_node_ids(worker: Worker) -> list[str]:

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline import locations
+from pipeline import locations, run_storage
 from pipeline import metrics as m
 from pipeline.checkpoints import check_compatible, latest_run_checkpoint, read_meta, read_state
 from pipeline.config import RAY_JOB_COPY_HINT, RAY_WORKING_DIR_MARK, Config, ConfigError, require_shards
@@ -45,11 +45,12 @@ class TrainingOutcome:
 
 def run_training(
     config: Config, run_callbacks: list[Any] | None = None, parent_run_id: str | None = None, publish: bool = True,
+    note_placement_group: bool = False,
 ) -> TrainingOutcome:
     """Train to the end (or early stop) and, with `publish`, log and register the best model.
 
-    A Ray Tune trial calls this with `parent_run_id` (its run nests under the sweep's) and
-    `publish=False` (only the sweep's best trial is registered).
+    A Ray Tune trial calls this with `parent_run_id` (its run nests under the sweep's), `publish=False` (only
+    the sweep's best trial is registered) and `note_placement_group` (so the sweep can free it, ray#54305).
     """
     started = time.perf_counter()
     config = config.with_absolute_paths()
@@ -61,7 +62,8 @@ def run_training(
     run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash(), parent_run_id)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; Ray run '{run_name}' in {storage}")
 
-    trainer = build_trainer(config, run_name, storage, run_id, uri, run_callbacks)
+    trainer = build_trainer(config, run_name, storage, run_id, uri, run_callbacks,
+                            placement_group_file(storage, run_name) if note_placement_group else None)
     try:
         result = trainer.fit()
         if result.error:
@@ -105,6 +107,9 @@ def check_inputs(config: Config) -> Manifest:
 def storage_path(config: Config) -> str:
     """Checkpoint storage, checked writable up front (object-store URIs are left to Ray's filesystem)."""
     if "://" in config.tracking.storage_path:
+        if config.scaling.num_workers == 0:
+            raise ConfigError(f"tracking.storage_path = '{config.tracking.storage_path}': local mode "
+                              "(scaling.num_workers = 0) keeps its checkpoints on local disk; give a local path")
         return config.tracking.storage_path
     path = Path(config.tracking.storage_path)
     if RAY_WORKING_DIR_MARK in str(path):
@@ -135,7 +140,7 @@ def check_resume_compatible(storage: str, run_name: str, config: Config, manifes
 
 
 def build_trainer(config: Config, run_name: str, storage: str, run_id: str, uri: str,
-                  run_callbacks: list[Any] | None) -> TorchTrainer:
+                  run_callbacks: list[Any] | None, placement_group_note: str | None = None) -> TorchTrainer:
     resources = {"CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
         resources["GPU"] = config.scaling.gpus_per_worker
@@ -145,7 +150,7 @@ def build_trainer(config: Config, run_name: str, storage: str, run_id: str, uri:
             "config": config.model_dump(mode="json"), "mlflow_run_id": run_id, "tracking_uri": uri,
             # Local mode (num_workers=0, for tests and debugging) does not persist checkpoints itself.
             "local_checkpoint_root": f"{storage}/{run_name}" if config.scaling.num_workers == 0 else None,
-            "placement_group_file": placement_group_file(storage, run_name),
+            "placement_group_file": placement_group_note,
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources,
@@ -168,7 +173,7 @@ def build_trainer(config: Config, run_name: str, storage: str, run_id: str, uri:
 
 def placement_group_file(storage: str, run_name: str) -> str:
     """Where rank 0 notes its placement group id, on the run's storage (see train_loop.record_placement_group)."""
-    return locations.join(storage, run_name, ".placement_group")
+    return run_storage.join(storage, run_name, ".placement_group")
 
 
 def best_checkpoint(result: Any):

@@ -114,7 +114,10 @@ def test_a_sweep_on_uri_storage_runs_its_trials_side_by_side_one_per_node(cluste
     nodes = {run.data.tags[WORKER_NODES_TAG] for run in trials}
     assert nodes == node_ids(cluster)  # both at once, so one on each node
     assert client.search_model_versions("name = 'cluster-sweep-model'")
-    assert len(list((Path(cluster.state_dir) / "uri_results").glob("cluster-sweep-*/checkpoint_*/state.pt"))) >= 2
+    results = Path(cluster.state_dir) / "uri_results"
+    assert len(list(results.glob("cluster-sweep-*/checkpoint_*/state.pt"))) >= 2
+    # No placement-group note is left on the URI storage: the sweep reads, frees and removes each one.
+    assert list(results.glob("cluster-sweep-*")) and not list(results.glob("cluster-sweep-*/.placement_group"))
 
 
 def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):

@@ -71,13 +71,18 @@ def test_a_file_store_is_refused_for_a_remote_cluster(clean_env):
     assert job_tracking_uri(remote, "https://mlflow.example") == "https://mlflow.example"
 
 
-def test_a_token_sent_over_plain_http_to_another_host_is_warned_about(clean_env, capsys):
+def test_a_token_sent_over_plain_http_to_another_host_is_warned_about(clean_env, caplog):
     clean_env.setenv("RAY_AUTH_TOKEN", "secret-token")
     resolve_address("http://127.0.0.1:8265")  # a port-forward or tunnel: fine
-    assert capsys.readouterr().err == ""
+    assert caplog.text == ""
     resolve_address("http://ray-head.example:8265")
-    warning = capsys.readouterr().err
-    assert "over plain http" in warning and "secret-token" not in warning
+    assert "over plain http" in caplog.text and "secret-token" not in caplog.text
+
+
+def test_a_ray_address_that_is_no_job_server_is_ignored_out_loud(clean_env, caplog):
+    clean_env.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert resolve_address().dashboard_url == "http://127.0.0.1:8265"
+    assert "RAY_ADDRESS=ray://head:10001 is not a job server" in caplog.text
 
 
 def test_submit_refuses_an_empty_entrypoint_or_a_missing_working_dir_before_connecting(clean_env, tmp_path):
@@ -103,6 +108,7 @@ def test_the_local_clusters_token_is_private_and_fresh(tmp_path):
 
 
 def test_a_stale_cluster_record_is_cleaned_up_not_reused(tmp_path):
+    # Written by an earlier version (its extra mlflow_started key is ignored).
     record = {"state_dir": str(tmp_path), "temp_dir": str(tmp_path / "gone"), "gcs_port": 1, "dashboard_port": 2,
               "mlflow_port": 3, "mlflow_pid": None, "mlflow_started": None, "nodes": 2, "cpus_per_node": 1}
     (tmp_path / STATE_FILE).write_text(json.dumps(record))
