@@ -59,6 +59,9 @@ def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, 
             client.set_terminated(trial.mlflow_run_id, "KILLED")
         elif trial.status == "failed":
             client.set_terminated(trial.mlflow_run_id, "FAILED")
+        else:
+            # Trained every epoch, but Tune may stop the trial at max_t before its driver closes the run: close it.
+            client.set_terminated(trial.mlflow_run_id, "FINISHED")
     trial_epochs = sum(max(t.epochs_trained, t.epochs_run) for t in trials)
     budget = config.search.num_samples * config.optim.epochs
     counts = {status: sum(t.status == status for t in trials) for status in ("completed", "stopped early", "failed")}

@@ -110,7 +110,9 @@ def test_a_sweep_on_uri_storage_runs_its_trials_side_by_side_one_per_node(cluste
     client = MlflowClient(cluster.mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("cluster-sweep").experiment_id])
     trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId")]
-    assert len(trials) == 2 and all(run.info.status == "FINISHED" for run in trials)
+    # A trial ASHA stopped is KILLED; one that trained every epoch is FINISHED even when Tune stopped its driver
+    # at max_t before the driver closed the run (seen in CI); none may fail or be left RUNNING.
+    assert len(trials) == 2 and all(run.info.status in {"FINISHED", "KILLED"} for run in trials)
     nodes = {run.data.tags[WORKER_NODES_TAG] for run in trials}
     assert nodes == node_ids(cluster)  # both at once, so one on each node
     assert client.search_model_versions("name = 'cluster-sweep-model'")
