@@ -273,15 +273,21 @@ RAY_JOB_COPY_HINT = ("this Ray job runs in Ray's copy of the working directory, 
                      "is not uploaded; give an absolute path every node reaches (NFS) or a URL (s3://, gs://)")
 
 
+def refuse_job_copy(key: str, value: str, problem: str) -> None:
+    """One check for every location a job resolves: inside Ray's working-dir copy it is lost or was never there."""
+    if RAY_WORKING_DIR_MARK in value:
+        raise ConfigError(f"{key} = '{value}': {problem}; {RAY_JOB_COPY_HINT}")
+
+
 def require_shards(config: Config, splits: tuple[str, ...] = ("train", "val")) -> None:
     """Fail before any worker starts when the configured shard splits are missing."""
     root = config.data.root
     # Object stores have no directories, only keys: for a URL the manifests are the whole check.
     if not locations.is_url(root) and not Path(root).expanduser().is_dir():
+        refuse_job_copy("data.root", root, "directory does not exist")
         raise ConfigError(
-            f"data.root = '{root}': directory does not exist; "
-            + (RAY_JOB_COPY_HINT if RAY_WORKING_DIR_MARK in root else
-               "create shards with `imagenet-pipeline shard` or point data.root at a folder holding train/ val/ test/")
+            f"data.root = '{root}': directory does not exist; create shards with `imagenet-pipeline shard` "
+            "or point data.root at a folder holding train/ val/ test/"
         )
     for split in splits:
         if not locations.is_file(locations.join(root, split, "manifest.json")):

@@ -105,7 +105,7 @@ class LocalCluster:
             for index in range(nodes):
                 cluster.ray_start(index)
             deadline = time.monotonic() + timeout_seconds
-            wait_until(lambda: cluster.alive_nodes() >= nodes, deadline, f"{nodes} Ray nodes to join")
+            wait_until(lambda: len(cluster.alive_node_ids()) >= nodes, deadline, f"{nodes} Ray nodes to join")
             wait_until(lambda: http_ok(f"{cluster.mlflow_uri}/health"), deadline, "the MLflow server to answer")
         except BaseException:
             cluster.stop()
@@ -136,16 +136,16 @@ class LocalCluster:
             lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
             raise ClusterError(f"`ray start{' --head' if head else ''}` failed: {lines[-1] if lines else done.returncode}")
 
-    def alive_nodes(self) -> int:
-        """ALIVE nodes per the dashboard's state API (authenticated like any client)."""
+    def alive_node_ids(self) -> set[str]:
+        """Ray node ids of the ALIVE nodes, from the dashboard's state API (authenticated like any client)."""
         request = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=100",
                                          headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"})
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 rows = json.load(response)["data"]["result"]["result"]
         except (OSError, ValueError, KeyError):
-            return 0
-        return sum(row.get("state") == "ALIVE" for row in rows)
+            return set()
+        return {row["node_id"] for row in rows if row.get("state") == "ALIVE"}
 
     def stop(self) -> None:
         """Kill this cluster's Ray processes (and their workers) and its MLflow server; keep state_dir."""

@@ -77,7 +77,7 @@ def is_file(location: str | os.PathLike) -> bool:
         filesystem, path = fsspec.core.url_to_fs(location)
         return filesystem.isfile(path)
     except Exception as error:  # noqa: BLE001 - credentials, network, permissions: all are the user's to fix
-        raise ValueError(f"cannot reach {location}: {_first_line(error)}") from None
+        raise ValueError(f"cannot reach {location}: {first_line(error)}") from None
 
 
 def read_text(location: str | os.PathLike) -> str:
@@ -87,7 +87,7 @@ def read_text(location: str | os.PathLike) -> str:
         with fsspec.open(location, "rt", encoding="utf-8") as handle:
             return handle.read()
     except Exception as error:  # noqa: BLE001 - see is_file
-        raise ValueError(f"cannot read {location}: {_first_line(error)}") from None
+        raise ValueError(f"cannot read {location}: {first_line(error)}") from None
 
 
 def open_shard(location: str, shard_command: str | None = None) -> ContextManager[IO[bytes]]:
@@ -132,6 +132,6 @@ def _install_hint(protocol: str) -> str:
     return f"pip install {_backend_package(protocol)}"
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

@@ -11,93 +11,75 @@ extra package (the shard reader's fsspec backends, `[cloud]`, are not needed for
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs
 
+from pipeline.locations import first_line, is_url, join
+
 CHECKPOINT_PREFIX = "checkpoint_"
+__all__ = ["checkpoint_names", "exists", "join", "read_text", "remove", "write_text"]
 
 
-def is_uri(location: str | os.PathLike) -> bool:
-    return "://" in str(location)
-
-
-def join(base: str | os.PathLike, *names: str) -> str:
-    return "/".join([str(base).rstrip("/"), *names]) if is_uri(base) else os.path.join(os.fspath(base), *names)
-
-
-def _resolve(location: str) -> tuple[pyarrow.fs.FileSystem, str]:
+@contextmanager
+def _on(action: str, location: str) -> Iterator[tuple[pyarrow.fs.FileSystem, str]]:
+    """The pyarrow filesystem and path of a storage URI; any failure becomes one ValueError line."""
     try:
-        return pyarrow.fs.FileSystem.from_uri(location)
+        resolved = pyarrow.fs.FileSystem.from_uri(location)
     except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as error:
-        raise ValueError(f"cannot use {location}: {_first_line(error)}") from None
+        raise ValueError(f"cannot use {location}: {first_line(error)}") from None
+    try:
+        yield resolved
+    except OSError as error:
+        raise ValueError(f"cannot {action} {location}: {first_line(error)}") from None
 
 
 def read_text(location: str | os.PathLike) -> str:
-    if not is_uri(location):
+    if not is_url(location):
         return Path(location).expanduser().read_text()
-    filesystem, path = _resolve(str(location))
-    try:
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read().decode("utf-8")
-    except OSError as error:
-        raise ValueError(f"cannot read {location}: {_first_line(error)}") from None
+    with _on("read", str(location)) as (filesystem, path), filesystem.open_input_stream(path) as stream:
+        return stream.read().decode("utf-8")
 
 
 def write_text(location: str | os.PathLike, text: str) -> None:
     """Write a small file; parent directories are created (object stores have none to create)."""
-    if not is_uri(location):
+    if not is_url(location):
         path = Path(location).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         return
-    filesystem, path = _resolve(str(location))
-    try:
+    with _on("write", str(location)) as (filesystem, path):
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with filesystem.open_output_stream(path) as stream:
             stream.write(text.encode("utf-8"))
-    except OSError as error:
-        raise ValueError(f"cannot write {location}: {_first_line(error)}") from None
 
 
 def exists(location: str | os.PathLike) -> bool:
-    if not is_uri(location):
+    if not is_url(location):
         return Path(location).expanduser().is_file()
-    filesystem, path = _resolve(str(location))
-    try:
+    with _on("reach", str(location)) as (filesystem, path):
         return filesystem.get_file_info(path).type == pyarrow.fs.FileType.File
-    except OSError as error:
-        raise ValueError(f"cannot reach {location}: {_first_line(error)}") from None
 
 
 def remove(location: str | os.PathLike) -> None:
-    if not is_uri(location):
+    if not is_url(location):
         Path(location).expanduser().unlink(missing_ok=True)
         return
-    filesystem, path = _resolve(str(location))
-    try:
+    with _on("remove", str(location)) as (filesystem, path):
         if filesystem.get_file_info(path).type == pyarrow.fs.FileType.File:
             filesystem.delete_file(path)
-    except OSError as error:
-        raise ValueError(f"cannot remove {location}: {_first_line(error)}") from None
 
 
 def checkpoint_names(storage_path: str | os.PathLike, run_name: str) -> list[str]:
     """The run's checkpoint directory names, sorted by name (a listing, not a glob: names are taken literally)."""
     run_dir = join(storage_path, run_name)
-    if not is_uri(run_dir):
+    if not is_url(run_dir):
         directory = Path(run_dir).expanduser()
         names = [entry.name for entry in directory.iterdir() if entry.is_dir()] if directory.is_dir() else []
     else:
-        filesystem, path = _resolve(run_dir)
-        try:
+        with _on("list", run_dir) as (filesystem, path):
             infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
-        except OSError as error:
-            raise ValueError(f"cannot list {run_dir}: {_first_line(error)}") from None
         names = [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory]
     return sorted(name for name in names if name.startswith(CHECKPOINT_PREFIX))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -19,7 +19,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PROJECT_ROOT, RAY_WORKING_DIR_MARK, Config, ConfigError
+from pipeline.config import PROJECT_ROOT, Config, ConfigError, refuse_job_copy
 
 RUN_NAME_TAG = "pipeline.run_name"
 MANIFEST_TAG = "pipeline.manifest_hash"
@@ -29,10 +29,10 @@ WORKER_NODES_TAG = "pipeline.worker_nodes"  # Ray node ids of the workers, rank 
 def resolve_tracking_uri(config: Config) -> str:
     uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uri = pin_sqlite_uri(uri) if uri else f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-    if uri.startswith("sqlite:") and RAY_WORKING_DIR_MARK in uri:
-        raise ConfigError(f"tracking.tracking_uri = '{uri}': that database would vanish with the job; set "
-                          "MLFLOW_TRACKING_URI on the cluster (an MLflow server) or pass --mlflow-uri to "
-                          "`imagenet-pipeline job submit`")
+    if uri.startswith("sqlite:"):
+        refuse_job_copy("tracking.tracking_uri", uri, "that database would vanish with the job; set "
+                        "MLFLOW_TRACKING_URI on the cluster (an MLflow server) or pass --mlflow-uri to "
+                        "`imagenet-pipeline job submit`")
     return uri
 
 

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import locations, run_storage
 from pipeline import metrics as m
 from pipeline.checkpoints import check_compatible, latest_run_checkpoint, read_meta, read_state
-from pipeline.config import RAY_JOB_COPY_HINT, RAY_WORKING_DIR_MARK, Config, ConfigError, require_shards
+from pipeline.config import Config, ConfigError, refuse_job_copy, require_shards
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.publish import publish_best_model
 from pipeline.tracking import prepare_tracking, start_or_resume_run
@@ -112,9 +112,7 @@ def storage_path(config: Config) -> str:
                               "(scaling.num_workers = 0) keeps its checkpoints on local disk; give a local path")
         return config.tracking.storage_path
     path = Path(config.tracking.storage_path)
-    if RAY_WORKING_DIR_MARK in str(path):
-        raise ConfigError(f"tracking.storage_path = '{path}': checkpoints there would vanish with the job; "
-                          + RAY_JOB_COPY_HINT)
+    refuse_job_copy("tracking.storage_path", str(path), "checkpoints there would vanish with the job")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{time.time_ns()}"

@@ -6,11 +6,9 @@ One cluster serves the whole module and is stopped at the end even when a test f
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -43,14 +41,6 @@ def client_env(cluster: LocalCluster, with_token: bool = True) -> dict[str, str]
         return {**env, **cluster.client_env()}
     # No token anywhere Ray looks: not in the environment, not in ~/.ray/auth_token.
     return {**env, "RAY_AUTH_MODE": "token", "HOME": str(Path(cluster.state_dir) / "no-home")}
-
-
-def node_ids(cluster: LocalCluster) -> set[str]:
-    request = urllib.request.Request(f"{cluster.dashboard_url}/api/v0/nodes",
-                                     headers={"Authorization": f"Bearer {cluster.token_path.read_text().strip()}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        rows = json.load(response)["data"]["result"]["result"]
-    return {row["node_id"] for row in rows if row["state"] == "ALIVE"}
 
 
 def test_the_job_server_refuses_a_client_without_the_token(cluster):
@@ -86,7 +76,7 @@ def test_a_training_job_submitted_with_ray_job_submit_runs_on_both_nodes_and_lan
     assert run.data.tags.get("ray.job_id") == run_name
     assert client.search_model_versions(f"name = 'cluster-test-model' and run_id = '{run.info.run_id}'")
     workers = run.data.tags[WORKER_NODES_TAG].split(",")
-    assert len(workers) == 2 and set(workers) == node_ids(cluster)  # rank 0 on one node, rank 1 on the other
+    assert len(workers) == 2 and set(workers) == cluster.alive_node_ids()  # rank 0 on one node, rank 1 on the other
     assert list(storage.glob(f"{run_name}/checkpoint_*/state.pt"))
 
 
@@ -114,7 +104,7 @@ def test_a_sweep_on_uri_storage_runs_its_trials_side_by_side_one_per_node(cluste
     # at max_t before the driver closed the run (seen in CI); none may fail or be left RUNNING.
     assert len(trials) == 2 and all(run.info.status in {"FINISHED", "KILLED"} for run in trials)
     nodes = {run.data.tags[WORKER_NODES_TAG] for run in trials}
-    assert nodes == node_ids(cluster)  # both at once, so one on each node
+    assert nodes == cluster.alive_node_ids()  # both at once, so one on each node
     assert client.search_model_versions("name = 'cluster-sweep-model'")
     results = Path(cluster.state_dir) / "uri_results"
     assert len(list(results.glob("cluster-sweep-*/checkpoint_*/state.pt"))) >= 2
@@ -156,7 +146,7 @@ def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
 
 def test_stopping_the_cluster_leaves_no_process_behind(tmp_path):
     cluster = LocalCluster.start(tmp_path / "short-lived", nodes=1, cpus_per_node=1)
-    assert cluster.alive_nodes() == 1
+    assert len(cluster.alive_node_ids()) == 1
     cluster.stop()
     leftovers = [process.pid for process in psutil.process_iter(["cmdline"])
                  if any(cluster.temp_dir in part for part in process.info["cmdline"] or [])]
