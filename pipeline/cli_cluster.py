@@ -38,23 +38,22 @@ def _fail(message: str) -> None:
 @contextmanager
 def _one_line_errors():
     """Ray's job client raises RuntimeError with the server's whole response (a missing job, a bad token)."""
-    from pipeline.job_client import JobClientError, first_line
+    from pipeline.job_client import JobClientError
+    from pipeline.locations import first_line
 
     try:
         yield
     except (click.exceptions.Exit, click.exceptions.Abort):
         raise  # typer's own exits are RuntimeErrors too: not errors to reword
     except (JobClientError, RuntimeError, ConnectionError) as error:
-        _fail(first_line(error))
+        _fail(first_line(error, with_type=False))
 
 
 def _cluster(address: str | None, token_file: Path | None):
-    from pipeline.job_client import JobClientError, resolve_address
+    from pipeline.job_client import resolve_address
 
-    try:
+    with _one_line_errors():
         return resolve_address(address, token_file)
-    except JobClientError as error:
-        _fail(str(error))
 
 
 @job_app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -176,13 +175,13 @@ def cluster_demo(
 ) -> None:
     """`make cluster-demo`: a 2-node cluster, the demo data, `ray job submit` of training, checks, addresses."""
     from pipeline.cluster_demo import run_cluster_demo
-    from pipeline.job_client import first_line
+    from pipeline.locations import first_line
     from pipeline.local_cluster import ClusterError
 
     try:
         ok = run_cluster_demo(state_dir.absolute(), data_dir.absolute())
     except (ClusterError, ValueError, TimeoutError) as error:
-        _fail(first_line(error))
+        _fail(first_line(error, with_type=False))
     raise typer.Exit(0 if ok else 1)
 
 

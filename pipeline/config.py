@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline import locations
 
+# Ray Train gives a worker group 60 s to start; on a busy machine importing torch in fresh worker
+# processes can take longer, and a timed-out start is retried in a loop. Raised on Ray we start (driver
+# environment, local cluster nodes) unless already set.
+WORKER_GROUP_START_TIMEOUT_S = "300"
 MODEL_NAMES = ("alexnet", "alexnet_tv", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "jobs" / "configs" / "default.yaml"
@@ -180,14 +184,11 @@ class Config(_Section):
 
     def with_absolute_paths(self) -> "Config":
         """Relative paths mean 'from the current directory'; Ray workers run elsewhere, so pin them here."""
-        root = self.data.root
-        if not locations.is_url(root):  # s3://, gs:// and other URLs are already absolute
-            root = str(Path(root).expanduser().absolute())
-        data = self.data.model_copy(update={"root": root})
-        storage = str(self.tracking.storage_path)
-        if "://" not in storage:  # s3://, gs:// and other URIs are already absolute
-            storage = str(Path(storage).expanduser().absolute())
-        tracking = self.tracking.model_copy(update={"storage_path": storage})
+        def pinned(location: str) -> str:  # s3://, gs:// and other URLs are already absolute
+            return location if locations.is_url(location) else str(Path(location).expanduser().absolute())
+
+        data = self.data.model_copy(update={"root": pinned(self.data.root)})
+        tracking = self.tracking.model_copy(update={"storage_path": pinned(self.tracking.storage_path)})
         return self.model_copy(update={"data": data, "tracking": tracking})
 
     def to_yaml(self) -> str:

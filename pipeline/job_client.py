@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline.config import PROJECT_ROOT
+from pipeline.locations import first_line
 from pipeline.tracking import git_tags, pin_sqlite_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -55,9 +56,10 @@ class ClusterAddress:
         try:
             return JobSubmissionClient(self.dashboard_url, headers=headers)
         except ConnectionError as error:
-            raise JobClientError(f"cannot reach the Ray job server at {self.dashboard_url}: {first_line(error)}") from None
+            raise JobClientError(f"cannot reach the Ray job server at {self.dashboard_url}: "
+                                 f"{first_line(error, with_type=False)}") from None
         except Exception as error:  # Ray raises AuthenticationError/RuntimeError with long, multi-line texts
-            raise JobClientError(f"Ray job server at {self.dashboard_url}: {first_line(error)}") from None
+            raise JobClientError(f"Ray job server at {self.dashboard_url}: {first_line(error, with_type=False)}") from None
 
 
 def resolve_address(address: str | None = None, token_file: Path | None = None) -> ClusterAddress:
@@ -131,7 +133,7 @@ def submit(
             submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
         )
     except RuntimeError as error:
-        raise JobClientError(f"submitting to {cluster.dashboard_url} failed: {first_line(error)}") from None
+        raise JobClientError(f"submitting to {cluster.dashboard_url} failed: {first_line(error, with_type=False)}") from None
 
 
 def follow(cluster: ClusterAddress, job_id: str, out: TextIO = sys.stdout, poll_seconds: float = 1.0) -> JobStatus:
@@ -146,7 +148,7 @@ def follow(cluster: ClusterAddress, job_id: str, out: TextIO = sys.stdout, poll_
     try:
         asyncio.run(stream())
     except Exception as error:  # a dropped log socket must not lose the job's final status
-        out.write(f"[log stream ended: {first_line(error)}]\n")
+        out.write(f"[log stream ended: {first_line(error, with_type=False)}]\n")
     return wait(cluster, job_id, poll_seconds=poll_seconds)
 
 
@@ -171,8 +173,3 @@ def list_jobs(cluster: ClusterAddress) -> list[dict[str, str]]:
         rows.append({"id": job.submission_id or job.job_id or "", "status": str(job.status.value), "started": started,
                      "entrypoint": job.entrypoint})
     return rows
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

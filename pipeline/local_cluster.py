@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psutil
 
+from pipeline.config import WORKER_GROUP_START_TIMEOUT_S
+
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
 OBJECT_STORE_BYTES = 300 * 1024**2  # per node: jobs here pass no large objects; Ray's default takes 30 % of RAM
@@ -78,7 +80,7 @@ class LocalCluster:
             **env, **self.client_env(),
             # Jobs run `python`: make it this environment's interpreter, with the project installed.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",  # worker start on 2 busy cores exceeds Ray's 60 s
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_GROUP_START_TIMEOUT_S,
             "RAY_USAGE_STATS_ENABLED": "0",
         }
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, ContextManager
 
 import fsspec
-from webdataset.gopen import gopen
 
 PIPE_PREFIX = "pipe:"  # webdataset's scheme for "run this shell command and read its stdout"
 URL_PLACEHOLDER = "{url}"
@@ -96,6 +95,8 @@ def open_shard(location: str, shard_command: str | None = None) -> ContextManage
     `pipe:` names run as given; with `shard_command` every other shard is streamed by that command; otherwise a
     local path is opened directly and a URL through fsspec.
     """
+    from webdataset.gopen import gopen  # here, not at the top: it imports torch, and config imports this module
+
     if is_pipe(location):
         return gopen(location, "rb")
     if shard_command is not None:
@@ -132,6 +133,9 @@ def _install_hint(protocol: str) -> str:
     return f"pip install {_backend_package(protocol)}"
 
 
-def first_line(error: Exception) -> str:
+def first_line(error: BaseException, with_type: bool = True) -> str:
+    """An exception as one line: libraries' messages run over many (Ray's carry whole server responses)."""
     text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text[0]}" if with_type else text[0]

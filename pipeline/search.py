@@ -37,6 +37,7 @@ from pipeline.manifest import read_manifest
 from pipeline.publish import publish_best_model
 from pipeline.search_report import TrialSummary, log_sweep_summary, print_trial_table
 from pipeline.tracking import RUN_NAME_TAG, prepare_tracking, resolve_tracking_uri, start_or_resume_run
+from pipeline.checkpoints import META_FILE, checkpoint_uri
 from pipeline.trainer import TrainingOutcome, placement_group_file, run_training, storage_path
 
 SWEEP_TAG = "pipeline.sweep"
@@ -104,7 +105,8 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
 def finish_search(config: Config, results, client: MlflowClient, uri: str, experiment_id: str, sweep_name: str,
                   parent_run_id: str, manifest) -> SearchOutcome:
     """Summarise the trials, close the runs, then register the best trial's model."""
-    trials = summarize_trials(results, client, experiment_id, sweep_name, config.optim.epochs)
+    trials = summarize_trials(results, client, experiment_id, sweep_name, config.optim.epochs,
+                              config.tracking.storage_path)  # absolute or a URI: run_search pinned it
     print_trial_table(trials, list(config.search.space))
     best = max((t for t in trials if t.best_top1 is not None), key=lambda t: t.best_top1, default=None)
     log_sweep_summary(client, parent_run_id, config, trials, best)
@@ -270,7 +272,7 @@ def tune_config(config: Config) -> tune.TuneConfig:
 
 
 def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_name: str,
-                     max_epochs: int) -> list[TrialSummary]:
+                     max_epochs: int, storage: str) -> list[TrialSummary]:
     summaries = []
     for result in results:
         trial_id = trial_id_of(result)
@@ -280,7 +282,7 @@ def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_na
         run = runs[0] if runs else None
         frame = result.metrics_dataframe
         history = [] if frame is None or frame.empty else _epoch_rows(frame)
-        best_row = _best_kept_row(history)
+        best_row = _best_kept_row(history, storage)
         completed = bool(run and run.data.tags.get(COMPLETED_TAG) == "true")
         epochs_run = int(max((row[m.EPOCH] for row in history), default=0))
         if result.error is not None:
@@ -310,12 +312,12 @@ def trial_id_of(result) -> str:
     return match.group(1) if match else "unknown"
 
 
-def _best_kept_row(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _best_kept_row(history: list[dict[str, Any]], storage: str) -> dict[str, Any] | None:
     """The best epoch whose checkpoint Ray kept (with ties, Ray may have kept another of equal score)."""
     ranked = sorted(history, key=lambda row: -row.get(m.VAL_TOP1, float("-inf")))
     for row in ranked:
         path = str(row.get("checkpoint_path") or "")
-        if "://" in path or (path and Path(path).is_dir()):
+        if path and run_storage.exists(run_storage.join(checkpoint_uri(path, storage), META_FILE)):
             return row
     return ranked[0] if ranked else None
 

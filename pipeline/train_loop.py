@@ -59,10 +59,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if worker.autocast_dtype == torch.float16 else None
     state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, log)
     torch.manual_seed(config.seed + 1000 * state.epoch + worker.rank)  # ranks differ again after a resume
-    model = wrap(model, worker, config.scaling.compile)
     if config.optim.patience and state.epochs_without_improvement >= config.optim.patience:
         log.info(f"this run already stopped early after epoch {state.epoch}; nothing to do")
-        return
+        return  # every rank restored the same state, so every rank returns here
+    model = wrap(model, worker, config.scaling.compile)
     tracker = WorkerTracker.for_rank(worker.rank, loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri"))
     table = EpochTable(log)
     meta = checkpoint_meta(loop_config["config"], manifest.num_classes, manifest.content_hash())

@@ -24,7 +24,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import locations, run_storage
 from pipeline import metrics as m
 from pipeline.checkpoints import check_compatible, latest_run_checkpoint, read_meta, read_state
-from pipeline.config import Config, ConfigError, refuse_job_copy, require_shards
+from pipeline.config import WORKER_GROUP_START_TIMEOUT_S, Config, ConfigError, refuse_job_copy, require_shards
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.publish import publish_best_model
 from pipeline.tracking import prepare_tracking, start_or_resume_run
@@ -72,7 +72,7 @@ def run_training(
         MlflowClient(uri).set_terminated(run_id, "FAILED")
         raise
     best = best_checkpoint(result)
-    history = read_history(result.checkpoint)
+    history = read_history(result.checkpoint) if publish else []  # a sweep reads trials' history from Tune
     published = None
     if best and publish:
         published = publish_best_model(config, uri, run_id, best.path, best.metrics, history, manifest)
@@ -199,11 +199,6 @@ def read_history(checkpoint: Checkpoint | None) -> list[dict[str, Any]]:
         return []
     with checkpoint.as_directory() as directory:
         return read_state(directory)["training_state"]["history"]
-
-
-# Ray Train gives a worker group 60 s to start; on a busy machine importing torch in fresh worker
-# processes can take longer, and a timed-out start is retried in a loop. Raised unless already set.
-WORKER_GROUP_START_TIMEOUT_S = "300"
 
 
 def ensure_ray() -> None:
