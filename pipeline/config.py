@@ -13,7 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import locations
+from pipeline import storage
+from pipeline.errors import ConfigError
 
 # Ray Train gives a worker group 60 s to start; on a busy machine importing torch in fresh worker
 # processes can take longer, and a timed-out start is retried in a loop. Raised on Ray we start (driver
@@ -50,15 +51,15 @@ class DataConfig(_Section):
     @field_validator("root")
     @classmethod
     def _readable_root(cls, value: str) -> str:
-        if locations.is_url(value):
-            locations.check_readable_protocol(value)  # a missing s3fs fails here, not in every worker later
+        if storage.is_url(value):
+            storage.check_readable_protocol(value)  # a missing s3fs fails here, not in every worker later
         return value
 
     @field_validator("shard_command")
     @classmethod
     def _command_names_the_shard(cls, value: str | None) -> str | None:
         if value is not None:
-            locations.check_shard_command(value)
+            storage.check_shard_command(value)
         return value
 
 
@@ -185,7 +186,7 @@ class Config(_Section):
     def with_absolute_paths(self) -> "Config":
         """Relative paths mean 'from the current directory'; Ray workers run elsewhere, so pin them here."""
         def pinned(location: str) -> str:  # s3://, gs:// and other URLs are already absolute
-            return location if locations.is_url(location) else str(Path(location).expanduser().absolute())
+            return location if storage.is_url(location) else str(Path(location).expanduser().absolute())
 
         data = self.data.model_copy(update={"root": pinned(self.data.root)})
         tracking = self.tracking.model_copy(update={"storage_path": pinned(self.tracking.storage_path)})
@@ -193,10 +194,6 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem, always one line."""
 
 
 def load_config(paths: list[Path] | None = None, overrides: list[str] | None = None) -> Config:
@@ -236,14 +233,31 @@ def _apply_override(merged: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    node = merged
-    parts = key.strip().split(".")
+    set_key(merged, key.strip(), value, f"override {override!r}")
+
+
+def set_key(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """Set the dotted `key` in a raw config mapping: the one mechanism behind `--set` and Tune's sampled values.
+
+    Unknown leaf keys are left to validation (`extra="forbid"`), which names them; `origin` prefixes the error
+    when a section along the way is a value.
+    """
+    node = data
+    parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part} is a value, not a section")
+            raise ConfigError(f"{origin}: {part} is a value, not a section")
         node = child
-    node[parts[-1]] = value
+    node[parts[-1]] = value.item() if hasattr(value, "item") else value  # numpy scalars from Tune's samplers
+
+
+def with_overrides(config: Config, values: dict[str, Any]) -> Config:
+    """`config` with dotted keys set to `values` (already typed, e.g. a Tune trial's samples), validated whole."""
+    data = config.model_dump(mode="json")
+    for key, value in values.items():
+        set_key(data, key, value, key)
+    return validate_config(data)
 
 
 def _deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
@@ -284,14 +298,14 @@ def require_shards(config: Config, splits: tuple[str, ...] = ("train", "val")) -
     """Fail before any worker starts when the configured shard splits are missing."""
     root = config.data.root
     # Object stores have no directories, only keys: for a URL the manifests are the whole check.
-    if not locations.is_url(root) and not Path(root).expanduser().is_dir():
+    if not storage.is_url(root) and not Path(root).expanduser().is_dir():
         refuse_job_copy("data.root", root, "directory does not exist")
         raise ConfigError(
             f"data.root = '{root}': directory does not exist; create shards with `imagenet-pipeline shard` "
             "or point data.root at a folder holding train/ val/ test/"
         )
     for split in splits:
-        if not locations.is_file(locations.join(root, split, "manifest.json")):
+        if not storage.is_file(storage.join(root, split, "manifest.json")):
             raise ConfigError(
                 f"data.root = '{root}': no {split}/manifest.json; shard the data or run `imagenet-pipeline index`"
             )

@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.manifest import ClassInfo, Manifest, ShardInfo, file_sha256, write_manifest
+from pipeline.data.manifest import ClassInfo, Manifest, ShardInfo, file_sha256, write_manifest
 
 
 def jpeg_bytes(label: int, index: int, size: tuple[int, int] = (40, 30)) -> bytes:
@@ -87,7 +87,7 @@ def ray_session():
 
     # Test runs last seconds, MLflow samples system metrics every 10 s by default; workers inherit this.
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
-    from pipeline.trainer import WORKER_GROUP_START_TIMEOUT_S
+    from pipeline.train.driver import WORKER_GROUP_START_TIMEOUT_S
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_GROUP_START_TIMEOUT_S)
     # 4 logical CPUs on 2 cores: room for the train controller plus 2 workers without queueing.
@@ -99,8 +99,8 @@ def ray_session():
 @pytest.fixture(scope="session")
 def learnable_shards(tmp_path_factory) -> Path:
     """The project's own generator and sharder: 4 classes, 64x48 px, train 80 / val 16 / test 24."""
-    from pipeline.sharding import shard_imagenet
-    from pipeline.synthetic import generate_imagenet_folder
+    from pipeline.data.sharding import shard_imagenet
+    from pipeline.data.synthetic import generate_imagenet_folder
 
     base = tmp_path_factory.mktemp("learnable")
     generate_imagenet_folder(base / "source", num_classes=4, train_per_class=24, val_per_class=6,
@@ -134,7 +134,7 @@ class TrainedRun:
 @pytest.fixture(scope="session")
 def trained_run(ray_session, learnable_shards, tmp_path_factory) -> TrainedRun:
     """One real 2-worker Ray Train run, 3 epochs, registered in a SQLite MLflow store."""
-    from pipeline.trainer import run_training
+    from pipeline.train.driver import run_training
 
     workdir = tmp_path_factory.mktemp("trained")
     config = training_config(learnable_shards, workdir, "shared-run")

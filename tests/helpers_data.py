@@ -6,7 +6,7 @@ from pathlib import Path
 
 import webdataset
 
-from pipeline.synthetic import generate_imagenet_folder, make_jpeg_bytes
+from pipeline.data.synthetic import generate_imagenet_folder, make_jpeg_bytes
 
 # 64x48 keeps every test fast; sizes matter only in the file-size test of the generator.
 SMALL = {"width": 64, "height": 48}

@@ -17,7 +17,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from pipeline.config import load_config
-from pipeline.search import cluster_fit_problem
+from pipeline.tune.search import cluster_fit_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import PROJECT_ROOT, load_config
-from pipeline.optim import scaled_lr
-from pipeline.search import cluster_fit_problem
+from pipeline.train.optim import scaled_lr
+from pipeline.tune.search import cluster_fit_problem
 
 CONFIGS = PROJECT_ROOT / "jobs" / "configs"
 SWEEP_BASES = {  # a sweep is layered on the recipe it tunes
@@ -42,7 +42,7 @@ def test_every_config_loads_alone_or_on_its_base(name):
 
 @pytest.mark.parametrize("name", sorted(SWEEP_BASES))
 def test_every_sweep_passes_the_search_checks_that_need_no_cluster(name, monkeypatch):
-    from pipeline import search
+    from pipeline.tune import search
 
     monkeypatch.setattr(search, "require_shards", lambda config, splits: None)  # the shards live on the cluster
     config = load_config(layers(name))

@@ -1,0 +1,46 @@
+"""`bench-data` and `bench-train`: benchmarks that print figures measured side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli.common import app, fail
+
+
+@app.command(name="bench-data")
+def bench_data(
+    work_dir: Annotated[Path, typer.Option(help="scratch folder for the benchmark images and shards")] = Path("data/bench"),
+    images: Annotated[int, typer.Option(min=8, help="ImageNet-sized JPEGs (500x375, q90) to decode")] = 400,
+    repeats: Annotated[int, typer.Option(min=1, help="passes per path; the best is reported")] = 2,
+) -> None:
+    """Benchmark: decoded + augmented train images/s per core, ours vs torchvision's reference path."""
+    from pipeline.bench.data import run_data_benchmark
+
+    run_data_benchmark(work_dir, num_images=images, repeats=repeats)
+
+
+@app.command(name="bench-train")
+def bench_train(
+    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated shards, throw-away MLflow store and Ray storage")] = Path("data/bench_train"),
+    only: Annotated[Optional[str], typer.Option(help="overhead | startup (default: both)")] = None,
+    model: Annotated[str, typer.Option(help="architecture for both paths")] = "resnet18",
+    image_size: Annotated[int, typer.Option(min=16, help="overhead: training crop side, pixels")] = 64,
+    global_batch: Annotated[int, typer.Option(min=1, help="overhead: global batch")] = 32,
+    epochs: Annotated[int, typer.Option(min=2, help="overhead: epochs per run; the first is warm-up")] = 2,
+    train_images: Annotated[int, typer.Option(min=1, help="overhead: training images per epoch")] = 512,
+    rounds: Annotated[int, typer.Option(min=1, help="overhead: alternating reference/ours pairs")] = 2,
+) -> None:
+    """Benchmark: Ray Train vs plain torchrun DDP images/s, and a 1-epoch train job's start-up time."""
+    from pipeline.bench.startup import run_startup_benchmark
+    from pipeline.bench.overhead import run_overhead_benchmark
+
+    if only not in (None, "overhead", "startup"):
+        fail(f"--only {only!r} is not one of overhead, startup")
+    if only in (None, "overhead"):
+        run_overhead_benchmark(work_dir, model=model, image_size=image_size, global_batch=global_batch,
+                               epochs=epochs, train_images=train_images, rounds=rounds)
+    if only in (None, "startup"):
+        run_startup_benchmark(work_dir, model=model)

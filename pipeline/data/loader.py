@@ -1,0 +1,229 @@
+"""Streams a rank's share of webdataset shards into uint8 batches through a torch DataLoader.
+
+The plan (`pipeline.data.plan`) fixes exactly which samples each DataLoader process reads; this module
+reads them with webdataset, shuffles (train), decodes and batches. Batches are built inside the
+dataset so every process yields whole batches with sizes fixed by the plan: a corrupt or missing
+sample becomes a masked slot (label IGNORE_LABEL) and never changes a rank's step count.
+
+    loader = build_loader(config.data, "train", rank=0, world_size=2, batch_size=64, seed=0)
+    loader.set_epoch(3)
+    for batch in loader: ...   # Batch(images uint8 NCHW, labels int64, corrupt count)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+from collections.abc import Iterator
+from typing import IO, NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from pipeline import storage
+from pipeline.config import DataConfig
+from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.data.plan import (
+    Segment, WorkerPlan, eval_steps_per_pass, plan_eval_worker, plan_train_worker, train_steps_per_epoch,
+)
+from pipeline.data.transforms import CorruptImageError, EvalTransform, TrainTransform
+
+# CrossEntropyLoss(ignore_index=IGNORE_LABEL) skips masked slots; accuracy counts skip labels < 0.
+IGNORE_LABEL = -100
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8, (N, 3, S, S); normalise on the device with transforms.normalize_batch
+    labels: torch.Tensor  # int64, IGNORE_LABEL for masked slots (corrupt samples and eval padding)
+    corrupt: torch.Tensor  # int64 scalar: samples in this batch that could not be read or decoded
+    keys: list[str]  # webdataset __key__ per slot ("" for masked slots): for audits and retrieval
+
+
+class _Sample(NamedTuple):
+    image: bytes | None  # None: unreadable or padding, becomes a masked slot
+    label: int
+    key: str = ""
+
+
+class ShardStream(IterableDataset):
+    """One rank's view of a split. DataLoader processes each take their block of the rank's plan."""
+
+    def __init__(
+        self, split_dir: str, manifest: Manifest, *, train: bool, rank: int, world_size: int,
+        batch_size: int, seed: int, data: DataConfig,
+    ) -> None:
+        self.split_dir = split_dir  # a local path or a URL (pipeline.storage)
+        self.shard_command = data.shard_command
+        self.manifest = manifest
+        self.train = train
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = data.shuffle_buffer
+        self.image_size = data.train_image_size if train else data.eval_image_size
+        self.transform = (
+            TrainTransform(data.train_image_size, data.min_crop_scale) if train
+            else EvalTransform(data.eval_image_size, data.eval_crop_ratio)
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def plan(self, worker: int = 0, num_workers: int = 1) -> WorkerPlan:
+        counts = self.manifest.shard_counts
+        if self.train:
+            return plan_train_worker(
+                counts, world_size=self.world_size, rank=self.rank, batch_size=self.batch_size,
+                seed=self.seed, epoch=self.epoch, worker=worker, num_workers=num_workers,
+            )
+        return plan_eval_worker(
+            counts, world_size=self.world_size, rank=self.rank, batch_size=self.batch_size,
+            worker=worker, num_workers=num_workers,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plan(worker, num_workers)
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        samples = self._read(plan.segments)
+        if self.train:
+            samples = _shuffled(samples, self.shuffle_buffer, rng)
+        padding = (_Sample(None, IGNORE_LABEL) for _ in range(plan.num_padding))
+        stream = _chain(samples, padding)
+        for size in plan.batch_sizes:
+            yield self._decode_batch([next(stream) for _ in range(size)], rng)
+
+    def _read(self, segments: tuple[Segment, ...]) -> Iterator[_Sample]:
+        for segment in segments:
+            url = storage.shard_location(self.split_dir, self.manifest.shards[segment.shard].name)
+            yield from _read_segment(url, segment, self.manifest, self.shard_command)
+
+    def _decode_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
+        images = torch.zeros((len(samples), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        labels = torch.full((len(samples),), IGNORE_LABEL, dtype=torch.int64)
+        keys = [""] * len(samples)
+        corrupt = 0
+        for slot, sample in enumerate(samples):
+            if sample.image is None:
+                corrupt += sample.label == _UNREADABLE  # eval padding is expected, not corrupt
+                continue
+            try:
+                images[slot] = (
+                    self.transform(sample.image, rng) if self.train else self.transform(sample.image)
+                )
+            except CorruptImageError:
+                corrupt += 1
+                continue
+            labels[slot] = sample.label
+            keys[slot] = sample.key
+        return Batch(images, labels, torch.tensor(corrupt, dtype=torch.int64), keys)
+
+
+_UNREADABLE = -1  # label of a sample whose bytes could not be read (counted as corrupt)
+
+
+def _read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: str | None) -> Iterator[_Sample]:
+    """Yield exactly `segment.length` samples; what cannot be read becomes an unreadable sample."""
+    produced = 0
+    try:
+        with storage.open_shard(url, shard_command) as stream:
+            for index, raw in enumerate(_tar_samples(stream, url)):
+                if index < segment.start:
+                    continue  # skipping costs a read, not a decode
+                if index >= segment.stop:
+                    break
+                yield _parse(raw, manifest)
+                produced += 1
+    except Exception as error:  # noqa: BLE001 - a damaged shard must not change this rank's step count
+        # Stopping early closes a `pipe:` mid-stream and its command may then exit with an error: harmless
+        # once every sample of the segment is in hand, so only a shortfall is worth a warning.
+        if produced < segment.length:
+            logging.getLogger(__name__).warning(
+                "%s on %s: %s; %d samples masked", url, socket.gethostname(), error, segment.length - produced)
+    for _ in range(segment.length - produced):
+        yield _Sample(None, _UNREADABLE)
+
+
+def _tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
+    """webdataset's own tar expansion and grouping by key, over a stream we opened (file, fsspec or pipe)."""
+    files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
+    return tariterators.group_by_keys(files)
+
+
+def _parse(raw: dict, manifest: Manifest) -> _Sample:
+    image = raw.get(manifest.image_key)
+    try:
+        label = int(raw[manifest.label_key])
+    except (KeyError, ValueError):
+        return _Sample(None, _UNREADABLE)
+    if image is None or not 0 <= label < manifest.num_classes:
+        return _Sample(None, _UNREADABLE)
+    return _Sample(image, label, raw.get("__key__", ""))
+
+
+def _shuffled(samples: Iterator[_Sample], buffer_size: int, rng: random.Random) -> Iterator[_Sample]:
+    buffer: list[_Sample] = []
+    for sample in samples:
+        if len(buffer) < buffer_size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(len(buffer))
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _chain(*iterators: Iterator[_Sample]) -> Iterator[_Sample]:
+    for iterator in iterators:
+        yield from iterator
+
+
+class EpochLoader:
+    """A DataLoader per epoch: workers are re-created so each sees the epoch number (no hidden state)."""
+
+    def __init__(self, dataset: ShardStream, data: DataConfig, pin_memory: bool) -> None:
+        self.dataset = dataset
+        self.loader_workers = data.loader_workers
+        self.prefetch_batches = data.prefetch_batches
+        self.pin_memory = pin_memory
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.dataset.manifest
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank; identical on every rank."""
+        total, world, batch = self.manifest.num_samples, self.dataset.world_size, self.dataset.batch_size
+        if self.dataset.train:
+            return train_steps_per_epoch(total, world, batch)
+        return eval_steps_per_pass(total, world, batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.loader_workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_batches if self.loader_workers else None,
+        )
+        return iter(loader)
+
+
+def build_loader(
+    data: DataConfig, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
+    pin_memory: bool = False,
+) -> EpochLoader:
+    """`batch_size` is per rank. `split` is train (shuffled, equal steps) or val/test (exactly once)."""
+    split_dir = storage.join(data.root, split)
+    manifest = read_manifest(split_dir)
+    dataset = ShardStream(
+        split_dir, manifest, train=split == "train", rank=rank, world_size=world_size,
+        batch_size=batch_size, seed=seed, data=data,
+    )
+    return EpochLoader(dataset, data, pin_memory)

@@ -1,0 +1,173 @@
+"""The model behind a source string, ready for inference: the MLflow registry (`models:/<name>@<alias>`,
+`models:/<name>/<version>`), a run (`runs:/<run_id>/model`) or a Ray Train checkpoint directory (`state.pt` +
+`meta.json`). MLflow is imported only for the first two.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from pipeline import storage
+from pipeline.config import Config, validate_config
+from pipeline.data.manifest import MANIFEST_NAME, SPLITS, Manifest, has_manifest, read_manifest
+from pipeline.errors import DataError, ModelSourceError
+from pipeline.tracking.uri import resolve_tracking_uri
+from pipeline.train.checkpoints import META_FILE, STATE_FILE, load_weights, read_meta
+from pipeline.train.models import build_model
+
+# models:/<name>@<alias> or models:/<name>/<version>; runs:/<run_id>/<artifact path>
+_REGISTRY_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+_REGISTRY_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
+_RUN_ARTIFACT = re.compile(r"^runs:/(?P<run_id>[0-9a-f]+)/(?P<path>.+)$")
+
+class InferenceModel(NamedTuple):
+    model: torch.nn.Module  # in inference mode, on the CPU
+    class_names: list[str]  # index -> human-readable name
+    architecture: str  # a config.MODEL_NAMES entry
+    eval_image_size: int  # the centre-crop side the model was evaluated (and, for pt2, exported) at
+
+
+class FrozenEvalModule(torch.nn.Module):
+    """Wraps a torch.export graph, which is fixed in the mode it was exported in (eval, see publish.py).
+
+    The unlifted graph raises on `train()` / `eval()`; here both are no-ops, so the graph runs through the same
+    evaluation code as an eager model.
+    """
+
+    def __init__(self, graph: torch.nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def train(self, mode: bool = True) -> "FrozenEvalModule":
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.graph(images)
+
+
+def load_model_for_inference(source: str, config: Config, split: str | None = None) -> InferenceModel:
+    """The model behind `source`, ready for inference on the CPU, with its class names.
+
+    MLflow models carry their class names, architecture and crop size in the logged model's metadata. A
+    checkpoint carries its architecture and crop size in meta.json; its class names come from the manifest
+    of `split` (default: the first of test, val, train) under `config.data.root`.
+    """
+    if source.startswith(("models:/", "runs:/")):
+        return _load_mlflow_model(source, config)
+    return _load_checkpoint_model(Path(source), config, split)
+
+
+def source_run_id(source: str, tracking_uri: str) -> str | None:
+    """The MLflow run that logged the model behind `source`; None for a checkpoint directory."""
+    if match := _RUN_ARTIFACT.match(source):
+        return match["run_id"]
+    if source.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        return _model_version(source, MlflowClient(tracking_uri), tracking_uri).run_id or None
+    return None
+
+
+def split_manifest(config: Config, split: str) -> Manifest:
+    split_dir = storage.join(config.data.root, split)
+    if not has_manifest(split_dir):
+        raise DataError(
+            f"data.root = '{config.data.root}': no {split}/{MANIFEST_NAME}; shard the {split} split or point "
+            "data.root at a folder holding it"
+        )
+    return read_manifest(split_dir)
+
+
+def _load_mlflow_model(source: str, config: Config) -> InferenceModel:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(config)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    if source.startswith("models:/"):
+        _model_version(source, client, uri)  # a clear error before any download
+    elif match := _RUN_ARTIFACT.match(source):
+        try:
+            client.get_run(match["run_id"])
+        except MlflowException:
+            raise ModelSourceError(f"{source}: no MLflow run {match['run_id']} in {uri}") from None
+    else:
+        raise ModelSourceError(f"{source}: expected runs:/<run_id>/<artifact path>")
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch)
+            metadata = mlflow.models.Model.load(local).metadata or {}
+            # pt2 (torch.export) models load as a graph module; mlflow does not (cannot) call eval() on it.
+            graph = mlflow.pytorch.load_model(local)
+        except (MlflowException, OSError, RuntimeError) as error:
+            raise ModelSourceError(f"{source}: cannot load an MLflow PyTorch model ({str(error).splitlines()[0]})") from None
+    missing = [key for key in ("classes", "architecture", "eval_image_size") if key not in metadata]
+    if missing:
+        raise ModelSourceError(f"{source}: the logged model's metadata lacks {', '.join(missing)}; publish it with "
+                         "pipeline.tracking.registry (imagenet-pipeline train)")
+    model = FrozenEvalModule(graph) if _is_exported(graph) else graph.eval()
+    return InferenceModel(model, list(metadata["classes"]), str(metadata["architecture"]),
+                          int(metadata["eval_image_size"]))
+
+
+def _is_exported(module: torch.nn.Module) -> bool:
+    # ExportedProgram.module() replaces train/eval with methods that raise; an eager model keeps nn.Module's.
+    return "train" in vars(module)
+
+
+def _model_version(source: str, client, uri: str):
+    """The registry entry behind models:/<name>@<alias> or models:/<name>/<version>, or a one-line ValueError."""
+    by_alias, by_version = _REGISTRY_ALIAS.match(source), _REGISTRY_VERSION.match(source)
+    if not by_alias and not by_version:
+        raise ModelSourceError(f"{source}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    from mlflow.exceptions import MlflowException
+
+    name = (by_alias or by_version)["name"]
+    try:
+        if by_alias:
+            return client.get_model_version_by_alias(name, by_alias["alias"])
+        return client.get_model_version(name, by_version["version"])
+    except MlflowException:
+        pass
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise ModelSourceError(f"{source}: no registered model '{name}' in {uri}") from None
+    wanted = f"alias '{by_alias['alias']}'" if by_alias else f"version {by_version['version']}"
+    raise ModelSourceError(f"{source}: registered model '{name}' has no {wanted}")
+
+
+def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -> InferenceModel:
+    if not directory.is_dir():
+        raise ModelSourceError(f"model source '{directory}': not a registered model (models:/...), a run (runs:/...) "
+                         "or an existing checkpoint directory")
+    if not (directory / STATE_FILE).is_file() or not (directory / META_FILE).is_file():
+        raise ModelSourceError(f"checkpoint directory '{directory}': needs {STATE_FILE} and {META_FILE}; "
+                         "point at a checkpoint_* folder of a training run")
+    meta = read_meta(directory)
+    trained = validate_config(meta["config"])  # the architecture and crop the weights were trained with
+    model = build_model(trained.model, meta["num_classes"])
+    load_weights(directory, model)
+    num_classes = meta["num_classes"]
+    candidates = [split] if split else [name for name in SPLITS[::-1]
+                                        if has_manifest(storage.join(config.data.root, name))]
+    if not candidates:  # nothing to name the classes by: predictions still show the indices
+        class_names = [f"class {index}" for index in range(num_classes)]
+    else:
+        manifest = split_manifest(config, candidates[0])
+        if manifest.num_classes != num_classes:
+            raise ModelSourceError(class_count_mismatch(str(directory), num_classes, config, candidates[0], manifest))
+        class_names = manifest.class_names()
+    return InferenceModel(model.eval(), class_names, meta["model"], trained.data.eval_image_size)
+
+
+def class_count_mismatch(source: str, num_classes: int, config: Config, split: str, manifest: Manifest) -> str:
+    return (f"{source} predicts {num_classes} classes but {storage.join(config.data.root, split)} has "
+            f"{manifest.num_classes}; use shards made from the same class list")

@@ -1,0 +1,210 @@
+"""Every location the project reads or writes: local paths (and NFS mounts), URLs, and `pipe:` streams.
+
+`data.root` and `tracking.storage_path` are either a path or a URL; this module is the one place that tells
+them apart (`is_url`) and reads, writes, lists or streams them. URLs go through fsspec; where fsspec's backend
+for a scheme is not installed (s3fs, gcsfs) but pyarrow has one (pyarrow is what Ray Train writes checkpoints
+with), pyarrow's filesystem is used through fsspec's wrapper, so checkpoint storage on s3:// or gs:// needs no
+extra package. With `data.shard_command` set, every shard is streamed through that command instead.
+
+Writing shards (shard, index) and verifying stay local: shard on a machine with a disk, then upload
+(`aws s3 sync data/shards s3://bucket/imagenet`).
+
+    join("s3://bucket/imagenet", "train")                    # 's3://bucket/imagenet/train'
+    read_text(join(root, "train", "manifest.json"))          # local path or URL
+    with open_shard(url, shard_command=None) as stream: ...  # a binary stream of one tar shard
+    checkpoint_names("s3://bucket/ray_results", "r50-a")      # ['checkpoint_2026-11-30_05-36-54.789035', ...]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, ContextManager
+
+import fsspec
+
+from pipeline.errors import StorageError, first_line
+
+PIPE_PREFIX = "pipe:"  # webdataset's scheme for "run this shell command and read its stdout"
+URL_PLACEHOLDER = "{url}"
+CHECKPOINT_PREFIX = "checkpoint_"
+_URL = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]*)://")
+# pathlib collapses 's3://b/x' to 's3:/b/x': a CLI option typed as a Path arrives like that.
+_COLLAPSED_URL = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]+):/+")
+# Protocols whose backend is in the project's `cloud` extra; others name their own package.
+_CLOUD_EXTRA = {"s3", "s3a", "gs", "gcs"}
+# Schemes pyarrow reads and writes itself (it is installed with Ray): the fallback when fsspec lacks a backend.
+_PYARROW_SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs"}
+UPLOAD_HINT = "shard (and index, verify) locally, then upload, e.g. `aws s3 sync data/shards s3://bucket/shards`"
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    return isinstance(location, str) and _URL.match(location) is not None
+
+
+def is_pipe(location: str) -> bool:
+    return location.startswith(PIPE_PREFIX)
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    """`base/name/...` for a local path or a URL (URLs always use '/')."""
+    if is_url(base):
+        return "/".join([str(base).rstrip("/"), *names])
+    return os.path.join(os.fspath(base), *names)
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """A path pinned to the current directory (Ray workers run elsewhere); URLs are absolute already."""
+    text = os.fspath(location)
+    return text if is_url(text) else str(Path(text).expanduser().absolute())
+
+
+def shard_location(split_dir: str | os.PathLike, name: str) -> str:
+    """A manifest's shard name under its split; a name that is already a URL or a `pipe:` stays as it is."""
+    return name if is_url(name) or is_pipe(name) else join(split_dir, name)
+
+
+def check_readable_protocol(url: str) -> None:
+    """Fail early, in one line, when `url` cannot be read: unknown protocol or its backend not installed."""
+    protocol = _URL.match(url)["protocol"]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError:
+        raise StorageError(f"reading {protocol}:// needs the {_backend_package(protocol)} package: "
+                           f"{_install_hint(protocol)}") from None
+    except ValueError:
+        raise StorageError(f"fsspec knows no {protocol}:// protocol; use a local or NFS path, or a URL such as "
+                           "s3://, gs://, file:// (see fsspec's known_implementations)") from None
+
+
+def check_shard_command(command: str) -> None:
+    if URL_PLACEHOLDER not in command:
+        raise StorageError(f"must contain {URL_PLACEHOLDER}, the shard to stream to stdout, "
+                           "e.g. 'aws s3 cp {url} -' or 'gsutil cat {url}'")
+
+
+@contextmanager
+def _on(action: str, location: str) -> Iterator[tuple[Any, str]]:
+    """The filesystem and path of a URL; any failure (credentials, network, permissions) is one line."""
+    try:
+        filesystem, path = _filesystem(location)
+    except StorageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - an unknown scheme or a backend's own error: the user's to fix
+        raise StorageError(f"cannot use {location}: {first_line(error)}") from None
+    try:
+        yield filesystem, path
+    except (OSError, ValueError, RuntimeError) as error:  # fsspec backends raise all three for remote failures
+        raise StorageError(f"cannot {action} {location}: {first_line(error)}") from None
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError:
+        if _URL.match(url)["protocol"] not in _PYARROW_SCHEMES:
+            raise
+    import pyarrow.fs
+    from fsspec.implementations.arrow import ArrowFSWrapper
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(url)
+    return ArrowFSWrapper(filesystem), path
+
+
+def is_file(location: str | os.PathLike) -> bool:
+    """True when `location` is an existing file; a store that cannot be reached is a one-line StorageError."""
+    if not is_url(location):
+        return Path(location).expanduser().is_file()
+    with _on("reach", str(location)) as (filesystem, path):
+        return filesystem.isfile(path)
+
+
+def read_text(location: str | os.PathLike) -> str:
+    if not is_url(location):
+        return Path(location).expanduser().read_text()
+    with _on("read", str(location)) as (filesystem, path), filesystem.open(path, "rb") as handle:
+        return handle.read().decode("utf-8")
+
+
+def write_text(location: str | os.PathLike, text: str) -> None:
+    """Write a small file; parent directories are created (object stores have none to create)."""
+    if not is_url(location):
+        path = Path(location).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return
+    with _on("write", str(location)) as (filesystem, path):
+        filesystem.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with filesystem.open(path, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Delete a small file; one that is already gone is not an error."""
+    if not is_url(location):
+        Path(location).expanduser().unlink(missing_ok=True)
+        return
+    with _on("remove", str(location)) as (filesystem, path):
+        if filesystem.isfile(path):
+            filesystem.rm_file(path)
+
+
+def checkpoint_names(storage_path: str | os.PathLike, run_name: str) -> list[str]:
+    """The run's checkpoint directory names, sorted by name (a listing, not a glob: names are taken literally)."""
+    run_dir = join(storage_path, run_name)
+    if not is_url(run_dir):
+        directory = Path(run_dir).expanduser()
+        names = [entry.name for entry in directory.iterdir() if entry.is_dir()] if directory.is_dir() else []
+    else:
+        with _on("list", run_dir) as (filesystem, path):
+            entries = filesystem.ls(path, detail=True) if filesystem.isdir(path) else []
+        names = [entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory"]
+    return sorted(name for name in names if name.startswith(CHECKPOINT_PREFIX))
+
+
+def open_shard(location: str, shard_command: str | None = None) -> ContextManager[IO[bytes]]:
+    """A binary stream of one shard, to use in a `with` block.
+
+    `pipe:` names run as given; with `shard_command` every other shard is streamed by that command; otherwise a
+    local path is opened directly and a URL through fsspec.
+    """
+    from webdataset.gopen import gopen  # here, not at the top: it imports torch, and config imports this module
+
+    if is_pipe(location):
+        return gopen(location, "rb")
+    if shard_command is not None:
+        return gopen(pipe_command(shard_command, location), "rb")
+    if is_url(location):
+        return fsspec.open(location, "rb")
+    return open(Path(location).expanduser(), "rb")
+
+
+def pipe_command(shard_command: str, location: str) -> str:
+    """webdataset's `pipe:` URL for `shard_command` with `{url}` replaced by the shell-quoted location."""
+    # str.replace, not str.format: a command may hold other braces (awk, jq) that are not placeholders.
+    return PIPE_PREFIX + shard_command.replace(URL_PLACEHOLDER, shlex.quote(location))
+
+
+def require_local(location: str | os.PathLike, what: str) -> Path:
+    """`location` as a local Path; a URL is refused, because writing and verifying work on local files only."""
+    text = os.fspath(location)
+    if is_url(text) or _COLLAPSED_URL.match(text):
+        shown = _COLLAPSED_URL.sub(r"\g<protocol>://", text)
+        raise StorageError(f"{what} = '{shown}': only a local or NFS path works here; {UPLOAD_HINT}")
+    return Path(text).expanduser()
+
+
+def _backend_package(protocol: str) -> str:
+    from fsspec.registry import known_implementations
+
+    return known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+
+
+def _install_hint(protocol: str) -> str:
+    if protocol in _CLOUD_EXTRA:
+        return "pip install 'imagenet-ray-pipeline[cloud]'"
+    return f"pip install {_backend_package(protocol)}"

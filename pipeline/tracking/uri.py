@@ -1,0 +1,44 @@
+"""Where MLflow runs go: the tracking URI every process of a job agrees on. No MLflow import, so inference and the
+job client can resolve it cheaply.
+
+The driver resolves the URI once and hands it to workers: MLflow's relative `sqlite:///mlflow.db` default would
+scatter databases, since Ray workers run in another directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.config import PROJECT_ROOT, Config, refuse_job_copy
+
+
+def resolve_tracking_uri(config: Config) -> str:
+    uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = pin_sqlite_uri(uri) if uri else f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+    if uri.startswith("sqlite:"):
+        refuse_job_copy("tracking.tracking_uri", uri, "that database would vanish with the job; set "
+                        "MLFLOW_TRACKING_URI on the cluster (an MLflow server) or pass --mlflow-uri to "
+                        "`imagenet-pipeline job submit`")
+    return uri
+
+
+def pin_sqlite_uri(uri: str) -> str:
+    """A relative `sqlite:///mlflow.db` made absolute under the project: Ray workers and jobs run elsewhere."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{(PROJECT_ROOT / uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
+
+
+def mlflow_ui_command(config: Config) -> str:
+    uri = resolve_tracking_uri(config)
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts beside a SQLite database; a tracking server decides its own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None

@@ -1,0 +1,154 @@
+"""Checkpoint contents: everything needed to continue a run exactly where it stopped.
+
+A checkpoint directory holds `state.pt` (model, optimiser, scheduler, grad scaler, RNG states, epoch,
+global step, metric history) and `meta.json` (model name, class count, manifest hash, resolved config),
+which is small and readable without torch so the driver can refuse a mismatched resume up front.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.errors import ConfigError, StorageError
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+@dataclass
+class TrainingState:
+    """The mutable state of one training run, saved whole in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per epoch
+    best_metric: float | None = None
+    epochs_without_improvement: int = 0
+
+
+def checkpoint_meta(config: Config, num_classes: int, manifest_hash: str) -> dict[str, Any]:
+    return {
+        "model": config.model.name,
+        "num_classes": num_classes,
+        "manifest_hash": manifest_hash,
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def save_checkpoint(
+    directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    scaler: torch.amp.GradScaler | None, state: TrainingState, meta: dict[str, Any],
+) -> None:
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "training_state": state.__dict__,
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+    }
+    torch.save(payload, directory / STATE_FILE)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+
+
+def load_checkpoint(
+    directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
+) -> TrainingState:
+    payload = read_state(directory)
+    model.load_state_dict(payload["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    if scaler is not None and scaler.is_enabled() and payload["scaler"]:
+        scaler.load_state_dict(payload["scaler"])
+    rng = payload["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainingState(**payload["training_state"])
+
+
+def read_state(directory: str | Path) -> dict[str, Any]:
+    """The whole saved state (weights, optimiser, training state, RNG) without applying any of it."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_weights(directory: str | Path, model: torch.nn.Module) -> torch.nn.Module:
+    """Only the model weights: for inference, where restoring RNG states would disturb the caller."""
+    model.load_state_dict(read_state(directory)["model"])
+    return model
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """meta.json of a checkpoint on local storage or object storage (no torch, no download of the weights)."""
+    return json.loads(storage.read_text(storage.join(directory, META_FILE)))
+
+
+def check_compatible(meta: dict[str, Any], model_name: str, num_classes: int, where: str) -> None:
+    """A checkpoint of another architecture or class count would silently fail to load; say why instead."""
+    if meta["model"] != model_name or meta["num_classes"] != num_classes:
+        raise ConfigError(
+            f"{where} holds a {meta['model']} checkpoint with {meta['num_classes']} classes, but the config asks "
+            f"for {model_name} with {num_classes} classes; choose another tracking.run_name or remove that run"
+        )
+
+
+def latest_run_checkpoint(storage_path: str | Path, run_name: str) -> str | None:
+    """The newest complete checkpoint (one with its meta.json) Ray Train left for `run_name`, on any storage.
+
+    Ray names checkpoint directories by the time they were written (checkpoint_2026-11-30_05-36-54.789035), so
+    the last by name is the newest, on object stores too, which keep no directory times.
+    """
+    for name in reversed(storage.checkpoint_names(storage_path, run_name)):
+        directory = storage.join(storage_path, run_name, name)
+        if storage.is_file(storage.join(directory, META_FILE)):
+            return directory
+    return None
+
+
+def checkpoint_uri(location: str, storage_path: str) -> str:
+    """Where Ray put a checkpoint, as a URI: Ray reports paths on a storage URI without the scheme
+    ("bucket/run/checkpoint_…" for s3://bucket, "/mnt/x/run/checkpoint_…" for file:///mnt/x)."""
+    if storage.is_url(location) or not storage.is_url(storage_path):
+        return location
+    return f"{urlsplit(storage_path).scheme}://{location}"
+
+
+@contextmanager
+def local_checkpoint(location: str, storage_path: str) -> Iterator[Path]:
+    """A checkpoint as a directory on this machine: `location` itself on local storage (disk, NFS); with a
+    storage URI (s3://, gs://, file://) fetched through Ray's filesystem layer for the duration of the block
+    (a local file:// path is used in place, a remote one downloaded and removed afterwards).
+    """
+    uri = checkpoint_uri(location, storage_path)
+    if not storage.is_url(uri):
+        if not Path(uri).is_dir():
+            raise StorageError(f"checkpoint '{location}': no such directory; was tracking.storage_path "
+                             f"'{storage_path}' moved or cleaned?")
+        yield Path(uri)
+        return
+    from ray.train import Checkpoint
+
+    with Checkpoint(uri).as_directory() as directory:
+        yield Path(directory)

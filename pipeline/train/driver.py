@@ -1,0 +1,224 @@
+"""The training driver: check everything, start the Ray Train job, then publish the result in MLflow.
+
+    imagenet-pipeline train -c jobs/configs/resnet18_small.yaml --set tracking.run_name=r18-a
+
+Everything that can be wrong with the inputs fails here, before a worker starts: shards, class
+counts, a resumed run of another architecture, an unwritable storage path, an unreachable tracking
+server. Running again with the same `tracking.run_name` resumes from the latest checkpoint and keeps
+writing to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline import events, storage
+from pipeline import metrics as m
+from pipeline.config import WORKER_GROUP_START_TIMEOUT_S, Config, refuse_job_copy, require_shards
+from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.errors import ConfigError, StorageError
+from pipeline.tracking.registry import Published, register_model
+from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run
+from pipeline.train.checkpoints import check_compatible, latest_run_checkpoint, load_weights, local_checkpoint
+from pipeline.train.checkpoints import read_meta, read_state
+from pipeline.train.models import build_model
+from pipeline.train.worker import RunWiring, train_worker
+from pipeline.upstream import ray_54305
+
+
+@dataclass
+class TrainingOutcome:
+    run_name: str
+    mlflow_run_id: str
+    best_metrics: dict[str, Any]
+    best_checkpoint: str | None
+    model_version: str | None
+    promoted: bool
+    history: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrialOptions:
+    """How a Ray Tune trial runs training: nested under the sweep's MLflow run, each report forwarded to Tune by
+    `callbacks`, its placement group noted for release (ray#54305), and not published (only the sweep's best is)."""
+
+    parent_run_id: str
+    callbacks: tuple[Any, ...] = ()
+
+
+def run_training(config: Config, trial: TrialOptions | None = None) -> TrainingOutcome:
+    """Train to the end (or early stop); outside a sweep, log and register the best model."""
+    started = time.perf_counter()
+    config = config.with_absolute_paths()
+    manifest = check_inputs(config)
+    run_name = config.tracking.run_name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage_root = storage_path(config)
+    check_resume_compatible(storage_root, run_name, config, manifest)
+    uri, experiment_id = prepare_tracking(config)
+    run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash(),
+                                          trial.parent_run_id if trial else None)
+    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; Ray run '{run_name}' in {storage_root}")
+    events.record("mlflow_run_ready")
+
+    wiring = RunWiring(
+        mlflow_run_id=run_id, tracking_uri=uri,
+        local_checkpoint_root=f"{storage_root}/{run_name}" if config.scaling.num_workers == 0 else None,
+        placement_group_note=ray_54305.note_location(storage_root, run_name) if trial else None,
+        events_file=events.current_file(),
+    )
+    trainer = build_trainer(config, run_name, storage_root, wiring, list(trial.callbacks) if trial else [])
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        best = best_checkpoint(result)
+        history, published = [], None
+        if trial is None:  # a sweep reads its trials' history from Tune and publishes only the best trial
+            history = read_history(result.checkpoint)
+            if best:
+                published = publish(config, uri, run_id, best.path, best.metrics, history, manifest)
+    except BaseException:
+        end_run(uri, run_id, FAILED)
+        raise
+    end_run(uri, run_id, FINISHED)
+    return TrainingOutcome(
+        run_name=run_name, mlflow_run_id=run_id,
+        best_metrics=dict(best.metrics) if best else {}, best_checkpoint=best.path if best else None,
+        model_version=published.version if published else None, promoted=bool(published and published.promoted),
+        history=history, seconds=time.perf_counter() - started,
+    )
+
+
+def publish(config: Config, uri: str, run_id: str, checkpoint_path: str, best_metrics: dict[str, Any],
+            history: list[dict[str, Any]], manifest: Manifest) -> Published:
+    """Load the best checkpoint's weights (downloaded first from object storage) and register them."""
+    events.record("publish_started")
+    with local_checkpoint(checkpoint_path, config.tracking.storage_path) as directory:
+        model = load_model_from_checkpoint(config, directory, manifest.num_classes)
+    published = register_model(config, uri, run_id, model, best_metrics, history, manifest)
+    events.record("model_registered")
+    return published
+
+
+def load_model_from_checkpoint(config: Config, checkpoint_path: str | Path, num_classes: int) -> torch.nn.Module:
+    return load_weights(checkpoint_path, build_model(config.model, num_classes)).cpu().eval()
+
+
+def check_inputs(config: Config) -> Manifest:
+    require_shards(config, ("train", "val"))
+    train = read_manifest(storage.join(config.data.root, "train"))
+    val = read_manifest(storage.join(config.data.root, "val"))
+    if train.num_classes != val.num_classes:
+        raise ConfigError(
+            f"data.root = '{config.data.root}': train has {train.num_classes} classes but val has {val.num_classes}; "
+            "shard both splits from the same source"
+        )
+    expected = config.model.num_classes
+    if expected is not None and expected != train.num_classes:
+        raise ConfigError(
+            f"model.num_classes = {expected}: the shards in {config.data.root} have {train.num_classes} classes; "
+            "set model.num_classes to null to take it from the manifest"
+        )
+    return train
+
+
+def storage_path(config: Config) -> str:
+    """Checkpoint storage, checked writable up front (object-store URIs are left to Ray's filesystem)."""
+    if storage.is_url(config.tracking.storage_path):
+        if config.scaling.num_workers == 0:
+            raise ConfigError(f"tracking.storage_path = '{config.tracking.storage_path}': local mode "
+                              "(scaling.num_workers = 0) keeps its checkpoints on local disk; give a local path")
+        return config.tracking.storage_path
+    path = Path(config.tracking.storage_path)
+    refuse_job_copy("tracking.storage_path", str(path), "checkpoints there would vanish with the job")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{time.time_ns()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(
+            f"tracking.storage_path = '{config.tracking.storage_path}': cannot write there ({error.strerror})"
+        ) from None
+    return str(path)
+
+
+def check_resume_compatible(storage_root: str, run_name: str, config: Config, manifest: Manifest) -> None:
+    try:
+        latest = latest_run_checkpoint(storage_root, run_name)
+    except StorageError as error:  # an object store that cannot be listed (credentials, network)
+        raise ConfigError(f"tracking.storage_path = '{storage_root}': {error}") from None
+    if latest is not None:
+        check_compatible(read_meta(latest), config.model.name, manifest.num_classes, f"run '{run_name}' ({latest})")
+
+
+def build_trainer(config: Config, run_name: str, storage_root: str, wiring: RunWiring,
+                  callbacks: list[Any]) -> TorchTrainer:
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if config.scaling.use_gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": config, "wiring": wiring},
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(storage_root),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.tracking.keep_checkpoints,
+                checkpoint_score_attribute=m.SELECTION_METRIC, checkpoint_score_order=m.SELECTION_MODE,
+            ),
+            # A controller that keeps failing (e.g. a worker group that never fits) ends the run
+            # instead of retrying forever, Ray's default.
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures, controller_failure_limit=3),
+            callbacks=callbacks,
+            # Ray's per-report INFO lines drown the epoch table; warnings and errors still show.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
+
+
+@dataclass
+class BestCheckpoint:
+    path: str
+    metrics: dict[str, Any]
+
+
+def best_checkpoint(result: Any) -> BestCheckpoint | None:
+    """The best reported checkpoint by the selection metric (Ray keeps it and the latest)."""
+    scored = [(checkpoint, metrics) for checkpoint, metrics in (result.best_checkpoints or [])
+              if m.SELECTION_METRIC in metrics]
+    if not scored and result.checkpoint is not None and m.SELECTION_METRIC in (result.metrics or {}):
+        scored = [(result.checkpoint, result.metrics)]  # local mode keeps only the last checkpoint
+    if not scored:
+        return None
+    checkpoint, metrics = max(scored, key=lambda pair: pair[1][m.SELECTION_METRIC])
+    return BestCheckpoint(checkpoint.path, metrics)
+
+
+def read_history(checkpoint: Checkpoint | None) -> list[dict[str, Any]]:
+    """The per-epoch metrics of the whole run, from the latest checkpoint's training state (downloaded
+    first when the checkpoint lives in object storage)."""
+    if checkpoint is None:
+        return []
+    with checkpoint.as_directory() as directory:
+        return read_state(directory)["training_state"]["history"]
+
+
+def ensure_ray() -> None:
+    """Join the cluster when run as a Ray job (RAY_ADDRESS); otherwise start Ray in-process."""
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_GROUP_START_TIMEOUT_S)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+        events.record("ray_started")

@@ -1,0 +1,185 @@
+"""Models: the 2012 AlexNet, torchvision's AlexNet and ResNets, built from one `ModelConfig`.
+
+    from pipeline.config import ModelConfig
+    from pipeline.train.models import build_model, feature_extractor
+    model = build_model(ModelConfig(name="resnet50", dropout=0.2), num_classes=1000)
+    features = feature_extractor(model).eval()(images)  # (batch, 2048), for retrieval
+
+Parameter counts at 1000 classes (checked in tests/test_models.py):
+    alexnet     62,378,344  (single tower; the paper's two-GPU grouped net has 60,965,224, "60 million")
+    alexnet_tv  61,100,840      resnet18  11,689,512      resnet34  21,797,672
+    resnet50    25,557,032      resnet101 44,549,160      resnet152 60,192,808
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from pipeline.errors import ConfigError
+from pipeline.config import MODEL_NAMES, ModelConfig
+
+_RESNET_BUILDERS = {
+    "resnet18": torchvision.models.resnet18,
+    "resnet34": torchvision.models.resnet34,
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+    "resnet152": torchvision.models.resnet152,
+}
+_TORCHVISION_WEIGHTS = {
+    "alexnet_tv": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+    "resnet152": torchvision.models.ResNet152_Weights.IMAGENET1K_V1,
+}
+
+# Published ImageNet-1k validation accuracy, percent: (top-1, top-5). Torchvision's figures are single 224 px
+# centre crops of its V1 reference-recipe weights, read from the weights' metadata (nothing is downloaded).
+# The paper's figure (Krizhevsky et al. 2012, Table 2, one CNN: 40.7 % top-1 / 18.2 % top-5 error) averages
+# ten crops (4 corners + centre, and their mirrors), so it flatters the net by roughly 1-2 points against
+# single-crop numbers.
+PUBLISHED_TOP1_TOP5: dict[str, tuple[float, float]] = {
+    "alexnet": (100.0 - 40.7, 100.0 - 18.2),
+    **{
+        name: (weights.meta["_metrics"]["ImageNet-1K"]["acc@1"], weights.meta["_metrics"]["ImageNet-1K"]["acc@5"])
+        for name, weights in _TORCHVISION_WEIGHTS.items()
+    },
+}
+# Top-5 error, percent: the 2012 winning entry (7 CNNs, test set) and a trained human annotator
+# (Russakovsky et al. 2015, on 1,500 test images).
+ALEXNET_ENSEMBLE_TOP5_ERROR = 15.3
+HUMAN_TOP5_ERROR = 5.1
+
+# Smallest square input side, pixels, that survives the network's strides and pools. Both AlexNets need three
+# 3x3 max-pools to see at least 3x3 maps; ResNets end in adaptive pooling and accept any side.
+MIN_IMAGE_SIZE: dict[str, int] = {"alexnet": 63, "alexnet_tv": 63, **{name: 1 for name in _RESNET_BUILDERS}}
+
+
+class AlexNet2012(nn.Module):
+    """The ILSVRC-2012 winner (Krizhevsky, Sutskever & Hinton 2012) as one ungrouped tower.
+
+    The paper split conv2, conv4 and conv5 across two GPUs (groups=2); one device needs no split, so every
+    conv here sees all input channels (1.4 M more parameters, same feature-map shapes). At 224 px input:
+    conv1 96@55x55 -> pool 27 -> conv2 256@27 -> pool 13 -> conv3 384, conv4 384, conv5 256 @13 -> pool 6,
+    then FC 4096 -> FC 4096 -> FC classes, with dropout before the first two FC layers. The paper quotes
+    224 px input, but an 11x11 stride-4 conv only yields 55x55 with 2 px of padding (227 px without).
+    The adaptive average pool is the identity at 224 px and lets smaller training sides (>= 63 px) work.
+    """
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, local_response_norm: bool = True) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            _response_norm() if local_response_norm else nn.Identity(),
+            nn.MaxPool2d(kernel_size=3, stride=2),  # overlapping: window 3 > stride 2
+            nn.Conv2d(96, 256, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            _response_norm() if local_response_norm else nn.Identity(),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(256, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        # Same layout as torchvision's AlexNet classifier, so `feature_extractor` treats both alike.
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=dropout),
+            nn.Linear(256 * 6 * 6, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, num_classes),
+        )
+        self._init_as_in_the_paper()
+
+    def _init_as_in_the_paper(self) -> None:
+        # Paper, section 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers (to
+        # give the ReLUs positive inputs early on), 0 elsewhere. Kept as published, although this init is
+        # known to start slowly, and to stall without LRN: Caffe's reference AlexNet moved to N(0, 0.005) in
+        # fc6/fc7 and biases 0.1; `alexnet_tv` (torchvision's Kaiming-uniform defaults) is the easy baseline.
+        convs = [module for module in self.features if isinstance(module, nn.Conv2d)]
+        linears = [module for module in self.classifier if isinstance(module, nn.Linear)]
+        bias_one = {id(convs[1]), id(convs[3]), id(convs[4]), id(linears[0]), id(linears[1])}
+        for layer in convs + linears:
+            nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+            nn.init.constant_(layer.bias, 1.0 if id(layer) in bias_one else 0.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.avgpool(self.features(images))
+        return self.classifier(torch.flatten(features, 1))
+
+
+def _response_norm() -> nn.LocalResponseNorm:
+    # Paper: b = a / (k + alpha * sum of a^2 over n = 5 adjacent channels)^beta, k = 2, alpha = 1e-4,
+    # beta = 0.75. PyTorch divides alpha by n inside the sum, so pass n * alpha to get the paper's layer.
+    size = 5
+    return nn.LocalResponseNorm(size=size, alpha=1e-4 * size, beta=0.75, k=2.0)
+
+
+def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
+    """A freshly initialised (never pretrained) classifier for `num_classes` classes.
+
+    ResNets use `zero_init_residual=True`: the last BatchNorm of each residual block starts at gamma 0, so each
+    block starts as the identity, which helps large-batch training (Goyal et al. 2017). With dropout > 0 the
+    classifier becomes `Sequential(Dropout, Linear)` (keys `fc.1.*`); with 0 it stays torchvision's plain `fc`.
+    """
+    if config.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name = {config.name!r}: unknown model; choose one of {', '.join(MODEL_NAMES)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"num_classes = {num_classes!r}: a classifier needs an integer number of classes >= 2")
+    if config.name == "alexnet":
+        return AlexNet2012(num_classes, config.dropout, config.local_response_norm)
+    if config.name == "alexnet_tv":
+        return torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=config.dropout)
+    model = _RESNET_BUILDERS[config.name](weights=None, num_classes=num_classes, zero_init_residual=True)
+    if config.dropout > 0:
+        model.fc = nn.Sequential(nn.Dropout(p=config.dropout), model.fc)
+    return model
+
+
+def feature_extractor(model: nn.Module) -> nn.Module:
+    """A module mapping images to penultimate-layer features, sharing `model`'s weights.
+
+    ResNets: the globally pooled vector (512-d for resnet18/34, 2048-d deeper). AlexNets: the second 4096-d FC
+    activation (after its ReLU). Call `.eval()` on the result before embedding so dropout and BatchNorm are in
+    inference mode.
+    """
+    if isinstance(model, torchvision.models.ResNet):
+        node = "flatten"
+    elif isinstance(model, (AlexNet2012, torchvision.models.AlexNet)):
+        node = f"classifier.{len(model.classifier) - 2}"  # the ReLU after the second 4096-d layer
+    else:
+        raise ValueError(f"feature_extractor: unsupported model type {type(model).__name__}; build it with build_model")
+    return _SingleOutput(create_feature_extractor(model, return_nodes={node: "features"}))
+
+
+class _SingleOutput(nn.Module):
+    """Unwraps torchvision's `{name: tensor}` extractor output into the tensor."""
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor = extractor
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor(images)["features"]
+
+
+def embedding_dim(model: nn.Module) -> int:
+    """Length of the `feature_extractor` vector: the input width of the final classifier layer."""
+    last_linear = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+    return last_linear.in_features
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or frozen; torchvision's `num_params` counts the same way."""
+    return sum(parameter.numel() for parameter in model.parameters())

@@ -1,0 +1,149 @@
+"""The per-step training and evaluation code: plain PyTorch, no Ray and no MLflow.
+
+This is what a GPU box with only PyTorch installed runs (benchmarks, debugging), and what `evaluate` uses for
+held-out splits. Distribution enters only through `torch.distributed`: counts are summed across ranks when a
+process group exists.
+
+    rank = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
+    train_metrics = train_one_epoch(model, loader, optimizer, scheduler, grad_scaler(rank), config, rank, 0, state)
+    val_metrics = evaluate(model, val_loader, rank, prefix="val")
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline import events
+from pipeline import metrics as m
+from pipeline.config import Config
+from pipeline.data.loader import IGNORE_LABEL, EpochLoader
+from pipeline.data.transforms import normalize_batch
+from pipeline.train.checkpoints import TrainingState
+from pipeline.train.optim import step_after_iteration
+
+
+@dataclass(frozen=True)
+class RankDevice:
+    """Where this process sits in the job (its Ray Train rank) and what it computes with."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """`scaling.mixed_precision` as a dtype: auto is bf16 on GPUs that support it, full precision elsewhere."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16 if precision == "fp16" else None
+
+
+def grad_scaler(rank: RankDevice) -> torch.amp.GradScaler:
+    """A loss scaler that is a no-op except in fp16, so the step has no branches for it."""
+    return torch.amp.GradScaler(rank.device.type, enabled=rank.autocast_dtype == torch.float16)
+
+
+def autocast(rank: RankDevice):
+    if rank.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=rank.device.type, dtype=rank.autocast_dtype)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # Evaluation and checkpoints use the plain module: no DDP collectives, so ranks never wait on each other mid-pass.
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: torch.amp.GradScaler, config: Config,
+                    rank: RankDevice, epoch: int, state: TrainingState) -> dict[str, float]:
+    model.train()
+    loader.set_epoch(epoch)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing)
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, valid samples, corrupt samples
+    waiting = 0.0
+    started = tick = time.perf_counter()
+    for batch in loader:
+        waiting += time.perf_counter() - tick
+        images = normalize_batch(batch.images, rank.device, channels_last=rank.channels_last)
+        labels = batch.labels.to(rank.device, non_blocking=True)
+        with autocast(rank):
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clipping sees true gradient norms
+        if config.optim.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        step_after_iteration(scheduler)
+        state.global_step += 1
+        if state.global_step == 1:
+            events.record("first_step", rank=rank.rank)
+        valid = int((batch.labels != IGNORE_LABEL).sum())
+        if valid:  # an all-masked batch gives a NaN loss that must not reach the average
+            totals += torch.tensor([loss.item() * valid, valid, int(batch.corrupt)], dtype=torch.float64)
+        else:
+            totals[2] += int(batch.corrupt)
+        tick = time.perf_counter()
+    elapsed = time.perf_counter() - started
+    loss_sum, count, corrupt = all_reduce(totals, rank).tolist()
+    return {
+        m.TRAIN_LOSS: loss_sum / max(count, 1),
+        m.TRAIN_LR: optimizer.param_groups[0]["lr"],
+        m.TRAIN_IMAGES_PER_SECOND: count / elapsed,
+        m.TRAIN_DATA_WAIT_SHARE: waiting / elapsed,
+        m.TRAIN_CORRUPT_SAMPLES: corrupt,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, prefix: str) -> dict[str, float]:
+    """Exact top-1/top-5: counts from every rank are summed before dividing."""
+    model.eval()
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
+    totals = torch.zeros(5, dtype=torch.float64)  # loss sum, valid samples, top-1, top-5, corrupt
+    for batch in loader:
+        images = normalize_batch(batch.images, rank.device, channels_last=rank.channels_last)
+        labels = batch.labels.to(rank.device)
+        with autocast(rank):
+            logits = model(images).float()
+        top1, top5 = m.topk_correct(logits, labels)
+        valid = int((labels != IGNORE_LABEL).sum())
+        loss = criterion(logits, labels).item() if valid else 0.0
+        totals += torch.tensor([loss, valid, top1, top5, int(batch.corrupt)], dtype=torch.float64)
+    loss_sum, count, top1, top5, corrupt = all_reduce(totals, rank).tolist()
+    count = max(count, 1)
+    return {
+        f"{prefix}/loss": loss_sum / count,
+        f"{prefix}/top1": 100.0 * top1 / count,
+        f"{prefix}/top5": 100.0 * top5 / count,
+        f"{prefix}/corrupt_samples": corrupt,
+    }
+
+
+def all_reduce(totals: torch.Tensor, rank: RankDevice) -> torch.Tensor:
+    if rank.world_size > 1 and dist.is_initialized():
+        reduced = totals.to(rank.device)  # NCCL reduces device tensors only
+        dist.all_reduce(reduced)
+        return reduced.cpu()
+    return totals
+
+
+def update_early_stopping(state: TrainingState, epoch_metrics: dict[str, float], patience: int | None) -> bool:
+    """Stop when validation accuracy has not improved for `patience` epochs (the val curve turned)."""
+    score = epoch_metrics[m.SELECTION_METRIC]
+    state.epoch = int(epoch_metrics[m.EPOCH])
+    state.history.append(dict(epoch_metrics))
+    if state.best_metric is None or score > state.best_metric:
+        state.best_metric, state.epochs_without_improvement = score, 0
+    else:
+        state.epochs_without_improvement += 1
+    return patience is not None and state.epochs_without_improvement >= patience

@@ -1,0 +1,164 @@
+"""The function Ray Train runs on every worker (or in-process in local mode): the story of one rank's run.
+
+Set up the rank, build the loaders and the model, restore the latest checkpoint, then for each epoch train,
+evaluate, report (metrics + checkpoint) and decide whether to stop early. The Ray calls are here
+(`ray.train.get_context/get_checkpoint/report`, `ray.train.torch.prepare_model/get_device`); the per-step work is
+plain PyTorch in `pipeline.train.step`. Workers receive the typed `Config` and a `RunWiring`; nothing else.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from pipeline import events
+from pipeline import metrics as m
+from pipeline.config import Config
+from pipeline.data.loader import EpochLoader, build_loader
+from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker
+from pipeline.train.checkpoints import (
+    TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, save_checkpoint,
+)
+from pipeline.train.models import build_model
+from pipeline.train.optim import build_optimizer, build_scheduler, step_after_validation
+from pipeline.train.progress import EpochTable, RankLogger
+from pipeline.train.step import (
+    RankDevice, autocast_dtype, evaluate, grad_scaler, train_one_epoch, unwrap, update_early_stopping,
+)
+from pipeline.upstream import ray_54305, ray_train_report_log
+
+
+@dataclass(frozen=True)
+class RunWiring:
+    """What a worker needs beyond the config: where its run is tracked and where its files go."""
+
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+    # Local mode (num_workers=0, for tests and debugging): Ray keeps no checkpoint copy, so rank 0 writes here.
+    local_checkpoint_root: str | None = None
+    placement_group_note: str | None = None  # sweeps only: see pipeline.upstream.ray_54305
+    events_file: str | None = None  # the driver's pipeline.events file, if it records one
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    config: Config = loop_config["config"]
+    wiring: RunWiring = loop_config.get("wiring") or RunWiring()
+    events.use_file(wiring.events_file)
+    rank = setup_rank(config)
+    log = RankLogger(rank.rank)
+    ray_54305.record_placement_group(rank.rank, wiring.placement_group_note)
+    nodes = worker_node_ids(rank)
+    train_loader, val_loader = build_loaders(config, rank)
+    manifest = train_loader.manifest
+    # On its device before the optimiser exists: restored momentum buffers then land on the same device.
+    model = to_device(build_model(config.model, manifest.num_classes), rank)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, len(train_loader))
+    scaler = grad_scaler(rank)
+    state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, log)
+    torch.manual_seed(config.seed + 1000 * state.epoch + rank.rank)  # ranks differ again after a resume
+    if config.optim.patience and state.epochs_without_improvement >= config.optim.patience:
+        log.info(f"this run already stopped early after epoch {state.epoch}; nothing to do")
+        return  # every rank restored the same state, so every rank returns here
+    model = wrap(model, rank, config.scaling.compile)
+    tracker = WorkerTracker.for_rank(rank.rank, wiring.mlflow_run_id, wiring.tracking_uri)
+    table = EpochTable(log)
+    meta = checkpoint_meta(config, manifest.num_classes, manifest.content_hash())
+    log.info(
+        f"world size {rank.world_size}, device {rank.device}, global batch {config.optim.batch_size} "
+        f"= {rank.world_size} x {config.per_worker_batch_size}, {len(train_loader)} steps per epoch, "
+        f"on {len(set(nodes))} node(s)"
+    )
+    events.record("loop_ready", rank=rank.rank)
+    with tracker:
+        tracker.set_tags({WORKER_NODES_TAG: ",".join(nodes)})
+        for epoch in range(state.epoch, config.optim.epochs):
+            train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, rank, epoch, state)
+            val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
+            step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
+            epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
+            stop = update_early_stopping(state, epoch_metrics, config.optim.patience)
+            report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
+            tracker.log_epoch(epoch_metrics)
+            table.row(epoch_metrics)
+            events.record("epoch_end", rank=rank.rank, epoch=epoch + 1)
+            if stop:
+                log.info(f"early stop: {m.SELECTION_METRIC} has not improved for {config.optim.patience} epochs")
+                break
+
+
+def setup_rank(config: Config) -> RankDevice:
+    ray_train_report_log.quiet_report_logging()
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    torch.manual_seed(config.seed + context.get_world_rank())
+    return RankDevice(
+        rank=context.get_world_rank(), world_size=context.get_world_size(), device=device,
+        autocast_dtype=autocast_dtype(config.scaling.mixed_precision, device),
+        channels_last=config.scaling.channels_last and device.type == "cuda",
+    )
+
+
+def worker_node_ids(rank: RankDevice) -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    if rank.world_size == 1 or not dist.is_initialized():
+        return [node]
+    nodes: list[Any] = [None] * rank.world_size
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochLoader]:
+    common = dict(rank=rank.rank, world_size=rank.world_size, batch_size=config.per_worker_batch_size,
+                  seed=config.seed, pin_memory=rank.device.type == "cuda")
+    return build_loader(config.data, "train", **common), build_loader(config.data, "val", **common)
+
+
+def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: int, log: RankLogger) -> TrainingState:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return TrainingState()
+    with checkpoint.as_directory() as directory:
+        check_compatible(read_meta(Path(directory)), config.model.name, num_classes, f"checkpoint {checkpoint.path}")
+        state = load_checkpoint(Path(directory), model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+    log.info(f"resumed from {checkpoint.path} after epoch {state.epoch}")
+    return state
+
+
+def to_device(model: torch.nn.Module, rank: RankDevice) -> torch.nn.Module:
+    model = model.to(rank.device)
+    return model.to(memory_format=torch.channels_last) if rank.channels_last else model
+
+
+def wrap(model: torch.nn.Module, rank: RankDevice, compile_model: bool) -> torch.nn.Module:
+    if rank.world_size > 1:
+        model = ray.train.torch.prepare_model(model, move_to_device=False)  # DDP: gloo on CPUs, NCCL on GPUs
+    return torch.compile(model) if compile_model else model
+
+
+def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank: RankDevice,
+           local_checkpoint_root: str | None) -> None:
+    """Every rank calls report (it is a barrier); only rank 0 hands over a checkpoint.
+
+    Ray copies a reported directory to storage; local mode (num_workers=0) keeps only a reference,
+    so there the checkpoint is written straight into the run's storage folder instead.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = None
+        if rank.rank == 0:
+            directory = Path(scratch)
+            if local_checkpoint_root:
+                directory = Path(local_checkpoint_root) / f"checkpoint_epoch_{state.epoch:04d}"
+                directory.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(directory, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
+                            scaler=scaler, state=state, meta=meta)
+            checkpoint = ray.train.Checkpoint.from_directory(str(directory))
+        ray.train.report(epoch_metrics, checkpoint=checkpoint)

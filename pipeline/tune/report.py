@@ -1,0 +1,94 @@
+"""What a finished sweep shows: the trial table, and the parent MLflow run's summary, counts and plots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from pipeline import metrics as m
+from pipeline.config import Config
+from pipeline.tracking.plots import parameter_scatter, sweep_learning_curves
+from pipeline.tracking.runs import FAILED, FINISHED, KILLED, end_run
+
+STOPPED_TAG = "asha_stopped"
+STOPPED_AT_TAG = "asha_stopped_at_epoch"
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    params: dict[str, Any]
+    status: str  # completed | stopped early | failed
+    epochs_run: int  # epochs Tune received; for a stopped trial, the epoch ASHA stopped it at
+    best_top1: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    best_checkpoint: str | None = None
+    mlflow_run_id: str | None = None
+    epochs_trained: int = 0  # epochs actually computed: a stopped trial may finish one more before it dies
+
+
+def print_trial_table(trials: list[TrialSummary], keys: list[str]) -> None:
+    header = ["trial", *keys, "best val top-1", "epochs", "status"]
+    rows = [[t.trial_id, *[_short(t.params.get(k)) for k in keys],
+             "-" if t.best_top1 is None else f"{t.best_top1:.2f}", str(t.epochs_run), t.status]
+            for t in sorted(trials, key=lambda t: -(t.best_top1 or -1))]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for line in [header, *rows]:
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, trials: list[TrialSummary],
+                      best: TrialSummary | None) -> None:
+    """Counts, compute spent against the no-early-stopping budget, best configuration, plots; child tags."""
+    for trial in trials:
+        if trial.mlflow_run_id is None:
+            continue
+        stopped = trial.status == "stopped early"
+        client.set_tag(trial.mlflow_run_id, STOPPED_TAG, str(stopped).lower())
+        if stopped:
+            client.set_tag(trial.mlflow_run_id, STOPPED_AT_TAG, str(trial.epochs_run))
+            end_run(client, trial.mlflow_run_id, KILLED)
+        elif trial.status == "failed":
+            end_run(client, trial.mlflow_run_id, FAILED)
+        else:
+            # Trained every epoch, but Tune may stop the trial at max_t before its driver closes the run: close it.
+            end_run(client, trial.mlflow_run_id, FINISHED)
+    trial_epochs = sum(max(t.epochs_trained, t.epochs_run) for t in trials)
+    budget = config.search.num_samples * config.optim.epochs
+    counts = {status: sum(t.status == status for t in trials) for status in ("completed", "stopped early", "failed")}
+    metrics = {
+        "sweep/trials_completed": counts["completed"],
+        "sweep/trials_stopped_early": counts["stopped early"],
+        "sweep/trials_failed": counts["failed"],
+        "sweep/trial_epochs": trial_epochs,
+        "sweep/trial_epochs_budget": budget,
+        "sweep/compute_share": trial_epochs / budget if budget else 0.0,
+    }
+    if best is not None:
+        metrics[f"best/{m.VAL_TOP1.replace('/', '_')}"] = float(best.best_top1)
+    client.log_batch(parent_run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
+    if best is not None:
+        client.set_tag(parent_run_id, "best_trial", best.trial_id)
+        client.set_tag(parent_run_id, "best_config", str(best.params))
+    client.set_tag(parent_run_id, "scheduler", f"ASHA(time_attr={m.EPOCH}, grace_period={config.search.grace_period}, "
+                   f"reduction_factor={config.search.reduction_factor}, max_t={config.optim.epochs})")
+    client.log_figure(parent_run_id, sweep_learning_curves(trials), "sweep_learning_curves.png")
+    client.log_figure(parent_run_id, parameter_scatter(trials, list(config.search.space)), "sweep_parameters.png")
+    end_run(client, parent_run_id, FINISHED)
+    print(f"compute: {trial_epochs} trial-epochs run of a {budget} budget without early stopping "
+          f"({metrics['sweep/compute_share']:.0%}); {counts}")
+
+
+def _metric(key: str, value: float):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)

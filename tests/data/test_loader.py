@@ -1,0 +1,174 @@
+"""The real loader (webdataset + DataLoader processes + decoding) keeps the plan's promises."""
+
+import shlex
+from collections import Counter
+
+import pytest
+import torch
+import webdataset as wds
+
+from pipeline.config import DataConfig
+from pipeline.data.loader import IGNORE_LABEL, build_loader
+from tests.conftest import jpeg_bytes, write_split
+
+SMALL = dict(train_image_size=16, eval_image_size=16, shuffle_buffer=8, prefetch_batches=1)
+
+
+def _data(root, workers, **extra):
+    return DataConfig(root=root, loader_workers=workers, **SMALL, **extra)
+
+
+def _run(root, split, world, workers, batch, epoch=0, seed=0):
+    """Keys seen and steps taken by every rank, as the ranks of one job would see them."""
+    keys: Counter[str] = Counter()
+    steps, corrupt = {}, 0
+    for rank in range(world):
+        loader = build_loader(_data(root, workers), split, rank=rank, world_size=world, batch_size=batch, seed=seed)
+        loader.set_epoch(epoch)
+        count = 0
+        for batch_data in loader:
+            count += 1
+            assert batch_data.images.dtype == torch.uint8
+            assert batch_data.images.shape[1:] == (3, 16, 16)
+            keys.update(k for k in batch_data.keys if k)
+            corrupt += int(batch_data.corrupt)
+        assert count == len(loader)
+        steps[rank] = count
+    return keys, steps, corrupt
+
+
+@pytest.mark.parametrize("shard_sizes", [[9], [4, 4, 3, 2], [3] * 8 + [1]], ids=["1shard", "4shards", "9shards"])
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_eval_pass_reads_every_sample_exactly_once(tmp_path, shard_sizes, world, workers):
+    write_split(tmp_path / "val", shard_sizes)
+    keys, steps, corrupt = _run(tmp_path, "val", world, workers, batch=2)
+    assert sorted(keys) == [f"s{i:06d}" for i in range(sum(shard_sizes))]
+    assert set(keys.values()) == {1}
+    assert len(set(steps.values())) == 1 and corrupt == 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("workers", [0, 3])
+def test_train_epoch_equal_steps_at_most_once(tiny_shards, world, workers):
+    keys, steps, _ = _run(tiny_shards, "train", world, workers, batch=3)
+    assert set(steps.values()) == {53 // (world * 3)}
+    assert set(keys.values()) == {1}
+    assert sum(keys.values()) == steps[0] * world * 3
+
+
+def test_train_order_is_deterministic_per_epoch_and_changes_between_epochs(tiny_shards):
+    def order(epoch):
+        loader = build_loader(_data(tiny_shards, 2), "train", rank=0, world_size=2, batch_size=4, seed=5)
+        loader.set_epoch(epoch)
+        return [k for b in loader for k in b.keys]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+
+
+def test_labels_match_the_images_they_came_with(tiny_shards):
+    # Colour encodes the label in the fixture images; a mix-up between bytes and labels would show.
+    loader = build_loader(_data(tiny_shards, 0), "val", rank=0, world_size=1, batch_size=5, seed=0)
+    for batch in loader:
+        for image, label in zip(batch.images, batch.labels):
+            if label >= 0:
+                assert abs(image.float().mean().item() - (int(label) * 40) % 256) < 12
+
+
+def test_corrupt_samples_are_masked_counted_and_keep_step_counts(tmp_path):
+    split = tmp_path / "val"
+    write_split(split, [6, 6])
+    # Replace shard 0 with one holding two undecodable images and one sample without its label.
+    with wds.TarWriter(str(split / "val-000000.tar")) as writer:
+        for i in range(6):
+            sample = {"__key__": f"s{i:06d}", "jpg": jpeg_bytes(i % 4, i), "cls": str(i % 4).encode()}
+            if i in (1, 4):
+                sample["jpg"] = b"not a jpeg at all"
+            if i == 2:
+                del sample["cls"]
+            writer.write(sample)
+    keys, steps, corrupt = _run(tmp_path, "val", 2, 2, batch=2)
+    assert corrupt == 3
+    assert len(keys) == 12 - 3
+    assert len(set(steps.values())) == 1
+
+
+def test_a_truncated_shard_is_padded_with_masked_samples(tmp_path):
+    split = tmp_path / "train"
+    write_split(split, [10, 10], split="train")
+    data = (split / "train-000001.tar").read_bytes()
+    (split / "train-000001.tar").write_bytes(data[: len(data) // 3])
+    keys, steps, corrupt = _run(tmp_path, "train", 2, 2, batch=2)
+    assert steps == {0: 5, 1: 5}
+    assert corrupt >= 5 and len(keys) + corrupt == 20
+
+
+def test_masked_slots_use_the_ignore_label(tmp_path):
+    write_split(tmp_path / "test", [5])  # world 2: rank 0 gets 2 real samples + 1 padding slot
+    loader = build_loader(_data(tmp_path, 0), "test", rank=0, world_size=2, batch_size=4, seed=0)
+    (batch,) = list(loader)
+    assert batch.labels.tolist().count(IGNORE_LABEL) == 1 and int(batch.corrupt) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards from other places: a URL root (fsspec) and a shard command (webdataset's pipe:) must give
+# exactly the batches a local root gives, so where the data lives never changes what is trained on.
+
+def _batches(root, split, workers, **extra):
+    """Every batch of both ranks of a 2-worker job, as (keys, labels): order, contents and masking."""
+    seen = []
+    for rank in range(2):
+        loader = build_loader(_data(root, workers, **extra), split, rank=rank, world_size=2, batch_size=3, seed=7)
+        loader.set_epoch(1)
+        seen.append([(batch.keys, batch.labels.tolist()) for batch in loader])
+    return seen
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("workers", [0, 2])  # 2: DataLoader processes are forked and inherit the memory fs
+def test_a_url_root_gives_the_same_batches_as_the_local_root(tiny_shards, memory_shards, split, workers):
+    local = _batches(tiny_shards, split, workers)
+    assert sum(len(rank) for rank in local) > 0
+    assert _batches(memory_shards, split, workers) == local
+    assert _batches(f"file://{tiny_shards}", split, workers) == local
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_command_streams_the_same_batches_through_a_pipe(tiny_shards, tmp_path, workers):
+    local = _batches(tiny_shards, "train", workers)
+    assert _batches(tiny_shards, "train", workers, shard_command="cat {url}") == local
+    # The command really is what reads the shards: each shard's path reaches it, shell-quoted.
+    log = tmp_path / "streamed shards.txt"
+    command = f"echo {{url}} >> {shlex.quote(str(log))}; cat {{url}}"
+    assert _batches(tiny_shards, "train", workers, shard_command=command) == local
+    assert set(log.read_text().split()) == {str(path) for path in (tiny_shards / "train").glob("*.tar")}
+
+
+def test_a_shard_command_that_fails_masks_its_samples_and_keeps_step_counts(tiny_shards, caplog):
+    keys, steps, corrupt = _run_with(tiny_shards, "val", shard_command="exit 3; cat {url}")
+    assert not keys and corrupt == 22
+    assert steps == {0: 4, 1: 4}  # 22 samples, 2 ranks x batch 3: ceil(11 / 3) steps each
+    assert "samples masked" in caplog.text
+
+
+def test_a_truncated_shard_under_a_url_root_is_masked_like_a_local_one(memory_shards):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    shard = f"{memory_shards}/val/val-000001.tar"
+    memory.pipe_file(shard, memory.cat_file(shard)[:3000])
+    keys, steps, corrupt = _run_with(memory_shards, "val")
+    assert steps == {0: 4, 1: 4}
+    assert corrupt >= 1 and len(keys) + corrupt == 22
+
+
+def _run_with(root, split, **extra):
+    keys, steps, corrupt = set(), {}, 0
+    for rank in range(2):
+        loader = build_loader(_data(root, 0, **extra), split, rank=rank, world_size=2, batch_size=3, seed=0)
+        batches = list(loader)
+        steps[rank] = len(batches)
+        keys.update(key for batch in batches for key in batch.keys if key)
+        corrupt += sum(int(batch.corrupt) for batch in batches)
+    return keys, steps, corrupt

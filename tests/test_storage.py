@@ -1,0 +1,122 @@
+"""Storage: shard locations (local paths, fsspec URLs and shard commands read the same bytes; writing stays local),
+and run bookkeeping files on local storage and on storage URIs."""
+
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from pipeline import storage
+from pipeline.config import load_config
+from pipeline.data.manifest import read_manifest
+from tests.conftest import copy_to_memory, write_split
+
+
+def test_join_builds_split_and_file_locations_for_paths_and_urls():
+    assert storage.join("s3://bucket/imagenet/", "train", "manifest.json") == "s3://bucket/imagenet/train/manifest.json"
+    assert storage.join("/data/shards", "val") == "/data/shards/val"
+    assert storage.join(Path("data/shards"), "val") == "data/shards/val"
+
+
+def test_shard_names_that_are_urls_or_pipes_are_kept_as_they_are():
+    assert storage.shard_location("/data/shards/train", "train-000000.tar") == "/data/shards/train/train-000000.tar"
+    assert storage.shard_location("memory://x/train", "gs://other/a.tar") == "gs://other/a.tar"
+    assert storage.shard_location("/data/shards/train", "pipe:cat /a.tar") == "pipe:cat /a.tar"
+
+
+def test_a_shard_command_gets_the_shard_location_shell_quoted():
+    assert storage.pipe_command("aws s3 cp {url} -", "s3://b/x.tar") == "pipe:aws s3 cp s3://b/x.tar -"
+    assert storage.pipe_command("cat {url}", "/a b/x.tar") == "pipe:cat '/a b/x.tar'"
+
+
+def test_every_way_of_opening_a_shard_reads_the_same_bytes(tmp_path):
+    write_split(tmp_path / "two words" / "val", [3])  # a space in the path: the pipe must quote it
+    shard = tmp_path / "two words" / "val" / "val-000000.tar"
+    memory_root = copy_to_memory(tmp_path / "two words", "open-shard")
+    expected = shard.read_bytes()
+    try:
+        opened = {
+            "local path": storage.open_shard(str(shard)),
+            "file:// URL": storage.open_shard(f"file://{shard}"),  # fsspec takes the path literally, no %20
+            "memory:// URL": storage.open_shard(f"{memory_root}/val/val-000000.tar"),
+            "shard command": storage.open_shard(str(shard), "cat {url}"),
+            "pipe: name": storage.open_shard(f"pipe:cat '{shard}'"),
+        }
+        for how, handle in opened.items():
+            with handle as stream:
+                assert stream.read() == expected, how
+    finally:
+        fsspec.filesystem("memory").rm(memory_root, recursive=True)
+
+
+def test_manifests_are_read_from_a_url_split(tiny_shards, memory_shards):
+    assert storage.is_file(f"{memory_shards}/train/manifest.json")
+    assert not storage.is_file(f"{memory_shards}/train/missing.json")
+    assert read_manifest(f"{memory_shards}/train") == read_manifest(tiny_shards / "train")
+    with pytest.raises(ValueError, match="no manifest.json in memory://.*/nothing"):
+        read_manifest(f"{memory_shards}/nothing")
+
+
+def test_train_evaluate_and_predict_find_their_manifests_under_a_url_root(tiny_shards, memory_shards):
+    from pipeline.inference.evaluate import split_manifest
+    from pipeline.inference.predict import class_wnids
+    from pipeline.train.driver import check_inputs  # imports Ray, does not start it
+
+    config = load_config(overrides=[f"data.root={memory_shards}"])
+    assert check_inputs(config) == read_manifest(tiny_shards / "train")
+    assert split_manifest(config, "test") == read_manifest(tiny_shards / "test")
+    names = [f"class {index}" for index in range(4)]
+    assert class_wnids(config, names) == [f"n{index:08d}" for index in range(4)]
+
+
+@pytest.mark.parametrize("given", ["s3://bucket/shards", Path("s3://bucket/shards")])  # a Path collapses '//'
+def test_writing_to_a_url_is_refused_with_the_upload_hint(given):
+    with pytest.raises(ValueError, match=r"^--output = 's3://bucket/shards': only a local or NFS path .*aws s3 sync"):
+        storage.require_local(given, "--output")
+
+
+def test_shard_index_and_verify_refuse_urls_before_touching_anything(tmp_path):
+    from pipeline.data.sharding import shard_imagenet
+    from pipeline.data.verify import index_shards, verify_dataset
+
+    with pytest.raises(ValueError, match="shard --output = 's3://b/x': only a local or NFS path"):
+        shard_imagenet(tmp_path / "no-source", Path("s3://b/x"))
+    with pytest.raises(ValueError, match="index folder = 'gs://b/x/train': only a local or NFS path"):
+        index_shards(Path("gs://b/x/train"), "train")
+    with pytest.raises(ValueError, match="verify folder = 's3://b/x': only a local or NFS path"):
+        verify_dataset(Path("s3://b/x"))
+
+
+# Run bookkeeping files beside the checkpoints (local paths and file:// URIs).
+
+@pytest.fixture(params=["local", "file-uri"])
+def storage_root(request, tmp_path):
+    # Glob characters in a local path are taken literally; a URI cannot hold them unencoded (pyarrow, like Ray,
+    # refuses to parse it), so there the run name below carries them only on local storage.
+    return str(tmp_path / "st[1]") if request.param == "local" else f"file://{tmp_path}/st"
+
+
+def test_a_small_file_is_written_read_and_removed(storage_root):
+    note = storage.join(storage_root, "run", ".placement_group")
+    assert not storage.is_file(note)
+    storage.write_text(note, "abc123")  # parents created
+    assert storage.is_file(note) and storage.read_text(note) == "abc123"
+    storage.remove(note)
+    assert not storage.is_file(note)
+    storage.remove(note)  # already gone: no error
+
+
+def test_checkpoint_names_are_listed_literally_and_sorted(storage_root):
+    run = "a[1]" if "://" not in storage_root else "a-1"
+    assert storage.checkpoint_names(storage_root, run) == []  # no run yet
+    for name in ("checkpoint_2026-11-30_05-37-03", "checkpoint_2026-11-30_05-36-54", "other"):
+        storage.write_text(storage.join(storage_root, run, name, "meta.json"), "{}")
+    storage.write_text(storage.join(storage_root, "a1", "checkpoint_2026-12-01_00-00-00", "meta.json"), "{}")
+    assert storage.checkpoint_names(storage_root, run) == [
+        "checkpoint_2026-11-30_05-36-54", "checkpoint_2026-11-30_05-37-03"]  # not "a1"'s, not "other"
+
+
+def test_an_unusable_uri_is_one_line():
+    with pytest.raises(ValueError, match="cannot use nope://x/y") as caught:
+        storage.read_text("nope://x/y")
+    assert "\n" not in str(caught.value)

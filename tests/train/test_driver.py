@@ -1,0 +1,102 @@
+"""Real 2-worker Ray Train runs: learning, resume, a killed worker, and every bad input refused up front."""
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import metrics as m
+from pipeline.config import ConfigError
+from pipeline.tracking.runs import RUN_NAME_TAG
+from pipeline.train.driver import run_training
+from tests.conftest import training_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _runs_named(config, run_name):
+    client = MlflowClient(config.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'")
+
+
+def _metric_steps(config, run_id, key):
+    return [point.step for point in MlflowClient(config.tracking.tracking_uri).get_metric_history(run_id, key)]
+
+
+def test_two_workers_learn_loss_falls_and_val_top1_beats_chance(trained_run):
+    history = trained_run.outcome.history
+    assert [row[m.EPOCH] for row in history] == [1, 2, 3]
+    assert history[-1][m.TRAIN_LOSS] < history[0][m.TRAIN_LOSS]
+    assert trained_run.outcome.best_metrics[m.VAL_TOP1] > 50.0  # 4 classes: chance is 25 %
+    assert all(row[m.TRAIN_CORRUPT_SAMPLES] == 0 for row in history)
+
+
+def test_rerun_with_the_same_name_resumes_and_keeps_one_mlflow_run(ray_session, learnable_shards, tmp_path):
+    first = run_training(training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=2"))
+    assert [row[m.EPOCH] for row in first.history] == [1, 2]
+    config = training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=3")
+    second = run_training(config)
+    assert [row[m.EPOCH] for row in second.history] == [1, 2, 3]
+    assert second.history[:2] == first.history  # the first two epochs came from the checkpoint, not a rerun
+    (run,) = _runs_named(config, "resume-me")
+    assert run.info.run_id == first.mlflow_run_id == second.mlflow_run_id
+    assert _metric_steps(config, run.info.run_id, m.VAL_TOP1) == [1, 2, 3]
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir, killed: list) -> None:
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+        time.sleep(0.2)
+    for process in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in (process.info["cmdline"] or [])):
+            os.kill(process.pid, signal.SIGKILL)
+            killed.append(process.pid)
+            return
+
+
+def test_a_sigkilled_worker_restarts_from_the_checkpoint_and_finishes(ray_session, learnable_shards, tmp_path):
+    config = training_config(learnable_shards, tmp_path, "kill-me", "optim.epochs=3")
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(tmp_path / "ray" / "kill-me", killed))
+    killer.start()
+    outcome = run_training(config)
+    killer.join()
+    assert killed, "no Ray Train worker process was found to kill"
+    assert [row[m.EPOCH] for row in outcome.history] == [1, 2, 3]
+    runs = _runs_named(config, "kill-me")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted(set(_metric_steps(config, runs[0].info.run_id, m.VAL_TOP1))) == [1, 2, 3]
+
+
+def _checkpoint_files(run):
+    root = run.workdir / "ray" / run.outcome.run_name
+    return sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=resnet34"], r"holds a resnet18 checkpoint with 4 classes, but the config asks for resnet34"),
+        (["model.num_classes=7"], r"model\.num_classes = 7: the shards in .* have 4 classes"),
+        (["tracking.tracking_uri=http://127.0.0.1:9"], r"MLflow server not reachable"),
+        (["tracking.storage_path=/etc/hostname/ray"], r"tracking\.storage_path = '/etc/hostname/ray': cannot write"),
+    ],
+    ids=["other-architecture", "class-count", "tracking-server", "storage-path"],
+)
+def test_bad_inputs_fail_before_training_and_overwrite_nothing(trained_run, overrides, message):
+    before = _checkpoint_files(trained_run)
+    config = training_config(trained_run.shards, trained_run.workdir, trained_run.outcome.run_name, *overrides)
+    with pytest.raises(ConfigError, match=message):
+        run_training(config)
+    assert _checkpoint_files(trained_run) == before
+
+
+def test_missing_shards_fail_before_training(tmp_path):
+    config = training_config(tmp_path / "no-shards", tmp_path, "x")
+    with pytest.raises(ConfigError, match="directory does not exist"):
+        run_training(config)

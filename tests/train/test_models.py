@@ -1,0 +1,202 @@
+"""Models: shapes, the 2012 AlexNet's published design, parameter counts, dropout, embeddings, input checks."""
+
+from functools import cache
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from pipeline.config import MODEL_NAMES, ModelConfig
+from pipeline.train.models import (
+    ALEXNET_ENSEMBLE_TOP5_ERROR, HUMAN_TOP5_ERROR, MIN_IMAGE_SIZE, PUBLISHED_TOP1_TOP5, build_model,
+    count_parameters, embedding_dim, feature_extractor,
+)
+
+DEEP_RESNETS = ("resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def build(name: str, num_classes: int = 1000, **settings) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(ModelConfig(name=name, **settings), num_classes)
+
+
+@cache
+def shared(name: str, **settings) -> nn.Module:
+    """One 1000-class model per setting for tests that only read it (building AlexNet takes ~1 s on CPU)."""
+    return build(name, **settings).eval()
+
+
+def images(size: int, batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_gives_one_logit_per_class(name):
+    # Deep ResNets at 64 px: the same layers run, the CPU cost of 224 px is not needed to check the shape.
+    size = 64 if name in DEEP_RESNETS else 224
+    model = shared(name)
+    with torch.no_grad():
+        logits = model(images(size))
+    assert logits.shape == (2, 1000)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ["alexnet", "alexnet_tv", "resnet18"])
+def test_small_models_train_at_64_px(name):
+    # The tests and the demo train at 64 px; a backward pass must reach the first layer. (The deep ResNets
+    # run at 64 px above; their backward pass costs seconds on CPU and exercises nothing new.)
+    model = build(name, num_classes=10, dropout=0.5).train()
+    loss = nn.functional.cross_entropy(model(images(64)), torch.tensor([3, 7]))
+    loss.backward()
+    first_conv = next(module for module in model.modules() if isinstance(module, nn.Conv2d))
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["alexnet", "alexnet_tv"])
+def test_alexnets_state_their_smallest_input_side(name):
+    model = shared(name)
+    smallest = MIN_IMAGE_SIZE[name]
+    with torch.no_grad():
+        assert model(images(smallest)).shape == (2, 1000)
+        with pytest.raises(RuntimeError):
+            model(images(smallest - 1))
+
+
+def test_alexnet_has_the_2012_layout():
+    model = shared("alexnet")
+    convs = [module for module in model.modules() if isinstance(module, nn.Conv2d)]
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    assert [conv.out_channels for conv in convs] == [96, 256, 384, 384, 256]
+    assert [(conv.kernel_size, conv.stride) for conv in convs[:2]] == [((11, 11), (4, 4)), ((5, 5), (1, 1))]
+    assert all(conv.groups == 1 for conv in convs)  # one ungrouped tower, not the paper's two-GPU split
+    assert [linear.out_features for linear in linears] == [4096, 4096, 1000]
+    pools = [module for module in model.modules() if isinstance(module, nn.MaxPool2d)]
+    assert [(pool.kernel_size, pool.stride) for pool in pools] == [(3, 2)] * 3  # overlapping pooling
+
+    first_maps = []
+    hook = convs[0].register_forward_hook(lambda module, inputs, output: first_maps.append(output.shape))
+    with torch.no_grad():
+        model(images(224, batch=1))
+    hook.remove()
+    assert first_maps == [(1, 96, 55, 55)]
+
+
+def test_alexnet_response_norm_follows_the_flag():
+    with_norm = shared("alexnet")
+    without_norm = shared("alexnet", local_response_norm=False)
+    norms = [module for module in with_norm.features if isinstance(module, nn.LocalResponseNorm)]
+    assert len(norms) == 2
+    # Each norm sits after the ReLU of conv1 / conv2 and before their max-pool.
+    layers = list(with_norm.features)
+    for norm in norms:
+        position = layers.index(norm)
+        assert isinstance(layers[position - 1], nn.ReLU) and isinstance(layers[position + 1], nn.MaxPool2d)
+    assert not any(isinstance(module, nn.LocalResponseNorm) for module in without_norm.modules())
+    assert count_parameters(with_norm) == count_parameters(without_norm)
+
+
+def test_alexnet_response_norm_is_the_papers_formula():
+    # b_c = a_c / (k + alpha * sum_{|j - c| <= 2} a_j^2)^beta with k=2, alpha=1e-4, beta=0.75 (section 3.3).
+    norm = next(module for module in shared("alexnet").features if isinstance(module, nn.LocalResponseNorm))
+    activations = torch.rand(1, 8, 3, 3, generator=torch.Generator().manual_seed(2)) * 50
+    expected = torch.empty_like(activations)
+    for channel in range(8):
+        window = activations[:, max(0, channel - 2) : channel + 3]
+        expected[:, channel] = activations[:, channel] / (2 + 1e-4 * (window**2).sum(1)) ** 0.75
+    torch.testing.assert_close(norm(activations), expected)
+
+
+def test_alexnet_starts_from_the_papers_initialisation():
+    layers = [module for module in shared("alexnet").modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+    # Bias 1 in conv2, conv4, conv5, fc6, fc7; 0 in conv1, conv3 and the output layer.
+    biases = [layer.bias.unique().tolist() for layer in layers]
+    assert biases == [[0.0], [1.0], [0.0], [1.0], [1.0], [1.0], [1.0], [0.0]]
+    for layer in layers[1:]:  # conv1 has only 35 k weights; the rest pin the std to well under 1 %
+        assert layer.weight.mean().abs() < 1e-3
+        assert layer.weight.std().item() == pytest.approx(0.01, rel=0.01)
+
+
+def test_parameter_counts_match_the_published_models():
+    assert count_parameters(shared("alexnet_tv")) == 61_100_840
+    assert count_parameters(shared("resnet50")) == 25_557_032
+    assert count_parameters(shared("resnet152")) == 60_192_808
+    # The single-tower AlexNet, counted by hand: (weights + biases) for conv1..5, then fc6..8.
+    convs = [(96, 3, 11), (256, 96, 5), (384, 256, 3), (384, 384, 3), (256, 384, 3)]
+    by_hand = sum(out * inp * k * k + out for out, inp, k in convs)
+    by_hand += sum(out * inp + out for out, inp in [(4096, 256 * 6 * 6), (4096, 4096), (1000, 4096)])
+    assert by_hand == 62_378_344
+    assert count_parameters(shared("alexnet")) == pytest.approx(by_hand, rel=0.01)
+    assert by_hand == pytest.approx(60e6, rel=0.05)  # the paper's "60 million" (grouped towers)
+
+
+def test_resnet_dropout_keeps_torchvision_parameters():
+    plain, with_dropout = shared("resnet50"), build("resnet50", dropout=0.3)
+    assert isinstance(plain.fc, nn.Linear)
+    assert count_parameters(with_dropout) == count_parameters(plain)
+    renamed = {key.replace("fc.1.", "fc.") for key in with_dropout.state_dict()}
+    assert renamed == set(plain.state_dict())
+
+
+def test_resnets_start_each_residual_block_as_the_identity():
+    last_norms = [block.bn2 for block in shared("resnet18").modules() if isinstance(block, BasicBlock)]
+    last_norms += [block.bn3 for block in shared("resnet50").modules() if isinstance(block, Bottleneck)]
+    assert len(last_norms) == 8 + 16
+    assert all(norm.weight.abs().sum() == 0 for norm in last_norms)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "alexnet_tv", "resnet18"])
+def test_dropout_setting_reaches_the_model(name):
+    # Two training-mode passes over one batch: BatchNorm is deterministic, so only dropout can differ them.
+    batch = images(64)
+    for dropout, passes_differ in [(0.5, True), (0.0, False)]:
+        model = build(name, num_classes=10, dropout=dropout)
+        with torch.no_grad():
+            first, second = model.train()(batch), model(batch)
+            assert (not torch.equal(first, second)) == passes_differ
+            assert torch.equal(model.eval()(batch), model(batch))
+        assert {module.p for module in model.modules() if isinstance(module, nn.Dropout)} <= {dropout}
+
+
+@pytest.mark.parametrize(
+    ("name", "dim"), [("resnet18", 512), ("resnet50", 2048), ("alexnet", 4096), ("alexnet_tv", 4096)]
+)
+def test_embeddings_are_the_penultimate_features(name, dim):
+    model = build(name, num_classes=10, dropout=0.2).eval()
+    extractor = feature_extractor(model).eval()
+    batch = images(64)
+    with torch.no_grad():
+        features = extractor(batch)
+        assert features.shape == (2, dim) and embedding_dim(model) == dim
+        last_layer = model.fc if hasattr(model, "fc") else model.classifier[-1]
+        torch.testing.assert_close(last_layer(features), model(batch))
+        # The extractor shares weights: a later checkpoint restore into `model` reaches it.
+        for parameter in model.parameters():
+            parameter.mul_(0.5)
+        assert not torch.allclose(extractor(batch), features)
+
+
+@pytest.mark.parametrize("num_classes", [1, 0, -5, 2.5, True])
+def test_a_classifier_needs_at_least_two_classes(num_classes):
+    with pytest.raises(ValueError, match=rf"num_classes = {num_classes!r}: .*>= 2"):
+        build_model(ModelConfig(name="resnet18"), num_classes)
+
+
+def test_unknown_models_are_rejected_with_the_choices():
+    # Config loading already refuses the name; this guards configs built without validation.
+    with pytest.raises(ValueError, match=r"model\.name = 'vgg16': unknown model; choose one of alexnet, "):
+        build_model(ModelConfig.model_construct(name="vgg16", dropout=0.0, local_response_norm=True), 10)
+    with pytest.raises(ValueError, match="unsupported model type Linear"):
+        feature_extractor(nn.Linear(4, 2))
+
+
+def test_published_figures_cover_every_model():
+    assert set(PUBLISHED_TOP1_TOP5) == set(MODEL_NAMES)
+    assert PUBLISHED_TOP1_TOP5["alexnet"] == pytest.approx((59.3, 81.8))
+    assert PUBLISHED_TOP1_TOP5["alexnet_tv"] == pytest.approx((56.5, 79.1), abs=0.05)
+    assert PUBLISHED_TOP1_TOP5["resnet50"] == pytest.approx((76.1, 92.9), abs=0.05)
+    assert PUBLISHED_TOP1_TOP5["resnet152"] == pytest.approx((78.3, 94.0), abs=0.05)
+    resnet_top1 = [PUBLISHED_TOP1_TOP5[name][0] for name in ("resnet18", *DEEP_RESNETS)]
+    assert resnet_top1 == sorted(resnet_top1)  # deeper is better, the point of residual learning
+    # A single ResNet-152 crop (5.95 % top-5 error) sits between the 2012 ensemble and the human annotator.
+    assert HUMAN_TOP5_ERROR < 100 - PUBLISHED_TOP1_TOP5["resnet152"][1] < ALEXNET_ENSEMBLE_TOP5_ERROR

@@ -1,0 +1,193 @@
+"""Ray Tune sweeps: bad spaces refused up front; a real 4-trial ASHA sweep; resume after the driver dies."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import metrics as m
+from pipeline.config import ConfigError
+from pipeline.tracking.registry import CHAMPION_ALIAS
+from pipeline.tune.search import SWEEP_TAG, apply_params, check_cluster_fits, cluster_fit_problem, check_search, run_search, trial_id_of
+from pipeline.tune.report import STOPPED_AT_TAG, STOPPED_TAG
+from tests.conftest import training_config
+
+# Seed 0 samples lr 1.6, 1.6, 1e-6, 1e-6: the two hopeless trials start only after a good one has set
+# ASHA's first rung (2 at a time), so ASHA must stop them after the grace epoch. Without warmup a good
+# trial is at >= 75 % val top-1 after one epoch on this data; a hopeless one stays at chance (25 %).
+SWEEP = [
+    "scaling.num_workers=1", "optim.epochs=3", "optim.batch_size=8", "optim.warmup_epochs=0", "search.num_samples=4", "search.max_concurrent_trials=2",
+    "search.grace_period=1", "search.reduction_factor=2", "search.seed=0",
+    "search.space={optim.lr: {kind: choice, values: [0.000001, 1.6]}, "
+    "model.dropout: {kind: uniform, low: 0.0, high: 0.3}}",
+]
+
+
+def _sweep_config(shards, workdir, name, *extra):
+    return training_config(shards, workdir, name, *SWEEP, *extra)
+
+
+@pytest.fixture(scope="module")
+def shards_without_test(learnable_shards, tmp_path_factory):
+    """A sweep must never read the test split: give it a data root that has none."""
+    root = tmp_path_factory.mktemp("no_test")
+    for split in ("train", "val"):
+        shutil.copytree(learnable_shards / split, root / split)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["search.space={}"], "search.space is empty"),
+        (["scaling.num_workers=2", "search.space={optim.batch_size: {kind: choice, values: [16, 33]}}"],
+         r"optim\.batch_size = 33 is not divisible by scaling\.num_workers = 2"),
+        (["search.space={optim.lrr: {kind: uniform, low: 0.1, high: 0.2}}"], r"optim\.lrr: unknown config key"),
+        (["search.space={optim.lr: {kind: uniform, low: -1, high: 0.2}}"], r"optim\.lr = -1.*greater than 0"),
+        (["search.grace_period=5"], r"search\.grace_period = 5 exceeds optim\.epochs = 3"),
+    ],
+    ids=["empty", "batch-not-divisible", "unknown-key", "negative-lr", "grace-period"],
+)
+def test_invalid_search_fails_before_any_trial(learnable_shards, tmp_path, overrides, message):
+    config = _sweep_config(learnable_shards, tmp_path, "bad", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_search(config)
+
+
+@pytest.mark.ray
+def test_trial_needing_more_than_the_cluster_is_refused(ray_session, learnable_shards, tmp_path):
+    config = _sweep_config(learnable_shards, tmp_path, "big", "scaling.num_workers=8")
+    with pytest.raises(ConfigError, match=r"one trial needs 8 workers of 1 CPU each, but the cluster's 1 node\(s\) \(4 CPU\) hold 4"):
+        check_cluster_fits(config)
+
+
+def test_workers_are_counted_per_node_and_concurrent_trials_must_fit(learnable_shards, tmp_path):
+    gpu_nodes = [{"CPU": 44.0, "GPU": 4.0}, {"CPU": 44.0, "GPU": 4.0}]  # infra/kuberay's gpu group
+    two_gpu_trials = _sweep_config(learnable_shards, tmp_path, "g", "scaling.use_gpu=true", "scaling.num_workers=2",
+                                   "scaling.cpus_per_worker=11", "search.max_concurrent_trials=4")
+    assert cluster_fit_problem(two_gpu_trials, gpu_nodes) is None
+    too_many = two_gpu_trials.model_copy(update={"search": two_gpu_trials.search.model_copy(update={"max_concurrent_trials": 5})})
+    assert "places at most 4 trial(s) of 2 workers (11 CPU + 1 GPU each) at once" in cluster_fit_problem(too_many, gpu_nodes)
+    # 8 CPUs in total, but no single node holds a 6-CPU worker.
+    wide = _sweep_config(learnable_shards, tmp_path, "w", "scaling.num_workers=1", "scaling.cpus_per_worker=6",
+                         "search.max_concurrent_trials=1")
+    assert "hold 0" in cluster_fit_problem(wide, [{"CPU": 4.0}, {"CPU": 4.0}])
+
+
+def test_sampled_values_land_in_the_trial_config(learnable_shards, tmp_path):
+    base = _sweep_config(learnable_shards, tmp_path, "x")
+    trial = apply_params(base, {"optim.lr": 0.123, "model.dropout": 0.2}, "x-trial1")
+    assert trial.optim.lr == 0.123 and trial.model.dropout == 0.2 and trial.tracking.run_name == "x-trial1"
+    assert trial.optim.momentum == base.optim.momentum
+
+
+def test_trial_id_comes_from_the_trial_folder_when_a_trial_never_reported():
+    class FailedEarly:
+        metrics = {}
+        path = "/runs/sweep-a/trial_driver_98fb1_00003_3_model_dropout=0.1,optim_lr=0.4_2026-11-30_03-03-20"
+
+    assert trial_id_of(FailedEarly()) == "98fb1_00003"
+    FailedEarly.metrics = {"trial_id": "98fb1_00007"}
+    assert trial_id_of(FailedEarly()) == "98fb1_00007"
+
+
+def _children(client, experiment_id, parent_id):
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_asha_sweep_stops_weak_trials_logs_parent_and_children_and_registers_the_best(
+        ray_session, shards_without_test, tmp_path):
+    config = _sweep_config(shards_without_test, tmp_path, "sweep-a", "tracking.registered_model=sweep-model")
+    outcome = run_search(config)
+
+    assert len(outcome.trials) == 4
+    hopeless = [t for t in outcome.trials if t.params["optim.lr"] < 1e-3]
+    assert len(hopeless) == 2
+    assert all(t.status == "stopped early" and t.epochs_run == 1 for t in hopeless)
+    # A good trial may also stop at the epoch-2 rung if it trails the other good one: ASHA keeps the top half.
+    assert outcome.best.params["optim.lr"] == 1.6 and outcome.best.best_top1 > 50
+    stopped = sum(t.status == "stopped early" for t in outcome.trials)
+    client = MlflowClient(config.tracking.tracking_uri)
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.tags[SWEEP_TAG] == "parent"
+    assert parent.data.metrics["sweep/trials_completed"] == 4 - stopped
+    assert parent.data.metrics["sweep/trials_stopped_early"] == stopped
+    assert parent.data.metrics["sweep/trials_failed"] == 0
+    trained = sum(max(t.epochs_trained, t.epochs_run) for t in outcome.trials)
+    assert parent.data.metrics["sweep/trial_epochs"] == trained < 12
+    assert parent.data.metrics["sweep/trial_epochs_budget"] == 4 * 3
+    assert {a.path for a in client.list_artifacts(outcome.parent_run_id)} >= {
+        "sweep_learning_curves.png", "sweep_parameters.png"}
+    children = _children(client, parent.info.experiment_id, outcome.parent_run_id)
+    assert len(children) == 4  # two trials wrote their runs at the same time into one SQLite file
+    for child in children:
+        steps = [p.step for p in client.get_metric_history(child.info.run_id, m.VAL_TOP1)]
+        if child.data.tags[STOPPED_TAG] == "true":
+            # ASHA's decision reaches the trainer asynchronously: it may finish one more epoch first.
+            stopped_at = int(child.data.tags[STOPPED_AT_TAG])
+            assert steps[:stopped_at] == list(range(1, stopped_at + 1)) and len(steps) <= stopped_at + 1
+        else:
+            assert steps == [1, 2, 3]
+    champion = client.get_model_version_by_alias("sweep-model", CHAMPION_ALIAS)
+    assert str(champion.version) == outcome.model_version
+    assert champion.run_id == outcome.best.mlflow_run_id
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(1)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_killed_sweep_resumes_keeps_finished_trials_and_the_parent_run(shards_without_test, tmp_path):
+    overrides = [f"--set={o}" for o in SWEEP] + [
+        f"--set=data.root={shards_without_test}", "--set=data.train_image_size=32", "--set=data.eval_image_size=32",
+        "--set=data.loader_workers=0",
+        f"--set=tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"--set=tracking.storage_path={tmp_path / 'ray'}", "--set=tracking.run_name=sweep-r",
+        "--set=tracking.experiment=tests", "--set=tracking.registered_model=resume-model",
+    ]
+    command = [sys.executable, "-m", "pipeline.cli", "tune", *overrides]
+    # "local": a fresh Ray of its own, not the session-wide one this test process may have started.
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+    log = open(tmp_path / "driver.log", "w")
+    driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def a_trial_finished():
+        # Read Tune's own result files: opening the SQLite store while the driver creates it races.
+        results = (tmp_path / "ray" / "sweep-r").glob("trial_driver_*/result.json")
+        return any('"epoch": 3' in path.read_text() for path in results)
+
+    try:
+        finished = _wait_for(lambda: a_trial_finished() or driver.poll() is not None, 400)
+        assert finished and driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("tests")
+    finished_before = {r.info.run_id for r in client.search_runs([experiment.experiment_id])
+                       if r.data.tags.get("pipeline.completed") == "true"}
+
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    parents = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(SWEEP_TAG) == "parent"]
+    assert len(parents) == 1, "the resumed sweep must reuse its MLflow parent run"
+    children = _children(client, experiment.experiment_id, parents[0].info.run_id)
+    assert len(children) == 4
+    for run_id in finished_before:  # finished trials were kept, not trained again
+        assert [p.step for p in client.get_metric_history(run_id, m.VAL_TOP1)] == [1, 2, 3]
+    assert client.get_run(parents[0].info.run_id).data.metrics["sweep/trials_failed"] == 0
