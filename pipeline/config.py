@@ -7,6 +7,7 @@ cluster, so a bad value fails with one line naming the key, the value and what i
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,11 @@ from pipeline.errors import ConfigError
 # processes can take longer, and a timed-out start is retried in a loop. Raised on Ray we start (driver
 # environment, local cluster nodes) unless already set.
 WORKER_GROUP_START_TIMEOUT_S = "300"
+# Smallest square input side, pixels, that survives the network's strides and pools. Both AlexNets need three
+# 3x3 max-pools to see at least 3x3 maps; ResNets end in adaptive pooling and accept any side.
+MIN_IMAGE_SIZE = {"alexnet": 63, "alexnet_tv": 63}
 MODEL_NAMES = ("alexnet", "alexnet_tv", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "jobs" / "configs" / "default.yaml"
 
@@ -33,12 +38,19 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     root: str = Field("data/shards", description="holds train/, val/, test/ shard splits: a local or NFS path, "
                       "or a URL (s3://, gs://, any fsspec protocol)")
-    shard_command: str | None = Field(None, description="shell command streaming {url} to stdout, e.g. "
-                                      "'aws s3 cp {url} -'; null: open local paths directly, URLs via fsspec")
+    shard_command: str | None = Field(None, description="command streaming {url} to stdout, e.g. 'aws s3 cp {url} -' "
+                                      "(run as an argument vector, no shell); null: open local paths directly, URLs "
+                                      "via fsspec")
+    shard_url_schemes: list[str] = Field(default_factory=list, description="URL schemes a manifest may list shards "
+                                         "under (e.g. [s3, gs]); empty: shard entries must be plain file names")
     train_image_size: int = Field(224, ge=16, le=1024, description="RandomResizedCrop output side, pixels")
     eval_image_size: int = Field(224, ge=16, le=1024, description="centre-crop side for val/test, pixels")
     eval_crop_ratio: float = Field(0.875, gt=0.0, le=1.0, description="crop side / resize side (224/256)")
     min_crop_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop smallest area share")
+    # 0.001: ImageNet's train set holds a few dozen odd files in 1.28 M (converted or skipped by `shard`); more than
+    # one in a thousand masked in an epoch means unreadable shards, and then the epoch's numbers are not the data's.
+    max_corrupt_fraction: float = Field(0.001, ge=0.0, le=1.0, description="stop when an epoch's masked "
+                                        "(corrupt or unreadable) share of train or val samples exceeds this")
     loader_workers: int = Field(2, ge=0, le=64, description="DataLoader processes per training worker")
     shuffle_buffer: int = Field(1000, ge=1, description="samples held for the in-worker shuffle")
     prefetch_batches: int = Field(2, ge=1, description="batches prefetched per DataLoader process")
@@ -53,6 +65,14 @@ class DataConfig(_Section):
     def _readable_root(cls, value: str) -> str:
         if storage.is_url(value):
             storage.check_readable_protocol(value)  # a missing s3fs fails here, not in every worker later
+        return value
+
+    @field_validator("shard_url_schemes")
+    @classmethod
+    def _plain_schemes(cls, value: list[str]) -> list[str]:
+        for scheme in value:
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or scheme == "pipe":
+                raise ValueError(f"{scheme!r} is not a URL scheme such as s3 or gs (and pipe: is never allowed)")
         return value
 
     @field_validator("shard_command")
@@ -125,6 +145,14 @@ class TrackingConfig(_Section):
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else SQLite in the project")
     experiment: str = "imagenet"
     run_name: str | None = Field(None, description="also the Ray Train run name: same name resumes")
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, value: str | None) -> str | None:
+        # It becomes a folder name on checkpoint storage and a quoted value in MLflow filter strings.
+        if value is not None and not RUN_NAME.fullmatch(value):
+            raise ValueError("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
     storage_path: str = Field("ray_results", description="checkpoints: a local path, NFS, s3:// or gs:// URI")
     registered_model: str = "imagenet-classifier"
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept by val top-1, plus the latest")
@@ -161,13 +189,22 @@ class SearchConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="numpy and the data plan take seeds in [0, 2**32)")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     search: SearchConfig = SearchConfig()
+
+    @model_validator(mode="after")
+    def _check_input_size(self) -> "Config":
+        smallest = MIN_IMAGE_SIZE.get(self.model.name, 1)
+        for key in ("train_image_size", "eval_image_size"):
+            if getattr(self.data, key) < smallest:
+                raise ValueError(f"data.{key} = {getattr(self.data, key)}: {self.model.name} needs inputs of at "
+                                 f"least {smallest} px (its strides and pools leave no map below that)")
+        return self
 
     @model_validator(mode="after")
     def _check_batch_divides(self) -> "Config":
@@ -217,9 +254,18 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?); give a YAML file") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {path} holds NUL bytes (a binary file?); give a YAML file")
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
     return data
@@ -274,6 +320,8 @@ def _one_line(error: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown key (check the spelling; see jobs/configs/default.yaml for every key)"
+    if first["type"] == "missing":
+        return f"{key}: this key is required here and missing (see jobs/configs/default.yaml)"
     if first["loc"] and not isinstance(first.get("input"), dict):  # a whole-section check names its keys itself
         shown = first.get("input")
         more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""

@@ -4,7 +4,8 @@
 them apart (`is_url`) and reads, writes, lists or streams them. URLs go through fsspec; where fsspec's backend
 for a scheme is not installed (s3fs, gcsfs) but pyarrow has one (pyarrow is what Ray Train writes checkpoints
 with), pyarrow's filesystem is used through fsspec's wrapper, so checkpoint storage on s3:// or gs:// needs no
-extra package. With `data.shard_command` set, every shard is streamed through that command instead.
+extra package. With `data.shard_command` set, every shard is streamed through that command instead (run as an
+argument vector, never through a shell).
 
 Writing shards (shard, index) and verifying stay local: shard on a machine with a disk, then upload
 (`aws s3 sync data/shards s3://bucket/imagenet`).
@@ -29,7 +30,7 @@ import fsspec
 
 from pipeline.errors import StorageError, first_line
 
-PIPE_PREFIX = "pipe:"  # webdataset's scheme for "run this shell command and read its stdout"
+PIPE_PREFIX = "pipe:"  # webdataset's "run this shell command": refused wherever it appears in data
 URL_PLACEHOLDER = "{url}"
 CHECKPOINT_PREFIX = "checkpoint_"
 _URL = re.compile(r"^(?P<protocol>[A-Za-z][A-Za-z0-9+.-]*)://")
@@ -64,8 +65,13 @@ def absolute(location: str | os.PathLike) -> str:
 
 
 def shard_location(split_dir: str | os.PathLike, name: str) -> str:
-    """A manifest's shard name under its split; a name that is already a URL or a `pipe:` stays as it is."""
-    return name if is_url(name) or is_pipe(name) else join(split_dir, name)
+    """A manifest's shard name under its split; a URL (allowed by data.shard_url_schemes) stays as it is.
+
+    Names were checked when the manifest was read (pipeline.data.manifest.check_shard_name): never a `pipe:`.
+    """
+    if is_pipe(name):
+        raise StorageError(f"shard entry {name!r}: a pipe: command in a manifest is never run")
+    return name if is_url(name) else join(split_dir, name)
 
 
 def check_readable_protocol(url: str) -> None:
@@ -79,12 +85,6 @@ def check_readable_protocol(url: str) -> None:
     except ValueError:
         raise StorageError(f"fsspec knows no {protocol}:// protocol; use a local or NFS path, or a URL such as "
                            "s3://, gs://, file:// (see fsspec's known_implementations)") from None
-
-
-def check_shard_command(command: str) -> None:
-    if URL_PLACEHOLDER not in command:
-        raise StorageError(f"must contain {URL_PLACEHOLDER}, the shard to stream to stdout, "
-                           "e.g. 'aws s3 cp {url} -' or 'gsutil cat {url}'")
 
 
 @contextmanager
@@ -169,24 +169,58 @@ def checkpoint_names(storage_path: str | os.PathLike, run_name: str) -> list[str
 def open_shard(location: str, shard_command: str | None = None) -> ContextManager[IO[bytes]]:
     """A binary stream of one shard, to use in a `with` block.
 
-    `pipe:` names run as given; with `shard_command` every other shard is streamed by that command; otherwise a
-    local path is opened directly and a URL through fsspec.
+    With `shard_command` the shard is streamed by that command's stdout (its argument vector, no shell);
+    otherwise a local path is opened directly and a URL through fsspec. A `pipe:` name is refused, never run.
     """
-    from webdataset.gopen import gopen  # here, not at the top: it imports torch, and config imports this module
-
     if is_pipe(location):
-        return gopen(location, "rb")
+        raise StorageError(f"shard {location!r}: a pipe: command from a manifest is never run")
     if shard_command is not None:
-        return gopen(pipe_command(shard_command, location), "rb")
+        return _command_stream(shard_argv(shard_command, location))
     if is_url(location):
         return fsspec.open(location, "rb")
     return open(Path(location).expanduser(), "rb")
 
 
-def pipe_command(shard_command: str, location: str) -> str:
-    """webdataset's `pipe:` URL for `shard_command` with `{url}` replaced by the shell-quoted location."""
-    # str.replace, not str.format: a command may hold other braces (awk, jq) that are not placeholders.
-    return PIPE_PREFIX + shard_command.replace(URL_PLACEHOLDER, shlex.quote(location))
+def check_shard_command(command: str) -> list[str]:
+    """`data.shard_command` split into an argument vector: exactly one argument is `{url}` and nothing else holds
+    it, so a shard's location always becomes one whole argument and no string from data reaches a shell."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as error:
+        raise StorageError(f"cannot be split into arguments ({error})") from None
+    example = "e.g. 'aws s3 cp {url} -' or 'gsutil cat {url}'"
+    if argv.count(URL_PLACEHOLDER) != 1 or sum(URL_PLACEHOLDER in arg for arg in argv) != 1:
+        raise StorageError(f"must contain {URL_PLACEHOLDER} exactly once, as a whole argument of its own (it is "
+                           f"replaced by the shard's location and run without a shell), {example}")
+    if argv[0] == URL_PLACEHOLDER:
+        raise StorageError(f"{URL_PLACEHOLDER} cannot be the program to run; {example}")
+    return argv
+
+
+def shard_argv(shard_command: str, location: str) -> list[str]:
+    """The command's argument vector with the `{url}` argument replaced by `location`, verbatim."""
+    return [location if arg == URL_PLACEHOLDER else arg for arg in check_shard_command(shard_command)]
+
+
+@contextmanager
+def _command_stream(argv: list[str]) -> Iterator[IO[bytes]]:
+    """stdout of `argv`, run without a shell; the process is reaped (and killed if the reader stops early)."""
+    import subprocess
+
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    except OSError as error:
+        raise StorageError(f"cannot run {argv[0]!r}: {error.strerror}") from None
+    try:
+        yield process.stdout
+    finally:
+        process.stdout.close()
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    # Only a command that was read to its end and then failed is an error; one stopped early was killed by us.
+    if process.returncode not in (0, -9):
+        raise StorageError(f"{shlex.join(argv)} exited with status {process.returncode}")
 
 
 def require_local(location: str | os.PathLike, what: str) -> Path:

@@ -164,3 +164,30 @@ def test_a_relative_data_root_inside_a_ray_jobs_working_dir_copy_says_why(tmp_pa
     config = load_config(overrides=[f"data.root={copy}"])
     with pytest.raises(ConfigError, match="runs in Ray's copy of the working directory.*absolute path every node reaches"):
         require_shards(config)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("tracking.run_name=it's", r"tracking\.run_name = \"it's\": use 1-128 letters, digits"),
+    ("tracking.run_name=../escape", r"tracking\.run_name = '\.\./escape': use 1-128 letters"),
+    ("seed=-1", r"seed = -1: Input should be greater than or equal to 0"),
+    ("seed=4294967296", r"seed = 4294967296: Input should be less than 4294967296"),
+    ("data.train_image_size=32", r"data\.train_image_size = 32: alexnet needs inputs of at least 63 px"),
+    ("search.space={optim.lr: {low: 1}}", r"search\.space\.optim\.lr\.kind: this key is required here and missing"),
+    ("data.shard_url_schemes=[pipe]", r"'pipe' is not a URL scheme"),
+])
+def test_unsafe_or_impossible_values_are_refused_at_load(override, expected):
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_config(overrides=["model.name=alexnet", "data.eval_image_size=64", "data.train_image_size=64", override])
+    assert "\n" not in str(caught.value)
+
+
+def test_a_binary_or_malformed_config_file_is_one_line_naming_file_and_line(tmp_path):
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"\x80\x02\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match=r"model\.pt is not UTF-8 text"):
+        load_config([binary])
+    malformed = tmp_path / "bad.yaml"
+    malformed.write_text("optim:\n  lr: 0.1\n  batch_size: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML at line \d+, column \d+") as caught:
+        load_config([malformed])
+    assert "\n" not in str(caught.value)

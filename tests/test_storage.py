@@ -9,6 +9,7 @@ import pytest
 from pipeline import storage
 from pipeline.config import load_config
 from pipeline.data.manifest import read_manifest
+from pipeline.errors import ConfigError, StorageError
 from tests.conftest import copy_to_memory, write_split
 
 
@@ -18,15 +19,38 @@ def test_join_builds_split_and_file_locations_for_paths_and_urls():
     assert storage.join(Path("data/shards"), "val") == "data/shards/val"
 
 
-def test_shard_names_that_are_urls_or_pipes_are_kept_as_they_are():
+def test_shard_names_that_are_urls_are_kept_and_pipes_are_refused(tmp_path):
     assert storage.shard_location("/data/shards/train", "train-000000.tar") == "/data/shards/train/train-000000.tar"
     assert storage.shard_location("memory://x/train", "gs://other/a.tar") == "gs://other/a.tar"
-    assert storage.shard_location("/data/shards/train", "pipe:cat /a.tar") == "pipe:cat /a.tar"
+    marker = tmp_path / "ran"
+    with pytest.raises(StorageError, match="never run"):
+        storage.shard_location("/data/shards/train", f"pipe:touch {marker}")
+    with pytest.raises(StorageError, match="never run"):
+        storage.open_shard(f"pipe:touch {marker}")
+    assert not marker.exists()
 
 
-def test_a_shard_command_gets_the_shard_location_shell_quoted():
-    assert storage.pipe_command("aws s3 cp {url} -", "s3://b/x.tar") == "pipe:aws s3 cp s3://b/x.tar -"
-    assert storage.pipe_command("cat {url}", "/a b/x.tar") == "pipe:cat '/a b/x.tar'"
+def test_a_shard_command_gets_the_shard_location_as_one_argument_without_a_shell():
+    assert storage.shard_argv("aws s3 cp {url} -", "s3://b/x.tar") == ["aws", "s3", "cp", "s3://b/x.tar", "-"]
+    assert storage.shard_argv("cat '{url}'", "/a b/x.tar") == ["cat", "/a b/x.tar"]  # quotes are the template's
+
+
+@pytest.mark.parametrize("template", ["sh -c 'cat {url}'", "cat {url} {url}", "cat {url}.tar", "{url} -", "cat", "cat 'x"])
+def test_a_shard_command_that_could_splice_the_location_into_a_shell_is_refused(template):
+    with pytest.raises(StorageError):
+        storage.check_shard_command(template)
+    with pytest.raises(ConfigError, match="data.shard_command"):
+        load_config(overrides=[f"data.shard_command={template}"])
+
+
+@pytest.mark.parametrize("template", ["cat '{url}'", 'cat "{url}"', "cat {url}"])
+def test_a_crafted_shard_location_runs_nothing_with_any_quoting_of_the_template(tmp_path, template):
+    marker = tmp_path / "pwned"
+    crafted = f"x'; touch {marker}; echo '\"; touch {marker}; echo \"$(touch {marker})"
+    with pytest.raises(StorageError, match="exited with status"):
+        with storage.open_shard(crafted, template) as stream:
+            stream.read()
+    assert not marker.exists()
 
 
 def test_every_way_of_opening_a_shard_reads_the_same_bytes(tmp_path):
@@ -40,7 +64,6 @@ def test_every_way_of_opening_a_shard_reads_the_same_bytes(tmp_path):
             "file:// URL": storage.open_shard(f"file://{shard}"),  # fsspec takes the path literally, no %20
             "memory:// URL": storage.open_shard(f"{memory_root}/val/val-000000.tar"),
             "shard command": storage.open_shard(str(shard), "cat {url}"),
-            "pipe: name": storage.open_shard(f"pipe:cat '{shard}'"),
         }
         for how, handle in opened.items():
             with handle as stream:

@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 from urllib.parse import urlparse
@@ -46,7 +46,7 @@ class JobClientError(JobError):
 @dataclass(frozen=True)
 class ClusterAddress:
     dashboard_url: str  # http(s)://host:port of the head's dashboard / job server
-    token: str | None  # Ray auth token, sent as a bearer header
+    token: str | None = field(repr=False)  # Ray auth token, sent as a bearer header; never printed
 
     @property
     def is_local(self) -> bool:

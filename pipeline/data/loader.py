@@ -221,7 +221,7 @@ def build_loader(
 ) -> EpochLoader:
     """`batch_size` is per rank. `split` is train (shuffled, equal steps) or val/test (exactly once)."""
     split_dir = storage.join(data.root, split)
-    manifest = read_manifest(split_dir)
+    manifest = read_manifest(split_dir, data.shard_url_schemes)
     dataset = ShardStream(
         split_dir, manifest, train=split == "train", rank=rank, world_size=world_size,
         batch_size=batch_size, seed=seed, data=data,

@@ -82,6 +82,9 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
         version = data.get("format_version")
+        for key, kind in (("classes", list), ("shards", list)):
+            if key in data and not isinstance(data[key], kind):
+                raise DataError(f"'{key}' must be a JSON list, not {type(data[key]).__name__}")
         if version != FORMAT_VERSION:
             raise DataError(
                 f"manifest format_version {version!r} is not supported (expected {FORMAT_VERSION}); "
@@ -116,8 +119,13 @@ def has_manifest(split_dir: str | Path) -> bool:
     return storage.is_file(storage.join(split_dir, MANIFEST_NAME))
 
 
-def read_manifest(split_dir: str | Path) -> Manifest:
-    """The manifest of a local split folder or a split URL (s3://bucket/imagenet/train, any fsspec protocol)."""
+def read_manifest(split_dir: str | Path, shard_url_schemes: tuple[str, ...] | list[str] = ()) -> Manifest:
+    """The manifest of a local split folder or a split URL (s3://bucket/imagenet/train, any fsspec protocol).
+
+    A manifest comes from shared storage that many people write to, so it is checked as untrusted input: its shape,
+    and every shard name (`check_shard_name`). `shard_url_schemes` is the user's own allowance
+    (`data.shard_url_schemes`) for shards listed by URL.
+    """
     location = storage.join(split_dir, MANIFEST_NAME)
     if not has_manifest(split_dir):
         raise DataError(
@@ -126,9 +134,44 @@ def read_manifest(split_dir: str | Path) -> Manifest:
         )
     try:
         data = json.loads(storage.read_text(location))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{location} is not valid JSON: {error}") from error
-    return Manifest.from_dict(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{location} is not valid JSON: {str(error).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{location}: a manifest is a JSON object, not {type(data).__name__}")
+    try:
+        manifest = Manifest.from_dict(data)
+    except KeyError as error:
+        raise DataError(f"{location}: the manifest has no {error.args[0]!r} entry; re-run `imagenet-pipeline "
+                        "index` on the shard directory") from None
+    except (TypeError, AttributeError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise DataError(f"{location}: {error}") from None
+        raise DataError(f"{location}: an entry has the wrong JSON type ({str(error).splitlines()[0]}); re-run "
+                        "`imagenet-pipeline index` on the shard directory") from None
+    for shard in manifest.shards:
+        check_shard_name(shard.name, location, shard_url_schemes)
+    return manifest
+
+
+def check_shard_name(name: Any, manifest_location: str, shard_url_schemes: tuple[str, ...] | list[str] = ()) -> None:
+    """A shard entry must be a plain file name inside its split folder: no '/', no '..', no absolute path, no URL
+    and never a `pipe:` command (webdataset would run it with a shell on every worker). A URL is accepted only
+    when its scheme is among the user's `data.shard_url_schemes`."""
+    allowed = "a plain file name in its split folder (no '/', '..', absolute path, URL or pipe: command)"
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{manifest_location}: shard entry {name!r} is not {allowed}")
+    if storage.is_pipe(name):
+        raise DataError(f"{manifest_location}: shard entry {name!r} is a pipe: command, which is never run; "
+                        f"a shard entry must be {allowed}")
+    if storage.is_url(name):
+        scheme = name.split("://", 1)[0].lower()
+        if scheme in shard_url_schemes:
+            return
+        raise DataError(f"{manifest_location}: shard entry {name!r} is a {scheme}:// URL, and data.shard_url_schemes "
+                        f"= {list(shard_url_schemes)} does not allow it; a shard entry must be {allowed}, or list "
+                        f"'{scheme}' in data.shard_url_schemes if you trust this manifest's writers")
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("~") or "\x00" in name:
+        raise DataError(f"{manifest_location}: shard entry {name!r} is not {allowed}")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

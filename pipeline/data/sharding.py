@@ -119,6 +119,8 @@ def shard_imagenet(
     started = time.perf_counter()
     _check_options(val_per_class, samples_per_shard, max_side, quality, processes)
     source, output = Path(source), require_local(output, "shard --output")
+    if output.exists() and not output.is_dir():
+        raise DataError(f"shard --output {output} is a file; give a folder (new or holding train/ val/ test/)")
     found = discover_source(source)
     options = {"seed": seed, "val_per_class": val_per_class, "samples_per_shard": samples_per_shard,
                "max_side": max_side, "quality": quality}

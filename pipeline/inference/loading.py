@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.config import Config, validate_config
 from pipeline.data.manifest import MANIFEST_NAME, SPLITS, Manifest, has_manifest, read_manifest
 from pipeline.errors import DataError, ModelSourceError
-from pipeline.tracking.uri import resolve_tracking_uri
+from pipeline.tracking.uri import redact, resolve_tracking_uri
 from pipeline.train.checkpoints import META_FILE, STATE_FILE, load_weights, read_meta
 from pipeline.train.models import build_model
 
@@ -80,7 +80,7 @@ def split_manifest(config: Config, split: str) -> Manifest:
             f"data.root = '{config.data.root}': no {split}/{MANIFEST_NAME}; shard the {split} split or point "
             "data.root at a folder holding it"
         )
-    return read_manifest(split_dir)
+    return read_manifest(split_dir, config.data.shard_url_schemes)
 
 
 def _load_mlflow_model(source: str, config: Config) -> InferenceModel:
@@ -97,7 +97,7 @@ def _load_mlflow_model(source: str, config: Config) -> InferenceModel:
         try:
             client.get_run(match["run_id"])
         except MlflowException:
-            raise ModelSourceError(f"{source}: no MLflow run {match['run_id']} in {uri}") from None
+            raise ModelSourceError(f"{source}: no MLflow run {match['run_id']} in {redact(uri)}") from None
     else:
         raise ModelSourceError(f"{source}: expected runs:/<run_id>/<artifact path>")
     with tempfile.TemporaryDirectory() as scratch:
@@ -139,7 +139,7 @@ def _model_version(source: str, client, uri: str):
     try:
         client.get_registered_model(name)
     except MlflowException:
-        raise ModelSourceError(f"{source}: no registered model '{name}' in {uri}") from None
+        raise ModelSourceError(f"{source}: no registered model '{name}' in {redact(uri)}") from None
     wanted = f"alias '{by_alias['alias']}'" if by_alias else f"version {by_version['version']}"
     raise ModelSourceError(f"{source}: registered model '{name}' has no {wanted}")
 

@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import PROJECT_ROOT, Config
 from pipeline.errors import ConfigError
-from pipeline.tracking.uri import artifact_root, resolve_tracking_uri
+from pipeline.tracking.uri import artifact_root, redact, resolve_tracking_uri, warn_if_credentials_cross_plain_http
 
 RUN_NAME_TAG = "pipeline.run_name"
 MANIFEST_TAG = "pipeline.manifest_hash"
@@ -36,6 +36,7 @@ FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's terminal r
 def prepare_tracking(config: Config) -> tuple[str, str]:
     """Check the tracking store is usable, create it once; return (uri, experiment id)."""
     uri = resolve_tracking_uri(config)
+    warn_if_credentials_cross_plain_http(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
@@ -73,9 +74,16 @@ def start_or_resume_run(
         tags["mlflow.parentRunId"] = parent_run_id  # nests the run under the sweep in the MLflow UI
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[
-        mlflow.entities.Param(key, str(value)[:6000]) for key, value in flatten(config.model_dump(mode="json")).items()
+        mlflow.entities.Param(key, str(value)[:6000]) for key, value in flatten(loggable(config)).items()
     ])
     return run.info.run_id, False
+
+
+def loggable(config: Config) -> dict[str, Any]:
+    """The config as MLflow params: credentials in the tracking URI never reach a param."""
+    data = config.model_dump(mode="json")
+    data["tracking"]["tracking_uri"] = redact(data["tracking"]["tracking_uri"])
+    return data
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -132,21 +140,19 @@ def find_run(uri: str, experiment_id: str, run_name: str):
     return found[0] if found else None
 
 
-RUNNING = "RUNNING"
-
-
 @contextmanager
 def attached(uri: str, run_id: str, log_system_metrics: bool = False) -> Iterator[None]:
     """This process writes into run `run_id` through MLflow's fluent API for the block (model logging, rank 0's
-    metrics). Leaving the block detaches without ending the run: it stays RUNNING until its owner calls `end_run`.
+    metrics). Leaving the block detaches and puts back the status the run had (usually RUNNING): only its owner
+    ends a run, through `end_run`.
     """
+    status = MlflowClient(uri).get_run(run_id).info.status
     mlflow.set_tracking_uri(uri)
     mlflow.start_run(run_id=run_id, log_system_metrics=log_system_metrics)
     try:
         yield
     finally:
-        # fluent end_run must be given a status; RUNNING leaves the decision to the run's owner.
-        mlflow.end_run(status=RUNNING)
+        mlflow.end_run(status=status)  # fluent end_run must be given a status: the one found
 
 
 class WorkerTracker:

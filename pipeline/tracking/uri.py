@@ -7,8 +7,11 @@ scatter databases, since Ray workers run in another directory.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipeline.config import PROJECT_ROOT, Config, refuse_job_copy
 
@@ -42,3 +45,28 @@ def artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
     return None
+
+
+_CREDENTIALS = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@")
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+_warned_plain_http: set[str] = set()
+
+
+def redact(uri: str | None) -> str | None:
+    """`uri` with any `user:password@` replaced by `***@`: safe to print, log and store as an MLflow param."""
+    return None if uri is None else _CREDENTIALS.sub(r"\g<scheme>***@", uri)
+
+
+def warn_if_credentials_cross_plain_http(uri: str) -> None:
+    """Once per URI: MLflow's basic-auth credentials (in the URI or MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) would
+    travel unencrypted to a host other than this machine."""
+    if not uri.startswith("http://") or uri in _warned_plain_http:
+        return
+    host = urlsplit(uri).hostname or ""
+    has_credentials = bool(_CREDENTIALS.match(uri)) or any(
+        os.environ.get(name) for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"))
+    if has_credentials and host not in _LOCAL_HOSTS:
+        _warned_plain_http.add(uri)
+        logging.getLogger(__name__).warning(
+            "MLflow credentials would go to %s over plain http; use https, or reach the server through a "
+            "port-forward (`kubectl port-forward svc/mlflow 5000:5000`)", redact(uri))

@@ -8,6 +8,7 @@ which is small and readable without torch so the driver can refuse a mismatched 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +22,15 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.errors import ConfigError, StorageError
+from pipeline.errors import ConfigError, DataError, StorageError, first_line
 
 STATE_FILE = "state.pt"
+
+
+class CheckpointError(DataError):
+    """A checkpoint that cannot be used safely (it would need full unpickling)."""
+
+
 META_FILE = "meta.json"
 
 
@@ -59,7 +66,7 @@ def save_checkpoint(
         "training_state": state.__dict__,
         "rng": {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _numpy_state_as_tensors(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         },
@@ -82,16 +89,42 @@ def load_checkpoint(
         scaler.load_state_dict(payload["scaler"])
     rng = payload["rng"]
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # Only the devices present: a checkpoint from an 8-GPU node resumes on a 1-GPU worker.
+        for index, device_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(device_state, index)
     return TrainingState(**payload["training_state"])
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
-    """The whole saved state (weights, optimiser, training state, RNG) without applying any of it."""
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The whole saved state (weights, optimiser, training state, RNG) without applying any of it.
+
+    Checkpoint storage is shared and untrusted: `weights_only=True` unpickles tensors, containers, numbers and
+    strings only, so a state.pt carrying any other object (a pickle payload) is refused before it can run.
+    """
+    path = Path(directory) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint {path} refused: it needs full unpickling ({first_line(error, with_type=False)[:120]}), "
+            "which can run code; this project saves only tensors and plain values (checkpoints written before that "
+            "cannot be resumed or served: "
+            "retrain, or convert them where their origin is trusted)") from None
+
+
+def _numpy_state_as_tensors() -> dict[str, Any]:
+    # np.random.get_state() holds an ndarray, which weights_only loading refuses; its parts as a tensor and numbers.
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+
+
+def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
+    return (state["kind"], state["keys"].numpy().astype(np.uint32), state["position"], state["has_gauss"],
+            state["cached_gaussian"])
 
 
 def load_weights(directory: str | Path, model: torch.nn.Module) -> torch.nn.Module:

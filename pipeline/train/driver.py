@@ -25,9 +25,11 @@ from pipeline import events, storage
 from pipeline import metrics as m
 from pipeline.config import WORKER_GROUP_START_TIMEOUT_S, Config, refuse_job_copy, require_shards
 from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.data.plan import train_steps_per_epoch
 from pipeline.errors import ConfigError, StorageError
 from pipeline.tracking.registry import Published, register_model
 from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run
+from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import check_compatible, latest_run_checkpoint, load_weights, local_checkpoint
 from pipeline.train.checkpoints import read_meta, read_state
 from pipeline.train.models import build_model
@@ -61,13 +63,15 @@ def run_training(config: Config, trial: TrialOptions | None = None) -> TrainingO
     started = time.perf_counter()
     config = config.with_absolute_paths()
     manifest = check_inputs(config)
+    # A global batch the train split cannot fill on every rank fails here, not inside every worker.
+    train_steps_per_epoch(manifest.num_samples, config.scaling.world_size, config.per_worker_batch_size)
     run_name = config.tracking.run_name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_root = storage_path(config)
     check_resume_compatible(storage_root, run_name, config, manifest)
     uri, experiment_id = prepare_tracking(config)
     run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash(),
                                           trial.parent_run_id if trial else None)
-    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {uri}; Ray run '{run_name}' in {storage_root}")
+    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {redact(uri)}; Ray run '{run_name}' in {storage_root}")
     events.record("mlflow_run_ready")
 
     wiring = RunWiring(
@@ -116,8 +120,8 @@ def load_model_from_checkpoint(config: Config, checkpoint_path: str | Path, num_
 
 def check_inputs(config: Config) -> Manifest:
     require_shards(config, ("train", "val"))
-    train = read_manifest(storage.join(config.data.root, "train"))
-    val = read_manifest(storage.join(config.data.root, "val"))
+    train = read_manifest(storage.join(config.data.root, "train"), config.data.shard_url_schemes)
+    val = read_manifest(storage.join(config.data.root, "val"), config.data.shard_url_schemes)
     if train.num_classes != val.num_classes:
         raise ConfigError(
             f"data.root = '{config.data.root}': train has {train.num_classes} classes but val has {val.num_classes}; "

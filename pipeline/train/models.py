@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from pipeline.errors import ConfigError
+from pipeline.config import MIN_IMAGE_SIZE as CONFIG_MIN_IMAGE_SIZE
 from pipeline.config import MODEL_NAMES, ModelConfig
 
 _RESNET_BUILDERS = {
@@ -54,9 +55,8 @@ PUBLISHED_TOP1_TOP5: dict[str, tuple[float, float]] = {
 ALEXNET_ENSEMBLE_TOP5_ERROR = 15.3
 HUMAN_TOP5_ERROR = 5.1
 
-# Smallest square input side, pixels, that survives the network's strides and pools. Both AlexNets need three
-# 3x3 max-pools to see at least 3x3 maps; ResNets end in adaptive pooling and accept any side.
-MIN_IMAGE_SIZE: dict[str, int] = {"alexnet": 63, "alexnet_tv": 63, **{name: 1 for name in _RESNET_BUILDERS}}
+# Smallest square input side per architecture (pipeline.config owns the rule; ResNets accept any side).
+MIN_IMAGE_SIZE: dict[str, int] = {**{name: 1 for name in _RESNET_BUILDERS}, **CONFIG_MIN_IMAGE_SIZE}
 
 
 class AlexNet2012(nn.Module):

@@ -23,6 +23,7 @@ from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.data.loader import IGNORE_LABEL, EpochLoader
 from pipeline.data.transforms import normalize_batch
+from pipeline.errors import DataError
 from pipeline.train.checkpoints import TrainingState
 from pipeline.train.optim import step_after_iteration
 
@@ -66,7 +67,8 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
                     rank: RankDevice, epoch: int, state: TrainingState) -> dict[str, float]:
     model.train()
     loader.set_epoch(epoch)
-    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing)
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing,
+                                          reduction="sum")
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, valid samples, corrupt samples
     waiting = 0.0
     started = tick = time.perf_counter()
@@ -74,24 +76,24 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
         waiting += time.perf_counter() - tick
         images = normalize_batch(batch.images, rank.device, channels_last=rank.channels_last)
         labels = batch.labels.to(rank.device, non_blocking=True)
+        valid = int((batch.labels != IGNORE_LABEL).sum())
         with autocast(rank):
-            loss = criterion(model(images), labels)
+            # Summed, then divided by the valid count: an all-masked batch gives a zero loss and zero gradients,
+            # never the NaN that a mean over no samples would put into every weight.
+            loss = criterion(model(images), labels) / max(valid, 1)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(loss).backward()  # every rank runs backward: DDP's gradient all-reduce needs them all
         scaler.unscale_(optimizer)  # clipping sees true gradient norms
         if config.optim.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
-        scaler.step(optimizer)
+        if valid or rank.world_size > 1:  # alone, an all-masked batch makes no step (momentum and decay included)
+            scaler.step(optimizer)
         scaler.update()
         step_after_iteration(scheduler)
         state.global_step += 1
         if state.global_step == 1:
             events.record("first_step", rank=rank.rank)
-        valid = int((batch.labels != IGNORE_LABEL).sum())
-        if valid:  # an all-masked batch gives a NaN loss that must not reach the average
-            totals += torch.tensor([loss.item() * valid, valid, int(batch.corrupt)], dtype=torch.float64)
-        else:
-            totals[2] += int(batch.corrupt)
+        totals += torch.tensor([loss.item() * valid, valid, int(batch.corrupt)], dtype=torch.float64)
         tick = time.perf_counter()
     elapsed = time.perf_counter() - started
     loss_sum, count, corrupt = all_reduce(totals, rank).tolist()
@@ -120,7 +122,10 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, pref
         loss = criterion(logits, labels).item() if valid else 0.0
         totals += torch.tensor([loss, valid, top1, top5, int(batch.corrupt)], dtype=torch.float64)
     loss_sum, count, top1, top5, corrupt = all_reduce(totals, rank).tolist()
-    count = max(count, 1)
+    if count == 0:  # every rank sees the same summed count, so every rank raises
+        raise DataError(f"the {prefix} pass read no valid sample ({int(corrupt)} corrupt or unreadable); a pass "
+                        "with no valid samples has no score: check that its shards are readable (see the warnings "
+                        "above, one per shard)")
     return {
         f"{prefix}/loss": loss_sum / count,
         f"{prefix}/top1": 100.0 * top1 / count,

@@ -22,6 +22,7 @@ from pipeline import events
 from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.data.loader import EpochLoader, build_loader
+from pipeline.errors import DataError
 from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker
 from pipeline.train.checkpoints import (
     TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, save_checkpoint,
@@ -84,6 +85,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
             step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
+            check_corrupt_share(epoch_metrics, config, len(train_loader) * config.optim.batch_size,
+                                val_loader.manifest.num_samples)
             stop = update_early_stopping(state, epoch_metrics, config.optim.patience)
             report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
             tracker.log_epoch(epoch_metrics)
@@ -92,6 +95,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if stop:
                 log.info(f"early stop: {m.SELECTION_METRIC} has not improved for {config.optim.patience} epochs")
                 break
+
+
+def check_corrupt_share(epoch_metrics: dict[str, float], config: Config, train_samples: int,
+                        val_samples: int) -> None:
+    """Masked samples are counted and logged; beyond `data.max_corrupt_fraction` they stop the run, since the
+    epoch's figures would then describe whatever could be read, not the data set."""
+    for split, key, planned in (("train", m.TRAIN_CORRUPT_SAMPLES, train_samples),
+                                ("val", m.VAL_CORRUPT_SAMPLES, val_samples)):
+        share = epoch_metrics[key] / max(planned, 1)
+        if share > config.data.max_corrupt_fraction:
+            raise DataError(
+                f"epoch {int(epoch_metrics[m.EPOCH])}: {int(epoch_metrics[key])} of {planned} {split} samples "
+                f"({share:.2%}) could not be read or decoded, above data.max_corrupt_fraction = "
+                f"{config.data.max_corrupt_fraction}; the warnings above name the shards (run `imagenet-pipeline "
+                "verify` on them)")
 
 
 def setup_rank(config: Config) -> RankDevice:

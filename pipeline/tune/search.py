@@ -35,6 +35,7 @@ from pipeline.errors import ConfigError
 from pipeline.tracking.runs import (
     FAILED, RUN_NAME_TAG, end_run, flatten, prepare_tracking, resolve_tracking_uri, start_or_resume_run,
 )
+from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import META_FILE, checkpoint_uri
 from pipeline.train.driver import TrainingOutcome, TrialOptions, ensure_ray, publish, run_training, storage_path
 from pipeline.tune.report import TrialSummary, log_sweep_summary, print_trial_table
@@ -60,14 +61,14 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
     sweep_name = config.tracking.run_name or f"sweep-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_root = storage_path(config)
     check_cluster_fits(config)
-    manifest = read_manifest(storage.join(config.data.root, "train"))
+    manifest = read_manifest(storage.join(config.data.root, "train"), config.data.shard_url_schemes)
     uri, experiment_id = prepare_tracking(config)
     # Trial actors may run where the driver's MLFLOW_TRACKING_URI is unset: hand them the resolved URI.
     config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tracking_uri": uri})})
     parent_run_id, reused = start_or_resume_run(
         config, uri, experiment_id, sweep_name, manifest.content_hash(), extra_tags={SWEEP_TAG: "parent"},
     )
-    print(f"sweep '{sweep_name}': MLflow parent run {parent_run_id} ({'reused' if reused else 'new'}) in {uri}")
+    print(f"sweep '{sweep_name}': MLflow parent run {parent_run_id} ({'reused' if reused else 'new'}) in {redact(uri)}")
 
     trainable = tune.with_resources(
         tune.with_parameters(trial_driver, base_config=config, sweep_name=sweep_name, parent_run_id=parent_run_id),

@@ -212,3 +212,14 @@ def test_bad_options_are_value_errors_before_anything_is_written(source, tmp_pat
     with pytest.raises(ValueError, match=message):
         shard_imagenet(source[0], tmp_path / "out", **{**OPTIONS, **options})
     assert not (tmp_path / "out").exists()
+
+
+def test_shard_output_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from pipeline.data.sharding import shard_imagenet
+    from pipeline.errors import DataError
+
+    target = tmp_path / "shards"
+    target.write_text("not a folder")
+    with pytest.raises(DataError, match="is a file; give a folder"):
+        shard_imagenet(tmp_path / "nowhere", target)
+    assert target.read_text() == "not a folder"

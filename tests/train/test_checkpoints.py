@@ -73,3 +73,46 @@ def test_a_resume_of_another_architecture_is_refused_on_uri_storage_too(tmp_path
     config = load_config(overrides=[f"data.root={tiny_shards}"])
     with pytest.raises(ConfigError, match="holds a linear checkpoint with 2 classes, but the config asks for resnet18"):
         check_resume_compatible(f"file://{tmp_path}", "r2", config, read_manifest(tiny_shards / "train"))
+
+
+class _Payload:
+    """What an attacker with write access to checkpoint storage would plant: code that runs when unpickled."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("reader", ["read_state", "load_weights", "load_checkpoint"])
+def test_a_checkpoint_with_a_pickle_payload_is_refused_and_the_payload_never_runs(tmp_path, reader):
+    from pipeline.train import checkpoints
+
+    write_checkpoint(tmp_path / "ckpt")
+    marker = tmp_path / "payload-ran"
+    payload = torch.load(tmp_path / "ckpt" / STATE_FILE, weights_only=True)
+    payload["training_state"]["history"] = [_Payload(marker)]
+    torch.save(payload, tmp_path / "ckpt" / STATE_FILE)
+    calls = {"read_state": lambda: checkpoints.read_state(tmp_path / "ckpt"),
+             "load_weights": lambda: checkpoints.load_weights(tmp_path / "ckpt", torch.nn.Linear(3, 2)),
+             "load_checkpoint": lambda: checkpoints.load_checkpoint(tmp_path / "ckpt", model=torch.nn.Linear(3, 2))}
+    with pytest.raises(checkpoints.CheckpointError, match="refused: it needs full unpickling.*can run code"):
+        calls[reader]()
+    assert not marker.exists()
+
+
+def test_every_rng_stream_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from pipeline.train.checkpoints import load_checkpoint
+
+    write_checkpoint(tmp_path / "ckpt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)  # disturb every stream
+    load_checkpoint(tmp_path / "ckpt", model=torch.nn.Linear(3, 2))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
