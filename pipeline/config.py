@@ -156,6 +156,8 @@ class TrackingConfig(_Section):
     storage_path: str = Field("ray_results", description="checkpoints: a local path, NFS, s3:// or gs:// URI")
     registered_model: str = "imagenet-classifier"
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept by val top-1, plus the latest")
+    allow_changed_resume: bool = Field(False, description="resume a run although its data (manifest hash) or "
+                                       "optimisation settings changed since its checkpoints were written")
 
 
 class SearchSpaceParam(_Section):

@@ -15,6 +15,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 from typing import BinaryIO, Iterator
 
 from braceexpand import braceexpand
@@ -22,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from pipeline import storage
 from pipeline.errors import DataError, StorageError
 from pipeline.storage import require_local
 from pipeline.data.manifest import SPLITS, ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
@@ -58,17 +60,21 @@ def verify_split(split_dir: Path, decode: bool = True) -> list[str]:
     """Problems with one split's shards, each a readable sentence naming the shard; an empty list means OK."""
     split_dir = require_local(split_dir, "verify folder")  # checksums and sizes are read from local files
     try:
-        manifest = read_manifest(split_dir)
+        # file:// entries are what `index --output elsewhere` writes; verify only reads and hashes local files.
+        manifest = read_manifest(split_dir, shard_url_schemes=("file",))
     except (DataError, StorageError) as error:
         return [str(error)]
     problems = []
     if [info.index for info in manifest.classes] != list(range(manifest.num_classes)):
         problems.append("manifest class indices are not 0..K-1 in order")
     for shard in manifest.shards:
-        if "://" in shard.name or shard.name.startswith("pipe:"):
+        if shard.name.startswith("file://"):
+            path = Path(unquote(urlsplit(shard.name).path))
+        elif storage.is_url(shard.name):
             logger.warning("%s is remote and is not checked", shard.name)
             continue
-        path = split_dir / shard.name
+        else:
+            path = split_dir / shard.name
         if not path.is_file():
             problems.append(f"{shard.name}: missing (listed in the manifest)")
             continue
@@ -246,8 +252,8 @@ def _read_classes_file(path: Path) -> list[ClassInfo]:
 
 
 def _shard_name(path: Path, output: Path) -> str:
-    """Name relative to the manifest's folder when the shard lies below it, else the absolute path."""
-    try:
-        return str(path.resolve().relative_to(output.resolve()))
-    except ValueError:
-        return str(path.resolve())
+    """The file name when the shard lies in the manifest's folder; else a file:// URL, which readers accept only
+    when the user lists "file" in data.shard_url_schemes (a manifest's plain names never leave their folder)."""
+    if path.resolve().parent == output.resolve():
+        return path.name
+    return path.resolve().as_uri()

@@ -54,22 +54,31 @@ def checkpoint_meta(config: Config, num_classes: int, manifest_hash: str) -> dic
     }
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's random streams (Python, numpy, torch, CUDA), as tensors and plain values."""
+    return {
+        "python": random.getstate(),
+        "numpy": _numpy_state_as_tensors(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
 def save_checkpoint(
     directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     scaler: torch.amp.GradScaler | None, state: TrainingState, meta: dict[str, Any],
+    rng_by_rank: list[dict[str, Any]] | None = None,
 ) -> None:
+    """`rng_by_rank`: every rank's streams (gathered by the caller), so each rank continues its own on resume."""
+    rng_by_rank = rng_by_rank or [rng_state()]
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "training_state": state.__dict__,
-        "rng": {
-            "python": random.getstate(),
-            "numpy": _numpy_state_as_tensors(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        "rng": rng_by_rank[0],  # rank 0's, as before per-rank streams were kept
+        "rng_by_rank": rng_by_rank,
     }
     torch.save(payload, directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -77,8 +86,15 @@ def save_checkpoint(
 
 def load_checkpoint(
     directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None, scaler: torch.amp.GradScaler | None = None,
+    scheduler: Any = None, scaler: torch.amp.GradScaler | None = None, rank: int = 0, world_size: int = 1,
+    fallback_seed: int | None = None,
 ) -> TrainingState:
+    """Restore everything, including this rank's random streams, so the run continues exactly as if never stopped.
+
+    A checkpoint without a stream per rank for this world size (older, or another world size) gives every rank
+    rank 0's streams; then torch is re-seeded with `fallback_seed + 1000 * epoch` so ranks differ again (such a
+    resume is not bit-identical to a straight run).
+    """
     payload = read_state(directory)
     model.load_state_dict(payload["model"])
     if optimizer is not None:
@@ -87,7 +103,9 @@ def load_checkpoint(
         scheduler.load_state_dict(payload["scheduler"])
     if scaler is not None and scaler.is_enabled() and payload["scaler"]:
         scaler.load_state_dict(payload["scaler"])
-    rng = payload["rng"]
+    streams = payload.get("rng_by_rank") or []
+    own = len(streams) == world_size
+    rng = streams[rank] if own else payload["rng"]
     random.setstate(rng["python"])
     np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
     torch.set_rng_state(rng["torch"])
@@ -95,6 +113,8 @@ def load_checkpoint(
         # Only the devices present: a checkpoint from an 8-GPU node resumes on a 1-GPU worker.
         for index, device_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(device_state, index)
+    if not own and fallback_seed is not None:
+        torch.manual_seed(fallback_seed + 1000 * int(payload["training_state"]["epoch"]))
     return TrainingState(**payload["training_state"])
 
 

@@ -162,8 +162,24 @@ def check_resume_compatible(storage_root: str, run_name: str, config: Config, ma
         latest = latest_run_checkpoint(storage_root, run_name)
     except StorageError as error:  # an object store that cannot be listed (credentials, network)
         raise ConfigError(f"tracking.storage_path = '{storage_root}': {error}") from None
-    if latest is not None:
-        check_compatible(read_meta(latest), config.model.name, manifest.num_classes, f"run '{run_name}' ({latest})")
+    if latest is None:
+        return
+    meta = read_meta(latest)
+    check_compatible(meta, config.model.name, manifest.num_classes, f"run '{run_name}' ({latest})")
+    if config.tracking.allow_changed_resume:
+        return
+    changed = []
+    if meta.get("manifest_hash") != manifest.content_hash():
+        changed.append(f"the train manifest (hash {meta.get('manifest_hash')} -> {manifest.content_hash()})")
+    saved = (meta.get("config") or {}).get("optim", {})
+    # More epochs (or another patience) continue the same run; anything else would make a different one.
+    for key, value in config.optim.model_dump(mode="json").items():
+        if key not in ("epochs", "patience") and key in saved and saved[key] != value:
+            changed.append(f"optim.{key} ({saved[key]!r} -> {value!r})")
+    if changed:
+        raise ConfigError(f"tracking.run_name = '{run_name}': its checkpoints were written with other settings: "
+                          f"{', '.join(changed)}; choose another run name, or set tracking.allow_changed_resume=true "
+                          "to continue anyway")
 
 
 def build_trainer(config: Config, run_name: str, storage_root: str, wiring: RunWiring,

@@ -134,6 +134,14 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, pref
     }
 
 
+def broadcast_buffers_from_rank0(model: torch.nn.Module, rank: RankDevice) -> None:
+    """BatchNorm running statistics drift apart across ranks within an epoch (each rank updates them from its own
+    batches); rank 0's are the ones saved, so every rank evaluates with those and the val score is the checkpoint's."""
+    if rank.world_size > 1 and dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def all_reduce(totals: torch.Tensor, rank: RankDevice) -> torch.Tensor:
     if rank.world_size > 1 and dist.is_initialized():
         reduced = totals.to(rank.device)  # NCCL reduces device tensors only

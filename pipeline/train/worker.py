@@ -25,13 +25,14 @@ from pipeline.data.loader import EpochLoader, build_loader
 from pipeline.errors import DataError
 from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker
 from pipeline.train.checkpoints import (
-    TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, save_checkpoint,
+    TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, rng_state, save_checkpoint,
 )
 from pipeline.train.models import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, step_after_validation
 from pipeline.train.progress import EpochTable, RankLogger
 from pipeline.train.step import (
-    RankDevice, autocast_dtype, evaluate, grad_scaler, train_one_epoch, unwrap, update_early_stopping,
+    RankDevice, autocast_dtype, broadcast_buffers_from_rank0, evaluate, grad_scaler, train_one_epoch, unwrap,
+    update_early_stopping,
 )
 from pipeline.upstream import ray_54305, ray_train_report_log
 
@@ -63,8 +64,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, len(train_loader))
     scaler = grad_scaler(rank)
-    state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, log)
-    torch.manual_seed(config.seed + 1000 * state.epoch + rank.rank)  # ranks differ again after a resume
+    state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, rank, log)
     if config.optim.patience and state.epochs_without_improvement >= config.optim.patience:
         log.info(f"this run already stopped early after epoch {state.epoch}; nothing to do")
         return  # every rank restored the same state, so every rank returns here
@@ -82,6 +82,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         tracker.set_tags({WORKER_NODES_TAG: ",".join(nodes)})
         for epoch in range(state.epoch, config.optim.epochs):
             train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, rank, epoch, state)
+            broadcast_buffers_from_rank0(model, rank)  # the score is the saved (rank 0's) weights' score
             val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
             step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
@@ -140,15 +141,26 @@ def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochL
     return build_loader(config.data, "train", **common), build_loader(config.data, "val", **common)
 
 
-def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: int, log: RankLogger) -> TrainingState:
+def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: int, rank: RankDevice,
+            log: RankLogger) -> TrainingState:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainingState()
     with checkpoint.as_directory() as directory:
         check_compatible(read_meta(Path(directory)), config.model.name, num_classes, f"checkpoint {checkpoint.path}")
-        state = load_checkpoint(Path(directory), model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        state = load_checkpoint(Path(directory), model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                rank=rank.rank, world_size=rank.world_size,
+                                fallback_seed=config.seed + rank.rank)
     log.info(f"resumed from {checkpoint.path} after epoch {state.epoch}")
     return state
+
+
+def gather_rng_states(rank: RankDevice) -> list[dict[str, Any]]:
+    if rank.world_size == 1 or not dist.is_initialized():
+        return [rng_state()]
+    states: list[Any] = [None] * rank.world_size
+    dist.all_gather_object(states, rng_state())  # pickled between this job's own ranks, never read from storage
+    return states
 
 
 def to_device(model: torch.nn.Module, rank: RankDevice) -> torch.nn.Module:
@@ -169,6 +181,7 @@ def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank
     Ray copies a reported directory to storage; local mode (num_workers=0) keeps only a reference,
     so there the checkpoint is written straight into the run's storage folder instead.
     """
+    rng_by_rank = gather_rng_states(rank)  # a collective: every rank's streams, for an exact resume
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = None
         if rank.rank == 0:
@@ -177,6 +190,6 @@ def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank
                 directory = Path(local_checkpoint_root) / f"checkpoint_epoch_{state.epoch:04d}"
                 directory.mkdir(parents=True, exist_ok=True)
             save_checkpoint(directory, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, state=state, meta=meta)
+                            scaler=scaler, state=state, meta=meta, rng_by_rank=rng_by_rank)
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
         ray.train.report(epoch_metrics, checkpoint=checkpoint)

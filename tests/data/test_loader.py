@@ -1,6 +1,7 @@
 """The real loader (webdataset + DataLoader processes + decoding) keeps the plan's promises."""
 
 import shlex
+import sys
 from collections import Counter
 
 import pytest
@@ -138,15 +139,19 @@ def test_a_url_root_gives_the_same_batches_as_the_local_root(tiny_shards, memory
 def test_a_shard_command_streams_the_same_batches_through_a_pipe(tiny_shards, tmp_path, workers):
     local = _batches(tiny_shards, "train", workers)
     assert _batches(tiny_shards, "train", workers, shard_command="cat {url}") == local
-    # The command really is what reads the shards: each shard's path reaches it, shell-quoted.
+    # The command really is what reads the shards: each shard's path reaches it as one argument, no shell.
     log = tmp_path / "streamed shards.txt"
-    command = f"echo {{url}} >> {shlex.quote(str(log))}; cat {{url}}"
+    script = tmp_path / "stream.py"
+    script.write_text("import shutil, sys\n"
+                      f"open({str(log)!r}, 'a').write(sys.argv[1] + '\\n')\n"
+                      "shutil.copyfileobj(open(sys.argv[1], 'rb'), sys.stdout.buffer)\n")
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {{url}}"
     assert _batches(tiny_shards, "train", workers, shard_command=command) == local
     assert set(log.read_text().split()) == {str(path) for path in (tiny_shards / "train").glob("*.tar")}
 
 
 def test_a_shard_command_that_fails_masks_its_samples_and_keeps_step_counts(tiny_shards, caplog):
-    keys, steps, corrupt = _run_with(tiny_shards, "val", shard_command="exit 3; cat {url}")
+    keys, steps, corrupt = _run_with(tiny_shards, "val", shard_command="false {url}")
     assert not keys and corrupt == 22
     assert steps == {0: 4, 1: 4}  # 22 samples, 2 ranks x batch 3: ceil(11 / 3) steps each
     assert "samples masked" in caplog.text

@@ -100,3 +100,29 @@ def test_missing_shards_fail_before_training(tmp_path):
     config = training_config(tmp_path / "no-shards", tmp_path, "x")
     with pytest.raises(ConfigError, match="directory does not exist"):
         run_training(config)
+
+
+def test_a_resume_with_other_data_or_optimisation_is_refused_unless_allowed(tiny_shards, tmp_path):
+    import json
+
+    import pytest
+
+    from pipeline.config import load_config
+    from pipeline.data.manifest import read_manifest
+    from pipeline.errors import ConfigError
+    from pipeline.train.driver import check_resume_compatible
+
+    base = [f"data.root={tiny_shards}", "model.name=resnet18", "optim.lr=0.1", "optim.batch_size=16"]
+    config = load_config(overrides=base)
+    manifest = read_manifest(tiny_shards / "train")
+    checkpoint = tmp_path / "run" / "checkpoint_2026-12-01_00-00-00"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "meta.json").write_text(json.dumps({
+        "model": "resnet18", "num_classes": manifest.num_classes, "manifest_hash": "0123456789abcdef",
+        "config": config.model_dump(mode="json") | {"optim": {**config.optim.model_dump(mode="json"), "lr": 0.2}}}))
+    with pytest.raises(ConfigError, match=r"the train manifest \(hash 0123456789abcdef -> .*optim\.lr \(0\.2 -> 0\.1\)"
+                                          r".*tracking\.allow_changed_resume=true") as caught:
+        check_resume_compatible(str(tmp_path), "run", config, manifest)
+    assert "\n" not in str(caught.value)
+    more_epochs = load_config(overrides=[*base, "optim.epochs=200", "tracking.allow_changed_resume=true"])
+    check_resume_compatible(str(tmp_path), "run", more_epochs, manifest)  # allowed explicitly: no error

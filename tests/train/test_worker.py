@@ -61,3 +61,32 @@ def test_a_plateau_run_divides_the_logged_lr_and_a_resumed_run_keeps_counting(ti
                         val_top1=50.0, checkpoint=last_checkpoint)
     assert [metrics[m.EPOCH] for metrics, _ in second.reports] == [5, 6]
     assert [metrics[m.TRAIN_LR] for metrics, _ in second.reports] == pytest.approx([rate / 10, rate / 100])
+
+
+def test_two_epochs_straight_equal_one_epoch_then_a_resume_then_one_more(tiny_shards, tmp_path, monkeypatch):
+    """Same weights bit for bit: the resumed run continues every random stream (dropout masks, crops) instead of
+    re-seeding, so an interruption changes nothing."""
+    import torch
+
+    from pipeline.train.checkpoints import read_state
+
+    overrides = [
+        f"data.root={tiny_shards}", "data.train_image_size=32", "data.eval_image_size=32", "data.loader_workers=0",
+        "data.shuffle_buffer=16", "model.name=resnet18", "model.dropout=0.5", "optim.batch_size=16",
+        "optim.lr=0.4", "optim.schedule=step", "scaling.num_workers=0", "data.max_corrupt_fraction=1",
+    ]
+
+    def final_weights(reports):
+        with reports[-1][1].as_directory() as directory:
+            return read_state(directory)["model"]
+
+    straight = run_worker(monkeypatch, load_config(overrides=[*overrides, "optim.epochs=2"]), tmp_path / "straight",
+                          val_top1=50.0)
+    first = run_worker(monkeypatch, load_config(overrides=[*overrides, "optim.epochs=1"]), tmp_path / "split",
+                       val_top1=50.0)
+    torch.manual_seed(12345)  # whatever the process did in between must not matter
+    resumed = run_worker(monkeypatch, load_config(overrides=[*overrides, "optim.epochs=2"]), tmp_path / "split",
+                         val_top1=50.0, checkpoint=first.reports[-1][1])
+    expected, got = final_weights(straight.reports), final_weights(resumed.reports)
+    assert [metrics[m.EPOCH] for metrics, _ in resumed.reports] == [2]
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
