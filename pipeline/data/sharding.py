@@ -17,10 +17,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import fcntl
 import multiprocessing
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +39,7 @@ from pipeline.storage import require_local
 from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, file_sha256, manifest_path, write_json_atomic, write_manifest
 
 PLAN_FILE = "plan.json"
+LOCK_FILE = ".shard.lock"  # in the output root: the pid of the run holding the folder's flock
 REPORT_FILE = "report.json"
 # Fixed tar member times make shard bytes a function of their content, so a shard rewritten on resume has the
 # same sha256 as the one it replaces (2012-01-01, the ILSVRC2012 release year).
@@ -129,6 +133,35 @@ def shard_imagenet(
     # Check every split before touching any, so a refused run leaves the output exactly as it was.
     for split in plans:
         _check_split_dir(output / split, fingerprints[split], resume)
+    with exclusive_writer(output):
+        for split in plans:  # again under the lock: another writer may have started since
+            _check_split_dir(output / split, fingerprints[split], resume)
+        return _write_planned(source, found, output, plans, fingerprints, options, processes, progress, started)
+
+
+@contextmanager
+def exclusive_writer(output: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the `output` folder while writing: a second writer (an immediate `--resume`
+    racing the pool of a killed run, or two users) is refused with the holder's pid. The kernel drops a flock when
+    its holder dies, even by SIGKILL, so a stale lock never blocks a later run."""
+    output.mkdir(parents=True, exist_ok=True)
+    folder = os.open(output, os.O_RDONLY)  # a flock on the folder itself: no file of its own to leave behind
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(folder)
+        holder = (output / LOCK_FILE).read_text().strip() if (output / LOCK_FILE).is_file() else "unknown"
+        raise DataError(f"shard --output {output} is being written by another `shard` (pid {holder}); wait for it "
+                        "or stop it, then run again with --resume") from None
+    try:
+        (output / LOCK_FILE).write_text(str(os.getpid()))
+        yield
+    finally:
+        os.close(folder)  # releases the lock
+
+
+def _write_planned(source: Path, found: ImageNetSource, output: Path, plans: dict, fingerprints: dict, options: dict,
+                   processes: int, progress: bool, started: float) -> "ShardingSummary":
     for split, tasks in plans.items():
         _start_split(output / split, fingerprints[split], options, len(tasks))
 
@@ -214,7 +247,8 @@ def _write_shards(tasks: list[ShardTask], processes: int, progress: bool) -> Non
               disable=not progress) as bar:
         if processes > 1 and len(tasks) > 1:
             # spawn, not fork: the caller may hold threads (Ray, torch) that a forked child would inherit mid-lock.
-            with multiprocessing.get_context("spawn").Pool(min(processes, len(tasks))) as pool:
+            with multiprocessing.get_context("spawn").Pool(min(processes, len(tasks)), initializer=_die_with_parent,
+                                                           initargs=(os.getpid(),)) as pool:
                 for handled in pool.imap_unordered(_write_shard_task, tasks):
                     bar.update(handled)
         else:
@@ -319,8 +353,29 @@ def _completed_info(task: ShardTask) -> dict[str, Any] | None:
     return info if info.get("bytes") == final.stat().st_size else None
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """In each pool process: exit when the `shard` process dies, even by SIGKILL, so no shard is written after it
+    (Linux's PR_SET_PDEATHSIG; elsewhere the per-shard parent check below still stops it between shards)."""
+    global _PARENT_PID
+    _PARENT_PID = parent_pid
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+_PARENT_PID: int | None = None
+
+
 def _write_shard_task(task: ShardTask) -> int:
     """Write one shard atomically (see module docstring); returns the number of planned samples handled."""
+    if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
+        os._exit(1)  # orphaned: the run that planned this shard is gone
     final = Path(task.split_dir) / task.name
     partial = final.with_name(final.name + ".partial")
     skipped, converted, count = [], [], 0

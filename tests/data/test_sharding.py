@@ -223,3 +223,64 @@ def test_shard_output_that_is_a_file_is_refused_before_any_work(tmp_path):
     with pytest.raises(DataError, match="is a file; give a folder"):
         shard_imagenet(tmp_path / "nowhere", target)
     assert target.read_text() == "not a folder"
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path):
+    import fcntl
+    import os
+
+    from pipeline.data.sharding import LOCK_FILE, shard_imagenet
+    from pipeline.errors import DataError
+
+    source = small_imagenet(tmp_path / "src")
+    output = tmp_path / "shards"
+    output.mkdir()
+    (output / LOCK_FILE).write_text("4242")
+    holder = os.open(output, os.O_RDONLY)  # another writer holds the folder's lock
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match=r"is being written by another `shard` \(pid 4242\)"):
+            shard_imagenet(source, output, val_per_class=1, samples_per_shard=4, progress=False)
+    finally:
+        os.close(holder)
+    assert sorted(path.name for path in output.iterdir()) == [LOCK_FILE]  # nothing written meanwhile
+    shard_imagenet(source, output, val_per_class=1, samples_per_shard=4, progress=False)  # lock released: runs
+    assert (output / LOCK_FILE).read_text() == str(os.getpid())
+
+
+@pytest.mark.slow
+def test_sigkill_of_shard_stops_its_pool_and_an_immediate_resume_completes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from pipeline.data.verify import verify_dataset
+
+    source = small_imagenet(tmp_path / "src")
+    output = tmp_path / "shards"
+    command = [sys.executable, "-m", "pipeline.cli", "shard", "--source", str(source), "--output", str(output),
+               "--val-per-class", "1", "--samples-per-shard", "2", "--processes", "2", "--max-side", "64",
+               "--no-progress"]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    pool = []
+    while time.time() < deadline and not pool:
+        pool = [child for child in psutil.Process(parent.pid).children(recursive=True)
+                if "multiprocessing" in " ".join(child.cmdline())]
+        time.sleep(0.05)
+    assert pool, "the shard run never started its pool"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    gone, alive = psutil.wait_procs(pool, timeout=10)
+    assert not alive, "pool processes outlived the killed shard run"
+    # Nothing changes after the kill, and a resume right away takes the lock and finishes the job.
+    snapshot = {path: path.stat().st_mtime_ns for path in output.rglob("*")}
+    time.sleep(1.0)
+    assert {path: path.stat().st_mtime_ns for path in output.rglob("*") if path in snapshot} == snapshot
+    done = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert all(problems == [] for problems in verify_dataset(output, decode=True).values())
