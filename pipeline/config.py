@@ -224,11 +224,8 @@ class Config(_Section):
 
     def with_absolute_paths(self) -> "Config":
         """Relative paths mean 'from the current directory'; Ray workers run elsewhere, so pin them here."""
-        def pinned(location: str) -> str:  # s3://, gs:// and other URLs are already absolute
-            return location if storage.is_url(location) else str(Path(location).expanduser().absolute())
-
-        data = self.data.model_copy(update={"root": pinned(self.data.root)})
-        tracking = self.tracking.model_copy(update={"storage_path": pinned(self.tracking.storage_path)})
+        data = self.data.model_copy(update={"root": storage.absolute(self.data.root)})
+        tracking = self.tracking.model_copy(update={"storage_path": storage.absolute(self.tracking.storage_path)})
         return self.model_copy(update={"data": data, "tracking": tracking})
 
     def to_yaml(self) -> str:

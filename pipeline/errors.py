@@ -23,6 +23,10 @@ class DataError(PipelineError):
     """A dataset (source images, shards, manifest) that cannot be read or written as asked."""
 
 
+class CheckpointError(DataError):
+    """A checkpoint that cannot be used safely (it would need full unpickling, which can run code)."""
+
+
 class StorageError(PipelineError):
     """A location (path, URL, object store, pipe) that cannot be reached, read or written."""
 

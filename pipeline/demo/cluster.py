@@ -25,7 +25,7 @@ from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.demo.local import prepare_demo_data
 from pipeline.cluster.jobs import resolve_address, wait
 from pipeline.cluster.local import LocalCluster
-from pipeline.tracking.runs import RUN_NAME_TAG, WORKER_NODES_TAG
+from pipeline.tracking.runs import WORKER_NODES_TAG, find_run
 
 DEMO_CONFIG = "jobs/configs/demo.yaml"
 EXPERIMENT = "cluster-demo"
@@ -98,10 +98,9 @@ def check_cluster_run(mlflow_uri: str, experiment: str, run_name: str, registere
     """What the job left in MLflow: its run's status, the model version logged from it, the workers' nodes."""
     client = MlflowClient(mlflow_uri)
     found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'") if found else []
-    if not runs:
+    run = find_run(mlflow_uri, found.experiment_id, run_name) if found else None
+    if run is None:
         return ClusterRunCheck(None, None, [])
-    run = runs[0]
     versions = client.search_model_versions(f"name = '{registered_model}' and run_id = '{run.info.run_id}'")
     nodes = run.data.tags.get(WORKER_NODES_TAG, "")
     return ClusterRunCheck(run.info.status, versions[0].version if versions else None,

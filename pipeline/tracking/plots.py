@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipeline import metrics as m
 
@@ -21,11 +22,13 @@ def learning_curve(history: list[dict[str, Any]]):
     loss_axes.plot(epochs, [row[m.TRAIN_LOSS] for row in history], marker="o", label="train loss")
     loss_axes.plot(epochs, [row[m.VAL_LOSS] for row in history], marker="o", label="val loss")
     loss_axes.set_xlabel("epoch")
+    loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_axes.set_ylabel("cross-entropy")
     loss_axes.legend()
     top1_axes.plot(epochs, [row[m.VAL_TOP1] for row in history], marker="o", color="tab:green", label="val top-1")
     top1_axes.plot(epochs, [row[m.VAL_TOP5] for row in history], marker="o", color="tab:olive", label="val top-5")
     top1_axes.set_xlabel("epoch")
+    top1_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     top1_axes.set_ylabel("accuracy, %")
     top1_axes.legend()
     figure.tight_layout()
@@ -45,6 +48,7 @@ def sweep_learning_curves(trials: list[Any]):
         if trial.status == "stopped early":
             axes.plot(epochs[-1], top1[-1], marker="X", markersize=14, color=line.get_color())
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("val top-1, %")
     axes.set_title("trials (X: stopped by ASHA)")
     axes.legend(fontsize="small")

@@ -22,13 +22,9 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.errors import ConfigError, DataError, StorageError, first_line
+from pipeline.errors import CheckpointError, ConfigError, StorageError, first_line
 
 STATE_FILE = "state.pt"
-
-
-class CheckpointError(DataError):
-    """A checkpoint that cannot be used safely (it would need full unpickling)."""
 
 
 META_FILE = "meta.json"

@@ -33,7 +33,7 @@ from pipeline.config import Config, SearchSpaceParam, require_shards, with_overr
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import ConfigError
 from pipeline.tracking.runs import (
-    FAILED, RUN_NAME_TAG, end_run, flatten, prepare_tracking, resolve_tracking_uri, start_or_resume_run,
+    FAILED, end_run, find_run, flatten, prepare_tracking, resolve_tracking_uri, start_or_resume_run,
 )
 from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import META_FILE, checkpoint_uri
@@ -237,9 +237,7 @@ def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_na
     for result in results:
         trial_id = trial_id_of(result)
         run_name = f"{sweep_name}-{trial_id}"
-        runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
-                                  max_results=1)
-        run = runs[0] if runs else None
+        run = find_run(client.tracking_uri, experiment_id, run_name)
         frame = result.metrics_dataframe
         history = [] if frame is None or frame.empty else _epoch_rows(frame)
         best_row = _best_kept_row(history, storage_root)
