@@ -37,14 +37,19 @@ IGNORE_LABEL = -100
 class Batch(NamedTuple):
     images: torch.Tensor  # uint8, (N, 3, S, S); normalise on the device with transforms.normalize_batch
     labels: torch.Tensor  # int64, IGNORE_LABEL for masked slots (corrupt samples and eval padding)
-    corrupt: torch.Tensor  # int64 scalar: samples in this batch that could not be read or decoded
     keys: list[str]  # webdataset __key__ per slot ("" for masked slots): for audits and retrieval
+    corrupt_shards: tuple[int, ...] = ()  # manifest shard index of each sample that could not be read or decoded
+
+    @property
+    def corrupt(self) -> int:
+        return len(self.corrupt_shards)
 
 
 class _Sample(NamedTuple):
     image: bytes | None  # None: unreadable or padding, becomes a masked slot
     label: int
     key: str = ""
+    shard: int = -1  # manifest index of the shard it came from (-1: eval padding)
 
 
 class ShardStream(IterableDataset):
@@ -107,21 +112,22 @@ class ShardStream(IterableDataset):
         images = torch.zeros((len(samples), 3, self.image_size, self.image_size), dtype=torch.uint8)
         labels = torch.full((len(samples),), IGNORE_LABEL, dtype=torch.int64)
         keys = [""] * len(samples)
-        corrupt = 0
+        corrupt: list[int] = []
         for slot, sample in enumerate(samples):
             if sample.image is None:
-                corrupt += sample.label == _UNREADABLE  # eval padding is expected, not corrupt
+                if sample.label == _UNREADABLE:  # eval padding is expected, not corrupt
+                    corrupt.append(sample.shard)
                 continue
             try:
                 images[slot] = (
                     self.transform(sample.image, rng) if self.train else self.transform(sample.image)
                 )
             except CorruptImageError:
-                corrupt += 1
+                corrupt.append(sample.shard)
                 continue
             labels[slot] = sample.label
             keys[slot] = sample.key
-        return Batch(images, labels, torch.tensor(corrupt, dtype=torch.int64), keys)
+        return Batch(images, labels, keys, tuple(corrupt))
 
 
 _UNREADABLE = -1  # label of a sample whose bytes could not be read (counted as corrupt)
@@ -137,7 +143,7 @@ def _read_segment(url: str, segment: Segment, manifest: Manifest, shard_command:
                     continue  # skipping costs a read, not a decode
                 if index >= segment.stop:
                     break
-                yield _parse(raw, manifest)
+                yield _parse(raw, manifest, segment.shard)
                 produced += 1
     except Exception as error:  # noqa: BLE001 - a damaged shard must not change this rank's step count
         # Stopping early closes a `pipe:` mid-stream and its command may then exit with an error: harmless
@@ -146,7 +152,7 @@ def _read_segment(url: str, segment: Segment, manifest: Manifest, shard_command:
             logging.getLogger(__name__).warning(
                 "%s on %s: %s; %d samples masked", url, socket.gethostname(), error, segment.length - produced)
     for _ in range(segment.length - produced):
-        yield _Sample(None, _UNREADABLE)
+        yield _Sample(None, _UNREADABLE, shard=segment.shard)
 
 
 def _tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
@@ -155,15 +161,15 @@ def _tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
     return tariterators.group_by_keys(files)
 
 
-def _parse(raw: dict, manifest: Manifest) -> _Sample:
+def _parse(raw: dict, manifest: Manifest, shard: int) -> _Sample:
     image = raw.get(manifest.image_key)
     try:
         label = int(raw[manifest.label_key])
     except (KeyError, ValueError):
-        return _Sample(None, _UNREADABLE)
+        return _Sample(None, _UNREADABLE, shard=shard)
     if image is None or not 0 <= label < manifest.num_classes:
-        return _Sample(None, _UNREADABLE)
-    return _Sample(image, label, raw.get("__key__", ""))
+        return _Sample(None, _UNREADABLE, shard=shard)
+    return _Sample(image, label, raw.get("__key__", ""), shard)
 
 
 def _shuffled(samples: Iterator[_Sample], buffer_size: int, rng: random.Random) -> Iterator[_Sample]:
@@ -192,6 +198,9 @@ class EpochLoader:
         self.loader_workers = data.loader_workers
         self.prefetch_batches = data.prefetch_batches
         self.pin_memory = pin_memory
+        # Samples of the current pass that could not be read, per manifest shard: the loader processes report
+        # them batch by batch, and a run stopped for corruption names the shards from these counts.
+        self.corrupt_counts = torch.zeros(len(dataset.manifest.shards), dtype=torch.float64)
 
     @property
     def manifest(self) -> Manifest:
@@ -212,7 +221,11 @@ class EpochLoader:
             self.dataset, batch_size=None, num_workers=self.loader_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_batches if self.loader_workers else None,
         )
-        return iter(loader)
+        self.corrupt_counts.zero_()
+        for batch in loader:
+            for shard in batch.corrupt_shards:
+                self.corrupt_counts[shard] += 1
+            yield batch
 
 
 def build_loader(

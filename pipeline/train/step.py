@@ -77,23 +77,28 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
         images = normalize_batch(batch.images, rank.device, channels_last=rank.channels_last)
         labels = batch.labels.to(rank.device, non_blocking=True)
         valid = int((batch.labels != IGNORE_LABEL).sum())
-        with autocast(rank):
-            # Summed, then divided by the valid count: an all-masked batch gives a zero loss and zero gradients,
-            # never the NaN that a mean over no samples would put into every weight.
-            loss = criterion(model(images), labels) / max(valid, 1)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()  # every rank runs backward: DDP's gradient all-reduce needs them all
-        scaler.unscale_(optimizer)  # clipping sees true gradient norms
-        if config.optim.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
-        if valid or rank.world_size > 1:  # alone, an all-masked batch makes no step (momentum and decay included)
+        global_valid = valid_in_global_batch(valid, rank)
+        if global_valid:  # an all-masked global batch makes no step on any rank (momentum and decay included)
+            with autocast(rank):
+                # Summed over this rank's valid samples and divided by the global batch's valid count (DDP then
+                # averages over ranks, hence the world size): the exact mean over every valid sample, as one
+                # process would compute it, however the masked slots fall across ranks.
+                loss = criterion(model(images), labels) * (rank.world_size / global_valid)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()  # every rank runs backward: DDP's gradient all-reduce needs them all
+            scaler.unscale_(optimizer)  # clipping sees true gradient norms
+            if config.optim.grad_clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
             scaler.step(optimizer)
-        scaler.update()
+            scaler.update()
+            rank_loss_sum = loss.item() * global_valid / rank.world_size
+            totals += torch.tensor([rank_loss_sum, valid, batch.corrupt], dtype=torch.float64)
+        else:
+            totals[2] += batch.corrupt
         step_after_iteration(scheduler)
         state.global_step += 1
         if state.global_step == 1:
             events.record("first_step", rank=rank.rank)
-        totals += torch.tensor([loss.item() * valid, valid, int(batch.corrupt)], dtype=torch.float64)
         tick = time.perf_counter()
     elapsed = time.perf_counter() - started
     loss_sum, count, corrupt = all_reduce(totals, rank).tolist()
@@ -140,6 +145,36 @@ def broadcast_buffers_from_rank0(model: torch.nn.Module, rank: RankDevice) -> No
     if rank.world_size > 1 and dist.is_initialized():
         for buffer in unwrap(model).buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def check_corrupt_share(epoch_metrics: dict[str, float], max_fraction: float, loaders: dict[str, EpochLoader],
+                        rank: RankDevice) -> None:
+    """Masked samples are counted and logged; beyond `max_fraction` of a pass they stop the run, since the epoch's
+    figures would then describe whatever could be read, not the data set. The error names the shards."""
+    for split, loader in loaders.items():
+        corrupt = epoch_metrics[f"{split}/corrupt_samples"]
+        planned = len(loader) * loader.dataset.batch_size * rank.world_size if split == "train" \
+            else loader.manifest.num_samples
+        share = corrupt / max(planned, 1)
+        if share <= max_fraction:
+            continue
+        # The summed count is the same on every rank, so every rank joins this reduction or none does.
+        counts = all_reduce(loader.corrupt_counts.clone(), rank)
+        worst = sorted(((int(n), loader.manifest.shards[i].name) for i, n in enumerate(counts.tolist()) if n),
+                       reverse=True)
+        named = ", ".join(f"{name} ({n})" for n, name in worst[:5]) + (f" and {len(worst) - 5} more"
+                                                                       if len(worst) > 5 else "")
+        raise DataError(
+            f"epoch {int(epoch_metrics[m.EPOCH])}: {int(corrupt)} of {planned} {split} samples ({share:.2%}) could "
+            f"not be read or decoded, above data.max_corrupt_fraction = {max_fraction}; bad shards: {named} "
+            "(check them with `imagenet-pipeline verify`)")
+
+
+def valid_in_global_batch(valid: int, rank: RankDevice) -> int:
+    """Valid samples in this step's global batch: every rank must agree whether to step, and by how much to scale."""
+    if rank.world_size > 1 and dist.is_initialized():
+        return int(all_reduce(torch.tensor([valid], dtype=torch.float64), rank).item())
+    return valid
 
 
 def all_reduce(totals: torch.Tensor, rank: RankDevice) -> torch.Tensor:

@@ -22,7 +22,6 @@ from pipeline import events
 from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.data.loader import EpochLoader, build_loader
-from pipeline.errors import DataError
 from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker
 from pipeline.train.checkpoints import (
     TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, rng_state, save_checkpoint,
@@ -31,7 +30,8 @@ from pipeline.train.models import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, step_after_validation
 from pipeline.train.progress import EpochTable, RankLogger
 from pipeline.train.step import (
-    RankDevice, autocast_dtype, broadcast_buffers_from_rank0, evaluate, grad_scaler, train_one_epoch, unwrap,
+    RankDevice, autocast_dtype, broadcast_buffers_from_rank0, check_corrupt_share, evaluate, grad_scaler,
+    train_one_epoch, unwrap,
     update_early_stopping,
 )
 from pipeline.upstream import ray_54305, ray_train_report_log
@@ -86,8 +86,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
             step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
-            check_corrupt_share(epoch_metrics, config, len(train_loader) * config.optim.batch_size,
-                                val_loader.manifest.num_samples)
+            check_corrupt_share(epoch_metrics, config.data.max_corrupt_fraction,
+                                {"train": train_loader, "val": val_loader}, rank)
             stop = update_early_stopping(state, epoch_metrics, config.optim.patience)
             report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
             tracker.log_epoch(epoch_metrics)
@@ -96,21 +96,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if stop:
                 log.info(f"early stop: {m.SELECTION_METRIC} has not improved for {config.optim.patience} epochs")
                 break
-
-
-def check_corrupt_share(epoch_metrics: dict[str, float], config: Config, train_samples: int,
-                        val_samples: int) -> None:
-    """Masked samples are counted and logged; beyond `data.max_corrupt_fraction` they stop the run, since the
-    epoch's figures would then describe whatever could be read, not the data set."""
-    for split, key, planned in (("train", m.TRAIN_CORRUPT_SAMPLES, train_samples),
-                                ("val", m.VAL_CORRUPT_SAMPLES, val_samples)):
-        share = epoch_metrics[key] / max(planned, 1)
-        if share > config.data.max_corrupt_fraction:
-            raise DataError(
-                f"epoch {int(epoch_metrics[m.EPOCH])}: {int(epoch_metrics[key])} of {planned} {split} samples "
-                f"({share:.2%}) could not be read or decoded, above data.max_corrupt_fraction = "
-                f"{config.data.max_corrupt_fraction}; the warnings above name the shards (run `imagenet-pipeline "
-                "verify` on them)")
 
 
 def setup_rank(config: Config) -> RankDevice:

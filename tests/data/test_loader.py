@@ -94,6 +94,12 @@ def test_corrupt_samples_are_masked_counted_and_keep_step_counts(tmp_path):
     assert len(keys) == 12 - 3
     assert len(set(steps.values())) == 1
 
+    # The loader keeps per-shard counts of the pass, from whichever loader process read them.
+    loader = build_loader(_data(tmp_path, 2), "val", rank=0, world_size=1, batch_size=2, seed=0)
+    for _ in range(2):  # counts are per pass, not cumulative
+        assert sum(int(batch.corrupt) for batch in loader) == 3
+        assert loader.corrupt_counts.tolist() == [3.0, 0.0]
+
 
 def test_a_truncated_shard_is_padded_with_masked_samples(tmp_path):
     split = tmp_path / "train"

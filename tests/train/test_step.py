@@ -7,9 +7,11 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data.loader import IGNORE_LABEL, Batch
+from pipeline.data.transforms import normalize_batch
 from pipeline.errors import DataError
 from pipeline.train.checkpoints import TrainingState
-from pipeline.train.step import RankDevice, evaluate, grad_scaler, train_one_epoch
+from pipeline.train.step import RankDevice, check_corrupt_share, evaluate, grad_scaler, train_one_epoch
+from tests.conftest import write_split
 
 RANK = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
 
@@ -27,12 +29,12 @@ class ListLoader:
 
 def batch(labels: list[int], corrupt: int = 0) -> Batch:
     return Batch(torch.randint(0, 255, (len(labels), 3, 8, 8), dtype=torch.uint8), torch.tensor(labels),
-                 torch.tensor(corrupt), [""] * len(labels))
+                 [""] * len(labels), (0,) * corrupt)
 
 
-def model() -> torch.nn.Module:
+def model(size: int = 8) -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, 4))
 
 
 def test_a_validation_pass_with_no_readable_sample_is_an_error_not_a_zero_score():
@@ -57,3 +59,70 @@ def test_an_all_masked_train_batch_makes_no_step_and_no_nan():
                               grad_scaler(RANK), config, RANK, 0, TrainingState())
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_a_corrupt_share_above_the_limit_stops_the_run_naming_the_bad_shards(tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.data.loader import build_loader
+
+    write_split(tmp_path / "val", [6, 6, 6])
+    (tmp_path / "val" / "val-000001.tar").write_bytes(b"")  # unreadable: its 6 samples are masked
+    data = DataConfig(root=tmp_path, loader_workers=0, eval_image_size=16, train_image_size=16)
+    loader = build_loader(data, "val", rank=0, world_size=1, batch_size=4, seed=0)
+    metrics = {"epoch": 3, **evaluate(model(size=16), loader, RANK, prefix="val")}
+    assert metrics["val/corrupt_samples"] == 6
+    check_corrupt_share(metrics, 0.5, {"val": loader}, RANK)  # a third is within a limit of a half
+    with pytest.raises(DataError, match=r"epoch 3: 6 of 18 val samples \(33.33%\) could not be read .* "
+                                        r"bad shards: val-000001.tar \(6\)"):
+        check_corrupt_share(metrics, 0.001, {"val": loader}, RANK)
+
+
+def _ddp_rank(rank: int, init_file: str, labels_by_rank: list[list[int]], results) -> None:
+    import torch.distributed as dist
+
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        config = load_config(overrides=["optim.optimizer=sgd", "scaling.num_workers=0"])
+        net = torch.nn.parallel.DistributedDataParallel(model())
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        torch.manual_seed(7 + rank)
+        worker = RankDevice(rank=rank, world_size=2, device=torch.device("cpu"), autocast_dtype=None,
+                            channels_last=False)
+        loader = ListLoader([batch(labels_by_rank[rank])])
+        train_one_epoch(net, loader, optimizer, scheduler, grad_scaler(worker), config, worker, 0, TrainingState())
+        results[rank] = [p.detach().clone() for p in net.module.parameters()], loader.batches[0].images
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_step(tmp_path, labels_by_rank):
+    import torch.multiprocessing as mp
+
+    tmp_path.mkdir()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), labels_by_rank, results), nprocs=2)
+        return dict(results)
+
+
+def test_ddp_steps_on_the_exact_mean_over_valid_samples_and_not_at_all_when_all_are_masked(tmp_path):
+    """Masked slots unevenly spread over two ranks: the step is the one a single process takes on the valid
+    samples alone; a global batch with no valid sample leaves every weight (and momentum) untouched."""
+    masked = IGNORE_LABEL
+    results = _ddp_step(tmp_path / "mixed", [[masked, masked, masked, masked], [0, 1, masked, 3]])
+    (weights0, images0), (weights1, images1) = results[0], results[1]
+    assert all(torch.equal(a, b) for a, b in zip(weights0, weights1))
+
+    single = model()  # the same initial weights, one process, the valid samples only
+    optimizer = torch.optim.SGD(single.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    loss = torch.nn.functional.cross_entropy(single(normalize_batch(images1[[0, 1, 3]], "cpu")), torch.tensor([0, 1, 3]))
+    loss.backward()
+    optimizer.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights0, single.parameters()))
+
+    results = _ddp_step(tmp_path / "masked", [[masked] * 4, [masked] * 4])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][0], model().parameters()))
