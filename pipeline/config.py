@@ -158,6 +158,23 @@ class TrackingConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept by val top-1, plus the latest")
     allow_changed_resume: bool = Field(False, description="resume a run although its data (manifest hash) or "
                                        "optimisation settings changed since its checkpoints were written")
+    knn_every: int | None = Field(None, ge=1, description="log val k-NN top-1 (train gallery) every N epochs; "
+                                  "None: never (it costs an extra pass over train)")
+
+
+class RetrievalConfig(_Section):
+    output: str = Field("embeddings", description="embed writes <output>/<model>-v<version>/<split> here (local "
+                        "or a shared volume)")
+    embed_workers: int = Field(2, ge=1, description="Ray Data model replicas (actors) embedding in parallel")
+    embed_batch_size: int = Field(64, ge=1, description="images per forward pass in each replica")
+    decode_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decoding task")
+    index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="flat: exact; ivf, hnsw: approximate, for "
+                                                  "galleries of ImageNet-train size")
+    ivf_nlist: int | None = Field(None, ge=1, description="ivf clusters; None: 4 * sqrt(gallery size), at most size / 39")
+    ivf_nprobe: int = Field(16, ge=1)
+    hnsw_m: int = Field(32, ge=2)
+    knn_k: int = Field(20, ge=1, description="neighbours voting in k-NN classification")
+    knn_temperature: float = Field(0.07, gt=0.0, description="k-NN vote weight exp(similarity / T)")
 
 
 class SearchSpaceParam(_Section):
@@ -197,6 +214,7 @@ class Config(_Section):
     optim: OptimConfig = OptimConfig()
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
     search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
@@ -226,7 +244,8 @@ class Config(_Section):
         """Relative paths mean 'from the current directory'; Ray workers run elsewhere, so pin them here."""
         data = self.data.model_copy(update={"root": storage.absolute(self.data.root)})
         tracking = self.tracking.model_copy(update={"storage_path": storage.absolute(self.tracking.storage_path)})
-        return self.model_copy(update={"data": data, "tracking": tracking})
+        retrieval = self.retrieval.model_copy(update={"output": storage.absolute(self.retrieval.output)})
+        return self.model_copy(update={"data": data, "tracking": tracking, "retrieval": retrieval})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

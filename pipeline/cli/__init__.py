@@ -13,7 +13,7 @@ Subcommands live by area in this package and register on the shared `app` (pipel
 
 from __future__ import annotations
 
-from pipeline.cli import bench, data, inference, training  # noqa: F401 - each registers its commands on `app`
+from pipeline.cli import bench, data, inference, retrieval, training  # noqa: F401 - each registers its commands on `app`
 from pipeline.cli.cluster import cluster_app, job_app
 from pipeline.cli.common import app
 

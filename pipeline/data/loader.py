@@ -133,6 +133,16 @@ class ShardStream(IterableDataset):
 _UNREADABLE = -1  # label of a sample whose bytes could not be read (counted as corrupt)
 
 
+def read_whole_shard(split_dir: str, manifest: Manifest, shard: int,
+                     shard_command: str | None = None) -> Iterator[tuple[bytes | None, int, str]]:
+    """(image bytes, label, key) for each of the shard's manifest-counted samples, in order; what cannot be read
+    comes as (None, -1, ""). Exactly `num_samples` items, like every pass of the loader."""
+    url = storage.shard_location(split_dir, manifest.shards[shard].name)
+    segment = Segment(shard, 0, manifest.shards[shard].num_samples)
+    for sample in _read_segment(url, segment, manifest, shard_command):
+        yield sample.image, sample.label if sample.image is not None else _UNREADABLE, sample.key
+
+
 def _read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: str | None) -> Iterator[_Sample]:
     """Yield exactly `segment.length` samples; what cannot be read becomes an unreadable sample."""
     produced = 0

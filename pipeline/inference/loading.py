@@ -73,6 +73,26 @@ def source_run_id(source: str, tracking_uri: str) -> str | None:
     return None
 
 
+class PinnedSource(NamedTuple):
+    source: str  # an alias resolved to its version: models:/<name>/<version>; other sources as given
+    version: str | None  # registry version
+    run_id: str | None  # the MLflow run that logged the model
+
+
+def pin_model_source(source: str, config: Config) -> PinnedSource:
+    """`models:/<name>@<alias>` as the version it points to now, so every replica and every later reader means the
+    same model even if the alias moves meanwhile."""
+    if source.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        uri = resolve_tracking_uri(config)
+        version = _model_version(source, MlflowClient(uri), uri)
+        return PinnedSource(f"models:/{version.name}/{version.version}", str(version.version), version.run_id or None)
+    if match := _RUN_ARTIFACT.match(source):
+        return PinnedSource(source, None, match["run_id"])
+    return PinnedSource(str(Path(source).resolve()), None, None)
+
+
 def split_manifest(config: Config, split: str) -> Manifest:
     split_dir = storage.join(config.data.root, split)
     if not has_manifest(split_dir):

@@ -1,9 +1,10 @@
 """Models: the 2012 AlexNet, torchvision's AlexNet and ResNets, built from one `ModelConfig`.
 
     from pipeline.config import ModelConfig
-    from pipeline.train.models import build_model, feature_extractor
+    from pipeline.train.models import build_model
     model = build_model(ModelConfig(name="resnet50", dropout=0.2), num_classes=1000)
-    features = feature_extractor(model).eval()(images)  # (batch, 2048), for retrieval
+
+Features for retrieval (the input of the final linear layer) come from `pipeline.retrieval.features`.
 
 Parameter counts at 1000 classes (checked in tests/test_models.py):
     alexnet     62,378,344  (single tower; the paper's two-GPU grouped net has 60,965,224, "60 million")
@@ -16,7 +17,6 @@ from __future__ import annotations
 import torch
 import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
 
 from pipeline.errors import ConfigError
 from pipeline.config import MIN_IMAGE_SIZE as CONFIG_MIN_IMAGE_SIZE
@@ -90,7 +90,7 @@ class AlexNet2012(nn.Module):
             nn.MaxPool2d(kernel_size=3, stride=2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        # Same layout as torchvision's AlexNet classifier, so `feature_extractor` treats both alike.
+        # Same layout as torchvision's AlexNet classifier: fc7 (the retrieval features) feeds the last layer.
         self.classifier = nn.Sequential(
             nn.Dropout(p=dropout),
             nn.Linear(256 * 6 * 6, 4096),
@@ -145,39 +145,6 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     if config.dropout > 0:
         model.fc = nn.Sequential(nn.Dropout(p=config.dropout), model.fc)
     return model
-
-
-def feature_extractor(model: nn.Module) -> nn.Module:
-    """A module mapping images to penultimate-layer features, sharing `model`'s weights.
-
-    ResNets: the globally pooled vector (512-d for resnet18/34, 2048-d deeper). AlexNets: the second 4096-d FC
-    activation (after its ReLU). Call `.eval()` on the result before embedding so dropout and BatchNorm are in
-    inference mode.
-    """
-    if isinstance(model, torchvision.models.ResNet):
-        node = "flatten"
-    elif isinstance(model, (AlexNet2012, torchvision.models.AlexNet)):
-        node = f"classifier.{len(model.classifier) - 2}"  # the ReLU after the second 4096-d layer
-    else:
-        raise ValueError(f"feature_extractor: unsupported model type {type(model).__name__}; build it with build_model")
-    return _SingleOutput(create_feature_extractor(model, return_nodes={node: "features"}))
-
-
-class _SingleOutput(nn.Module):
-    """Unwraps torchvision's `{name: tensor}` extractor output into the tensor."""
-
-    def __init__(self, extractor: nn.Module) -> None:
-        super().__init__()
-        self.extractor = extractor
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.extractor(images)["features"]
-
-
-def embedding_dim(model: nn.Module) -> int:
-    """Length of the `feature_extractor` vector: the input width of the final classifier layer."""
-    last_linear = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
-    return last_linear.in_features
 
 
 def count_parameters(model: nn.Module) -> int:

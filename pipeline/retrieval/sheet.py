@@ -1,0 +1,94 @@
+"""A contact sheet: each query image beside its nearest gallery images, labelled, wrong classes marked red.
+
+    imagenet-pipeline retrieve photos/ --index embeddings/imagenet-classifier-v3/train --sheet sheet.png
+
+Gallery thumbnails are read back from the gallery's shards (the embedding remembers each row's shard and
+position). Built on `matplotlib.figure.Figure`: no display and no pyplot backend.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline import storage
+from pipeline.config import Config
+from pipeline.data.loader import read_whole_shard
+from pipeline.data.manifest import read_manifest
+from pipeline.retrieval.retrieve import Gallery, QueryResult
+
+THUMBNAIL = 128  # px, longer side
+WRONG, RIGHT = "tab:red", "tab:green"
+
+
+def contact_sheet(results: list[QueryResult], gallery: Gallery, config: Config, output: Path) -> Path:
+    thumbnails = _gallery_thumbnails(results, gallery, config)
+    columns = 1 + max(len(result.neighbours) for result in results)
+    figure = Figure(figsize=(1.7 * columns, 2.0 * len(results)))
+    grid = figure.subplots(len(results), columns, squeeze=False)
+    for row, result in enumerate(results):
+        _show(grid[row][0], _thumbnail(result.path.read_bytes()), f"query\n{_short(result.reference_class)}",
+              "black", linewidth=3)
+        for column, neighbour in enumerate(result.neighbours, start=1):
+            right = neighbour.class_name == result.reference_class
+            _show(grid[row][column], thumbnails.get(neighbour.row), f"{neighbour.rank}. {_short(neighbour.class_name)}"
+                  f"\n{neighbour.similarity:.3f}", RIGHT if right else WRONG, linewidth=1.5 if right else 4)
+        for column in range(len(result.neighbours) + 1, columns):
+            grid[row][column].axis("off")
+    figure.suptitle(f"nearest {gallery.meta.split} images by {gallery.meta.layer} features of "
+                    f"{gallery.meta.model_source} (red: another class than the query's)", fontsize=10)
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, format="png", dpi=100)
+    return output
+
+
+def _gallery_thumbnails(results: list[QueryResult], gallery: Gallery, config: Config) -> dict[int, np.ndarray]:
+    wanted: dict[int, dict[int, int]] = defaultdict(dict)  # shard -> {index in shard: gallery row}
+    for result in results:
+        for neighbour in result.neighbours:
+            wanted[neighbour.shard][neighbour.index_in_shard] = neighbour.row
+    root = gallery.meta.data_root if storage.is_url(gallery.meta.data_root) or Path(gallery.meta.data_root).is_dir() \
+        else config.data.root
+    split_dir = storage.join(root, gallery.meta.split)
+    manifest = read_manifest(split_dir, config.data.shard_url_schemes)
+    thumbnails = {}
+    for shard, rows in wanted.items():
+        last = max(rows)
+        for position, (image, _, _) in enumerate(read_whole_shard(split_dir, manifest, shard, config.data.shard_command)):
+            if position in rows and image is not None:
+                thumbnails[rows[position]] = _thumbnail(image)
+            if position >= last:
+                break
+    return thumbnails
+
+
+def _thumbnail(data: bytes) -> np.ndarray | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (THUMBNAIL, THUMBNAIL))
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            return np.asarray(image)
+    except (OSError, ValueError):
+        return None
+
+
+def _show(axes, pixels: np.ndarray | None, title: str, colour: str, linewidth: float) -> None:
+    if pixels is not None:
+        axes.imshow(pixels)
+    axes.set_xticks([])
+    axes.set_yticks([])
+    for spine in axes.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(linewidth)
+    axes.set_title(title, fontsize=8, color=colour if colour != "black" else None)
+
+
+def _short(name: str, width: int = 18) -> str:
+    return name if len(name) <= width else name[:width - 1] + "…"
