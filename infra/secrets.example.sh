@@ -9,12 +9,13 @@
 #     export MLFLOW_S3_ENDPOINT_URL=http://minio.storage.svc:9000   # only for S3-compatible stores
 #     bash infra/secrets.example.sh
 #
-# Optional: NAMESPACE (default imagenet), RAY_AUTH_TOKEN to reuse a token, MLFLOW_CLIENT_USERNAME
-# (default ray-pipeline). A Secret that already exists is left alone: regenerating a database password
-# would lock MLflow out of Postgres. To rotate one, delete it and rerun, then update what uses it.
+# Optional: RAY_AUTH_TOKEN to reuse a token, MLFLOW_CLIENT_USERNAME (default ray-pipeline). A Secret that
+# already exists is left alone: regenerating a database password would lock MLflow out of Postgres. To
+# rotate one, delete it and rerun, then update what uses it.
 set -euo pipefail
 
-NAMESPACE="${NAMESPACE:-imagenet}"
+# The namespace of infra/namespace.yaml, which every manifest in infra/ names.
+NAMESPACE=imagenet
 : "${MLFLOW_ARTIFACTS_DESTINATION:?set it to the bucket prefix for MLflow artifacts, e.g. s3://my-bucket/mlflow}"
 : "${MLFLOW_S3_ACCESS_KEY_ID:?set it to the object store access key id for the MLflow server}"
 : "${MLFLOW_S3_SECRET_ACCESS_KEY:?set it to the object store secret key for the MLflow server}"
@@ -41,13 +42,18 @@ create_secret() {
     kubectl --namespace "$NAMESPACE" create secret generic "$name" --from-file="$dir"
 }
 
-kubectl create namespace "$NAMESPACE" --dry-run=client --output yaml | kubectl apply --filename -
+# From its manifest, so it enforces Pod Security "restricted" before any pod can start in it.
+kubectl apply --filename "$(dirname "${BASH_SOURCE[0]}")/namespace.yaml"
 
 # Ray: one token for every node and client (RAY_AUTH_TOKEN in infra/kuberay, authOptions.secretName).
 create_secret ray-auth-token auth_token "${RAY_AUTH_TOKEN:-$(random_value)}"
 
-# MLflow server: Postgres password (also the postgres StatefulSet's), bootstrap admin, CSRF key, S3 keys.
+# Postgres: the superuser's password, read only by the postgres StatefulSet, and the password of the role
+# `mlflow` the MLflow server logs in as (infra/mlflow/postgres.yaml creates the role with it). Separate
+# Secrets, so the MLflow pod references only its own.
+create_secret mlflow-postgres-superuser password "$(random_value)"
 create_secret mlflow-postgres password "$(random_value)"
+# MLflow server: bootstrap admin, CSRF key, S3 keys.
 create_secret mlflow-server admin-password "$(random_value)" flask-secret-key "$(random_value)"
 if [[ -n "${MLFLOW_S3_ENDPOINT_URL:-}" ]]; then
     create_secret mlflow-s3 access-key-id "$MLFLOW_S3_ACCESS_KEY_ID" \

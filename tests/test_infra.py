@@ -2,15 +2,22 @@
 
     .venv/bin/python -m pytest -q tests/test_infra.py
 
-Static checks only: no network, Docker, Kubernetes or Ray.
+Static checks, plus bash for the launcher's env-file writer: no network, Docker, Kubernetes or Ray. NetworkPolicies
+are checked by evaluating them (Kubernetes' semantics, below) over the pods the manifests make.
 """
 
 import configparser
+import ipaddress
+import os
 import re
 import shlex
+import subprocess
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -33,6 +40,18 @@ LITERAL_SECRETS = [  # (pattern, a sample it must catch)
     (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), "AKIAIOSFODNN7EXAMPLE"),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "-----BEGIN RSA PRIVATE KEY-----"),
 ]
+# Pod Security "restricted": the volume types it admits, and the pod securityContext fields a container inherits.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}
+INHERITED_SECURITY = ("runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile", "seLinuxOptions", "appArmorProfile")
+# Where each image's processes write outside their data volumes; the root filesystem is read-only.
+WRITABLE_PATHS = {"imagenet-pipeline": ("/tmp", "/tmp/ray", "/home/ray"),  # scratch, Ray's session dir, caches
+                  "mlflow-server": ("/tmp", "/home/mlflow"),
+                  "postgres": ("/tmp", "/var/run/postgresql")}  # the socket and its lock file
+POSTGRES_UID = 999  # user `postgres` of the official image
+GENERATED = "-x7k2q"  # KubeRay names a RayJob's own cluster <job name>-<5 random characters>
+RAY_ROLES = ("ray-head", "ray-worker")
+POD_PORTS = [(port, "TCP") for port in (5000, 5432, 6379, 8265, 10001, 23456)]  # services, GCS, and a Ray worker port
 
 
 def documents(path: Path | str) -> list:
@@ -272,3 +291,325 @@ def test_cluster_launcher_starts_every_node_with_token_auth_and_the_token_file()
     assert any("RAY_AUTH_MODE=token" in command for command in launcher["setup_commands"])
     assert any(local.endswith("/.ray/auth_token") for local in launcher["file_mounts"].values())
     assert "--gpus all" in launcher["docker"]["worker_run_options"]
+
+
+@dataclass
+class Endpoint:
+    """One end of a connection: a pod, labelled as Kubernetes will label it, or an address outside the cluster."""
+    name: str
+    role: str  # ray-head, ray-worker, submitter, mlflow, postgres; operator, stranger, dns, internet, metadata
+    namespace: str = "imagenet"
+    labels: dict = field(default_factory=dict)
+    cluster: str = ""  # a Ray pod's cluster; for a submitter, the cluster its job runs on
+    ip: str = ""  # set only for addresses outside the cluster
+    spec: dict = field(default_factory=dict)  # the pod spec, for the manifests' own pods
+
+
+def workload_pods() -> list[Endpoint]:
+    """Every pod the manifests make, with the labels and volumes their controllers add."""
+    pods = []
+    for doc in manifests():
+        kind, name, namespace = doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace", "default")
+        if kind in ("Deployment", "StatefulSet"):
+            template = doc["spec"]["template"]
+            claims = [{"name": claim["metadata"]["name"], "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+                      for claim in doc["spec"].get("volumeClaimTemplates", [])]  # the StatefulSet controller adds these
+            spec = {**template["spec"], "volumes": template["spec"].get("volumes", []) + claims}
+            role = {"mlflow-postgres": "postgres"}.get(name, name)
+            pods.append(Endpoint(f"{kind}/{name}", role, namespace, template["metadata"].get("labels", {}), spec=spec))
+        for cluster_spec in cluster_specs(doc):
+            cluster = name if kind == "RayCluster" else name + GENERATED
+            groups = [("head", "headgroup", cluster_spec["headGroupSpec"])]
+            groups += [("worker", group["groupName"], group) for group in cluster_spec["workerGroupSpecs"]]
+            for node_type, group_name, group in groups:
+                template = group["template"]
+                labels = {**template.get("metadata", {}).get("labels", {}), "ray.io/is-ray-node": "yes",
+                          "ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/group": group_name,
+                          "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
+                pods.append(Endpoint(f"{kind}/{name}/{group_name}", f"ray-{node_type}", namespace, labels, cluster,
+                                     spec=template["spec"]))
+        if kind == "RayJob":  # KubeRay 1.6 keeps the template's labels; the Job adds its own
+            template = doc["spec"]["submitterPodTemplate"]
+            target = doc["spec"].get("clusterSelector", {}).get("ray.io/cluster", name + GENERATED)
+            labels = {**template.get("metadata", {}).get("labels", {}), "batch.kubernetes.io/job-name": name}
+            pods.append(Endpoint(f"{kind}/{name}/submitter", "submitter", namespace, labels, target,
+                                 spec=template["spec"]))
+    return pods
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Kubernetes label-selector semantics: every matchLabels pair and matchExpressions entry holds ({} selects all)."""
+    operators = {"In": lambda e: labels.get(e["key"]) in e["values"],
+                 "NotIn": lambda e: labels.get(e["key"]) not in e["values"],
+                 "Exists": lambda e: e["key"] in labels, "DoesNotExist": lambda e: e["key"] not in labels}
+    return (all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+            and all(operators[e["operator"]](e) for e in selector.get("matchExpressions", [])))
+
+
+def policy_types(policy: dict) -> list[str]:
+    spec = policy["spec"]
+    return spec.get("policyTypes") or ["Ingress"] + (["Egress"] if "egress" in spec else [])
+
+
+class Network:
+    """The manifests' NetworkPolicies as Kubernetes applies them: a pod selected by a policy of a direction is
+    isolated in it and admits only what some rule of those policies allows; a connection needs the source's
+    egress and the destination's ingress. Named ports are not resolved (the policies here use numbers)."""
+
+    def __init__(self):
+        self.policies = manifests(("NetworkPolicy",))
+        self.namespaces = {doc["metadata"]["name"]: doc["metadata"].get("labels", {}) for doc in manifests(("Namespace",))}
+
+    def connects(self, source: Endpoint, destination: Endpoint, port: int, protocol: str) -> bool:
+        return (self.admits("Egress", source, destination, port, protocol)
+                and (bool(destination.ip) or self.admits("Ingress", destination, source, port, protocol)))
+
+    def admits(self, direction: str, pod: Endpoint, peer: Endpoint, port: int, protocol: str) -> bool:
+        """Whether `pod`'s policies of `direction` let it receive from / send to `peer`."""
+        isolating = [policy for policy in self.policies if policy["metadata"]["namespace"] == pod.namespace
+                     and direction in policy_types(policy) and selects(policy["spec"]["podSelector"], pod.labels)]
+        rules, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+        return not isolating or any(
+            self._port_matches(rule, port, protocol)
+            and (not rule.get(peers) or any(self._peer_matches(entry, pod.namespace, peer) for entry in rule[peers]))
+            for policy in isolating for rule in policy["spec"].get(rules) or [])
+
+    @staticmethod
+    def _port_matches(rule: dict, port: int, protocol: str) -> bool:
+        return not rule.get("ports") or any(
+            entry.get("protocol", "TCP") == protocol
+            and ("port" not in entry or entry["port"] <= port <= entry.get("endPort", entry["port"]))
+            for entry in rule["ports"] if isinstance(entry.get("port", 0), int))
+
+    def _peer_matches(self, peer: dict, namespace: str, endpoint: Endpoint) -> bool:
+        if "ipBlock" in peer:  # counted for outside addresses only: CNIs differ on whether it covers pod IPs
+            address, block = endpoint.ip and ipaddress.ip_address(endpoint.ip), peer["ipBlock"]
+            return bool(address) and address in ipaddress.ip_network(block["cidr"]) and not any(
+                address in ipaddress.ip_network(excluded) for excluded in block.get("except", []))
+        if endpoint.ip:
+            return False
+        labels = {**self.namespaces.get(endpoint.namespace, {}), "kubernetes.io/metadata.name": endpoint.namespace}
+        in_namespace = (selects(peer["namespaceSelector"], labels) if "namespaceSelector" in peer
+                        else endpoint.namespace == namespace)
+        return in_namespace and selects(peer.get("podSelector", {}), endpoint.labels)
+
+
+def should_connect(source: Endpoint, destination: Endpoint, port: int, shared_clusters: set[str]) -> bool:
+    """The connections the pipeline makes, and no others."""
+    if destination.role in RAY_ROLES:
+        if source.role in RAY_ROLES and source.cluster == destination.cluster:
+            return True  # GCS, object transfer and Ray's worker ports: every port
+        # `ray job submit` and the operator's status polls use the job API. Any RayJob of the namespace may select
+        # a standalone RayCluster by name; a RayJob's own cluster serves that job alone.
+        submitter = source.role == "submitter" and (source.cluster == destination.cluster
+                                                    or destination.cluster in shared_clusters)
+        return destination.role == "ray-head" and port == 8265 and (submitter or source.role == "operator")
+    return {"mlflow": source.role in RAY_ROLES and port == 5000,
+            "postgres": source.role == "mlflow" and port == 5432,
+            "dns": source.role in (*RAY_ROLES, "submitter", "mlflow"),
+            "internet": source.role in (*RAY_ROLES, "mlflow")}.get(destination.role, False)  # metadata: nobody
+
+
+@pytest.mark.parametrize("role", [*RAY_ROLES, "mlflow", "postgres", "submitter", "dns", "internet", "metadata"])
+def test_network_policies_admit_exactly_the_connections_the_pipeline_makes(role):
+    network, pods = Network(), workload_pods()
+    shared_clusters = {doc["metadata"]["name"] for doc in manifests(("RayCluster",))}
+    others = [Endpoint("kuberay-operator", "operator", "kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"}),
+              Endpoint("another pod of the namespace", "stranger", labels={"app": "debug"}),
+              Endpoint("a pod of another namespace", "stranger", "default")]
+    beyond = {"dns": Endpoint("kube-dns", "dns", "kube-system", {"k8s-app": "kube-dns"}),
+              "internet": Endpoint("an object store", "internet", ip="203.0.113.10"),
+              "metadata": Endpoint("the cloud metadata service", "metadata", ip="169.254.169.254")}
+    probes = {"dns": [(53, "UDP"), (53, "TCP")], "internet": [(443, "TCP")], "metadata": [(80, "TCP")]}
+    destinations = [beyond[role]] if role in beyond else [pod for pod in pods if pod.role == role]
+    # Only this namespace's egress is ours to restrict: other namespaces may reach DNS and the internet.
+    sources = pods + [other for other in others if role not in beyond or other.namespace == "imagenet"]
+    assert destinations, f"no {role} pod in the manifests"
+    wrong = []
+    for destination in destinations:
+        for source, (port, protocol) in ((s, p) for s in sources for p in probes.get(role, POD_PORTS)):
+            expected = should_connect(source, destination, port, shared_clusters)
+            # Our pods' ingress must hold by itself too: a source's egress policy is not the destination's defence.
+            verdicts = {"connection": network.connects(source, destination, port, protocol)}
+            if role not in beyond:
+                verdicts["its ingress"] = network.admits("Ingress", destination, source, port, protocol)
+            wrong += [f"{source.name} -> {destination.name} {port}/{protocol}: {what} {'open' if allowed else 'blocked'}"
+                      for what, allowed in verdicts.items() if allowed != expected]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_default_deny_isolates_the_namespace_and_every_other_policy_names_its_pods_and_peers():
+    policies = manifests(("NetworkPolicy",))
+    namespaces = {doc["metadata"]["namespace"] for doc in manifests() if "namespace" in doc["metadata"]}
+    for namespace in namespaces:
+        deny = [p for p in policies if p["metadata"]["namespace"] == namespace and not p["spec"]["podSelector"]]
+        assert len(deny) == 1, f"{namespace}: {len(deny)} namespace-wide policies, expected one default-deny"
+        assert set(policy_types(deny[0])) == {"Ingress", "Egress"}, f"{namespace}: the default-deny leaves a direction open"
+        assert not deny[0]["spec"].get("ingress") and not deny[0]["spec"].get("egress"), "the default-deny allows"
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        if not policy["spec"]["podSelector"]:
+            continue
+        selector = policy["spec"]["podSelector"]
+        assert selector.get("matchLabels") or selector.get("matchExpressions"), f"{name} selects every pod"
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{name}: an ingress rule without `from` admits every source"
+            for peer in rule["from"]:
+                pods = peer.get("podSelector", {})
+                assert "ipBlock" not in peer and (pods.get("matchLabels") or pods.get("matchExpressions")), \
+                    f"{name}: peer {peer} admits whole namespaces or address ranges"
+
+
+def effective_security_context(pod: dict, container: dict) -> dict:
+    """The securityContext the kubelet applies: the pod's inheritable fields, overridden by the container's."""
+    inherited = {key: value for key, value in pod.get("securityContext", {}).items() if key in INHERITED_SECURITY}
+    return {**inherited, **container.get("securityContext", {})}
+
+
+def image_name(container: dict) -> str:
+    return container["image"].rsplit("/", 1)[-1].split("@")[0].split(":")[0]
+
+
+def dockerfile_user(path: str) -> int:
+    users = re.findall(r"^USER (\d+)", (INFRA / path).read_text(), re.MULTILINE)
+    assert users, f"{path} runs as root (no numeric USER)"
+    return int(users[-1])
+
+
+def test_every_container_meets_pod_security_restricted_as_its_images_own_user():
+    uids = {"imagenet-pipeline": dockerfile_user("docker/Dockerfile"), "mlflow-server": dockerfile_user("mlflow/Dockerfile"),
+            "postgres": POSTGRES_UID}
+    checked = 0
+    for pod in workload_pods():
+        spec = pod.spec
+        assert not any(spec.get(key) for key in ("hostNetwork", "hostPID", "hostIPC")), f"{pod.name} shares the host's"
+        for volume in spec.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, f"{pod.name}: volume {volume['name']} not allowed"
+        for container in containers(spec):
+            where, context = f"{pod.name}/{container['name']}", effective_security_context(spec, container)
+            capabilities = context.get("capabilities", {})
+            assert context.get("allowPrivilegeEscalation") is False, f"{where}: privilege escalation allowed"
+            assert not context.get("privileged"), f"{where} is privileged"
+            assert "ALL" in capabilities.get("drop", []), f"{where} keeps the default capabilities"
+            assert set(capabilities.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{where} adds capabilities"
+            assert context.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), f"{where}: no seccomp"
+            assert context.get("runAsNonRoot") is True, f"{where}: runAsNonRoot is not true"
+            assert context.get("runAsUser") == uids[image_name(container)], f"{where}: runAsUser is not the image's user"
+            assert context.get("readOnlyRootFilesystem") is True, f"{where}: the image is writable"
+            if any("persistentVolumeClaim" in volume for volume in spec.get("volumes", [])):
+                group = spec.get("securityContext", {}).get("fsGroup")
+                assert group == context.get("runAsGroup", context["runAsUser"]), f"{where}: its volumes are not its group's"
+            checked += 1
+    assert checked >= 9  # 5 Ray pods, 2 submitters, MLflow, Postgres
+
+
+def test_writable_paths_are_empty_dirs_and_postgres_keeps_its_data_on_its_claim():
+    for pod in workload_pods():
+        volumes = {volume["name"]: volume for volume in pod.spec.get("volumes", [])}
+        for container in containers(pod.spec):
+            mounts = container.get("volumeMounts", [])
+            env = {entry["name"]: entry.get("value") for entry in container.get("env", [])}
+
+            def volume_at(path: str) -> dict:  # the deepest mount holding the path, as the kernel resolves it
+                holders = [m for m in mounts if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+                deepest = max(holders, key=lambda mount: len(mount["mountPath"]), default=None)
+                return {} if deepest is None or deepest.get("readOnly") else volumes[deepest["name"]]
+
+            for path in WRITABLE_PATHS[image_name(container)]:
+                assert "emptyDir" in volume_at(path), f"{pod.name}/{container['name']}: {path} is not a writable emptyDir"
+            if "PGDATA" in env:
+                assert "persistentVolumeClaim" in volume_at(env["PGDATA"]), f"{pod.name}: the database is not on its claim"
+
+
+def test_the_namespace_enforces_pod_security_restricted_from_its_creation():
+    namespaces = {doc["metadata"]["name"]: doc["metadata"].get("labels", {}) for doc in manifests(("Namespace",))}
+    for name in {doc["metadata"]["namespace"] for doc in manifests() if "namespace" in doc["metadata"]}:
+        assert name in namespaces, f"namespace {name} has no Namespace object, so no Pod Security labels"
+        for mode in ("enforce", "audit", "warn"):
+            assert namespaces[name].get(f"pod-security.kubernetes.io/{mode}") == "restricted", f"{name}: {mode}"
+    script = (INFRA / "secrets.example.sh").read_text()
+    assert "namespace.yaml" in script and "create namespace" not in script, "secrets.example.sh makes it unlabelled"
+
+
+def test_no_pod_is_given_a_kubernetes_api_token():
+    for pod in workload_pods():
+        assert pod.spec.get("automountServiceAccountToken") is False, f"{pod.name} mounts a service account token"
+
+
+def test_every_rayjob_has_a_deadline():
+    for doc in manifests(("RayJob",)):
+        deadline = doc["spec"].get("activeDeadlineSeconds")
+        assert isinstance(deadline, int) and deadline > 0, f"{doc['metadata']['name']} may hold its cluster forever"
+
+
+def test_mlflow_reaches_postgres_as_its_own_role_with_an_explicit_sslmode():
+    docs = {doc["kind"]: doc for doc in documents("mlflow/mlflow.yaml")}
+    container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    args = dict(arg.removeprefix("--").partition("=")[::2] for arg in container["args"])
+    ini = configparser.ConfigParser()
+    ini.read_string(next(iter(docs["ConfigMap"]["data"].values())))
+    postgres = {doc["kind"]: doc for doc in documents("mlflow/postgres.yaml")}
+    server_env = {entry["name"]: entry for entry in postgres["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    superuser = server_env.get("POSTGRES_USER", {}).get("value", "postgres")
+    init_sql = "\n".join(postgres["ConfigMap"]["data"].values())
+    service = postgres["Service"]["metadata"]["name"]
+    in_cluster = {service, f"{service}.imagenet", f"{service}.imagenet.svc", f"{service}.imagenet.svc.cluster.local"}
+    for uri in map(urlsplit, (ini["mlflow"]["database_uri"], args["backend-store-uri"])):
+        user, database = uri.username, uri.path.lstrip("/")
+        assert user and user != superuser, f"{uri.geturl()} logs in as the superuser {superuser}"
+        sslmode = parse_qs(uri.query).get("sslmode", [""])[0]
+        # libpq's default `prefer` falls back to plain text silently; a database beyond the cluster must refuse that.
+        accepted = {"require", "verify-ca", "verify-full"} | ({"prefer"} if uri.hostname in in_cluster else set())
+        assert sslmode in accepted, f"{uri.geturl()}: sslmode {sslmode or 'unset'}"
+        assert re.search(rf"CREATE DATABASE {database} OWNER {user}\b", init_sql, re.IGNORECASE), f"{database} not {user}'s"
+    role = re.search(rf"CREATE ROLE {user}\b([^;]*);", init_sql, re.IGNORECASE)
+    assert role and not re.search(r"\b(SUPERUSER|CREATEROLE|CREATEDB|REPLICATION|BYPASSRLS)\b", role[1], re.IGNORECASE)
+    mlflow_password = {entry["name"]: entry for entry in container["env"]}["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert server_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] != mlflow_password["name"], \
+        "MLflow's pod can read the superuser password"
+
+
+def test_cluster_launcher_nodes_have_their_own_instance_profiles_and_require_imdsv2():
+    launcher = documents("cluster-launcher/aws-gpu.yaml")[0]
+    profiles = {}
+    for name, node_type in launcher["available_node_types"].items():
+        node_config = node_type["node_config"]
+        # Without one on the head, Ray 2.60's bootstrap creates and attaches ray-autoscaler-v1, which holds
+        # AmazonEC2FullAccess and AmazonS3FullAccess.
+        profile = node_config.get("IamInstanceProfile", {})
+        profiles[name] = profile.get("Arn") or profile.get("Name")
+        assert profiles[name], f"{name}: no IamInstanceProfile"
+        metadata = node_config.get("MetadataOptions", {})
+        assert metadata.get("HttpTokens") == "required", f"{name}: IMDSv1 answers anyone who can make a GET"
+        assert metadata.get("HttpPutResponseHopLimit") in (1, 2), f"{name}: IMDS tokens reach beyond the node"
+    head = launcher["head_node_type"]
+    assert all(profiles[name] != profiles[head] for name in profiles if name != head), "workers get the head's EC2 rights"
+
+
+def test_cluster_launcher_nodes_use_a_security_group_made_for_them():
+    launcher = documents("cluster-launcher/aws-gpu.yaml")[0]
+    for name, node_type in launcher["available_node_types"].items():
+        # Ray 2.60's bootstrap creates (or fills, if empty) a group for each node type without SecurityGroupIds
+        # and always adds SSH from 0.0.0.0/0 to it, whatever provider.security_group.IpPermissions says.
+        assert node_type["node_config"].get("SecurityGroupIds"), f"{name}: Ray would open SSH to the internet"
+
+
+def test_the_mlflow_env_file_keeps_hostile_values_literal_when_the_nodes_source_it(tmp_path):
+    canary = tmp_path / "payload-ran"
+    values = {"MLFLOW_TRACKING_URI": "https://mlflow.example.com/a b",
+              "MLFLOW_TRACKING_USERNAME": f"ray`touch {canary}`",
+              "MLFLOW_TRACKING_PASSWORD": f"x'\"$(touch {canary}); touch {canary}\n$HOME \\ %s"}
+    env_file, clean = tmp_path / "mlflow.env", {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    writer = INFRA / "cluster-launcher" / "write-mlflow-env.sh"
+    subprocess.run(["bash", str(writer), str(env_file)], env={**clean, **values}, check=True, timeout=30)
+    launcher = documents("cluster-launcher/aws-gpu.yaml")[0]
+    sourcing = "set -a; . $HOME/.config/imagenet-pipeline/mlflow.env; set +a;"
+    assert all(sourcing in command for command in launcher["head_start_ray_commands"][1:]
+               + launcher["worker_start_ray_commands"][1:]), "the start commands read the file some other way"
+    read_back = subprocess.run(
+        ["bash", "-c", sourcing.replace("$HOME/.config/imagenet-pipeline/mlflow.env", '"$1"') + ' printf "%s\\0" '
+         + " ".join(f'"${name}"' for name in values), "bash", str(env_file)],
+        env=clean, capture_output=True, check=True, timeout=30).stdout
+    assert not canary.exists(), "a value ran as a command"
+    assert read_back.split(b"\0")[:-1] == [value.encode() for value in values.values()]
+    assert env_file.stat().st_mode & 0o077 == 0, "the credentials are readable by other users"
