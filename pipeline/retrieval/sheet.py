@@ -32,8 +32,8 @@ def contact_sheet(results: list[QueryResult], gallery: Gallery, config: Config, 
     figure = Figure(figsize=(1.7 * columns, 2.0 * len(results)))
     grid = figure.subplots(len(results), columns, squeeze=False)
     for row, result in enumerate(results):
-        _show(grid[row][0], _thumbnail(result.path.read_bytes()), f"query\n{_short(result.reference_class)}",
-              "black", linewidth=3)
+        named = _short(result.known_class) if result.known_class else f"model: {_short(result.predicted)}"
+        _show(grid[row][0], _thumbnail(result.path.read_bytes()), f"query\n{named}", "black", linewidth=3)
         for column, neighbour in enumerate(result.neighbours, start=1):
             right = neighbour.class_name == result.reference_class
             _show(grid[row][column], thumbnails.get(neighbour.row), f"{neighbour.rank}. {_short(neighbour.class_name)}"
@@ -87,7 +87,7 @@ def _show(axes, pixels: np.ndarray | None, title: str, colour: str, linewidth: f
     for spine in axes.spines.values():
         spine.set_edgecolor(colour)
         spine.set_linewidth(linewidth)
-    axes.set_title(title, fontsize=8, color=colour if colour != "black" else None)
+    axes.set_title(title, fontsize=8, color=colour)
 
 
 def _short(name: str, width: int = 18) -> str:
