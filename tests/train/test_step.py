@@ -126,3 +126,36 @@ def test_ddp_steps_on_the_exact_mean_over_valid_samples_and_not_at_all_when_all_
 
     results = _ddp_step(tmp_path / "masked", [[masked] * 4, [masked] * 4])
     assert all(torch.equal(a, b) for a, b in zip(results[0][0], model().parameters()))
+
+
+def _buffer_rank(rank: int, init_file: str, results) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from pipeline.train.step import broadcast_buffers_from_rank0
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        net.train()(torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(rank)))  # per-rank statistics
+        before = net[1].running_mean.clone()
+        worker = RankDevice(rank=rank, world_size=2, device=torch.device("cpu"), autocast_dtype=None,
+                            channels_last=False)
+        broadcast_buffers_from_rank0(net, worker)
+        results[rank] = before, net[1].running_mean.clone()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
+    """Rank 0's buffers are the saved ones, so the val score every rank computes is the checkpoint's score."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_buffer_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+        (before0, after0), (before1, after1) = results[0], results[1]
+    assert not torch.equal(before0, before1)  # they had drifted apart
+    assert torch.equal(after0, before0) and torch.equal(after1, before0)

@@ -1,0 +1,133 @@
+"""Embedding with Ray Data, the index in MLflow, and retrieval from the CLI, on the shared trained run."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.data.manifest import read_manifest
+from pipeline.errors import ConfigError, DataError, ModelSourceError
+from pipeline.retrieval import store
+from pipeline.retrieval.embed import embed_split
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+CHAMPION = "models:/test-model@champion"
+
+
+def with_retrieval(config, tmp_path, **settings):
+    retrieval = config.retrieval.model_copy(update={"output": str(tmp_path), **settings})
+    return config.model_copy(update={"retrieval": retrieval})
+
+
+@pytest.fixture(scope="module")
+def galleries(trained_run, tmp_path_factory):
+    """The champion's train and test embeddings (2 replicas)."""
+    config = with_retrieval(trained_run.config, tmp_path_factory.mktemp("embeddings"))
+    return config, {split: embed_split(config, CHAMPION, split, progress=False) for split in ("train", "test")}
+
+
+def test_every_sample_is_embedded_exactly_once_in_manifest_order(trained_run, galleries):
+    config, results = galleries
+    for split, result in results.items():
+        manifest = read_manifest(trained_run.shards / split)
+        embeddings = store.read_embeddings(result.directory)
+        assert embeddings.meta.num_samples == manifest.num_samples and embeddings.meta.unreadable == 0
+        assert embeddings.meta.model_source == "models:/test-model/1"  # the alias, pinned
+        assert len(set(embeddings.keys)) == manifest.num_samples
+        expected = [(shard, index) for shard, count in enumerate(manifest.shard_counts) for index in range(count)]
+        assert [tuple(position) for position in embeddings.positions.tolist()] == expected
+        assert np.allclose(np.linalg.norm(embeddings.vectors, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_any_number_of_replicas_gives_the_same_rows(galleries, tmp_path, replicas):
+    config, results = galleries
+    # train: 5 shards, enough inputs to keep 3 replicas busy
+    again = embed_split(with_retrieval(config, tmp_path, embed_workers=replicas), CHAMPION, "train", progress=False)
+    first, second = store.read_embeddings(results["train"].directory), store.read_embeddings(again.directory)
+    assert second.keys == first.keys and np.array_equal(second.labels, first.labels)
+    assert np.allclose(second.vectors, first.vectors, atol=1e-5)
+
+
+def test_the_same_inputs_reuse_a_complete_output(galleries):
+    config, results = galleries
+    again = embed_split(config, CHAMPION, "test", progress=False)
+    assert again.reused and again.directory == results["test"].directory
+
+
+def test_the_trained_features_retrieve_well_above_chance_and_untrained_ones_do_not(trained_run, galleries):
+    import torch
+
+    from pipeline.retrieval.quality import knn_top1, nearest, retrieval_metrics
+
+    config, results = galleries
+    train, test = (store.read_embeddings(results[split].directory) for split in ("train", "test"))
+    trained = retrieval_metrics(torch.from_numpy(np.array(test.vectors)), torch.from_numpy(test.labels))
+    neighbours = nearest(torch.from_numpy(np.array(test.vectors)), torch.from_numpy(np.array(train.vectors)), 20)
+    knn = knn_top1(neighbours, torch.from_numpy(train.labels), torch.from_numpy(test.labels), 4)
+    assert trained["recall@1"] > 60 and knn > 60  # 4 classes: chance is 25 %
+    # The same architecture untrained: the figures must be able to fail.
+    untrained = torch.nn.functional.normalize(torch.randn(test.vectors.shape, generator=torch.Generator().manual_seed(0)), dim=1)
+    assert retrieval_metrics(untrained, torch.from_numpy(test.labels))["map@r"] < trained["map@r"] - 20
+
+
+def test_retrieve_prints_json_and_draws_a_sheet_from_the_logged_index(trained_run, galleries, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    config, results = galleries
+    runner = CliRunner()
+    overrides = [f"--set=data.root={trained_run.shards}", f"--set=tracking.tracking_uri={trained_run.tracking_uri}",
+                 f"--set=retrieval.output={tmp_path / 'cache'}"]
+    embedded = runner.invoke(app, ["embed", "--model", CHAMPION, "--split", "train",
+                                   "--output", str(results["train"].directory), *overrides])
+    assert embedded.exit_code == 0, embedded.output
+    assert "reused" in embedded.output
+    run_id = embedded.output.strip().split("retrieve --index ")[-1].rstrip(")")
+    version = MlflowClient(trained_run.tracking_uri).get_model_version("test-model", "1")
+    assert version.tags["retrieval_index_run_train"] == run_id
+
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    test = store.read_embeddings(results["test"].directory)
+    from pipeline.data.loader import read_whole_shard
+
+    manifest = read_manifest(trained_run.shards / "test")
+    for position, (image, label, key) in enumerate(read_whole_shard(str(trained_run.shards / "test"), manifest, 0)):
+        if position < 3:
+            (queries / f"{key}.jpg").write_bytes(image)
+    sheet = tmp_path / "sheet.png"
+    answer = runner.invoke(app, ["retrieve", str(queries), "--index", run_id, "--top-k", "5", "--json",
+                                 "--sheet", str(sheet), *overrides])
+    assert answer.exit_code == 0, answer.output
+    found = json.loads(answer.stdout)
+    assert len(found) == 3 and all(len(query["neighbours"]) == 5 for query in found)
+    assert set(found[0]["neighbours"][0]) >= {"rank", "key", "label", "class_name", "similarity"}
+    assert found[0]["neighbours"][0]["similarity"] >= found[0]["neighbours"][-1]["similarity"]
+    import shutil
+
+    shutil.copy(sheet, "/tmp/retrieval_sheet.png")  # for a look by hand; harmless in CI
+    with Image.open(sheet) as picture:
+        assert picture.format == "PNG" and picture.size[0] > 400
+        picture.load()
+    assert test.meta.split == "test"
+
+
+def test_bad_inputs_are_refused_before_any_work(trained_run, galleries, tmp_path):
+    from pipeline.retrieval.retrieve import open_gallery, retrieve
+
+    config, results = galleries
+    with pytest.raises(DataError, match="no meta.json; not a complete embedding"):
+        open_gallery(str(tmp_path), config)
+    with pytest.raises(DataError, match="not an embedding folder nor an MLflow run id"):
+        open_gallery(str(tmp_path / "never-embedded"), config)
+    gallery = open_gallery(str(results["train"].directory), config)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(DataError, match=r"query .*notes.jpg: not a readable image"):
+        retrieve(config, [tmp_path / "notes.jpg"], gallery)
+    with pytest.raises(ModelSourceError, match="was embedded with models:/test-model/1"):
+        retrieve(config, [tmp_path / "notes.jpg"], gallery, model_source=trained_run.outcome.best_checkpoint)
+    with pytest.raises(ConfigError, match="split = 'holdout': choose one of"):
+        embed_split(config, CHAMPION, "holdout")
