@@ -133,9 +133,9 @@ class TrainedRun:
 
 @pytest.fixture(scope="session")
 def trained_run(ray_session, learnable_shards, tmp_path_factory) -> TrainedRun:
-    """One real 2-worker Ray Train run, 3 epochs, registered in a SQLite MLflow store."""
+    """One real 2-worker Ray Train run, 3 epochs (val k-NN top-1 in the last), registered in a SQLite MLflow store."""
     from pipeline.train.driver import run_training
 
     workdir = tmp_path_factory.mktemp("trained")
-    config = training_config(learnable_shards, workdir, "shared-run")
+    config = training_config(learnable_shards, workdir, "shared-run", "tracking.knn_every=3")
     return TrainedRun(config, run_training(config), workdir, learnable_shards)

@@ -16,6 +16,10 @@ LAYERS = {
     "pipeline.upstream": 0, "pipeline.data": 1, "pipeline.tracking": 2, "pipeline.train": 3,
     "pipeline.inference": 4, "pipeline.tune": 4, "pipeline.cluster": 5, "pipeline.bench": 6, "pipeline.demo": 6,
     "pipeline.cli": 7,
+    # Retrieval's pure core (features of a model, metrics, the index, the files) serves training, tracking and
+    # evaluation; its Ray Data embedding and the retrieve command sit above inference.
+    "pipeline.retrieval.features": 1.5, "pipeline.retrieval.quality": 1.5, "pipeline.retrieval.index": 1.5,
+    "pipeline.retrieval.store": 1.5, "pipeline.retrieval": 5,
 }
 PURE = [
     "pipeline.config", "pipeline.errors", "pipeline.metrics", "pipeline.storage", "pipeline.events",
@@ -24,6 +28,8 @@ PURE = [
     "pipeline.data.loadcheck", "pipeline.train.models", "pipeline.train.optim", "pipeline.train.step",
     "pipeline.train.checkpoints", "pipeline.train.progress", "pipeline.tracking.uri",
     "pipeline.inference.loading", "pipeline.inference.evaluate", "pipeline.inference.predict",
+    "pipeline.retrieval.features", "pipeline.retrieval.quality", "pipeline.retrieval.index",
+    "pipeline.retrieval.store", "pipeline.retrieval.sheet",
 ]
 
 

@@ -44,3 +44,24 @@ def bench_train(
                                epochs=epochs, train_images=train_images, rounds=rounds)
     if only in (None, "startup"):
         run_startup_benchmark(work_dir, model=model)
+
+
+@app.command(name="bench-retrieval")
+def bench_retrieval(
+    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated shards, a checkpoint, embeddings")] = Path("data/bench_retrieval"),
+    only: Annotated[Optional[str], typer.Option(help="embed | index (default: both)")] = None,
+    images: Annotated[int, typer.Option(min=8, help="embed: generated 500x375 JPEGs to embed")] = 256,
+    rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds per path")] = 3,
+    gallery: Annotated[Optional[list[str]], typer.Option(help="index: ROWSxDIM synthetic galleries, repeatable "
+                                                         "(default: 100000x512)")] = None,
+) -> None:
+    """Benchmark: embed images/s (Ray Data vs a plain forward pass) and faiss latency, exact vs approximate."""
+    from pipeline.bench.retrieval import run_retrieval_benchmark
+
+    sizes = []
+    for text in gallery or ["100000x512"]:
+        rows, _, dim = text.partition("x")
+        if not (rows.isdigit() and dim.isdigit() and int(rows) > 0 and int(dim) > 0):
+            fail(f"--gallery {text!r}: expected ROWSxDIM, e.g. 100000x512")
+        sizes.append((int(rows), int(dim)))
+    run_retrieval_benchmark(work_dir, only, images, rounds, sizes)

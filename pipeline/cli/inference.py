@@ -24,13 +24,15 @@ def evaluate(
     model: ModelSource = None,
     split: Annotated[str, typer.Option(help="split to evaluate on: test (final, once) | val | train")] = "test",
     log: Annotated[bool, typer.Option(help="log test/top1, test/top5 to the model's MLflow run")] = True,
+    retrieval: Annotated[bool, typer.Option(help="also measure the features: k-NN top-1 (train gallery), "
+                                            "recall@1/5/10 and mAP@R")] = True,
 ) -> None:
     """Top-1 / top-5 of a registered model, run or checkpoint on the test split, beside published figures."""
     from pipeline.inference.evaluate import evaluate_model
 
     config = resolve_config(config_files, overrides, show=False)
     source = model or f"models:/{config.tracking.registered_model}@champion"
-    evaluate_model(config, source, split=split, log_to_mlflow=log)
+    evaluate_model(config, source, split=split, log_to_mlflow=log, retrieval=retrieval)
 
 
 @app.command()

@@ -33,7 +33,7 @@ def embed(
     typer.echo(f"{meta.num_samples} {split} images -> {meta.dim}-d {meta.layer} features of {meta.model_source}, "
                f"{meta.unreadable} unreadable; {how}\n  {result.directory}")
     if log:
-        from pipeline.tracking.registry import log_index
+        from pipeline.retrieval.logged import log_index
         from pipeline.tracking.runs import prepare_tracking
 
         uri, experiment_id = prepare_tracking(config)

@@ -240,13 +240,14 @@ class EpochLoader:
 
 def build_loader(
     data: DataConfig, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
-    pin_memory: bool = False,
+    pin_memory: bool = False, exactly_once: bool = False,
 ) -> EpochLoader:
-    """`batch_size` is per rank. `split` is train (shuffled, equal steps) or val/test (exactly once)."""
+    """`batch_size` is per rank. `split` is train (shuffled, augmented, equal steps) or val/test (every sample
+    exactly once, centre crops); `exactly_once` reads the train split that way too (to embed it)."""
     split_dir = storage.join(data.root, split)
     manifest = read_manifest(split_dir, data.shard_url_schemes)
     dataset = ShardStream(
-        split_dir, manifest, train=split == "train", rank=rank, world_size=world_size,
+        split_dir, manifest, train=split == "train" and not exactly_once, rank=rank, world_size=world_size,
         batch_size=batch_size, seed=seed, data=data,
     )
     return EpochLoader(dataset, data, pin_memory)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline import metrics as m
@@ -24,6 +25,8 @@ from pipeline.errors import ConfigError, ModelSourceError
 from pipeline.inference.loading import class_count_mismatch, load_model_for_inference, source_run_id, split_manifest
 from pipeline.tracking.uri import resolve_tracking_uri
 from pipeline.train.models import HUMAN_TOP5_ERROR, PUBLISHED_TOP1_TOP5
+from pipeline.retrieval.features import embed_pass, feature_spec, with_features
+from pipeline.retrieval.quality import RECALL_AT, knn_top1, nearest, retrieval_metrics
 from pipeline.train.step import RankDevice, evaluate
 
 IMAGENET_NUM_CLASSES = 1000
@@ -42,17 +45,45 @@ class EvaluationReport:
     top1: float  # percent
     top5: float
     logged_to_run: str | None  # the MLflow run that received the test metrics, if any
+    features: FeatureQuality | None = None  # None: not measured (--no-retrieval)
 
     @property
     def top5_error(self) -> float:
         return 100.0 - self.top5
 
     def metrics(self) -> dict[str, float]:
-        return {m.TEST_TOP1: self.top1, m.TEST_TOP5: self.top5, m.TEST_TOP5_ERROR: self.top5_error}
+        scores = {m.TEST_TOP1: self.top1, m.TEST_TOP5: self.top5, m.TEST_TOP5_ERROR: self.top5_error}
+        if self.features is not None:
+            scores.update(self.features.metrics())
+        return scores
 
 
-def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlflow: bool = True) -> EvaluationReport:
-    """Score `source` on `config.data.root/<split>` once, print the comparison table, log test metrics."""
+@dataclass
+class FeatureQuality:
+    """How well the model's features retrieve and classify without retraining (pipeline.retrieval.quality)."""
+
+    layer: str
+    dim: int
+    within_split: dict[str, float]  # recall_at_k, map_at_r: leave-one-out within the evaluated split
+    knn_top1: float | None  # train split as the gallery; None when evaluating train itself
+    knn_k: int
+    gallery: str  # where the train gallery came from: an embed output folder, or "embedded now"
+
+    def metrics(self) -> dict[str, float]:
+        scores = {m.TEST_MAP_AT_R: self.within_split["map_at_r"]}
+        scores.update({m.TEST_RECALL_AT.format(k=k): self.within_split[f"recall_at_{k}"] for k in RECALL_AT})
+        if self.knn_top1 is not None:
+            scores[m.TEST_KNN_TOP1] = self.knn_top1
+        return scores
+
+
+def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlflow: bool = True,
+                   retrieval: bool = True) -> EvaluationReport:
+    """Score `source` on `config.data.root/<split>` once, print the comparison table, log test metrics.
+
+    `retrieval`: also measure the features from the same pass: recall@k and mAP@R within the split, and k-NN
+    top-1 against the train split (an `embed` output of the same model and data is reused; else train is
+    embedded here, one extra pass over it)."""
     if split not in SPLITS:
         raise ConfigError(f"split = {split!r}: choose one of {', '.join(SPLITS)}")
     manifest = split_manifest(config, split)
@@ -63,7 +94,9 @@ def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlfl
     data = config.data.model_copy(update={"eval_image_size": loaded.eval_image_size})
     loader = build_loader(data, split, rank=0, world_size=1, batch_size=config.optim.batch_size, seed=config.seed)
     rank = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
-    results = evaluate(loaded.model, loader, rank, prefix=split)
+    net = with_features(loaded.model) if retrieval else loaded.model
+    collected: list = []
+    results = evaluate(net, loader, rank, prefix=split, features=collected)
     corrupt = int(results[f"{split}/corrupt_samples"])
     report = EvaluationReport(
         source=source, split=split, architecture=loaded.architecture, num_classes=manifest.num_classes,
@@ -71,10 +104,47 @@ def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlfl
         loss=results[f"{split}/loss"], top1=results[f"{split}/top1"], top5=results[f"{split}/top5"],
         logged_to_run=None,
     )
+    if retrieval:
+        report.features = feature_quality(config, source, split, loaded, net, collected, data)
     if log_to_mlflow:
         report.logged_to_run = log_test_metrics(report, resolve_tracking_uri(config))
     print(format_report(report))
     return report
+
+
+def feature_quality(config: Config, source: str, split: str, loaded, net, collected: list, data) -> FeatureQuality:
+    features = torch.cat([pair[0] for pair in collected])
+    labels = torch.cat([pair[1] for pair in collected])
+    spec = feature_spec(loaded.architecture, net)  # the wrapper: an exported graph was given a new output
+    within = retrieval_metrics(features, labels)
+    knn, gallery_source = None, "-"
+    if split != "train":
+        gallery, gallery_labels, gallery_source = train_gallery(config, source, net, data)
+        neighbours = nearest(features, gallery, config.retrieval.knn_k)
+        knn = knn_top1(neighbours, gallery_labels, labels, len(loaded.class_names), config.retrieval.knn_k,
+                       config.retrieval.knn_temperature)
+    return FeatureQuality(spec.layer, spec.dim, within, knn, config.retrieval.knn_k, gallery_source)
+
+
+def train_gallery(config: Config, source: str, net, data) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The train split's features: an `embed` output of this model version and these shards, else embedded now."""
+    from pipeline.inference.loading import pin_model_source
+    from pipeline.retrieval import store
+
+    pinned = pin_model_source(source, config)
+    directory = store.default_output(config.retrieval.output, pinned.source, pinned.version, "train")
+    manifest = split_manifest(config, "train")
+    if (directory / store.META_FILE).is_file():
+        meta = store.read_meta(directory)
+        if meta.model_source == pinned.source and meta.manifest_hash == manifest.content_hash():
+            embedded = store.read_embeddings(directory)
+            readable = embedded.readable
+            return (torch.from_numpy(np.asarray(embedded.vectors[readable])),
+                    torch.from_numpy(embedded.labels[readable]), str(directory))
+    loader = build_loader(data, "train", rank=0, world_size=1, batch_size=config.optim.batch_size, seed=config.seed,
+                          exactly_once=True)
+    gallery, labels = embed_pass(net, loader, torch.device("cpu"))
+    return gallery, labels, "embedded now (run `imagenet-pipeline embed --split train` once to reuse it)"
 
 
 def log_test_metrics(report: EvaluationReport, tracking_uri: str) -> str | None:
@@ -113,6 +183,13 @@ def format_report(report: EvaluationReport) -> str:
         *("  ".join(cell.ljust(widths[0]) if column == 0 else cell.rjust(widths[column])
                     for column, cell in enumerate(row)) for row in rows),
     ]
+    if report.features is not None:
+        quality, within = report.features, report.features.within_split
+        recalls = "/".join(f"{within[f'recall_at_{k}']:.1f}" for k in RECALL_AT)
+        knn = (f"k-NN top-1 {quality.knn_top1:.2f} % (k = {quality.knn_k}, train gallery: {quality.gallery}); "
+               if quality.knn_top1 is not None else "")
+        lines.append(f"features ({quality.layer}, {quality.dim}-d): {knn}recall@{'/'.join(map(str, RECALL_AT))} "
+                     f"{recalls} %, mAP@R {within['map_at_r']:.2f} % (leave-one-out within {report.split})")
     if report.num_classes != IMAGENET_NUM_CLASSES:
         lines.append(f"note: these {report.num_classes} classes are not ImageNet-1k; the reference rows are for "
                      "scale only, not a like-for-like comparison")

@@ -12,7 +12,6 @@ Every sample exactly once: a position filled twice or never is an error and noth
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,8 @@ def embed_split(config: Config, source: str, split: str, output: str | None = No
     if len(loaded.class_names) != manifest.num_classes:
         raise ModelSourceError(class_count_mismatch(source, len(loaded.class_names), config, split, manifest))
     spec = feature_spec(loaded.architecture, loaded.model)
-    directory = Path(output) if output else default_output(config, pinned, split)
+    directory = Path(output) if output else store.default_output(config.retrieval.output, pinned.source,
+                                                                       pinned.version, split)
     meta = store.EmbeddingMeta(
         model_source=pinned.source, model_version=pinned.version, model_run_id=pinned.run_id,
         architecture=spec.architecture, layer=spec.layer, dim=spec.dim, split=split,
@@ -88,15 +88,6 @@ def embed_split(config: Config, source: str, split: str, output: str | None = No
         store.write_meta(folder, meta)
     rate = manifest.num_samples / (time.perf_counter() - started)
     return EmbedResult(directory, meta, reused=False, images_per_second=rate)
-
-
-def default_output(config: Config, pinned: PinnedSource, split: str) -> Path:
-    """<retrieval.output>/<model>-v<version>/<split>; a checkpoint or run source gets a name from its path."""
-    if pinned.version is not None:
-        name = f"{pinned.source.removeprefix('models:/').split('/')[0]}-v{pinned.version}"
-    else:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", pinned.source.strip("/")).strip("_")[-96:]
-    return Path(storage.require_local(config.retrieval.output, "retrieval.output")) / name / split
 
 
 def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifest, image_size: int,

@@ -46,20 +46,43 @@ class WithFeatures(nn.Module):
         if graph is not None:
             self.dim, self._exported = _add_feature_output(graph), True
         else:
-            last = _last_linear(model)
-            self.dim, self._exported = last.in_features, False
-            self._captured: list[torch.Tensor] = []
-            last.register_forward_hook(lambda module, inputs, output: self._captured.append(inputs[0]))
+            self._last = _last_linear(model)
+            self.dim, self._exported = self._last.in_features, False
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._exported:
             joined = self.model(images)  # (batch, dim + classes): features first
             features, logits = joined[:, :self.dim], joined[:, self.dim:]
         else:
-            self._captured.clear()
-            logits = self.model(images)
-            (features,) = self._captured
+            # Hooked for this call only: the same module may go on training, and must not keep capturing.
+            captured: list[torch.Tensor] = []
+            handle = self._last.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+            try:
+                logits = self.model(images)
+            finally:
+                handle.remove()
+            (features,) = captured
         return logits, nn.functional.normalize(features.float().flatten(1), dim=1)
+
+
+@torch.no_grad()
+def embed_pass(net: WithFeatures, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of every valid sample one pass of `loader` yields (masked slots dropped), on the CPU.
+    With a rank's exactly-once loader this is that rank's share of the split."""
+    net.eval()
+    from pipeline.data.transforms import normalize_batch
+
+    features, labels = [], []
+    for batch in loader:
+        valid = batch.labels >= 0
+        if not bool(valid.any()):
+            continue
+        _, batch_features = net(normalize_batch(batch.images[valid], device))
+        features.append(batch_features.cpu())
+        labels.append(batch.labels[valid])
+    if not features:
+        return torch.empty(0, net.dim), torch.empty(0, dtype=torch.int64)
+    return torch.cat(features), torch.cat(labels)
 
 
 def with_features(model: nn.Module) -> WithFeatures:

@@ -80,13 +80,13 @@ def retrieval_metrics(features: torch.Tensor, labels: torch.Tensor, ks: tuple[in
     if not bool(scored.any()):
         raise DataError("retrieval metrics need a class with at least 2 samples")
     hits = labels[neighbours.index] == labels.unsqueeze(1)  # (queries, depth) bool
-    results = {f"recall@{k}": 100.0 * float(hits[scored, :k].any(dim=1).float().mean()) for k in ks}
+    results = {f"recall_at_{k}": 100.0 * float(hits[scored, :k].any(dim=1).float().mean()) for k in ks}
     depth = torch.arange(1, hits.shape[1] + 1)
     within_r = depth.unsqueeze(0) <= others.unsqueeze(1)
     relevant = hits & within_r
     precision = relevant.cumsum(dim=1) / depth
     average_precision = (precision * relevant).sum(dim=1) / others.clamp(min=1)
-    results["map@r"] = 100.0 * float(average_precision[scored].mean())
+    results["map_at_r"] = 100.0 * float(average_precision[scored].mean())
     return results
 
 

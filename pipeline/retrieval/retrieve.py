@@ -73,7 +73,7 @@ def open_gallery(reference: str, config: Config) -> Gallery:
     if not directory.is_dir():
         if not _RUN_ID.match(reference):
             raise DataError(f"--index {reference!r}: not an embedding folder nor an MLflow run id")
-        from pipeline.tracking.registry import download_index
+        from pipeline.retrieval.logged import download_index
 
         directory = download_index(config, reference)
     meta = store.read_meta(directory)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.errors import DataError
 
 META_FILE = "meta.json"
@@ -71,6 +73,16 @@ class Embeddings:
     @property
     def readable(self) -> np.ndarray:
         return self.labels >= 0
+
+
+def default_output(output_root: str, source: str, version: str | None, split: str) -> Path:
+    """<retrieval.output>/<model>-v<version>/<split> for a pinned registry source; a checkpoint or run source gets
+    a folder name made from its path."""
+    if version is not None:
+        name = f"{source.removeprefix('models:/').split('/')[0]}-v{version}"
+    else:
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", source.strip("/")).strip("_")[-96:]
+    return storage.require_local(output_root, "retrieval.output") / name / split
 
 
 @contextmanager

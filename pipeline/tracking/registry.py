@@ -18,14 +18,11 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.data.manifest import Manifest
-from pipeline.retrieval.features import feature_spec
 from pipeline.tracking.plots import learning_curve
-from pipeline.tracking.runs import FINISHED, attached, end_run, start_or_resume_run
+from pipeline.tracking.runs import attached
 
 CHAMPION_ALIAS = "champion"
 DECISION_TAG = "champion_decision"
-INDEX_RUN_TAG = "retrieval_index_run_{split}"  # on a model version: the embed run holding that split's index
-INDEX_ARTIFACTS = "gallery"  # artifact folder of an embed run
 
 
 @dataclass
@@ -37,7 +34,7 @@ class Published:
 
 def register_model(
     config: Config, uri: str, run_id: str, model: torch.nn.Module, best_metrics: dict[str, Any],
-    history: list[dict[str, Any]], manifest: Manifest,
+    history: list[dict[str, Any]], manifest: Manifest, embedding: dict[str, Any] | None = None,
 ) -> Published:
     """Learning curve, the model (pt2), its registry version and the champion decision, all in run `run_id`."""
     client = MlflowClient(uri)
@@ -57,7 +54,7 @@ def register_model(
                       "wnids": [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)],
                       "manifest_hash": manifest.content_hash(),
                       "architecture": config.model.name, "eval_image_size": size,
-                      "embedding": _embedding_metadata(config.model.name, model)},
+                      **({"embedding": embedding} if embedding else {})},
         )
         mlflow.log_metrics({f"best/{key.replace('/', '_')}": float(value) for key, value in best_metrics.items()
                             if isinstance(value, (int, float))})
@@ -84,65 +81,3 @@ def champion_gate(client: MlflowClient, name: str, version: str, score: float) -
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
         return True, f"promoted: {score:.2f} > {current_score:.2f} of version {current.version}"
     return False, f"kept version {current.version}: {score:.2f} <= {current_score:.2f}"
-
-
-def _embedding_metadata(architecture: str, model: torch.nn.Module) -> dict[str, Any]:
-    spec = feature_spec(architecture, model)
-    return {"layer": spec.layer, "dim": spec.dim, "normalised": "l2"}
-
-
-def log_index(config: Config, uri: str, experiment_id: str, directory, meta, images_per_second: float | None) -> str:
-    """An embed run: the gallery index and its row files as artifacts, the model version tagged with the run.
-
-    The embeddings file itself is not uploaded: the index holds the vectors, and ImageNet train's would be 10 GB.
-    """
-    from pipeline.retrieval import store
-    from pipeline.retrieval.index import INDEX_FILE
-
-    name = f"embed-{directory.parent.name}-{meta.split}"[:128]
-    run_id, _ = start_or_resume_run(config, uri, experiment_id, name, meta.manifest_hash,
-                                    extra_tags={"pipeline.kind": "embed"})
-    client = MlflowClient(uri)
-    client.log_batch(run_id, params=[mlflow.entities.Param(f"embed.{key}", str(value)) for key, value in {
-        "model_source": meta.model_source, "model_version": meta.model_version, "split": meta.split,
-        "layer": meta.layer, "dim": meta.dim, "num_samples": meta.num_samples, "unreadable": meta.unreadable,
-        "index": config.retrieval.index}.items()])
-    if images_per_second is not None:
-        client.log_metric(run_id, "embed/images_per_second", images_per_second)
-    for file in (store.META_FILE, store.LABELS_FILE, store.POSITIONS_FILE, store.KEYS_FILE, INDEX_FILE):
-        client.log_artifact(run_id, str(directory / file), INDEX_ARTIFACTS)
-    if meta.model_version is not None:
-        model_name = meta.model_source.removeprefix("models:/").split("/")[0]
-        client.set_model_version_tag(model_name, meta.model_version, INDEX_RUN_TAG.format(split=meta.split), run_id)
-    end_run(client, run_id, FINISHED)
-    return run_id
-
-
-def download_index(config: Config, run_id: str):
-    """An embed run's gallery, downloaded once into <retrieval.output>/runs/<run id> and reused after."""
-    from pathlib import Path
-
-    from pipeline import storage
-    from pipeline.errors import DataError
-    from pipeline.retrieval import store
-    from pipeline.tracking.uri import redact, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(config)
-    target = Path(storage.require_local(config.retrieval.output, "retrieval.output")) / "runs" / run_id
-    if (target / store.META_FILE).is_file():
-        return target
-    try:
-        MlflowClient(uri).get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise DataError(f"--index {run_id}: no MLflow run with that id in {redact(uri)}") from None
-    with store.staged(target) as folder:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=INDEX_ARTIFACTS,
-                                                        dst_path=str(folder), tracking_uri=uri)
-        except (mlflow.exceptions.MlflowException, OSError):
-            raise DataError(f"--index {run_id}: the run has no {INDEX_ARTIFACTS}/ artifacts; is it an embed run?") from None
-        for item in Path(local).iterdir():
-            item.rename(folder / item.name)
-        if not (folder / store.META_FILE).is_file():
-            raise DataError(f"--index {run_id}: the run's {INDEX_ARTIFACTS}/ has no {store.META_FILE}")
-    return target

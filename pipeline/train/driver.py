@@ -27,6 +27,7 @@ from pipeline.config import WORKER_GROUP_START_TIMEOUT_S, Config, refuse_job_cop
 from pipeline.data.manifest import Manifest, read_manifest
 from pipeline.data.plan import train_steps_per_epoch
 from pipeline.errors import ConfigError, StorageError
+from pipeline.retrieval.features import feature_spec
 from pipeline.tracking.registry import Published, register_model
 from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run
 from pipeline.tracking.uri import redact
@@ -109,7 +110,9 @@ def publish(config: Config, uri: str, run_id: str, checkpoint_path: str, best_me
     events.record("publish_started")
     with local_checkpoint(checkpoint_path, config.tracking.storage_path) as directory:
         model = load_model_from_checkpoint(config, directory, manifest.num_classes)
-    published = register_model(config, uri, run_id, model, best_metrics, history, manifest)
+    spec = feature_spec(config.model.name, model)  # recorded so every user of the model knows its features
+    embedding = {"layer": spec.layer, "dim": spec.dim, "normalised": "l2"}
+    published = register_model(config, uri, run_id, model, best_metrics, history, manifest, embedding)
     events.record("model_registered")
     return published
 

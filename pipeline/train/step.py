@@ -112,8 +112,13 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, prefix: str) -> dict[str, float]:
-    """Exact top-1/top-5: counts from every rank are summed before dividing."""
+def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, prefix: str,
+             features: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
+    """Exact top-1/top-5: counts from every rank are summed before dividing.
+
+    A model that also returns features (`pipeline.retrieval.features.with_features`) has the valid samples'
+    (features, labels) appended to `features`, so scoring and embedding share one pass.
+    """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
     totals = torch.zeros(5, dtype=torch.float64)  # loss sum, valid samples, top-1, top-5, corrupt
@@ -121,7 +126,11 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, pref
         images = normalize_batch(batch.images, rank.device, channels_last=rank.channels_last)
         labels = batch.labels.to(rank.device)
         with autocast(rank):
-            logits = model(images).float()
+            output = model(images)
+        logits = (output[0] if isinstance(output, tuple) else output).float()
+        if features is not None and isinstance(output, tuple):
+            valid_slots = batch.labels >= 0
+            features.append((output[1][valid_slots.to(rank.device)].cpu(), batch.labels[valid_slots]))
         top1, top5 = m.topk_correct(logits, labels)
         valid = int((labels != IGNORE_LABEL).sum())
         loss = criterion(logits, labels).item() if valid else 0.0

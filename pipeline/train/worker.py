@@ -34,6 +34,8 @@ from pipeline.train.step import (
     train_one_epoch, unwrap,
     update_early_stopping,
 )
+from pipeline.retrieval.features import embed_pass, with_features
+from pipeline.retrieval.quality import distributed_knn_top1
 from pipeline.upstream import ray_54305, ray_train_report_log
 
 
@@ -83,7 +85,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         for epoch in range(state.epoch, config.optim.epochs):
             train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, rank, epoch, state)
             broadcast_buffers_from_rank0(model, rank)  # the score is the saved (rank 0's) weights' score
-            val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
+            if knn_due(config, epoch):
+                val_metrics = evaluate_with_knn(unwrap(model), val_loader, config, rank, manifest.num_classes)
+            else:
+                val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
             step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
             check_corrupt_share(epoch_metrics, config.data.max_corrupt_fraction,
@@ -96,6 +101,29 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if stop:
                 log.info(f"early stop: {m.SELECTION_METRIC} has not improved for {config.optim.patience} epochs")
                 break
+
+
+def knn_due(config: Config, epoch: int) -> bool:
+    every = config.tracking.knn_every
+    return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == config.optim.epochs)
+
+
+def evaluate_with_knn(model: torch.nn.Module, val_loader: EpochLoader, config: Config, rank: RankDevice,
+                      num_classes: int) -> dict[str, float]:
+    """The val pass, plus val k-NN top-1 with train as the gallery: one more pass over each rank's exactly-once
+    share of train (centre crops, no augmentation), then an exact distributed search."""
+    net = with_features(model)
+    collected: list = []
+    val_metrics = evaluate(net, val_loader, rank, prefix="val", features=collected)
+    train_share = build_loader(config.data, "train", rank=rank.rank, world_size=rank.world_size,
+                               batch_size=config.per_worker_batch_size, seed=config.seed, exactly_once=True)
+    gallery, gallery_labels = embed_pass(net, train_share, rank.device)
+    queries = torch.cat([pair[0] for pair in collected]) if collected else torch.empty(0, net.dim)
+    query_labels = torch.cat([pair[1] for pair in collected]) if collected else torch.empty(0, dtype=torch.int64)
+    val_metrics[m.VAL_KNN_TOP1] = distributed_knn_top1(
+        queries, query_labels, gallery, gallery_labels, num_classes, rank.world_size, config.retrieval.knn_k,
+        config.retrieval.knn_temperature, rank.device)
+    return val_metrics
 
 
 def setup_rank(config: Config) -> RankDevice:

@@ -34,6 +34,13 @@ def test_champion_beats_chance_on_test_and_logs_to_its_training_run(trained_run,
     assert logged[m.TEST_TOP1] == pytest.approx(report.top1)
     assert logged[m.TEST_TOP5] == pytest.approx(report.top5)
     assert logged[m.TEST_TOP5_ERROR] == pytest.approx(100.0 - report.top5)
+    # The features from the same pass: k-NN with the train gallery, retrieval within test, all logged once.
+    features = report.features
+    assert features.layer == "avgpool" and features.dim == 512 and features.gallery.startswith("embedded now")
+    assert features.knn_top1 > 50.0 and features.within_split["recall_at_1"] > 50.0
+    assert features.within_split["recall_at_1"] <= features.within_split["recall_at_5"] <= 100.0
+    for key in (m.TEST_KNN_TOP1, m.TEST_MAP_AT_R, m.TEST_RECALL_AT.format(k=1), m.TEST_RECALL_AT.format(k=10)):
+        assert logged[key] == pytest.approx(report.metrics()[key])
 
 
 def test_table_shows_human_and_published_figures_and_says_this_is_not_imagenet(trained_run, capsys):
@@ -42,6 +49,7 @@ def test_table_shows_human_and_published_figures_and_says_this_is_not_imagenet(t
     assert "human annotator" in table and "5.1" in table
     assert "published resnet18" in table and "69.76" in table  # torchvision's ResNet-18 top-1
     assert "not ImageNet-1k" in table
+    assert "features (avgpool, 512-d): k-NN top-1" in table and "mAP@R" in table
 
 
 def test_checkpoint_directory_gives_the_same_figures_and_logs_nothing(trained_run, champion_report):
@@ -50,6 +58,7 @@ def test_checkpoint_directory_gives_the_same_figures_and_logs_nothing(trained_ru
         champion_report.top1, champion_report.top5, champion_report.num_samples)
     assert report.loss == pytest.approx(champion_report.loss, rel=1e-4)
     assert report.logged_to_run is None
+    assert report.features.knn_top1 == pytest.approx(champion_report.features.knn_top1)
 
 
 def test_val_split_is_scored_but_not_logged(trained_run):

@@ -68,10 +68,10 @@ def test_the_trained_features_retrieve_well_above_chance_and_untrained_ones_do_n
     trained = retrieval_metrics(torch.from_numpy(np.array(test.vectors)), torch.from_numpy(test.labels))
     neighbours = nearest(torch.from_numpy(np.array(test.vectors)), torch.from_numpy(np.array(train.vectors)), 20)
     knn = knn_top1(neighbours, torch.from_numpy(train.labels), torch.from_numpy(test.labels), 4)
-    assert trained["recall@1"] > 60 and knn > 60  # 4 classes: chance is 25 %
+    assert trained["recall_at_1"] > 60 and knn > 60  # 4 classes: chance is 25 %
     # The same architecture untrained: the figures must be able to fail.
     untrained = torch.nn.functional.normalize(torch.randn(test.vectors.shape, generator=torch.Generator().manual_seed(0)), dim=1)
-    assert retrieval_metrics(untrained, torch.from_numpy(test.labels))["map@r"] < trained["map@r"] - 20
+    assert retrieval_metrics(untrained, torch.from_numpy(test.labels))["map_at_r"] < trained["map_at_r"] - 20
 
 
 def test_retrieve_prints_json_and_draws_a_sheet_from_the_logged_index(trained_run, galleries, tmp_path):

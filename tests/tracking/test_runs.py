@@ -45,6 +45,10 @@ def test_sqlite_run_has_params_epoch_metrics_plot_model_version_and_alias(traine
     assert float(version.tags[m.VAL_TOP1]) == pytest.approx(trained_run.outcome.best_metrics[m.VAL_TOP1])
     system = [key for key in client.get_run(version.run_id).data.metrics if key.startswith("system/")]
     assert system, "system metrics (CPU, memory) were not recorded"
+    import mlflow
+
+    logged_model = mlflow.models.Model.load(f"models:/test-model/{trained_run.outcome.model_version}")
+    assert logged_model.metadata["embedding"] == {"layer": "avgpool", "dim": 512, "normalised": "l2"}
 
 
 def test_champion_moves_only_when_val_top1_beats_the_current_champion(tmp_path):

@@ -34,6 +34,11 @@ def test_two_workers_learn_loss_falls_and_val_top1_beats_chance(trained_run):
     assert history[-1][m.TRAIN_LOSS] < history[0][m.TRAIN_LOSS]
     assert trained_run.outcome.best_metrics[m.VAL_TOP1] > 50.0  # 4 classes: chance is 25 %
     assert all(row[m.TRAIN_CORRUPT_SAMPLES] == 0 for row in history)
+    # tracking.knn_every = 3: the distributed k-NN (each rank a share of the train gallery) ran at epoch 3 only.
+    assert [m.VAL_KNN_TOP1 in row for row in history] == [False, False, True]
+    assert history[-1][m.VAL_KNN_TOP1] > 50.0
+    logged = MlflowClient(trained_run.tracking_uri).get_run(trained_run.outcome.mlflow_run_id).data.metrics
+    assert logged[m.VAL_KNN_TOP1] == pytest.approx(history[-1][m.VAL_KNN_TOP1])
 
 
 def test_rerun_with_the_same_name_resumes_and_keeps_one_mlflow_run(ray_session, learnable_shards, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -94,7 +96,8 @@ def _ddp_rank(rank: int, init_file: str, labels_by_rank: list[list[int]], result
                             channels_last=False)
         loader = ListLoader([batch(labels_by_rank[rank])])
         train_one_epoch(net, loader, optimizer, scheduler, grad_scaler(worker), config, worker, 0, TrainingState())
-        results[rank] = [p.detach().clone() for p in net.module.parameters()], loader.batches[0].images
+        weights = [p.detach().clone() for p in net.module.parameters()]
+        torch.save((weights, loader.batches[0].images), Path(results) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -103,10 +106,9 @@ def _ddp_step(tmp_path, labels_by_rank):
     import torch.multiprocessing as mp
 
     tmp_path.mkdir()
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), labels_by_rank, results), nprocs=2)
-        return dict(results)
+    # Results come back as files: a multiprocessing Manager would fork this process, Ray's threads included.
+    mp.spawn(_ddp_rank, args=(str(tmp_path / "init"), labels_by_rank, str(tmp_path)), nprocs=2)
+    return {rank: torch.load(tmp_path / f"{rank}.pt") for rank in range(2)}
 
 
 def test_ddp_steps_on_the_exact_mean_over_valid_samples_and_not_at_all_when_all_are_masked(tmp_path):
@@ -144,7 +146,7 @@ def _buffer_rank(rank: int, init_file: str, results) -> None:
         worker = RankDevice(rank=rank, world_size=2, device=torch.device("cpu"), autocast_dtype=None,
                             channels_last=False)
         broadcast_buffers_from_rank0(net, worker)
-        results[rank] = before, net[1].running_mean.clone()
+        torch.save((before, net[1].running_mean.clone()), Path(results) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -153,9 +155,7 @@ def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
     """Rank 0's buffers are the saved ones, so the val score every rank computes is the checkpoint's score."""
     import torch.multiprocessing as mp
 
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_buffer_rank, args=(str(tmp_path / "init"), results), nprocs=2)
-        (before0, after0), (before1, after1) = results[0], results[1]
+    mp.spawn(_buffer_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    (before0, after0), (before1, after1) = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
     assert not torch.equal(before0, before1)  # they had drifted apart
     assert torch.equal(after0, before0) and torch.equal(after1, before0)
