@@ -265,12 +265,18 @@ def test_sigkill_of_shard_stops_its_pool_and_an_immediate_resume_completes(tmp_p
     command = [sys.executable, "-m", "pipeline.cli", "shard", "--source", str(source), "--output", str(output),
                "--val-per-class", "1", "--samples-per-shard", "2", "--processes", "2", "--max-side", "64",
                "--no-progress"]
+    def command_line(process: psutil.Process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # a short-lived helper that just exited
+            return ""
+
     parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     pool = []
     while time.time() < deadline and not pool:
         pool = [child for child in psutil.Process(parent.pid).children(recursive=True)
-                if "multiprocessing" in " ".join(child.cmdline())]
+                if "multiprocessing" in command_line(child)]
         time.sleep(0.05)
     assert pool, "the shard run never started its pool"
     os.kill(parent.pid, signal.SIGKILL)
