@@ -108,6 +108,7 @@ def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifes
     keys = [""] * total
     filled = np.zeros(total, dtype=np.int32)
     retrieval = config.retrieval
+    replicas = replicas_that_fit(config, ray.cluster_resources())
     split_dir = storage.join(config.data.root, split)
     dataset = (
         ray.data.from_items([{"shard": shard} for shard in range(len(counts))], override_num_blocks=len(counts))
@@ -117,7 +118,7 @@ def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifes
                      batch_size=retrieval.embed_batch_size, batch_format="numpy", num_cpus=retrieval.decode_cpus)
         .map_batches(_Replica, fn_constructor_kwargs={"source": pinned.source, "config": config, "split": split},
                      batch_size=retrieval.embed_batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=retrieval.embed_workers),
+                     compute=ray.data.ActorPoolStrategy(size=replicas),
                      num_gpus=1 if config.scaling.use_gpu else 0, num_cpus=config.scaling.cpus_per_worker)
     )
     with tqdm(total=total, unit="img", desc=f"embed {split}", disable=not progress) as bar:
@@ -138,6 +139,21 @@ def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifes
         raise DataError(f"{split_dir}: embedding was not exactly once ({twice} samples seen more than once, "
                         f"{never} never, of {total} in the manifest); nothing was written")
     return labels, positions, keys
+
+
+def replicas_that_fit(config: Config, resources: dict[str, float]) -> int:
+    """Model replicas the cluster can hold while one reading/decoding task still runs: a pool that takes every
+    CPU starves the tasks that feed it, and the embedding never finishes."""
+    retrieval, scaling = config.retrieval, config.scaling
+    cpus = float(resources.get("CPU", 0.0))
+    if scaling.use_gpu:
+        return max(1, min(retrieval.embed_workers, int(resources.get("GPU", 0.0)) or 1))
+    room = int((cpus - retrieval.decode_cpus) // scaling.cpus_per_worker)
+    if room < 1:
+        raise ConfigError(f"the Ray cluster has {cpus:g} CPUs: one model replica (scaling.cpus_per_worker = "
+                          f"{scaling.cpus_per_worker:g}) plus a decoding task (retrieval.decode_cpus = "
+                          f"{retrieval.decode_cpus:g}) do not fit; lower them")
+    return min(retrieval.embed_workers, room)
 
 
 def _read_shard(row: dict, split_dir: str, manifest: Manifest, shard_command: str | None) -> list[dict]:

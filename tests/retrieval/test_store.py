@@ -73,3 +73,15 @@ def test_arrays_that_disagree_with_the_meta_are_refused(tmp_path):
     (tmp_path / "out" / store.META_FILE).write_text(json.dumps({**meta, "dim": 5}))
     with pytest.raises(DataError, match=r"inconsistent embedding files: embeddings float32 \(4, 3\), expected"):
         store.read_embeddings(tmp_path / "out")
+
+
+def test_the_replica_pool_leaves_room_for_the_tasks_that_feed_it():
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.retrieval.embed import replicas_that_fit
+
+    config = load_config(overrides=["retrieval.embed_workers=4", "scaling.num_workers=0"])
+    assert replicas_that_fit(config, {"CPU": 2.0}) == 1  # 2 replicas would take both CPUs: nothing would decode
+    assert replicas_that_fit(config, {"CPU": 16.0}) == 4
+    with pytest.raises(ConfigError, match="the Ray cluster has 1 CPUs"):
+        replicas_that_fit(config, {"CPU": 1.0})
