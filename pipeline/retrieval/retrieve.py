@@ -76,10 +76,7 @@ def open_gallery(reference: str, config: Config) -> Gallery:
         from pipeline.retrieval.logged import download_index
 
         directory = download_index(config, reference)
-    meta = store.read_meta(directory)
-    labels = np.load(directory / store.LABELS_FILE, allow_pickle=False)
-    positions = np.load(directory / store.POSITIONS_FILE, allow_pickle=False)
-    keys = json.loads((directory / store.KEYS_FILE).read_text(encoding="utf-8"))
+    meta, labels, positions, keys = store.read_rows(directory)
     if labels.shape != (meta.num_samples,) or positions.shape != (meta.num_samples, 2) or len(keys) != meta.num_samples:
         raise DataError(f"{directory}: labels, positions and keys do not match meta.json's {meta.num_samples} samples")
     index = load_index(directory / INDEX_FILE, meta.dim, int((labels >= 0).sum()))

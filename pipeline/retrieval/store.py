@@ -145,20 +145,27 @@ def read_meta(directory: str | os.PathLike) -> EmbeddingMeta:
     return meta
 
 
-def read_embeddings(directory: str | os.PathLike, mmap: bool = True) -> Embeddings:
+def read_rows(directory: str | os.PathLike) -> tuple[EmbeddingMeta, np.ndarray, np.ndarray, list[str]]:
+    """meta, labels, positions and keys: what a gallery needs besides its index (an embed run in MLflow carries
+    these and the index, not embeddings.npy)."""
     meta = read_meta(directory)
     folder = Path(directory)
     try:
-        mode = "r" if mmap else None
-        embeddings = Embeddings(
-            meta=meta,
-            vectors=np.load(folder / EMBEDDINGS_FILE, mmap_mode=mode, allow_pickle=False),
-            labels=np.load(folder / LABELS_FILE, allow_pickle=False),
-            positions=np.load(folder / POSITIONS_FILE, allow_pickle=False),
-            keys=json.loads((folder / KEYS_FILE).read_text(encoding="utf-8")),
-        )
+        labels = np.load(folder / LABELS_FILE, allow_pickle=False)
+        positions = np.load(folder / POSITIONS_FILE, allow_pickle=False)
+        keys = json.loads((folder / KEYS_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as error:
         raise DataError(f"{directory}: unreadable embedding files ({str(error).splitlines()[0]})") from None
+    return meta, labels, positions, keys
+
+
+def read_embeddings(directory: str | os.PathLike, mmap: bool = True) -> Embeddings:
+    meta, labels, positions, keys = read_rows(directory)
+    try:
+        vectors = np.load(Path(directory) / EMBEDDINGS_FILE, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{directory}: unreadable embedding files ({str(error).splitlines()[0]})") from None
+    embeddings = Embeddings(meta, vectors, labels, positions, keys)
     _check_shapes(embeddings, str(directory))
     return embeddings
 
