@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -215,11 +216,16 @@ def _command_stream(argv: list[str]) -> Iterator[IO[bytes]]:
         yield process.stdout
     finally:
         process.stdout.close()
-        if process.poll() is None:
+        try:
+            # A command read to its end may still be exiting: give it a moment to report its status. One stopped
+            # early dies of SIGPIPE at its next write, or is killed here.
+            process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
             process.kill()
-        process.wait()
-    # Only a command that was read to its end and then failed is an error; one stopped early was killed by us.
-    if process.returncode not in (0, -9):
+            process.wait()
+    # Only a command that was read to its end and then failed is an error; one stopped early was killed by us
+    # (SIGKILL) or by its closed pipe (SIGPIPE).
+    if process.returncode not in (0, -signal.SIGKILL, -signal.SIGPIPE):
         raise StorageError(f"{shlex.join(argv)} exited with status {process.returncode}")
 
 
