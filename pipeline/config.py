@@ -54,6 +54,20 @@ class DataConfig(_Section):
     loader_workers: int = Field(2, ge=0, le=64, description="DataLoader processes per training worker")
     shuffle_buffer: int = Field(1000, ge=1, description="samples held for the in-worker shuffle")
     prefetch_batches: int = Field(2, ge=1, description="batches prefetched per DataLoader process")
+    fit_splits: list[Literal["train", "val"]] = Field(["train"], description="splits trained on: [train], or "
+                                                       "[train, val] for a refit (then nothing is validated)")
+
+    @field_validator("fit_splits")
+    @classmethod
+    def _train_first(cls, value: list[str]) -> list[str]:
+        if value not in (["train"], ["train", "val"]):
+            raise ValueError("choose [train] (train, validate on val) or [train, val] (a refit: no validation)")
+        return value
+
+    @property
+    def validates(self) -> bool:
+        """A refit trains on val as well, so it has no split left to validate on."""
+        return "val" not in self.fit_splits
 
     @field_validator("root", mode="before")
     @classmethod
@@ -160,6 +174,8 @@ class TrackingConfig(_Section):
                                        "optimisation settings changed since its checkpoints were written")
     knn_every: int | None = Field(None, ge=1, description="log val k-NN top-1 (train gallery) every N epochs; "
                                   "None: never (it costs an extra pass over train)")
+    log_every_n_steps: int | None = Field(None, ge=0, description="log train loss, lr and images/s every N steps "
+                                          "within an epoch; None: about 100 points per epoch; 0: per epoch only")
 
 
 class RetrievalConfig(_Section):
@@ -224,6 +240,18 @@ class Config(_Section):
             if getattr(self.data, key) < smallest:
                 raise ValueError(f"data.{key} = {getattr(self.data, key)}: {self.model.name} needs inputs of at "
                                  f"least {smallest} px (its strides and pools leave no map below that)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_refit(self) -> "Config":
+        if self.data.validates:
+            return self
+        needs_val = {"optim.schedule": self.optim.schedule if self.optim.schedule == "plateau" else None,
+                     "optim.patience": self.optim.patience, "tracking.knn_every": self.tracking.knn_every}
+        for key, value in needs_val.items():
+            if value is not None:
+                raise ValueError(f"{key} = {value!r} needs a val split, and data.fit_splits = {self.data.fit_splits} "
+                                 "trains on val (a refit); use the cosine or step schedule, no patience, no knn_every")
         return self
 
     @model_validator(mode="after")
@@ -314,6 +342,14 @@ def set_key(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
             raise ConfigError(f"{origin}: {part} is a value, not a section")
         node = child
     node[parts[-1]] = value.item() if hasattr(value, "item") else value  # numpy scalars from Tune's samplers
+
+
+def with_text_overrides(config: Config, overrides: list[str]) -> Config:
+    """`config` with `--set key=value` texts applied (YAML-typed, as on the command line), validated whole."""
+    data = config.model_dump(mode="json")
+    for override in overrides:
+        _apply_override(data, override)
+    return validate_config(data)
 
 
 def with_overrides(config: Config, values: dict[str, Any]) -> Config:

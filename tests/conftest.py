@@ -23,8 +23,9 @@ def jpeg_bytes(label: int, index: int, size: tuple[int, int] = (40, 30)) -> byte
     return buffer.getvalue()
 
 
-def write_split(split_dir: Path, shard_sizes: list[int], num_classes: int = 4, split: str = "val") -> Manifest:
-    """Shards with the given sample counts; keys are 'sNNNNNN' so tests can audit exactly-once."""
+def write_split(split_dir: Path, shard_sizes: list[int], num_classes: int = 4, split: str = "val",
+                key_prefix: str = "s") -> Manifest:
+    """Shards with the given sample counts; keys are 'sNNNNNN' (`key_prefix`) so tests can audit exactly-once."""
     split_dir.mkdir(parents=True, exist_ok=True)
     shards, serial = [], 0
     for shard_index, size in enumerate(shard_sizes):
@@ -32,7 +33,7 @@ def write_split(split_dir: Path, shard_sizes: list[int], num_classes: int = 4, s
         with wds.TarWriter(str(split_dir / name)) as writer:
             for _ in range(size):
                 label = serial % num_classes
-                writer.write({"__key__": f"s{serial:06d}", "jpg": jpeg_bytes(label, serial), "cls": str(label).encode()})
+                writer.write({"__key__": f"{key_prefix}{serial:06d}", "jpg": jpeg_bytes(label, serial), "cls": str(label).encode()})
                 serial += 1
         shards.append(ShardInfo(name, size, file_sha256(split_dir / name), (split_dir / name).stat().st_size))
     classes = [ClassInfo(i, f"n{i:08d}", f"class {i}") for i in range(num_classes)]

@@ -86,7 +86,7 @@ def test_train_evaluate_and_predict_find_their_manifests_under_a_url_root(tiny_s
     from pipeline.train.driver import check_inputs  # imports Ray, does not start it
 
     config = load_config(overrides=[f"data.root={memory_shards}"])
-    assert check_inputs(config) == read_manifest(tiny_shards / "train")
+    assert check_inputs(config)[0] == read_manifest(tiny_shards / "train")
     assert split_manifest(config, "test") == read_manifest(tiny_shards / "test")
     names = [f"class {index}" for index in range(4)]
     assert class_wnids(config, names) == [f"n{index:08d}" for index in range(4)]

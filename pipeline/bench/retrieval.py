@@ -1,15 +1,22 @@
 """Benchmark: Ray Data embedding against a plain in-process forward pass, and faiss query latency.
 
     imagenet-pipeline bench-retrieval --images 256 --rounds 3
-    imagenet-pipeline bench-retrieval --only index --gallery 100000x512 --gallery 1000000x2048
+    imagenet-pipeline bench-retrieval --only index --gallery 100000x512
+    imagenet-pipeline bench-retrieval --only index --gallery 1000000x2048 --kinds flat,ivf --rounds 2
 
 - embed: the same untrained ResNet-18 checkpoint over the same generated shards, by `embed` (Ray Data: shard
   reading and decoding tasks, `retrieval.embed_workers` model replicas) and by one process running the project's
   loader and the model (`pipeline.retrieval.features.embed_pass`). Rounds alternate the two paths; images/s is
   reported as median and spread (min-max), with the ratio of the medians.
+- knn: what `tracking.knn_every: 1` adds to an epoch, in one process on the same shards: a training epoch, the
+  plain val pass and the val pass with k-NN (the val pass plus a forward-only pass over train and an exact
+  search), interleaved. The added pass is over train, so its share of an epoch is about that of a forward pass
+  in a training step, at any data size.
 - index: synthetic unit vectors drawn around 1,000 centres (clustered like learned features, where approximate
   indexes work as they would on real ones), 1,000 queries, k = 10: build time, median per-query latency over the
-  rounds, and each approximate kind's recall@10 against exact search.
+  rounds, and each approximate kind's recall@10 against exact search. Kinds are measured side by side when all
+  their indexes fit in memory together (each holds a copy of the gallery: 8 GB at 1 M x 2048); otherwise one kind
+  at a time, which the output says.
 Figures are printed; nothing here asserts a speed.
 """
 
@@ -26,6 +33,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import BenchmarkError
+from pipeline.retrieval.index import INDEX_KINDS, IndexSettings, build_index, search
 
 QUERIES = 1000
 CENTRES = 1000
@@ -33,14 +41,19 @@ TOP_K = 10
 
 
 def run_retrieval_benchmark(work_dir: Path, only: str | None, images: int, rounds: int,
-                            galleries: list[tuple[int, int]]) -> None:
-    if only not in (None, "embed", "index"):
-        raise BenchmarkError(f"--only {only!r}: choose embed or index")
+                            galleries: list[tuple[int, int]], kinds: tuple[str, ...] = INDEX_KINDS) -> None:
+    if only not in (None, "embed", "knn", "index"):
+        raise BenchmarkError(f"--only {only!r}: choose embed, knn or index")
+    unknown = [kind for kind in kinds if kind not in INDEX_KINDS]
+    if unknown or not kinds:
+        raise BenchmarkError(f"--kinds {','.join(kinds)!r}: choose from {', '.join(INDEX_KINDS)}")
     if only in (None, "embed"):
         embed_benchmark(work_dir, images, rounds)
+    if only in (None, "knn"):
+        knn_benchmark(work_dir, images, rounds)
     if only in (None, "index"):
         for rows, dim in galleries:
-            index_benchmark(rows, dim, rounds)
+            index_benchmark(rows, dim, rounds, ("flat", *[kind for kind in kinds if kind != "flat"]))
 
 
 def embed_benchmark(work_dir: Path, images: int, rounds: int) -> None:
@@ -69,6 +82,44 @@ def embed_benchmark(work_dir: Path, images: int, rounds: int) -> None:
     print(f"  ratio of medians: {statistics.median(ray_rates) / statistics.median(plain_rates):.2f}")
 
 
+def knn_benchmark(work_dir: Path, images: int, rounds: int) -> None:
+    from pipeline.data.loader import build_loader
+    from pipeline.train.checkpoints import TrainingState
+    from pipeline.train.models import build_model
+    from pipeline.train.optim import build_optimizer, build_scheduler
+    from pipeline.train.step import RankDevice, evaluate, grad_scaler, train_one_epoch
+    from pipeline.train.worker import evaluate_with_knn
+
+    config, _ = _prepare(work_dir, images)
+    config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"knn_every": 1})})
+    rank = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
+    common = dict(rank=0, world_size=1, batch_size=config.per_worker_batch_size, seed=config.seed)
+    train_loader = build_loader(config.data, "train", **common)
+    val_loader = build_loader(config.data, "val", **common)
+    num_classes = train_loader.manifest.num_classes
+    model = build_model(config.model, num_classes)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, len(train_loader))
+    scaler, state = grad_scaler(rank), TrainingState()
+    seconds: dict[str, list[float]] = {"train": [], "val": [], "val_knn": []}
+    for epoch in range(rounds):
+        for name, run in (("train", lambda: train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config,
+                                                            rank, epoch, state)),
+                          ("val", lambda: evaluate(model, val_loader, rank, prefix="val")),
+                          ("val_knn", lambda: evaluate_with_knn(model, val_loader, config, rank, num_classes))):
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    train, val, knn = (statistics.median(seconds[name]) for name in ("train", "val", "val_knn"))
+    print(f"knn_every: {train_loader.manifest.num_samples} train / {val_loader.manifest.num_samples} val images, "
+          f"{config.model.name} @ {config.data.train_image_size} px, {rounds} interleaved rounds, seconds")
+    print(f"  training epoch:       {_spread(seconds['train'], '.2f')}")
+    print(f"  val pass:             {_spread(seconds['val'], '.2f')}")
+    print(f"  val pass with k-NN:   {_spread(seconds['val_knn'], '.2f')}")
+    print(f"  knn_every: 1 adds {knn - val:.2f} s to an epoch of {train + val:.2f} s "
+          f"({100 * (knn - val) / (train + val):.0f} %)")
+
+
 def _prepare(work_dir: Path, images: int):
     """Shards of generated JPEGs and an untrained ResNet-18 checkpoint (speed does not depend on the weights)."""
     from pipeline.data.sharding import shard_imagenet
@@ -78,7 +129,8 @@ def _prepare(work_dir: Path, images: int):
 
     work_dir.mkdir(parents=True, exist_ok=True)
     shards = work_dir / f"shards-{images}"
-    config = load_config(overrides=[f"data.root={shards}", "data.eval_image_size=112", "model.name=resnet18",
+    config = load_config(overrides=[f"data.root={shards}", "data.eval_image_size=112", "data.train_image_size=112",
+                                    "model.name=resnet18",
                                     "data.loader_workers=1", f"retrieval.output={work_dir / 'embeddings'}"])
     if not (shards / "train" / "manifest.json").is_file():
         per_class = max(1, images // 4)
@@ -96,28 +148,37 @@ def _prepare(work_dir: Path, images: int):
     return config, checkpoint
 
 
-def index_benchmark(rows: int, dim: int, rounds: int) -> None:
-    from pipeline.retrieval.index import IndexSettings, build_index, search
+def index_benchmark(rows: int, dim: int, rounds: int, kinds: tuple[str, ...]) -> None:
+    """`kinds` starts with flat: exact search is the reference every approximate kind's recall is measured against."""
+    import psutil
 
     gallery, queries = _clustered(rows, dim)
-    print(f"faiss, {rows:,} x {dim} gallery, {QUERIES} queries, k = {TOP_K}, {rounds} rounds")
-    indexes, exact = {}, None
-    for kind in ("flat", "ivf", "hnsw"):
-        started = time.perf_counter()
-        indexes[kind] = build_index(gallery, IndexSettings(kind=kind))
-        build_seconds = time.perf_counter() - started
-        print(f"  {kind:5s} built in {build_seconds:7.1f} s")
-    latencies: dict[str, list[float]] = {kind: [] for kind in indexes}
+    together = len(kinds) * gallery.nbytes * 1.1 < psutil.virtual_memory().available
+    print(f"faiss, {rows:,} x {dim} gallery, {QUERIES} queries, k = {TOP_K}, {rounds} rounds"
+          + ("" if together else f"; one kind at a time: {len(kinds)} indexes of "
+             f"{gallery.nbytes / 2**30:.1f} GiB do not fit in memory together"))
+    groups = [kinds] if together else [(kind,) for kind in kinds]
+    latencies: dict[str, list[float]] = {kind: [] for kind in kinds}
     found: dict[str, np.ndarray] = {}
-    for _ in range(rounds):
-        for kind, index in indexes.items():  # interleaved: drifting load hits every kind alike
-            started = time.perf_counter()
-            found[kind] = search(index, queries, TOP_K)[1]
-            latencies[kind].append(1000.0 * (time.perf_counter() - started) / QUERIES)
+    for group in groups:
+        indexes = {kind: _timed_build(gallery, kind) for kind in group}
+        for _ in range(rounds):
+            for kind, index in indexes.items():  # interleaved: drifting load hits every kind alike
+                started = time.perf_counter()
+                found[kind] = search(index, queries, TOP_K)[1]
+                latencies[kind].append(1000.0 * (time.perf_counter() - started) / QUERIES)
+        del indexes, index  # frees this group's copies of the gallery before the next group is built
     exact = found["flat"]
-    for kind in indexes:
+    for kind in kinds:
         recall = np.mean([len(set(a) & set(e)) / TOP_K for a, e in zip(found[kind], exact)])
         print(f"  {kind:5s} {_spread(latencies[kind], '.3f')} ms per query, recall@{TOP_K} vs exact {recall:.3f}")
+
+
+def _timed_build(gallery: np.ndarray, kind: str):
+    started = time.perf_counter()
+    index = build_index(gallery, IndexSettings(kind=kind))
+    print(f"  {kind:5s} built in {time.perf_counter() - started:7.1f} s", flush=True)
+    return index
 
 
 def _clustered(rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:

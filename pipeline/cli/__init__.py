@@ -16,9 +16,11 @@ from __future__ import annotations
 from pipeline.cli import bench, data, inference, retrieval, training  # noqa: F401 - each registers its commands on `app`
 from pipeline.cli.cluster import cluster_app, job_app
 from pipeline.cli.common import app
+from pipeline.cli.models import champion_app
 
 app.add_typer(job_app, name="job")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(champion_app, name="champion")
 
 __all__ = ["app", "main"]
 

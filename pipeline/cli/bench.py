@@ -49,13 +49,16 @@ def bench_train(
 @app.command(name="bench-retrieval")
 def bench_retrieval(
     work_dir: Annotated[Path, typer.Option(help="scratch folder: generated shards, a checkpoint, embeddings")] = Path("data/bench_retrieval"),
-    only: Annotated[Optional[str], typer.Option(help="embed | index (default: both)")] = None,
+    only: Annotated[Optional[str], typer.Option(help="embed | knn | index (default: all three)")] = None,
     images: Annotated[int, typer.Option(min=8, help="embed: generated 500x375 JPEGs to embed")] = 256,
     rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds per path")] = 3,
     gallery: Annotated[Optional[list[str]], typer.Option(help="index: ROWSxDIM synthetic galleries, repeatable "
                                                          "(default: 100000x512)")] = None,
+    kinds: Annotated[str, typer.Option(help="index: comma-separated kinds to measure; flat (exact) always runs, "
+                                       "as the reference for recall")] = "flat,ivf,hnsw",
 ) -> None:
-    """Benchmark: embed images/s (Ray Data vs a plain forward pass) and faiss latency, exact vs approximate."""
+    """Benchmark: embed images/s (Ray Data vs a plain forward pass), the cost of tracking.knn_every, and faiss
+    latency, exact vs approximate."""
     from pipeline.bench.retrieval import run_retrieval_benchmark
 
     sizes = []
@@ -64,4 +67,4 @@ def bench_retrieval(
         if not (rows.isdigit() and dim.isdigit() and int(rows) > 0 and int(dim) > 0):
             fail(f"--gallery {text!r}: expected ROWSxDIM, e.g. 100000x512")
         sizes.append((int(rows), int(dim)))
-    run_retrieval_benchmark(work_dir, only, images, rounds, sizes)
+    run_retrieval_benchmark(work_dir, only, images, rounds, sizes, tuple(k.strip() for k in kinds.split(",") if k.strip()))

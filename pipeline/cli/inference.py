@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import ConfigFiles, Overrides, app, resolve_config
+from pipeline.cli.common import ConfigFiles, Overrides, app, fail, resolve_config
 
 
 ModelSource = Annotated[
@@ -23,16 +23,24 @@ def evaluate(
     overrides: Overrides = None,
     model: ModelSource = None,
     split: Annotated[str, typer.Option(help="split to evaluate on: test (final, once) | val | train")] = "test",
-    log: Annotated[bool, typer.Option(help="log test/top1, test/top5 to the model's MLflow run")] = True,
+    log: Annotated[bool, typer.Option(help="log test/top1, test/top5 to the model's MLflow run (the test-once record is kept either way)")] = True,
     retrieval: Annotated[bool, typer.Option(help="also measure the features: k-NN top-1 (train gallery), "
                                             "recall@1/5/10 and mAP@R")] = True,
+    again: Annotated[bool, typer.Option(help="evaluate a model on test a second time (needs --reason)")] = False,
+    reason: Annotated[Optional[str], typer.Option(help="why test is read again; recorded on the model")] = None,
 ) -> None:
-    """Top-1 / top-5 of a registered model, run or checkpoint on the test split, beside published figures."""
+    """Top-1 / top-5 of a registered model, run or checkpoint on the test split, beside published figures.
+
+    Test is read once per model: the evaluation is recorded on the model version (or run), and a second one is
+    refused, showing the first result, unless --again --reason "..." (the reason is recorded too)."""
     from pipeline.inference.evaluate import evaluate_model
 
+    if again != bool(reason and reason.strip()):
+        fail("--again and --reason go together: --again --reason \"why test is read again\"")
     config = resolve_config(config_files, overrides, show=False)
     source = model or f"models:/{config.tracking.registered_model}@champion"
-    evaluate_model(config, source, split=split, log_to_mlflow=log, retrieval=retrieval)
+    evaluate_model(config, source, split=split, log_to_mlflow=log, retrieval=retrieval,
+                   again_reason=reason.strip() if again and reason else None)
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""`train`, `tune`, `demo`, `config`: runs on Ray Train and sweeps on Ray Tune."""
+"""`train`, `tune`, `refit`, `demo`, `config`: runs on Ray Train and sweeps on Ray Tune."""
 
 from __future__ import annotations
 
@@ -59,6 +59,28 @@ def tune(
     if outcome.model_version:
         typer.echo(f"registered model '{config.tracking.registered_model}' version {outcome.model_version}"
                    f"{' -> @champion' if outcome.promoted else ' (champion unchanged)'}")
+
+
+@app.command()
+def refit(
+    sweep: Annotated[str, typer.Option(help="the sweep's name (its tracking.run_name)")],
+    config_files: ConfigFiles = None,
+    overrides: Overrides = None,
+) -> None:
+    """Train the sweep's best configuration again on train + val, for the epochs it took to score best; register it.
+
+    The configuration is the best trial's own (from its MLflow run); -c/--set say where the sweep is tracked
+    (tracking.*), and --set values also apply on top of the trial's configuration (e.g. scaling.num_workers)."""
+    config = resolve_config(config_files, overrides, show=False)
+    from pipeline.train.driver import ensure_ray
+    from pipeline.tune.refit import run_refit
+
+    ensure_ray()
+    outcome = run_refit(config, sweep, list(overrides or []))
+    typer.echo(f"\nrefit run '{outcome.run_name}' finished in {outcome.seconds:.0f} s")
+    if outcome.model_version:
+        typer.echo(f"registered model version {outcome.model_version} (refit)"
+                   f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}")
 
 
 @app.command()

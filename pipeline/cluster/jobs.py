@@ -30,7 +30,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 from pipeline.config import PROJECT_ROOT
 from pipeline.errors import JobError, first_line
-from pipeline.tracking.runs import git_tags
+from pipeline.tracking.runs import job_environment
 from pipeline.tracking.uri import pin_sqlite_uri
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -123,7 +123,7 @@ def submit(
         raise JobClientError("no entrypoint: put the command after `--`, e.g. -- python -m jobs.train -c jobs/configs/demo.yaml")
     if not working_dir.is_dir():
         raise JobClientError(f"--working-dir '{working_dir}': no such directory")
-    env_vars = {f"PIPELINE_{key.upper().replace('.', '_')}": value for key, value in git_tags().items()}
+    env_vars = job_environment()
     uri = job_tracking_uri(cluster, tracking_uri)
     if uri:
         env_vars["MLFLOW_TRACKING_URI"] = uri

@@ -24,7 +24,7 @@ from webdataset import tariterators
 
 from pipeline import storage
 from pipeline.config import DataConfig
-from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.data.manifest import Manifest, combine_manifests, read_manifest
 from pipeline.data.plan import (
     Segment, WorkerPlan, eval_steps_per_pass, plan_eval_worker, plan_train_worker, train_steps_per_epoch,
 )
@@ -56,10 +56,10 @@ class ShardStream(IterableDataset):
     """One rank's view of a split. DataLoader processes each take their block of the rank's plan."""
 
     def __init__(
-        self, split_dir: str, manifest: Manifest, *, train: bool, rank: int, world_size: int,
+        self, locations: list[str], manifest: Manifest, *, train: bool, rank: int, world_size: int,
         batch_size: int, seed: int, data: DataConfig,
     ) -> None:
-        self.split_dir = split_dir  # a local path or a URL (pipeline.storage)
+        self.locations = locations  # each manifest shard's local path or URL (pipeline.storage)
         self.shard_command = data.shard_command
         self.manifest = manifest
         self.train = train
@@ -105,8 +105,7 @@ class ShardStream(IterableDataset):
 
     def _read(self, segments: tuple[Segment, ...]) -> Iterator[_Sample]:
         for segment in segments:
-            url = storage.shard_location(self.split_dir, self.manifest.shards[segment.shard].name)
-            yield from _read_segment(url, segment, self.manifest, self.shard_command)
+            yield from _read_segment(self.locations[segment.shard], segment, self.manifest, self.shard_command)
 
     def _decode_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
         images = torch.zeros((len(samples), 3, self.image_size, self.image_size), dtype=torch.uint8)
@@ -239,15 +238,21 @@ class EpochLoader:
 
 
 def build_loader(
-    data: DataConfig, split: str, *, rank: int, world_size: int, batch_size: int, seed: int,
+    data: DataConfig, split: str | list[str], *, rank: int, world_size: int, batch_size: int, seed: int,
     pin_memory: bool = False, exactly_once: bool = False,
 ) -> EpochLoader:
     """`batch_size` is per rank. `split` is train (shuffled, augmented, equal steps) or val/test (every sample
-    exactly once, centre crops); `exactly_once` reads the train split that way too (to embed it)."""
-    split_dir = storage.join(data.root, split)
-    manifest = read_manifest(split_dir, data.shard_url_schemes)
+    exactly once, centre crops); `exactly_once` reads the train split that way too (to embed it).
+
+    A list of splits starting with train (`data.fit_splits` of a refit: [train, val]) is read as one training
+    split: one plan over all their shards, so every epoch covers both exactly as it would cover train alone."""
+    splits = [split] if isinstance(split, str) else list(split)
+    manifests = [read_manifest(storage.join(data.root, name), data.shard_url_schemes) for name in splits]
+    manifest = manifests[0] if len(manifests) == 1 else combine_manifests(manifests)
+    locations = [storage.shard_location(storage.join(data.root, name), shard.name)
+                 for name, one in zip(splits, manifests) for shard in one.shards]
     dataset = ShardStream(
-        split_dir, manifest, train=split == "train" and not exactly_once, rank=rank, world_size=world_size,
+        locations, manifest, train=splits[0] == "train" and not exactly_once, rank=rank, world_size=world_size,
         batch_size=batch_size, seed=seed, data=data,
     )
     return EpochLoader(dataset, data, pin_memory)

@@ -102,6 +102,21 @@ class Manifest:
         )
 
 
+def combine_manifests(manifests: list[Manifest]) -> Manifest:
+    """Several splits read as one (a refit's train + val): their shards in order, under one class list.
+
+    Shard names stay as each manifest gave them (they may repeat across splits); readers take each shard's
+    location from its own split. The content hash covers every shard, so it names the union."""
+    first = manifests[0]
+    for other in manifests[1:]:
+        if other.classes != first.classes or (other.image_key, other.label_key) != (first.image_key, first.label_key):
+            raise DataError(f"the {first.split} and {other.split} splits have different classes or sample keys; "
+                            "they cannot be trained on together: shard both from the same source")
+    return Manifest(split="+".join(m.split for m in manifests), classes=first.classes,
+                    shards=[shard for m in manifests for shard in m.shards],
+                    image_key=first.image_key, label_key=first.label_key)
+
+
 def manifest_path(split_dir: str | Path) -> Path:
     """Where the writers put the manifest: writing is local only (see `pipeline.storage`)."""
     return Path(split_dir) / MANIFEST_NAME

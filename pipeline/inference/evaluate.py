@@ -46,6 +46,7 @@ class EvaluationReport:
     top5: float
     logged_to_run: str | None  # the MLflow run that received the test metrics, if any
     features: FeatureQuality | None = None  # None: not measured (--no-retrieval)
+    recorded: str | None = None  # where the test-once record was written (pipeline.tracking.heldout), if anywhere
 
     @property
     def top5_error(self) -> float:
@@ -78,15 +79,27 @@ class FeatureQuality:
 
 
 def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlflow: bool = True,
-                   retrieval: bool = True) -> EvaluationReport:
+                   retrieval: bool = True, again_reason: str | None = None) -> EvaluationReport:
     """Score `source` on `config.data.root/<split>` once, print the comparison table, log test metrics.
 
     `retrieval`: also measure the features from the same pass: recall@k and mAP@R within the split, and k-NN
     top-1 against the train split (an `embed` output of the same model and data is reused; else train is
-    embedded here, one extra pass over it)."""
+    embedded here, one extra pass over it).
+
+    On test, a registered (or run-logged) model is evaluated once: a second evaluation is refused before any work
+    unless `again_reason` says why (pipeline.tracking.heldout); the evaluation is recorded on the model either way,
+    also with `log_to_mlflow` off (which only keeps the metrics out of the run)."""
     if split not in SPLITS:
         raise ConfigError(f"split = {split!r}: choose one of {', '.join(SPLITS)}")
+    if again_reason is not None and split != "test":
+        raise ConfigError(f"--again --reason is for the test split, which is read once per model; {split} may be "
+                          "evaluated as often as needed")
     manifest = split_manifest(config, split)
+    place = record_place(config, source) if split == "test" else None
+    if place is not None:
+        from pipeline.tracking.heldout import check_test_once
+
+        check_test_once(_client(config), place, again_reason)
     loaded = load_model_for_inference(source, config, split)
     if len(loaded.class_names) != manifest.num_classes:
         raise ModelSourceError(class_count_mismatch(source, len(loaded.class_names), config, split, manifest))
@@ -107,9 +120,35 @@ def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlfl
     if retrieval:
         report.features = feature_quality(config, source, split, loaded, net, collected, data)
     if log_to_mlflow:
-        report.logged_to_run = log_test_metrics(report, resolve_tracking_uri(config))
+        report.logged_to_run = log_test_metrics(report, resolve_tracking_uri(config), manifest, config)
+    if place is not None:
+        from pipeline.tracking.heldout import record_test_evaluation
+
+        tag = record_test_evaluation(_client(config), place, report.metrics(), manifest.content_hash(),
+                                     report.num_samples, again_reason)
+        report.recorded = f"{place.label} tag {tag}"
     print(format_report(report))
     return report
+
+
+def record_place(config: Config, source: str):
+    """Where `source`'s test-once record lives: its registry version and its run; None for a checkpoint."""
+    from pipeline.inference.loading import pin_model_source
+    from pipeline.tracking.heldout import ModelRecordPlace
+
+    pinned = pin_model_source(source, config)
+    if pinned.version is not None:
+        name = pinned.source.removeprefix("models:/").rsplit("/", 1)[0]
+        return ModelRecordPlace(pinned.source, run_id=pinned.run_id, name=name, version=pinned.version)
+    if pinned.run_id is not None:
+        return ModelRecordPlace(pinned.source, run_id=pinned.run_id)
+    return None
+
+
+def _client(config: Config):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(resolve_tracking_uri(config))
 
 
 def feature_quality(config: Config, source: str, split: str, loaded, net, collected: list, data) -> FeatureQuality:
@@ -147,8 +186,9 @@ def train_gallery(config: Config, source: str, net, data) -> tuple[torch.Tensor,
     return gallery, labels, "embedded now (run `imagenet-pipeline embed --split train` once to reuse it)"
 
 
-def log_test_metrics(report: EvaluationReport, tracking_uri: str) -> str | None:
-    """Attach test/top1, test/top5 and test/top5_error to the run that logged the model; return its id.
+def log_test_metrics(report: EvaluationReport, tracking_uri: str, manifest, config: Config) -> str | None:
+    """Attach test/top1, test/top5 and test/top5_error (and the test split as a dataset input) to the run that
+    logged the model; return its id.
 
     Only the held-out test split is logged: val figures already sit in the run as a per-epoch curve, which
     another point would distort. A checkpoint directory has no run to log to.
@@ -159,10 +199,13 @@ def log_test_metrics(report: EvaluationReport, tracking_uri: str) -> str | None:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    from pipeline import storage
+    from pipeline.tracking.datasets import split_input
+
     timestamp = int(time.time() * 1000)
-    MlflowClient(tracking_uri).log_batch(run_id, metrics=[
-        Metric(key, value, timestamp, 0) for key, value in report.metrics().items()
-    ])
+    client = MlflowClient(tracking_uri)
+    client.log_batch(run_id, metrics=[Metric(key, value, timestamp, 0) for key, value in report.metrics().items()])
+    client.log_inputs(run_id, datasets=[split_input(manifest, storage.join(config.data.root, "test"), "test")])
     return run_id
 
 
@@ -195,6 +238,10 @@ def format_report(report: EvaluationReport) -> str:
                      "scale only, not a like-for-like comparison")
     if report.logged_to_run:
         lines.append(f"logged {', '.join(report.metrics())} to MLflow run {report.logged_to_run}")
+    if report.recorded:
+        lines.append(f"test evaluation recorded on {report.recorded}: a second one is refused without --again --reason")
+    elif report.split == "test":
+        lines.append("note: a checkpoint folder keeps no test-once record; evaluate its registered version instead")
     elif report.split != "test":
         lines.append(f"not logged to MLflow: only test-split results are (the run holds {report.split} per epoch)")
     return "\n".join(lines)

@@ -59,6 +59,9 @@ def build_index(vectors: np.ndarray, settings: IndexSettings, rows: np.ndarray |
         nlist = settings.nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
         nlist = min(nlist, count)  # k-means needs at least one row per cluster
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        # k-means on a sample of 64 rows per cluster (faiss's default is 256; it advises 39 or more): at ImageNet
+        # train's 1.28 M x 2048 training on every row costs more than adding them all, for no measurable recall.
+        index.cp.max_points_per_centroid = 64
         index.train(vectors)
         index.nprobe = min(settings.nprobe, nlist)
     index.add_with_ids(vectors, ids)

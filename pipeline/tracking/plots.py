@@ -15,16 +15,22 @@ from pipeline import metrics as m
 
 
 def learning_curve(history: list[dict[str, Any]]):
-    """Train and val loss, val top-1 by epoch: over- and under-fitting at a glance in the MLflow UI."""
+    """Train and val loss, val top-1 by epoch: over- and under-fitting at a glance in the MLflow UI. A refit
+    (trained on train + val) has no val curve: its figure is the train loss alone."""
     epochs = [row[m.EPOCH] for row in history]
-    figure = Figure(figsize=(10, 4))
-    loss_axes, top1_axes = figure.subplots(1, 2)
+    validated = all(m.VAL_LOSS in row for row in history)
+    figure = Figure(figsize=(10, 4) if validated else (5, 4))
+    loss_axes, top1_axes = figure.subplots(1, 2) if validated else (figure.subplots(), None)
     loss_axes.plot(epochs, [row[m.TRAIN_LOSS] for row in history], marker="o", label="train loss")
-    loss_axes.plot(epochs, [row[m.VAL_LOSS] for row in history], marker="o", label="val loss")
+    if validated:
+        loss_axes.plot(epochs, [row[m.VAL_LOSS] for row in history], marker="o", label="val loss")
     loss_axes.set_xlabel("epoch")
     loss_axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     loss_axes.set_ylabel("cross-entropy")
     loss_axes.legend()
+    if top1_axes is None:
+        figure.tight_layout()
+        return figure
     top1_axes.plot(epochs, [row[m.VAL_TOP1] for row in history], marker="o", color="tab:green", label="val top-1")
     top1_axes.plot(epochs, [row[m.VAL_TOP5] for row in history], marker="o", color="tab:olive", label="val top-5")
     top1_axes.set_xlabel("epoch")

@@ -11,9 +11,12 @@ attach to that run id, so a restarted worker group or a resumed job keeps writin
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,8 +24,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import mlflow
+from mlflow.entities import DatasetInput, Metric
 from mlflow.tracking import MlflowClient
 
+from pipeline import metrics as m
 from pipeline.config import PROJECT_ROOT, Config
 from pipeline.errors import ConfigError
 from pipeline.tracking.uri import artifact_root, redact, resolve_tracking_uri, warn_if_credentials_cross_plain_http
@@ -30,6 +35,14 @@ from pipeline.tracking.uri import artifact_root, redact, resolve_tracking_uri, w
 RUN_NAME_TAG = "pipeline.run_name"
 MANIFEST_TAG = "pipeline.manifest_hash"
 WORKER_NODES_TAG = "pipeline.worker_nodes"  # Ray node ids of the workers, rank order: where a run really ran
+GIT_DIRTY_TAG = "pipeline.git_dirty"  # MLflow names the commit, not whether the tree had uncommitted changes
+RAY_JOB_TAG = "ray.job_id"
+# MLflow's own names: its runs table (Source, User, Version columns) and its UI read these.
+SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"
+GIT_COMMIT_TAG, USER_TAG = "mlflow.source.git.commit", "mlflow.user"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"  # MLflow 3.17's UI opens these on the training runs
+CONFIG_ARTIFACT = "config.json"  # the run's whole typed config; a refit rebuilds a trial's config from it
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's terminal run statuses
 
 
@@ -42,9 +55,12 @@ def prepare_tracking(config: Config) -> tuple[str, str]:
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    if experiment is not None:
-        return uri, experiment.experiment_id
-    return uri, client.create_experiment(config.tracking.experiment, artifact_location=artifact_root(uri))
+    if experiment is None:
+        return uri, client.create_experiment(config.tracking.experiment, artifact_location=artifact_root(uri),
+                                             tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag existed (or by hand): the UI would
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
+    return uri, experiment.experiment_id
 
 
 def _check_server(uri: str) -> None:
@@ -63,19 +79,26 @@ def _check_server(uri: str) -> None:
 def start_or_resume_run(
     config: Config, uri: str, experiment_id: str, run_name: str, manifest_hash: str,
     parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
+    datasets: list[DatasetInput] | None = None,
 ) -> tuple[str, bool]:
-    """The one MLflow run of a training job: re-found by its run name when the job is resumed."""
+    """The one MLflow run of a training job: re-found by its run name when the job is resumed.
+
+    A new run gets MLflow's standard source tags, the config as params and as `config.json`, and its
+    `datasets` (pipeline.tracking.datasets) as inputs."""
     client = MlflowClient(uri)
     found = find_run(uri, experiment_id, run_name)
     if found:
         return found.info.run_id, True
-    tags = {RUN_NAME_TAG: run_name, MANIFEST_TAG: manifest_hash, **git_tags(), **ray_job_tags(), **(extra_tags or {})}
+    tags = {RUN_NAME_TAG: run_name, MANIFEST_TAG: manifest_hash, **source_tags(), **(extra_tags or {})}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # nests the run under the sweep in the MLflow UI
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     client.log_batch(run.info.run_id, params=[
         mlflow.entities.Param(key, str(value)[:6000]) for key, value in flatten(loggable(config)).items()
     ])
+    client.log_dict(run.info.run_id, loggable(config), CONFIG_ARTIFACT)
+    if datasets:
+        client.log_inputs(run.info.run_id, datasets=datasets)
     return run.info.run_id, False
 
 
@@ -97,11 +120,39 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def git_tags() -> dict[str, str]:
-    """The commit the code came from. A Ray job's uploaded working directory has no .git (.rayignore), so
-    `imagenet-pipeline job submit` passes the submitter's commit as PIPELINE_GIT_COMMIT / PIPELINE_GIT_DIRTY."""
+def source_tags() -> dict[str, str]:
+    """Who ran what, from which commit, under MLflow's own tag names (plus the Ray job id when there is one)."""
+    job = ray_job_tags()
+    tags = {SOURCE_NAME_TAG: entrypoint_name(), SOURCE_TYPE_TAG: "JOB" if job else "LOCAL", USER_TAG: user_name()}
+    return {**tags, **git_tags(), **job}
+
+
+def entrypoint_name(argv: list[str] | None = None) -> str:
+    """`imagenet-pipeline train`, or the script's path inside the project (`jobs/train.py`)."""
+    argv = sys.argv if argv is None else argv
+    program = os.path.basename(argv[0]) if argv else ""
+    if program == "imagenet-pipeline" or program == "__main__.py":
+        command = next((arg for arg in argv[1:] if not arg.startswith("-")), "")
+        return f"imagenet-pipeline {command}".strip()
+    try:
+        return os.path.relpath(os.path.abspath(argv[0]), PROJECT_ROOT) if argv else "unknown"
+    except ValueError:  # another drive (Windows)
+        return program or "unknown"
+
+
+def user_name() -> str:
+    """The submitter, not the cluster's service account: `job submit` passes it as PIPELINE_USER."""
+    try:
+        return os.environ.get("PIPELINE_USER") or getpass.getuser()
+    except (KeyError, OSError):  # a container user with no passwd entry
+        return "unknown"
+
+
+def git_state() -> tuple[str, str] | None:
+    """(commit, dirty "true"/"false") of the code. A Ray job's uploaded working directory has no .git
+    (.rayignore), so `imagenet-pipeline job submit` passes the submitter's as PIPELINE_GIT_COMMIT / _DIRTY."""
     if os.environ.get("PIPELINE_GIT_COMMIT"):
-        return {"git.commit": os.environ["PIPELINE_GIT_COMMIT"], "git.dirty": os.environ.get("PIPELINE_GIT_DIRTY", "unknown")}
+        return os.environ["PIPELINE_GIT_COMMIT"], os.environ.get("PIPELINE_GIT_DIRTY", "unknown")
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -110,8 +161,22 @@ def git_tags() -> dict[str, str]:
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git.commit": commit or "unknown", "git.dirty": str(dirty).lower()} if commit else {}
+        return None
+    return (commit, str(dirty).lower()) if commit else None
+
+
+def git_tags() -> dict[str, str]:
+    state = git_state()
+    return {GIT_COMMIT_TAG: state[0], GIT_DIRTY_TAG: state[1]} if state else {}
+
+
+def job_environment() -> dict[str, str]:
+    """What a submitted Ray job needs to tag its runs as the submitter's: commit, dirty flag, user."""
+    state = git_state()
+    env = {"PIPELINE_USER": user_name()}
+    if state:
+        env.update(PIPELINE_GIT_COMMIT=state[0], PIPELINE_GIT_DIRTY=state[1])
+    return env
 
 
 def ray_job_tags() -> dict[str, str]:
@@ -122,7 +187,7 @@ def ray_job_tags() -> dict[str, str]:
     except ValueError:
         metadata = {}
     job_id = metadata.get("job_submission_id") or os.environ.get("RAY_JOB_SUBMISSION_ID")
-    return {"ray.job_id": job_id} if job_id else {}
+    return {RAY_JOB_TAG: job_id} if job_id else {}
 
 
 def end_run(uri_or_client: str | MlflowClient, run_id: str, status: str = FINISHED) -> None:
@@ -156,19 +221,36 @@ def attached(uri: str, run_id: str, log_system_metrics: bool = False) -> Iterato
 
 
 class WorkerTracker:
-    """Rank 0 attaches to the job's run and logs per-epoch metrics; other ranks do nothing."""
+    """What a training worker writes into the job's run. Rank 0 attaches and logs per-epoch metrics and, every
+    `every_n_steps` optimizer steps, step metrics (`step_hook`). The first worker on each node (local rank 0)
+    records that node's system metrics (CPU, memory, GPU utilisation and memory) under MLflow's node id
+    `node_<rank>`, so a multi-node run shows every node, not only rank 0's. Other workers write nothing."""
 
-    def __init__(self, run_id: str | None, uri: str | None) -> None:
+    def __init__(self, run_id: str | None, uri: str | None, logs_metrics: bool = False, node_id: str | None = None,
+                 every_n_steps: int = 0) -> None:
         self.run_id, self.uri = run_id, uri
+        self.logs_metrics = bool(run_id and uri and logs_metrics)
+        self.node_id = node_id if run_id and uri else None
+        self.every_n_steps = every_n_steps
         self._active = False
+        self._monitor = None
 
     @classmethod
-    def for_rank(cls, rank: int, run_id: str | None, uri: str | None) -> "WorkerTracker":
-        return cls(run_id if rank == 0 else None, uri)
+    def for_rank(cls, rank: int, local_rank: int, node_rank: int, run_id: str | None, uri: str | None,
+                 every_n_steps: int = 0) -> "WorkerTracker":
+        return cls(run_id, uri, logs_metrics=rank == 0, node_id=f"node_{node_rank}" if local_rank == 0 else None,
+                   every_n_steps=every_n_steps)
 
     def __enter__(self) -> "WorkerTracker":
-        if self.run_id and self.uri:
-            self._attachment = attached(self.uri, self.run_id, log_system_metrics=True)
+        if self.node_id:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # resume_logging: a restarted worker group continues the node's series instead of restarting at 0.
+            self._monitor = SystemMetricsMonitor(self.run_id, node_id=self.node_id, tracking_uri=self.uri,
+                                                 resume_logging=True)
+            self._monitor.start()
+        if self.logs_metrics:
+            self._attachment = attached(self.uri, self.run_id)
             self._attachment.__enter__()
             self._active = True
         return self
@@ -182,8 +264,53 @@ class WorkerTracker:
             step = int(epoch_metrics["epoch"])
             mlflow.log_metrics({k: float(v) for k, v in epoch_metrics.items() if k != "epoch"}, step=step)
 
+    def step_hook(self) -> StepLog | None:
+        if self._active and self.every_n_steps:
+            return StepLog(MlflowClient(self.uri), self.run_id, self.every_n_steps)
+        return None
+
     def __exit__(self, *exc_info: object) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         if self._active:
+            mlflow.flush_async_logging()  # the step metrics still queued
             # A restarted worker group re-attaches; the driver sets the final status at the end.
             self._attachment.__exit__(*exc_info)
             self._active = False
+
+
+def steps_between_logs(setting: int | None, steps_per_epoch: int) -> int:
+    """tracking.log_every_n_steps: None means about 100 points per epoch; 0 means per-epoch metrics only."""
+    if setting is None:
+        return max(1, steps_per_epoch // 100)
+    return setting
+
+
+class StepLog:
+    """The step hook of `pipeline.train.step.train_one_epoch` on rank 0: it adds up each step's figures (plain
+    floats the step already computed: no extra device sync) and every `every` steps sends one batch of three
+    metrics without waiting for the server (MLflow's asynchronous logging), so a slow tracking server never
+    holds up a step."""
+
+    def __init__(self, client: MlflowClient, run_id: str, every: int) -> None:
+        self.client, self.run_id, self.every = client, run_id, every
+        self._reset()
+
+    def _reset(self) -> None:
+        self._losses: list[float] = []
+        self._images = 0
+        self._started = time.perf_counter()
+
+    def __call__(self, step: int, loss: float, lr: float, images: int) -> None:
+        self._losses.append(loss)
+        self._images += images
+        if step % self.every:
+            return
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        stamp = int(time.time() * 1000)
+        figures = {m.STEP_LOSS: sum(self._losses) / len(self._losses), m.STEP_LR: lr,
+                   m.STEP_IMAGES_PER_SECOND: self._images / elapsed}
+        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), stamp, step)
+                                                    for key, value in figures.items()], synchronous=False)
+        self._reset()

@@ -24,11 +24,12 @@ from ray.train.torch import TorchTrainer
 from pipeline import events, storage
 from pipeline import metrics as m
 from pipeline.config import WORKER_GROUP_START_TIMEOUT_S, Config, refuse_job_copy, require_shards
-from pipeline.data.manifest import Manifest, read_manifest
+from pipeline.data.manifest import Manifest, combine_manifests, read_manifest
 from pipeline.data.plan import train_steps_per_epoch
-from pipeline.errors import ConfigError, StorageError
+from pipeline.errors import ConfigError, DataError, StorageError
 from pipeline.retrieval.features import feature_spec
-from pipeline.tracking.registry import Published, register_model
+from pipeline.tracking.datasets import split_input
+from pipeline.tracking.registry import Gate, Published, register_model
 from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run
 from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import check_compatible, latest_run_checkpoint, load_weights, local_checkpoint
@@ -51,6 +52,19 @@ class TrainingOutcome:
 
 
 @dataclass(frozen=True)
+class RefitOptions:
+    """How a refit runs training (pipeline.tune.refit): nested under its sweep's MLflow run, tagged with the sweep
+    and trial (run and model version), and gated on the sweep's val score of its configuration: trained on train +
+    val, it has no split left to score itself on."""
+
+    parent_run_id: str
+    tags: dict[str, str]
+    gate_score: float
+    gate_note: str
+    trial_run_id: str  # the trial's own run: its registered model is the one this refit supersedes
+
+
+@dataclass(frozen=True)
 class TrialOptions:
     """How a Ray Tune trial runs training: nested under the sweep's MLflow run, each report forwarded to Tune by
     `callbacks`, its placement group noted for release (ray#54305), and not published (only the sweep's best is)."""
@@ -59,19 +73,21 @@ class TrialOptions:
     callbacks: tuple[Any, ...] = ()
 
 
-def run_training(config: Config, trial: TrialOptions | None = None) -> TrainingOutcome:
-    """Train to the end (or early stop); outside a sweep, log and register the best model."""
+def run_training(config: Config, trial: TrialOptions | None = None,
+                 refit: RefitOptions | None = None) -> TrainingOutcome:
+    """Train to the end (or early stop); outside a sweep, log and register the best model (a refit's: the last)."""
     started = time.perf_counter()
     config = config.with_absolute_paths()
-    manifest = check_inputs(config)
+    manifest, datasets = check_inputs(config)
     # A global batch the train split cannot fill on every rank fails here, not inside every worker.
     train_steps_per_epoch(manifest.num_samples, config.scaling.world_size, config.per_worker_batch_size)
     run_name = config.tracking.run_name or f"{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_root = storage_path(config)
     check_resume_compatible(storage_root, run_name, config, manifest)
     uri, experiment_id = prepare_tracking(config)
-    run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash(),
-                                          trial.parent_run_id if trial else None)
+    parent = trial.parent_run_id if trial else refit.parent_run_id if refit else None
+    run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash(), parent,
+                                          extra_tags=refit.tags if refit else None, datasets=datasets)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {redact(uri)}; Ray run '{run_name}' in {storage_root}")
     events.record("mlflow_run_ready")
 
@@ -86,12 +102,13 @@ def run_training(config: Config, trial: TrialOptions | None = None) -> TrainingO
         result = trainer.fit()
         if result.error:
             raise result.error
-        best = best_checkpoint(result)
+        # A refit's model is its last epoch's: with no val split, no epoch scores better than another.
+        best = best_checkpoint(result) if config.data.validates else last_checkpoint(result)
         history, published = [], None
         if trial is None:  # a sweep reads its trials' history from Tune and publishes only the best trial
             history = read_history(result.checkpoint)
             if best:
-                published = publish(config, uri, run_id, best.path, best.metrics, history, manifest)
+                published = publish(config, uri, run_id, best.path, best.metrics, history, manifest, refit)
     except BaseException:
         end_run(uri, run_id, FAILED)
         raise
@@ -105,14 +122,15 @@ def run_training(config: Config, trial: TrialOptions | None = None) -> TrainingO
 
 
 def publish(config: Config, uri: str, run_id: str, checkpoint_path: str, best_metrics: dict[str, Any],
-            history: list[dict[str, Any]], manifest: Manifest) -> Published:
+            history: list[dict[str, Any]], manifest: Manifest, refit: RefitOptions | None = None) -> Published:
     """Load the best checkpoint's weights (downloaded first from object storage) and register them."""
     events.record("publish_started")
     with local_checkpoint(checkpoint_path, config.tracking.storage_path) as directory:
         model = load_model_from_checkpoint(config, directory, manifest.num_classes)
     spec = feature_spec(config.model.name, model)  # recorded so every user of the model knows its features
     embedding = {"layer": spec.layer, "dim": spec.dim, "normalised": "l2"}
-    published = register_model(config, uri, run_id, model, best_metrics, history, manifest, embedding)
+    gate = Gate(refit.gate_score, refit.gate_note, refit.tags, refit.trial_run_id) if refit else None
+    published = register_model(config, uri, run_id, model, best_metrics, history, manifest, embedding, gate)
     events.record("model_registered")
     return published
 
@@ -121,10 +139,11 @@ def load_model_from_checkpoint(config: Config, checkpoint_path: str | Path, num_
     return load_weights(checkpoint_path, build_model(config.model, num_classes)).cpu().eval()
 
 
-def check_inputs(config: Config) -> Manifest:
+def check_inputs(config: Config) -> tuple[Manifest, list]:
+    """The manifest trained on (train, or a refit's train + val as one) and the splits as MLflow datasets."""
     require_shards(config, ("train", "val"))
-    train = read_manifest(storage.join(config.data.root, "train"), config.data.shard_url_schemes)
-    val = read_manifest(storage.join(config.data.root, "val"), config.data.shard_url_schemes)
+    locations = {split: storage.join(config.data.root, split) for split in ("train", "val")}
+    train, val = (read_manifest(locations[split], config.data.shard_url_schemes) for split in ("train", "val"))
     if train.num_classes != val.num_classes:
         raise ConfigError(
             f"data.root = '{config.data.root}': train has {train.num_classes} classes but val has {val.num_classes}; "
@@ -136,7 +155,14 @@ def check_inputs(config: Config) -> Manifest:
             f"model.num_classes = {expected}: the shards in {config.data.root} have {train.num_classes} classes; "
             "set model.num_classes to null to take it from the manifest"
         )
-    return train
+    if config.data.validates:
+        datasets = [split_input(train, locations["train"], "train"), split_input(val, locations["val"], "val")]
+        return train, datasets
+    try:
+        fitted = combine_manifests([train, val])
+    except DataError as error:
+        raise ConfigError(f"data.root = '{config.data.root}': {error}") from None
+    return fitted, [split_input(train, locations["train"], "train"), split_input(val, locations["val"], "train")]
 
 
 def storage_path(config: Config) -> str:
@@ -198,9 +224,11 @@ def build_trainer(config: Config, run_name: str, storage_root: str, wiring: RunW
         ),
         run_config=RunConfig(
             name=run_name, storage_path=str(storage_root),
+            # Kept by val score; a refit has none, so it keeps its latest checkpoints.
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.tracking.keep_checkpoints,
-                checkpoint_score_attribute=m.SELECTION_METRIC, checkpoint_score_order=m.SELECTION_MODE,
+                checkpoint_score_attribute=m.SELECTION_METRIC if config.data.validates else None,
+                checkpoint_score_order=m.SELECTION_MODE,
             ),
             # A controller that keeps failing (e.g. a worker group that never fits) ends the run
             # instead of retrying forever, Ray's default.
@@ -228,6 +256,10 @@ def best_checkpoint(result: Any) -> BestCheckpoint | None:
         return None
     checkpoint, metrics = max(scored, key=lambda pair: pair[1][m.SELECTION_METRIC])
     return BestCheckpoint(checkpoint.path, metrics)
+
+
+def last_checkpoint(result: Any) -> BestCheckpoint | None:
+    return BestCheckpoint(result.checkpoint.path, dict(result.metrics or {})) if result.checkpoint else None
 
 
 def read_history(checkpoint: Checkpoint | None) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ process group exists.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -37,6 +38,13 @@ class RankDevice:
     device: torch.device
     autocast_dtype: torch.dtype | None
     channels_last: bool
+    local_rank: int = 0  # on its node: local rank 0 records the node's system metrics
+    node_rank: int = 0
+
+
+# Called after every optimizer step with (global step, rank's mean loss of the step, lr, images in the global
+# batch); the tracking side decides what to log and when (pipeline.tracking.runs.StepLog).
+StepHook = Callable[[int, float, float, int], None]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -64,7 +72,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: torch.amp.GradScaler, config: Config,
-                    rank: RankDevice, epoch: int, state: TrainingState) -> dict[str, float]:
+                    rank: RankDevice, epoch: int, state: TrainingState,
+                    on_step: StepHook | None = None) -> dict[str, float]:
     model.train()
     loader.set_epoch(epoch)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing,
@@ -93,6 +102,9 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
             scaler.update()
             rank_loss_sum = loss.item() * global_valid / rank.world_size
             totals += torch.tensor([rank_loss_sum, valid, batch.corrupt], dtype=torch.float64)
+            if on_step is not None:
+                on_step(state.global_step + 1, rank_loss_sum / max(valid, 1), optimizer.param_groups[0]["lr"],
+                        global_valid)
         else:
             totals[2] += batch.corrupt
         step_after_iteration(scheduler)
@@ -195,10 +207,13 @@ def all_reduce(totals: torch.Tensor, rank: RankDevice) -> torch.Tensor:
 
 
 def update_early_stopping(state: TrainingState, epoch_metrics: dict[str, float], patience: int | None) -> bool:
-    """Stop when validation accuracy has not improved for `patience` epochs (the val curve turned)."""
-    score = epoch_metrics[m.SELECTION_METRIC]
+    """Stop when validation accuracy has not improved for `patience` epochs (the val curve turned). A refit has
+    no validation: it records the epoch and never stops early."""
     state.epoch = int(epoch_metrics[m.EPOCH])
     state.history.append(dict(epoch_metrics))
+    if m.SELECTION_METRIC not in epoch_metrics:
+        return False
+    score = epoch_metrics[m.SELECTION_METRIC]
     if state.best_metric is None or score > state.best_metric:
         state.best_metric, state.epochs_without_improvement = score, 0
     else:

@@ -22,7 +22,7 @@ from pipeline import events
 from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.data.loader import EpochLoader, build_loader
-from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker
+from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker, steps_between_logs
 from pipeline.train.checkpoints import (
     TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, rng_state, save_checkpoint,
 )
@@ -71,7 +71,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         log.info(f"this run already stopped early after epoch {state.epoch}; nothing to do")
         return  # every rank restored the same state, so every rank returns here
     model = wrap(model, rank, config.scaling.compile)
-    tracker = WorkerTracker.for_rank(rank.rank, wiring.mlflow_run_id, wiring.tracking_uri)
+    tracker = WorkerTracker.for_rank(rank.rank, rank.local_rank, rank.node_rank, wiring.mlflow_run_id,
+                                     wiring.tracking_uri,
+                                     steps_between_logs(config.tracking.log_every_n_steps, len(train_loader)))
     table = EpochTable(log)
     meta = checkpoint_meta(config, manifest.num_classes, manifest.content_hash())
     log.info(
@@ -82,17 +84,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     events.record("loop_ready", rank=rank.rank)
     with tracker:
         tracker.set_tags({WORKER_NODES_TAG: ",".join(nodes)})
+        step_log = tracker.step_hook()
         for epoch in range(state.epoch, config.optim.epochs):
-            train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, rank, epoch, state)
+            train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, rank, epoch,
+                                            state, step_log)
             broadcast_buffers_from_rank0(model, rank)  # the score is the saved (rank 0's) weights' score
-            if knn_due(config, epoch):
-                val_metrics = evaluate_with_knn(unwrap(model), val_loader, config, rank, manifest.num_classes)
-            else:
-                val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
-            step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
+            val_metrics = validate(model, val_loader, scheduler, config, rank, epoch, manifest.num_classes)
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
             check_corrupt_share(epoch_metrics, config.data.max_corrupt_fraction,
-                                {"train": train_loader, "val": val_loader}, rank)
+                                {"train": train_loader, **({"val": val_loader} if val_loader else {})}, rank)
             stop = update_early_stopping(state, epoch_metrics, config.optim.patience)
             report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
             tracker.log_epoch(epoch_metrics)
@@ -101,6 +101,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if stop:
                 log.info(f"early stop: {m.SELECTION_METRIC} has not improved for {config.optim.patience} epochs")
                 break
+
+
+def validate(model, val_loader: EpochLoader | None, scheduler, config: Config, rank: RankDevice, epoch: int,
+             num_classes: int) -> dict[str, float]:
+    """The val pass (with k-NN when due), and the plateau schedule's step on its score; a refit has none."""
+    if val_loader is None:
+        return {}
+    if knn_due(config, epoch):
+        val_metrics = evaluate_with_knn(unwrap(model), val_loader, config, rank, num_classes)
+    else:
+        val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
+    step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
+    return val_metrics
 
 
 def knn_due(config: Config, epoch: int) -> bool:
@@ -135,6 +148,7 @@ def setup_rank(config: Config) -> RankDevice:
         rank=context.get_world_rank(), world_size=context.get_world_size(), device=device,
         autocast_dtype=autocast_dtype(config.scaling.mixed_precision, device),
         channels_last=config.scaling.channels_last and device.type == "cuda",
+        local_rank=context.get_local_rank(), node_rank=context.get_node_rank(),
     )
 
 
@@ -148,10 +162,12 @@ def worker_node_ids(rank: RankDevice) -> list[str]:
     return nodes
 
 
-def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochLoader]:
+def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochLoader | None]:
+    """The training loader over `data.fit_splits`, and the val loader (None for a refit, which trains on val)."""
     common = dict(rank=rank.rank, world_size=rank.world_size, batch_size=config.per_worker_batch_size,
                   seed=config.seed, pin_memory=rank.device.type == "cuda")
-    return build_loader(config.data, "train", **common), build_loader(config.data, "val", **common)
+    train = build_loader(config.data, config.data.fit_splits, **common)
+    return train, build_loader(config.data, "val", **common) if config.data.validates else None
 
 
 def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: int, rank: RankDevice,

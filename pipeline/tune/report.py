@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +13,7 @@ from pipeline.config import Config
 from pipeline.tracking.plots import parameter_scatter, sweep_learning_curves
 from pipeline.tracking.runs import FAILED, FINISHED, KILLED, end_run
 
+BEST_TRIAL_TAG = "best_trial"
 STOPPED_TAG = "asha_stopped"
 STOPPED_AT_TAG = "asha_stopped_at_epoch"
 
@@ -75,8 +77,8 @@ def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, 
         metrics[f"best/{m.VAL_TOP1.replace('/', '_')}"] = float(best.best_top1)
     client.log_batch(parent_run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
     if best is not None:
-        client.set_tag(parent_run_id, "best_trial", best.trial_id)
-        client.set_tag(parent_run_id, "best_config", str(best.params))
+        client.set_tag(parent_run_id, BEST_TRIAL_TAG, best.trial_id)
+        client.set_tag(parent_run_id, "best_config", json.dumps(best.params, sort_keys=True))
     client.set_tag(parent_run_id, "scheduler", f"ASHA(time_attr={m.EPOCH}, grace_period={config.search.grace_period}, "
                    f"reduction_factor={config.search.reduction_factor}, max_t={config.optim.epochs})")
     client.log_figure(parent_run_id, sweep_learning_curves(trials), "sweep_learning_curves.png")

@@ -58,6 +58,28 @@ def test_train_epoch_equal_steps_at_most_once(tiny_shards, world, workers):
     assert sum(keys.values()) == steps[0] * world * 3
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_a_refit_reads_train_and_val_as_one_split_under_the_train_plan(tmp_path, world):
+    write_split(tmp_path / "train", [12, 12, 5], split="train")
+    write_split(tmp_path / "val", [8, 6], split="val", key_prefix="v")
+    total, seen = 29 + 14, Counter()
+    for epoch in range(2):
+        keys, steps, _ = _run(tmp_path, ["train", "val"], world, 2, batch=3, epoch=epoch)
+        assert set(steps.values()) == {total // (world * 3)}  # equal steps on every rank, as for train alone
+        assert set(keys.values()) == {1} and sum(keys.values()) == steps[0] * world * 3  # at most once per epoch
+        assert {key[0] for key in keys} == {"s", "v"}
+        seen.update(keys)
+    # The skipped window (< one global batch) slides: two epochs reach every sample of both splits.
+    assert len(seen) == total
+
+
+def test_splits_with_different_classes_cannot_be_trained_on_together(tmp_path):
+    write_split(tmp_path / "train", [6], split="train")
+    write_split(tmp_path / "val", [6], num_classes=3, split="val")
+    with pytest.raises(ValueError, match="different classes or sample keys"):
+        build_loader(_data(tmp_path, 0), ["train", "val"], rank=0, world_size=1, batch_size=2, seed=0)
+
+
 def test_train_order_is_deterministic_per_epoch_and_changes_between_epochs(tiny_shards):
     def order(epoch):
         loader = build_loader(_data(tiny_shards, 2), "train", rank=0, world_size=2, batch_size=4, seed=5)

@@ -1,10 +1,13 @@
 """Held-out evaluation of the shared trained run: from the registry, a run and a checkpoint; bad sources refused."""
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
 from pipeline.inference.evaluate import evaluate_model, load_model_for_inference
+from pipeline.tracking.heldout import TEST_EVALUATION_TAG
 from pipeline.data.manifest import read_manifest
 from tests.conftest import write_split
 
@@ -44,7 +47,7 @@ def test_champion_beats_chance_on_test_and_logs_to_its_training_run(trained_run,
 
 
 def test_table_shows_human_and_published_figures_and_says_this_is_not_imagenet(trained_run, capsys):
-    evaluate_model(trained_run.config, CHAMPION, log_to_mlflow=False)
+    evaluate_model(trained_run.config, CHAMPION, log_to_mlflow=False, again_reason="tests: the table's rows")
     table = capsys.readouterr().out
     assert "human annotator" in table and "5.1" in table
     assert "published resnet18" in table and "69.76" in table  # torchvision's ResNet-18 top-1
@@ -61,6 +64,39 @@ def test_checkpoint_directory_gives_the_same_figures_and_logs_nothing(trained_ru
     assert report.features.knn_top1 == pytest.approx(champion_report.features.knn_top1)
 
 
+def test_a_second_test_evaluation_is_refused_with_the_first_result_unless_a_reason_is_given(
+        trained_run, champion_report):
+    client = MlflowClient(trained_run.tracking_uri)
+    version = trained_run.outcome.model_version
+    first = json.loads(client.get_model_version("test-model", version).tags[TEST_EVALUATION_TAG])
+    assert first["figures"][m.TEST_TOP1] == pytest.approx(champion_report.top1, abs=1e-3)
+    assert first["num_samples"] == TEST_SAMPLES and "reason" not in first and first["time"].endswith("Z")
+    run_tags = client.get_run(trained_run.outcome.mlflow_run_id).data.tags  # runs:/ names the same model
+    assert json.loads(run_tags[TEST_EVALUATION_TAG]) == first
+    for source in (CHAMPION, f"runs:/{trained_run.outcome.mlflow_run_id}/model"):
+        with pytest.raises(ValueError, match=r"already evaluated on test \(at .*Z: test/top1 [0-9.]+, test/top5") as caught:
+            evaluate_model(trained_run.config, source, log_to_mlflow=False)
+        assert "--again --reason" in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(ValueError, match="--again --reason is for the test split"):
+        evaluate_model(trained_run.config, CHAMPION, split="val", again_reason="why not")
+    report = evaluate_model(trained_run.config, CHAMPION, log_to_mlflow=False, again_reason="tests: a recorded rerun")
+    tags = client.get_model_version("test-model", version).tags
+    again = [json.loads(tags[key]) for key in tags if key.startswith(TEST_EVALUATION_TAG + ".")]
+    assert "tests: a recorded rerun" in [record.get("reason") for record in again]
+    assert report.recorded.startswith(f"models:/test-model/{version} tag {TEST_EVALUATION_TAG}.")
+
+
+def test_the_test_split_is_logged_as_a_dataset_input_of_the_model_run(trained_run, champion_report):
+    run = MlflowClient(trained_run.tracking_uri).get_run(trained_run.outcome.mlflow_run_id)
+    contexts = {inp.dataset.name: [tag.value for tag in inp.tags if tag.key == "mlflow.data.context"]
+                for inp in run.inputs.dataset_inputs}
+    assert contexts["test"] == ["test"]
+    test_manifest = read_manifest(trained_run.shards / "test")
+    test_input = next(inp.dataset for inp in run.inputs.dataset_inputs if inp.dataset.name == "test")
+    assert test_input.digest == test_manifest.content_hash()
+    assert json.loads(test_input.profile)["num_samples"] == TEST_SAMPLES
+
+
 def test_val_split_is_scored_but_not_logged(trained_run):
     report = evaluate_model(trained_run.config, CHAMPION, split="val")
     assert report.num_samples == 16 and report.split == "val"  # learnable_shards: 4 val images per class
@@ -70,7 +106,7 @@ def test_val_split_is_scored_but_not_logged(trained_run):
 def test_run_and_version_uris_name_the_same_model(trained_run, champion_report):
     run_id, version = trained_run.outcome.mlflow_run_id, trained_run.outcome.model_version
     for source in (f"runs:/{run_id}/model", f"models:/test-model/{version}"):
-        report = evaluate_model(trained_run.config, source, log_to_mlflow=False)
+        report = evaluate_model(trained_run.config, source, log_to_mlflow=False, again_reason="tests: same model")
         assert report.top1 == champion_report.top1 and report.logged_to_run is None
 
 

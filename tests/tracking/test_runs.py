@@ -1,18 +1,24 @@
 """What a training run leaves in MLflow, read back with the client: on SQLite and through a real server."""
 
+import json
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
 from pipeline.config import PROJECT_ROOT, load_config
-from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG, champion_gate
-from pipeline.tracking.runs import MANIFEST_TAG, RUN_NAME_TAG, resolve_tracking_uri
+from pipeline.data.manifest import read_manifest
+from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG, champion_gate, champion_history, champion_on
+from pipeline.tracking.runs import (
+    CONFIG_ARTIFACT, EXPERIMENT_KIND_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, MANIFEST_TAG, RUN_NAME_TAG, SOURCE_NAME_TAG,
+    SOURCE_TYPE_TAG, USER_TAG, resolve_tracking_uri,
+)
 from pipeline.train.driver import run_training
 from tests.conftest import training_config
 
@@ -27,11 +33,27 @@ def _check_run_contents(client: MlflowClient, run_id: str, config, epochs: int) 
     assert run.data.params["model.name"] == config.model.name
     assert run.data.tags[RUN_NAME_TAG] == config.tracking.run_name
     assert len(run.data.tags[MANIFEST_TAG]) == 16
-    assert len(run.data.tags["git.commit"]) == 40 and run.data.tags["git.dirty"] in ("true", "false")
+    # MLflow's own names, which its runs table and run page read (Source, User, Version).
+    assert len(run.data.tags[GIT_COMMIT_TAG]) == 40 and run.data.tags[GIT_DIRTY_TAG] in ("true", "false")
+    assert "git.commit" not in run.data.tags
+    assert run.data.tags[SOURCE_TYPE_TAG] == "LOCAL" and run.data.tags[SOURCE_NAME_TAG] and run.data.tags[USER_TAG]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     for key in EPOCH_METRICS:
         assert [p.step for p in client.get_metric_history(run_id, key)] == list(range(1, epochs + 1)), key
+    # Step metrics: ~100 points per epoch by default, so every step of these tiny epochs, at global steps.
+    steps = [p.step for p in client.get_metric_history(run_id, m.STEP_LOSS)]
+    assert steps == sorted(steps) and len(steps) >= epochs and steps[-1] > epochs
+    assert len(client.get_metric_history(run_id, m.STEP_IMAGES_PER_SECOND)) == len(steps)
+    # The splits as MLflow datasets: the UI's Dataset column and the run's "Datasets used".
+    inputs = {inp.dataset.name: inp for inp in run.inputs.dataset_inputs}
+    for split in ("train", "val"):
+        manifest = read_manifest(Path(config.data.root) / split)
+        assert inputs[split].dataset.digest == manifest.content_hash()
+        assert [t.value for t in inputs[split].tags if t.key == "mlflow.data.context"] == [split]
+        assert json.loads(inputs[split].dataset.profile)["num_samples"] == manifest.num_samples
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert "learning_curve.png" in artifacts
+    assert {"learning_curve.png", CONFIG_ARTIFACT} <= artifacts
     assert DECISION_TAG in run.data.tags
 
 
@@ -44,7 +66,12 @@ def test_sqlite_run_has_params_epoch_metrics_plot_model_version_and_alias(traine
     assert str(champion.version) == trained_run.outcome.model_version  # the first model is always promoted
     assert float(version.tags[m.VAL_TOP1]) == pytest.approx(trained_run.outcome.best_metrics[m.VAL_TOP1])
     system = [key for key in client.get_run(version.run_id).data.metrics if key.startswith("system/")]
-    assert system, "system metrics (CPU, memory) were not recorded"
+    # One monitor per node, under MLflow's node id: both workers of this run share node 0.
+    assert system and all(key.startswith("system/node_0/") for key in system), system
+    registered = client.get_registered_model("test-model")
+    assert "@champion" in registered.description and "champion history test-model" in registered.description
+    assert version.description.startswith("resnet18, 4 classes, trained on train of ")
+    assert "Best: " in version.description and "Made by: " in version.description
     import mlflow
 
     logged_model = mlflow.models.Model.load(f"models:/test-model/{trained_run.outcome.model_version}")
@@ -60,11 +87,45 @@ def test_champion_moves_only_when_val_top1_beats_the_current_champion(tmp_path):
     assert champion_gate(client, "gate", "1", 60.0)[0] is True
     client.set_model_version_tag("gate", "1", m.VAL_TOP1, "60.0")
     promoted, decision = champion_gate(client, "gate", "2", 55.0)
+    decision_2 = decision
     assert not promoted and "kept version 1" in decision
     assert str(client.get_model_version_by_alias("gate", CHAMPION_ALIAS).version) == "1"
     promoted, decision = champion_gate(client, "gate", "3", 61.5)
     assert promoted and "61.50 > 60.00" in decision
     assert str(client.get_model_version_by_alias("gate", CHAMPION_ALIAS).version) == "3"
+    # Two promotions and one refusal, answerable from the registered model alone.
+    events = champion_history(client, "gate")
+    assert [(e.version, e.promoted, e.champion_before, e.champion_after) for e in events] == [
+        ("1", True, None, "1"), ("2", False, "1", "1"), ("3", True, "1", "3")]
+    assert events[1].decision == decision_2 and events[1].score == 55.0
+    assert champion_on(events, events[1].time_ms) == "1" and champion_on(events, events[2].time_ms) == "3"
+    assert champion_on(events, events[0].time_ms - 1) is None
+
+
+def test_champion_history_prints_every_decision(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    uri = f"sqlite:///{tmp_path / 'history.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model("hist")
+    run = client.create_run(client.create_experiment("hist"))
+    for version, score in (("1", 50.0), ("2", 40.0), ("3", 70.0)):
+        client.create_model_version("hist", "file:///nowhere", run_id=run.info.run_id)
+        client.set_model_version_tag("hist", version, m.VAL_TOP1, str(score))
+        champion_gate(client, "hist", version, score)
+    client.set_registered_model_tag("hist", "champion_history.999999999999999.9", "{not json")  # a vandalised tag
+    result = CliRunner().invoke(app, ["champion", "history", "hist", "--set", f"tracking.tracking_uri={uri}"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].split() [:3] == ["time", "(UTC)", "version"]
+    assert "promoted: first champion" in lines[1] and lines[1].rstrip().endswith("1")
+    assert "kept version 1: 40.00 <= 50.00" in lines[2] and lines[2].rstrip().endswith("1")
+    assert "promoted: 70.00 > 50.00 of version 1" in lines[3] and lines[3].rstrip().endswith("3")
+    assert "unreadable history tag" in lines[4]
+    missing = CliRunner().invoke(app, ["champion", "history", "nope", "--set", f"tracking.tracking_uri={uri}"])
+    assert missing.exit_code == 2 and "registered model 'nope': not found" in missing.output
 
 
 def test_default_tracking_uri_is_an_absolute_sqlite_file_in_the_project(monkeypatch):
@@ -133,7 +194,25 @@ def test_a_job_without_git_takes_the_submitters_commit(monkeypatch):
 
     monkeypatch.setenv("PIPELINE_GIT_COMMIT", "abc123")
     monkeypatch.setenv("PIPELINE_GIT_DIRTY", "true")
-    assert git_tags() == {"git.commit": "abc123", "git.dirty": "true"}
+    assert git_tags() == {GIT_COMMIT_TAG: "abc123", GIT_DIRTY_TAG: "true"}
+
+
+def test_the_source_name_is_the_command_or_the_project_script():
+    from pipeline.tracking.runs import entrypoint_name
+
+    assert entrypoint_name(["/venv/bin/imagenet-pipeline", "tune", "-c", "x.yaml"]) == "imagenet-pipeline tune"
+    assert entrypoint_name([str(PROJECT_ROOT / "jobs" / "refit.py"), "--sweep", "s"]) == "jobs/refit.py"
+
+
+def test_submitted_jobs_carry_the_submitters_user_and_commit(monkeypatch):
+    from pipeline.tracking.runs import job_environment, source_tags
+
+    monkeypatch.setenv("PIPELINE_USER", "ada")
+    env = job_environment()
+    assert env["PIPELINE_USER"] == "ada" and len(env["PIPELINE_GIT_COMMIT"]) == 40
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
+    tags = source_tags()
+    assert tags[USER_TAG] == "ada" and tags[SOURCE_TYPE_TAG] == "JOB" and tags["ray.job_id"] == "raysubmit_1"
 
 
 def test_a_sqlite_store_inside_a_ray_jobs_working_dir_copy_is_refused(monkeypatch):

@@ -24,7 +24,8 @@ class FakeRayTrain:
 
         monkeypatch.setattr(ray, "init", refuse)
         monkeypatch.setattr(ray.util, "get_current_placement_group", lambda: None)
-        context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1)
+        context = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: 1, get_local_rank=lambda: 0,
+                                  get_node_rank=lambda: 0)
         monkeypatch.setattr(ray.train, "get_context", lambda: context)
         monkeypatch.setattr(ray.train, "get_checkpoint", lambda: self.checkpoint)
         monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: self.reports.append(

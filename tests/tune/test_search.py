@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
 from pipeline.config import ConfigError
-from pipeline.tracking.registry import CHAMPION_ALIAS
+from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG
+from pipeline.tune.refit import REFIT_SWEEP_TAG, REFIT_TAG, REFIT_TRIAL_TAG, run_refit
 from pipeline.tune.search import SWEEP_TAG, apply_params, check_cluster_fits, cluster_fit_problem, check_search, run_search, trial_id_of
 from pipeline.tune.report import STOPPED_AT_TAG, STOPPED_TAG
 from tests.conftest import training_config
@@ -138,6 +139,30 @@ def test_asha_sweep_stops_weak_trials_logs_parent_and_children_and_registers_the
     champion = client.get_model_version_by_alias("sweep-model", CHAMPION_ALIAS)
     assert str(champion.version) == outcome.model_version
     assert champion.run_id == outcome.best.mlflow_run_id
+    _check_refit(client, config, outcome)
+
+
+def _check_refit(client, config, outcome):
+    """The sweep's best configuration on train + val, for the epochs its trial needed, gated on its sweep score."""
+    scores = client.get_metric_history(outcome.best.mlflow_run_id, m.VAL_TOP1)
+    best = max(scores, key=lambda point: (point.value, -point.step))
+    refit = run_refit(config, "sweep-a")
+    run = client.get_run(refit.mlflow_run_id)
+    assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+    assert (run.data.tags[REFIT_SWEEP_TAG], run.data.tags[REFIT_TRIAL_TAG]) == ("sweep-a", outcome.best.trial_id)
+    assert [p.step for p in client.get_metric_history(run.info.run_id, m.TRAIN_LOSS)] == list(range(1, best.step + 1))
+    assert not [key for key in run.data.metrics if key.startswith("val/")]  # nothing left to validate on
+    # One plan over both splits: (80 train + 16 val) // batch 8 = 12 steps an epoch.
+    assert client.get_metric_history(run.info.run_id, m.STEP_LOSS)[-1].step == 12 * best.step
+    contexts = {inp.dataset.name: [t.value for t in inp.tags] for inp in run.inputs.dataset_inputs}
+    assert contexts == {"train": ["train"], "val": ["train"]}
+    version = client.get_model_version("sweep-model", refit.model_version)
+    assert version.tags[REFIT_TAG] == "true" and float(version.tags[m.VAL_TOP1]) == pytest.approx(best.value)
+    assert f"refit of sweep sweep-a trial {outcome.best.trial_id} on train+val, gated on the sweep's" in (
+        version.tags[DECISION_TAG])
+    # It retrains the champion's own configuration on more data: it takes the alias at the same score.
+    assert refit.promoted and version.tags[DECISION_TAG].startswith("promoted: retrains version")
+    assert "trained on train+val of" in version.description
 
 
 def _wait_for(predicate, timeout):
