@@ -7,7 +7,7 @@ STAMP := $(VENV)/.install-stamp
 # pytest's own -x/-k etc. can be passed with: make test PYTEST_ARGS="-k loader"
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench-data bench-train clean-data cluster-demo cluster-up cluster-down
+.PHONY: demo test install browser bench-data bench-train clean-data cluster-demo cluster-up cluster-down
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Headless Chromium for the browser test of the MLflow UI (Debian's package; needs root, as in CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; }
 
 demo: $(STAMP)
 	$(BIN)/imagenet-pipeline demo

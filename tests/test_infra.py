@@ -122,7 +122,7 @@ def limits(group: dict) -> dict:
 
 def test_every_yaml_under_infra_parses_and_names_its_kind():
     expected = {"kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml",
-                "kuberay/storage.yaml", "mlflow/mlflow.yaml", "mlflow/postgres.yaml", "cluster-launcher/aws-gpu.yaml"}
+                "kuberay/rayjob-refit.yaml", "kuberay/storage.yaml", "mlflow/mlflow.yaml", "mlflow/postgres.yaml", "cluster-launcher/aws-gpu.yaml"}
     found = {str(path.relative_to(INFRA)): documents(path) for path in INFRA.rglob("*.yaml")}
     assert expected <= found.keys(), f"missing: {sorted(expected - found.keys())}"
     for relative, docs in found.items():
@@ -241,7 +241,7 @@ def job_config(doc: dict):
 
 def test_rayjob_entrypoints_run_existing_modules_with_valid_configs_on_shared_storage():
     jobs = manifests(("RayJob",))
-    assert {job_config(doc)[0] for doc in jobs} == {"jobs.train", "jobs.tune"}
+    assert {job_config(doc)[0] for doc in jobs} == {"jobs.train", "jobs.tune", "jobs.refit"}
     for doc in jobs:
         config = job_config(doc)[1]
         for location in (config.data.root, config.tracking.storage_path):

@@ -27,7 +27,7 @@ def evaluate(
     retrieval: Annotated[bool, typer.Option(help="also measure the features: k-NN top-1 (train gallery), "
                                             "recall@1/5/10 and mAP@R")] = True,
     again: Annotated[bool, typer.Option(help="evaluate a model on test a second time (needs --reason)")] = False,
-    reason: Annotated[Optional[str], typer.Option(help="why test is read again; recorded on the model")] = None,
+    reason: Annotated[Optional[str], typer.Option(help="why test is read again; recorded on the model (default: none)")] = None,
 ) -> None:
     """Top-1 / top-5 of a registered model, run or checkpoint on the test split, beside published figures.
 

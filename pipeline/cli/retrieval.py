@@ -51,7 +51,7 @@ def retrieve(
                                                  "embedded with (default: that model)")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="neighbours per query")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table (default: table)")] = False,
-    sheet: Annotated[Optional[Path], typer.Option(help="also draw a contact sheet PNG here")] = None,
+    sheet: Annotated[Optional[Path], typer.Option(help="also draw a contact sheet PNG here (default: none)")] = None,
 ) -> None:
     """The nearest gallery images to each query image, with class names and cosine similarity."""
     from pipeline.retrieval.retrieve import format_results, open_gallery

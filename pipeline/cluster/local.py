@@ -30,6 +30,7 @@ import psutil
 
 from pipeline.errors import ClusterError
 from pipeline.config import WORKER_GROUP_START_TIMEOUT_S
+from pipeline.tracking.uri import ui_link
 
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
@@ -172,7 +173,7 @@ class LocalCluster:
         return [
             f"Ray dashboard:  {self.dashboard_url}   ({self.nodes} nodes, token auth on: it asks for the token "
             f"once, `cat {self.token_path}`)",
-            f"MLflow UI:      {self.mlflow_uri}",
+            f"MLflow UI:      {ui_link(self.mlflow_uri)}",
             "to submit jobs from this shell:",
             "  export " + " ".join(f"{key}={value}" for key, value in self.client_env().items()),
             "stop it with:   imagenet-pipeline cluster down   (or make cluster-down)",

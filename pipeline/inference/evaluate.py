@@ -95,14 +95,14 @@ def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlfl
         raise ConfigError(f"--again --reason is for the test split, which is read once per model; {split} may be "
                           "evaluated as often as needed")
     manifest = split_manifest(config, split)
+    loaded = load_model_for_inference(source, config, split)  # an unknown source fails here, in one line
+    if len(loaded.class_names) != manifest.num_classes:
+        raise ModelSourceError(class_count_mismatch(source, len(loaded.class_names), config, split, manifest))
     place = record_place(config, source) if split == "test" else None
-    if place is not None:
+    if place is not None:  # before the pass: a refused evaluation reads no test image
         from pipeline.tracking.heldout import check_test_once
 
         check_test_once(_client(config), place, again_reason)
-    loaded = load_model_for_inference(source, config, split)
-    if len(loaded.class_names) != manifest.num_classes:
-        raise ModelSourceError(class_count_mismatch(source, len(loaded.class_names), config, split, manifest))
     # The model's own crop size: a pt2 graph accepts only the spatial size it was exported with.
     data = config.data.model_copy(update={"eval_image_size": loaded.eval_image_size})
     loader = build_loader(data, split, rank=0, world_size=1, batch_size=config.optim.batch_size, seed=config.seed)

@@ -32,6 +32,7 @@ from pipeline.tracking.runs import attached
 from pipeline.tracking.uri import redact
 
 CHAMPION_ALIAS = "champion"
+BEST_SUMMARY = (m.EPOCH, m.VAL_LOSS, m.VAL_TOP1, m.VAL_TOP5)
 DECISION_TAG = "champion_decision"
 HISTORY_TAG_PREFIX = "champion_history."  # + zero-padded epoch milliseconds + "." + version: sorts by time
 
@@ -80,8 +81,10 @@ def register_model(
                       "architecture": config.model.name, "eval_image_size": size,
                       **({"embedding": embedding} if embedding else {})},
         )
+        # The best epoch's score only: the UI charts every metric, and one-point charts of train figures
+        # pushed the learning curves off its first screen.
         mlflow.log_metrics({f"best/{key.replace('/', '_')}": float(value) for key, value in best_metrics.items()
-                            if isinstance(value, (int, float))})
+                            if key in BEST_SUMMARY and isinstance(value, (int, float))})
         version = str(info.registered_model_version)
         name = config.tracking.registered_model
         score = gate.score if gate else float(best_metrics[m.SELECTION_METRIC])

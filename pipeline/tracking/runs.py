@@ -42,6 +42,7 @@ SOURCE_NAME_TAG, SOURCE_TYPE_TAG = "mlflow.source.name", "mlflow.source.type"
 GIT_COMMIT_TAG, USER_TAG = "mlflow.source.git.commit", "mlflow.user"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"  # MLflow 3.17's UI opens these on the training runs
+NOTE_TAG = "mlflow.note.content"  # the run page's Description
 CONFIG_ARTIFACT = "config.json"  # the run's whole typed config; a refit rebuilds a trial's config from it
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"  # MLflow's terminal run statuses
 
@@ -102,6 +103,16 @@ def start_or_resume_run(
     return run.info.run_id, False
 
 
+def training_note(config: Config) -> dict[str, str]:
+    """A training run's Description on its MLflow page, as a tag for `start_or_resume_run`'s extra_tags."""
+    validated = "validated on val" if config.data.validates else "no validation split (a refit)"
+    note = (f"{config.model.name} trained on {'+'.join(config.data.fit_splits)} of {redact(config.data.root)} "
+            f"({validated}): {config.optim.optimizer} lr {config.optim.lr:g}, global batch {config.optim.batch_size}, "
+            f"up to {config.optim.epochs} epochs on {config.scaling.world_size} worker(s). Command: "
+            f"{entrypoint_name()}.")
+    return {NOTE_TAG: note}
+
+
 def loggable(config: Config) -> dict[str, Any]:
     """The config as MLflow params: credentials in the tracking URI never reach a param."""
     data = config.model_dump(mode="json")
@@ -131,6 +142,8 @@ def entrypoint_name(argv: list[str] | None = None) -> str:
     """`imagenet-pipeline train`, or the script's path inside the project (`jobs/train.py`)."""
     argv = sys.argv if argv is None else argv
     program = os.path.basename(argv[0]) if argv else ""
+    if program == "-c":
+        return "python -c"
     if program == "imagenet-pipeline" or program == "__main__.py":
         command = next((arg for arg in argv[1:] if not arg.startswith("-")), "")
         return f"imagenet-pipeline {command}".strip()

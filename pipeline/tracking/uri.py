@@ -33,11 +33,26 @@ def pin_sqlite_uri(uri: str) -> str:
     return uri
 
 
-def mlflow_ui_command(config: Config) -> str:
+# MLflow 3.17's UI picks its GenAI or model-training view from this query parameter (else from the browser's
+# last choice, GenAI at first), not from the experiment's mlflow.experimentKind tag: links carry it.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_link(server: str, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment's runs (or of one run), opened on the model-training view."""
+    base = redact(server.rstrip("/"))
+    if experiment_id is None:
+        return f"{base}/#/?{TRAINING_VIEW}"
+    page = f"/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}{page}?{TRAINING_VIEW}"
+
+
+def mlflow_ui_command(config: Config, experiment_id: str | None = None) -> str:
     uri = resolve_tracking_uri(config)
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+        return f"open {ui_link(uri, experiment_id)}"
+    return (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open "
+            f"{ui_link('http://127.0.0.1:5000', experiment_id)}")
 
 
 def artifact_root(uri: str) -> str | None:

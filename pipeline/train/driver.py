@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError, DataError, StorageError
 from pipeline.retrieval.features import feature_spec
 from pipeline.tracking.datasets import split_input
 from pipeline.tracking.registry import Gate, Published, register_model
-from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run
+from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run, training_note
 from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import check_compatible, latest_run_checkpoint, load_weights, local_checkpoint
 from pipeline.train.checkpoints import read_meta, read_state
@@ -87,7 +87,8 @@ def run_training(config: Config, trial: TrialOptions | None = None,
     uri, experiment_id = prepare_tracking(config)
     parent = trial.parent_run_id if trial else refit.parent_run_id if refit else None
     run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash(), parent,
-                                          extra_tags=refit.tags if refit else None, datasets=datasets)
+                                          extra_tags={**training_note(config), **(refit.tags if refit else {})},
+                                          datasets=datasets)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {redact(uri)}; Ray run '{run_name}' in {storage_root}")
     events.record("mlflow_run_ready")
 

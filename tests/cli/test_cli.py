@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "tune", "evaluate", "predict", "bench-data", "bench-train", "demo", "config",
-            "job submit", "job logs", "job status", "job stop", "job list", "cluster up", "cluster down", "cluster demo"]
+COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "tune", "refit", "evaluate", "predict", "bench-data", "bench-train", "demo", "config",
+            "job submit", "job logs", "job status", "job stop", "job list", "cluster up", "cluster down", "cluster demo",
+            "champion history", "embed", "retrieve", "bench-retrieval"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,11 +1,6 @@
 """What a training run leaves in MLflow, read back with the client: on SQLite and through a real server."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +32,7 @@ def _check_run_contents(client: MlflowClient, run_id: str, config, epochs: int) 
     assert len(run.data.tags[GIT_COMMIT_TAG]) == 40 and run.data.tags[GIT_DIRTY_TAG] in ("true", "false")
     assert "git.commit" not in run.data.tags
     assert run.data.tags[SOURCE_TYPE_TAG] == "LOCAL" and run.data.tags[SOURCE_NAME_TAG] and run.data.tags[USER_TAG]
+    assert run.data.tags["mlflow.note.content"].startswith(f"{config.model.name} trained on train of ")
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     for key in EPOCH_METRICS:
@@ -135,34 +131,6 @@ def test_default_tracking_uri_is_an_absolute_sqlite_file_in_the_project(monkeypa
     assert resolve_tracking_uri(relative) == f"sqlite:///{PROJECT_ROOT / 'runs' / 'x.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert resolve_tracking_uri(load_config()) == "http://mlflow.internal:5000"
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow server did not start")
-                time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.slow
