@@ -36,12 +36,10 @@ SELECTION_METRIC = VAL_TOP1
 SELECTION_MODE = "max"
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """Correct predictions among valid labels (labels < 0 are masked slots) for each k."""
-    valid = labels >= 0
-    logits, labels = logits[valid], labels[valid]
-    if labels.numel() == 0:
-        return [0 for _ in ks]
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Correct predictions for each k, as a tensor on the logits' device (summing there keeps an evaluation pass
+    free of a device wait per batch). Masked slots (labels < 0) never equal a class index, so they count as no
+    hit without being filtered out: a boolean index would make the device report its result size."""
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top.eq(labels.unsqueeze(1))
-    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks])

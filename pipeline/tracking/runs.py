@@ -301,28 +301,30 @@ def steps_between_logs(setting: int | None, steps_per_epoch: int) -> int:
 
 
 class StepLog:
-    """The step hook of `pipeline.train.step.train_one_epoch` on rank 0: it adds up each step's figures (plain
-    floats the step already computed: no extra device sync) and every `every` steps sends one batch of three
-    metrics without waiting for the server (MLflow's asynchronous logging), so a slow tracking server never
-    holds up a step."""
+    """The step hook of `pipeline.train.step.train_one_epoch` on rank 0: it adds up each step's loss on the
+    device and reads it only every `every` steps (one device wait per interval, not per step), then sends one
+    batch of three metrics without waiting for the server (MLflow's asynchronous logging), so a slow tracking
+    server never holds up a step."""
 
     def __init__(self, client: MlflowClient, run_id: str, every: int) -> None:
         self.client, self.run_id, self.every = client, run_id, every
         self._reset()
 
     def _reset(self) -> None:
-        self._losses: list[float] = []
+        self._loss_sum = None
+        self._steps = 0
         self._images = 0
         self._started = time.perf_counter()
 
-    def __call__(self, step: int, loss: float, lr: float, images: int) -> None:
-        self._losses.append(loss)
+    def __call__(self, step: int, loss, lr: float, images: int) -> None:
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._steps += 1
         self._images += images
         if step % self.every:
             return
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         stamp = int(time.time() * 1000)
-        figures = {m.STEP_LOSS: sum(self._losses) / len(self._losses), m.STEP_LR: lr,
+        figures = {m.STEP_LOSS: float(self._loss_sum) / self._steps, m.STEP_LR: lr,
                    m.STEP_IMAGES_PER_SECOND: self._images / elapsed}
         self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), stamp, step)
                                                     for key, value in figures.items()], synchronous=False)

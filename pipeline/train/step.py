@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,11 +41,15 @@ class RankDevice:
     channels_last: bool
     local_rank: int = 0  # on its node: local rank 0 records the node's system metrics
     node_rank: int = 0
+    # A gloo group for the per-step sample counts when the default group is NCCL: counts known on the host are
+    # summed on the host, so no step waits for the device. None: the default group already runs on CPUs.
+    host_group: Any = None
 
 
-# Called after every optimizer step with (global step, rank's mean loss of the step, lr, images in the global
-# batch); the tracking side decides what to log and when (pipeline.tracking.runs.StepLog).
-StepHook = Callable[[int, float, float, int], None]
+# Called after every optimizer step with (global step, rank's mean loss of the step as a 0-d float64 tensor on
+# the device, lr, images in the global batch); reading the loss is the hook's choice, made at its own interval
+# (pipeline.tracking.runs.StepLog), so the step itself never waits for the device.
+StepHook = Callable[[int, torch.Tensor, float, int], None]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -78,7 +83,9 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
     loader.set_epoch(epoch)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing,
                                           reduction="sum")
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, valid samples, corrupt samples
+    # The loss sum stays on the device (read once, at the end); sample counts come from the host-side labels.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=rank.device)
+    counts = torch.zeros(2, dtype=torch.float64)  # valid samples, corrupt samples
     waiting = 0.0
     started = tick = time.perf_counter()
     for batch in loader:
@@ -100,18 +107,20 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
             scaler.step(optimizer)
             scaler.update()
-            rank_loss_sum = loss.item() * global_valid / rank.world_size
-            totals += torch.tensor([rank_loss_sum, valid, batch.corrupt], dtype=torch.float64)
+            rank_loss_sum = loss.detach().double() * global_valid / rank.world_size
+            loss_sum += rank_loss_sum
+            counts += torch.tensor([valid, batch.corrupt], dtype=torch.float64)
             if on_step is not None:
                 on_step(state.global_step + 1, rank_loss_sum / max(valid, 1), optimizer.param_groups[0]["lr"],
                         global_valid)
         else:
-            totals[2] += batch.corrupt
+            counts[1] += batch.corrupt
         step_after_iteration(scheduler)
         state.global_step += 1
         if state.global_step == 1:
             events.record("first_step", rank=rank.rank)
         tick = time.perf_counter()
+    totals = torch.cat([loss_sum.cpu().view(1), counts])  # the epoch's one wait for the device
     elapsed = time.perf_counter() - started
     loss_sum, count, corrupt = all_reduce(totals, rank).tolist()
     return {
@@ -133,21 +142,23 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, pref
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
-    totals = torch.zeros(5, dtype=torch.float64)  # loss sum, valid samples, top-1, top-5, corrupt
+    scores = torch.zeros(3, dtype=torch.float64, device=rank.device)  # loss sum, top-1, top-5: read at the end
+    counts = torch.zeros(2, dtype=torch.float64)  # valid samples, corrupt: from the host-side labels
     for batch in loader:
         images = normalize_batch(batch.images, rank.device, channels_last=rank.channels_last)
-        labels = batch.labels.to(rank.device)
+        labels = batch.labels.to(rank.device, non_blocking=True)
         with autocast(rank):
             output = model(images)
         logits = (output[0] if isinstance(output, tuple) else output).float()
         if features is not None and isinstance(output, tuple):
             valid_slots = batch.labels >= 0
             features.append((output[1][valid_slots.to(rank.device)].cpu(), batch.labels[valid_slots]))
-        top1, top5 = m.topk_correct(logits, labels)
-        valid = int((labels != IGNORE_LABEL).sum())
-        loss = criterion(logits, labels).item() if valid else 0.0
-        totals += torch.tensor([loss, valid, top1, top5, int(batch.corrupt)], dtype=torch.float64)
-    loss_sum, count, top1, top5, corrupt = all_reduce(totals, rank).tolist()
+        valid = int((batch.labels != IGNORE_LABEL).sum())
+        if valid:  # a sum over no sample would still be a kernel; skip it
+            scores += torch.cat([criterion(logits, labels).double().view(1), m.topk_hits(logits, labels).double()])
+        counts += torch.tensor([valid, int(batch.corrupt)], dtype=torch.float64)
+    totals = torch.cat([scores.cpu(), counts])
+    loss_sum, top1, top5, count, corrupt = all_reduce(totals, rank).tolist()
     if count == 0:  # every rank sees the same summed count, so every rank raises
         raise DataError(f"the {prefix} pass read no valid sample ({int(corrupt)} corrupt or unreadable); a pass "
                         "with no valid samples has no score: check that its shards are readable (see the warnings "
@@ -192,9 +203,14 @@ def check_corrupt_share(epoch_metrics: dict[str, float], max_fraction: float, lo
 
 
 def valid_in_global_batch(valid: int, rank: RankDevice) -> int:
-    """Valid samples in this step's global batch: every rank must agree whether to step, and by how much to scale."""
+    """Valid samples in this step's global batch: every rank must agree whether to step, and by how much to scale.
+
+    Summed on the host (gloo): with NCCL, a device all-reduce read back with `.item()` would make every step
+    wait until the device has finished all the work queued before it."""
     if rank.world_size > 1 and dist.is_initialized():
-        return int(all_reduce(torch.tensor([valid], dtype=torch.float64), rank).item())
+        count = torch.tensor([valid], dtype=torch.int64)
+        dist.all_reduce(count, group=rank.host_group)
+        return int(count)
     return valid
 
 

@@ -144,11 +144,16 @@ def setup_rank(config: Config) -> RankDevice:
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
     torch.manual_seed(config.seed + context.get_world_rank())
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes (the plan fixes batch sizes): pick kernels once
+    host_group = None
+    if device.type == "cuda" and context.get_world_size() > 1 and torch.distributed.is_initialized():
+        host_group = torch.distributed.new_group(backend="gloo")  # a collective: every rank creates it here
     return RankDevice(
         rank=context.get_world_rank(), world_size=context.get_world_size(), device=device,
         autocast_dtype=autocast_dtype(config.scaling.mixed_precision, device),
         channels_last=config.scaling.channels_last and device.type == "cuda",
-        local_rank=context.get_local_rank(), node_rank=context.get_node_rank(),
+        local_rank=context.get_local_rank(), node_rank=context.get_node_rank(), host_group=host_group,
     )
 
 

@@ -159,3 +159,87 @@ def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
     (before0, after0), (before1, after1) = (torch.load(tmp_path / f"{rank}.pt") for rank in range(2))
     assert not torch.equal(before0, before1)  # they had drifted apart
     assert torch.equal(after0, before0) and torch.equal(after1, before0)
+
+
+def _per_step_accounting(net, loader, optimizer):
+    """The accounting the step had before it kept its sums on the device: a `.item()` per step."""
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
+    totals = torch.zeros(3, dtype=torch.float64)
+    for data in loader:
+        images, labels = normalize_batch(data.images, "cpu"), data.labels
+        valid = int((labels != IGNORE_LABEL).sum())
+        if not valid:
+            totals[2] += data.corrupt
+            continue
+        loss = criterion(net(images), labels) * (1 / valid)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        totals += torch.tensor([loss.item() * valid / 1, valid, data.corrupt], dtype=torch.float64)
+    return totals.tolist()
+
+
+def test_device_side_sums_report_exactly_what_per_step_reads_did():
+    torch.manual_seed(1)
+    loader = ListLoader([batch([0, 1, 2, 3]), batch([1, IGNORE_LABEL, 3, 0], corrupt=1),
+                         batch([IGNORE_LABEL] * 4, corrupt=4), batch([2, 2, 1, 0])])
+    config = load_config(overrides=["optim.weight_decay=0.0", "scaling.num_workers=0"])
+    nets, optimizers = [model(), model()], []
+    for net in nets:
+        optimizers.append(torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9))
+    loss_sum, valid, corrupt = _per_step_accounting(nets[0], loader, optimizers[0])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizers[1], lambda step: 1.0)
+    seen = []
+    metrics = train_one_epoch(nets[1], loader, optimizers[1], scheduler, grad_scaler(RANK), config, RANK, 0,
+                              TrainingState(), on_step=lambda step, loss, lr, images: seen.append((step, loss, images)))
+    assert metrics["train/loss"] == loss_sum / valid  # bit for bit: the same float64 sums in the same order
+    assert metrics["train/corrupt_samples"] == corrupt == 5
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+    # The hook gets device tensors, read only if it chooses; no step was made for the all-masked batch.
+    assert [(step, images) for step, _, images in seen] == [(1, 4), (2, 3), (4, 4)]
+    assert all(isinstance(loss, torch.Tensor) and loss.dtype == torch.float64 for _, loss, _ in seen)
+
+
+def test_the_evaluation_pass_sums_on_the_device_what_it_counted_per_batch():
+    torch.manual_seed(2)
+    loader = ListLoader([batch([0, 1, 2, 3]), batch([1, IGNORE_LABEL, 3, IGNORE_LABEL], corrupt=1),
+                         batch([IGNORE_LABEL] * 2, corrupt=2)])
+    net = model()
+    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
+    loss_sum = top1 = top5 = valid = 0
+    with torch.no_grad():
+        for data in loader:
+            logits = net(normalize_batch(data.images, "cpu"))
+            keep = data.labels >= 0
+            valid += int(keep.sum())
+            if keep.any():
+                loss_sum += criterion(logits, data.labels).item()
+                ranked = logits[keep].topk(4, dim=1).indices.eq(data.labels[keep].unsqueeze(1))
+                top1 += int(ranked[:, :1].any(dim=1).sum())
+                top5 += int(ranked.any(dim=1).sum())
+    scores = evaluate(net, loader, RANK, prefix="val")
+    assert scores["val/loss"] == pytest.approx(loss_sum / valid, rel=1e-6)
+    assert (scores["val/top1"], scores["val/top5"]) == (100.0 * top1 / valid, 100.0 * top5 / valid)
+    assert scores["val/corrupt_samples"] == 3 and valid == 6
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_the_same_epoch_as_the_eager_one():
+    """scaling.compile on CPU (inductor; needs a C++ compiler, which .ci/run installs when absent)."""
+    from pipeline.train.step import unwrap
+
+    loader = ListLoader([batch([0, 1, 2, 3]), batch([1, IGNORE_LABEL, 3, 0], corrupt=1), batch([2, 2, 1, 0])])
+    config = load_config(overrides=["optim.weight_decay=0.0", "scaling.num_workers=0"])
+    results = []
+    for compiled in (False, True):
+        net = model()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        runner = torch.compile(net) if compiled else net
+        metrics = train_one_epoch(runner, loader, optimizer, scheduler, grad_scaler(RANK), config, RANK, 0,
+                                  TrainingState())
+        assert unwrap(runner) is net  # checkpoints and evaluation see the plain module
+        results.append((metrics["train/loss"], [p.detach().clone() for p in net.parameters()]))
+    (eager_loss, eager_weights), (compiled_loss, compiled_weights) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(eager_weights, compiled_weights))
