@@ -54,6 +54,9 @@ class DataConfig(_Section):
     loader_workers: int = Field(2, ge=0, le=64, description="DataLoader processes per training worker")
     shuffle_buffer: int = Field(1000, ge=1, description="samples held for the in-worker shuffle")
     prefetch_batches: int = Field(2, ge=1, description="batches prefetched per DataLoader process")
+    decode: Literal["cpu", "gpu"] = Field("cpu", description="where JPEGs are decoded: cpu (DataLoader "
+                                           "processes) or gpu (nvJPEG in the training process; needs "
+                                           "scaling.use_gpu)")
     fit_splits: list[Literal["train", "val"]] = Field(["train"], description="splits trained on: [train], or "
                                                        "[train, val] for a refit (then nothing is validated)")
 
@@ -240,6 +243,13 @@ class Config(_Section):
             if getattr(self.data, key) < smallest:
                 raise ValueError(f"data.{key} = {getattr(self.data, key)}: {self.model.name} needs inputs of at "
                                  f"least {smallest} px (its strides and pools leave no map below that)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_decode(self) -> "Config":
+        if self.data.decode == "gpu" and not self.scaling.use_gpu:
+            raise ValueError("data.decode = 'gpu' decodes JPEGs on the training workers' GPUs, and scaling.use_gpu "
+                             "is false; set scaling.use_gpu: true on a GPU cluster, or data.decode: cpu")
         return self
 
     @model_validator(mode="after")

@@ -28,17 +28,23 @@ from pipeline.data.manifest import Manifest, combine_manifests, read_manifest
 from pipeline.data.plan import (
     Segment, WorkerPlan, eval_steps_per_pass, plan_eval_worker, plan_train_worker, train_steps_per_epoch,
 )
-from pipeline.data.transforms import CorruptImageError, EvalTransform, TrainTransform
+from pipeline.data.transforms import (
+    CorruptImageError, EncodedImage, EvalTransform, TrainTransform, decode_on_device, prepare_for_device,
+)
 
 # CrossEntropyLoss(ignore_index=IGNORE_LABEL) skips masked slots; accuracy counts skip labels < 0.
 IGNORE_LABEL = -100
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # uint8, (N, 3, S, S); normalise on the device with transforms.normalize_batch
+    images: torch.Tensor | None  # uint8, (N, 3, S, S); normalise on the device with transforms.normalize_batch
     labels: torch.Tensor  # int64, IGNORE_LABEL for masked slots (corrupt samples and eval padding)
     keys: list[str]  # webdataset __key__ per slot ("" for masked slots): for audits and retrieval
     corrupt_shards: tuple[int, ...] = ()  # manifest shard index of each sample that could not be read or decoded
+    # data.decode = gpu, between a loader process and EpochLoader (which decodes on the device and fills
+    # `images`): each slot's bytes and geometry (None: masked), and the manifest shard each slot came from.
+    encoded: tuple[EncodedImage | None, ...] | None = None
+    slot_shards: tuple[int, ...] = ()
 
     @property
     def corrupt(self) -> int:
@@ -68,6 +74,7 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_buffer = data.shuffle_buffer
+        self.decode_on_device = data.decode == "gpu"
         self.image_size = data.train_image_size if train else data.eval_image_size
         self.transform = (
             TrainTransform(data.train_image_size, data.min_crop_scale) if train
@@ -108,6 +115,8 @@ class ShardStream(IterableDataset):
             yield from _read_segment(self.locations[segment.shard], segment, self.manifest, self.shard_command)
 
     def _decode_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
+        if self.decode_on_device:
+            return self._prepare_batch(samples, rng)
         images = torch.zeros((len(samples), 3, self.image_size, self.image_size), dtype=torch.uint8)
         labels = torch.full((len(samples),), IGNORE_LABEL, dtype=torch.int64)
         keys = [""] * len(samples)
@@ -127,6 +136,46 @@ class ShardStream(IterableDataset):
             labels[slot] = sample.label
             keys[slot] = sample.key
         return Batch(images, labels, keys, tuple(corrupt))
+
+
+    def _prepare_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
+        """data.decode = gpu: headers read and geometry drawn here; the pixels are decoded on the device."""
+        labels = torch.full((len(samples),), IGNORE_LABEL, dtype=torch.int64)
+        keys = [""] * len(samples)
+        slots: list[EncodedImage | None] = [None] * len(samples)
+        corrupt: list[int] = []
+        for slot, sample in enumerate(samples):
+            if sample.image is None:
+                if sample.label == _UNREADABLE:
+                    corrupt.append(sample.shard)
+                continue
+            try:
+                slots[slot] = prepare_for_device(sample.image, self.transform, rng)
+            except CorruptImageError:
+                corrupt.append(sample.shard)
+                continue
+            labels[slot] = sample.label
+            keys[slot] = sample.key
+        return Batch(None, labels, keys, tuple(corrupt), encoded=tuple(slots),
+                     slot_shards=tuple(sample.shard for sample in samples))
+
+
+def on_device(batch: Batch, device: torch.device, train: bool, image_size: int) -> Batch:
+    """A batch from `_prepare_batch` decoded on `device`: images filled in (on the device), and what failed to
+    decode there masked and counted as corrupt, exactly as the CPU route masks it."""
+    if batch.encoded is None:
+        return batch
+    live = [index for index, slot in enumerate(batch.encoded) if slot is not None]
+    decoded = decode_on_device([batch.encoded[i] for i in live], train, image_size, device)
+    images = torch.zeros((len(batch.labels), 3, image_size, image_size), dtype=torch.uint8, device=device)
+    labels, keys, corrupt = batch.labels.clone(), list(batch.keys), list(batch.corrupt_shards)
+    for index, image in zip(live, decoded):
+        if image is None:
+            labels[index], keys[index] = IGNORE_LABEL, ""
+            corrupt.append(batch.slot_shards[index])
+        else:
+            images[index] = image
+    return Batch(images, labels, keys, tuple(corrupt))
 
 
 _UNREADABLE = -1  # label of a sample whose bytes could not be read (counted as corrupt)
@@ -202,8 +251,11 @@ def _chain(*iterators: Iterator[_Sample]) -> Iterator[_Sample]:
 class EpochLoader:
     """A DataLoader per epoch: workers are re-created so each sees the epoch number (no hidden state)."""
 
-    def __init__(self, dataset: ShardStream, data: DataConfig, pin_memory: bool) -> None:
+    def __init__(self, dataset: ShardStream, data: DataConfig, pin_memory: bool,
+                 decode_device: torch.device | None = None) -> None:
         self.dataset = dataset
+        # data.decode = gpu: where this (the training) process decodes the loader processes' encoded batches.
+        self.decode_device = decode_device or torch.device("cpu")
         self.loader_workers = data.loader_workers
         self.prefetch_batches = data.prefetch_batches
         self.pin_memory = pin_memory
@@ -232,6 +284,7 @@ class EpochLoader:
         )
         self.corrupt_counts.zero_()
         for batch in loader:
+            batch = on_device(batch, self.decode_device, self.dataset.train, self.dataset.image_size)
             for shard in batch.corrupt_shards:
                 self.corrupt_counts[shard] += 1
             yield batch
@@ -239,13 +292,16 @@ class EpochLoader:
 
 def build_loader(
     data: DataConfig, split: str | list[str], *, rank: int, world_size: int, batch_size: int, seed: int,
-    pin_memory: bool = False, exactly_once: bool = False,
+    pin_memory: bool = False, exactly_once: bool = False, decode_device: torch.device | None = None,
 ) -> EpochLoader:
     """`batch_size` is per rank. `split` is train (shuffled, augmented, equal steps) or val/test (every sample
     exactly once, centre crops); `exactly_once` reads the train split that way too (to embed it).
 
     A list of splits starting with train (`data.fit_splits` of a refit: [train, val]) is read as one training
-    split: one plan over all their shards, so every epoch covers both exactly as it would cover train alone."""
+    split: one plan over all their shards, so every epoch covers both exactly as it would cover train alone.
+
+    With `data.decode: gpu` the loader processes only read bytes and draw crops; batches are decoded on
+    `decode_device` (the training process's GPU) as they are taken from the loader."""
     splits = [split] if isinstance(split, str) else list(split)
     manifests = [read_manifest(storage.join(data.root, name), data.shard_url_schemes) for name in splits]
     manifest = manifests[0] if len(manifests) == 1 else combine_manifests(manifests)
@@ -255,4 +311,4 @@ def build_loader(
         locations, manifest, train=splits[0] == "train" and not exactly_once, rank=rank, world_size=world_size,
         batch_size=batch_size, seed=seed, data=data,
     )
-    return EpochLoader(dataset, data, pin_memory)
+    return EpochLoader(dataset, data, pin_memory, decode_device)

@@ -31,6 +31,7 @@ import io
 import math
 import random
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -113,10 +114,15 @@ class TrainTransform:
             raise ConfigError(f"min_scale = {min_scale} must be in (0, 1]: the smallest crop area share")
         self.min_scale = float(min_scale)
 
+    def geometry(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int, bool]:
+        """(top, left, crop height, crop width, flip): every random draw, in the order both decode routes use."""
+        top, left, crop_height, crop_width = sample_crop(width, height, rng, self.min_scale)
+        return top, left, crop_height, crop_width, rng.random() < 0.5
+
     def __call__(self, image_bytes: bytes, rng: random.Random) -> torch.Tensor:
         image = _open_lazily(image_bytes)  # header only: size and format, no pixels yet
         width, height = image.size
-        top, left, crop_height, crop_width = sample_crop(width, height, rng, self.min_scale)
+        top, left, crop_height, crop_width, flip = self.geometry(width, height, rng)
         size = self.image_size
         scale = _draft_scale(image, crop_width, crop_height, size)
         if scale > 1:
@@ -125,7 +131,7 @@ class TrainTransform:
         else:
             pixels = _decode_full_size(image_bytes, image)
             output = _resize(pixels[:, top:top + crop_height, left:left + crop_width], size, size)  # crop: a view
-        if rng.random() < 0.5:
+        if flip:
             output = output.flip(-1)  # on the small output: 3*S*S bytes
         return output.contiguous()
 
@@ -153,13 +159,18 @@ class EvalTransform:
             return self.resize_size, int(self.resize_size * height / width)
         return int(self.resize_size * width / height), self.resize_size
 
+    def geometry(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(resized height, resized width, top, left): the shorter-side resize, then the centre crop's corner."""
+        resized_width, resized_height = self.resized_size(width, height)
+        top = int(round((resized_height - self.image_size) / 2.0))
+        left = int(round((resized_width - self.image_size) / 2.0))
+        return resized_height, resized_width, top, left
+
     def __call__(self, image_bytes: bytes, rng: random.Random | None = None) -> torch.Tensor:
         image = _open_lazily(image_bytes)
         width, height = image.size
-        resized_width, resized_height = self.resized_size(width, height)
+        resized_height, resized_width, top, left = self.geometry(width, height)
         size = self.image_size
-        top = int(round((resized_height - size) / 2.0))
-        left = int(round((resized_width - size) / 2.0))
         x_scale, y_scale = width / resized_width, height / resized_height
         scale = _draft_scale(image, size * x_scale, size * y_scale, size)
         if scale > 1:
@@ -268,3 +279,73 @@ def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(
         pixels.unsqueeze(0), size=(height, width), mode="bilinear", antialias=True, align_corners=False
     )[0]
+
+
+# Decoding on the device (data.decode = gpu): the loader processes read the bytes and draw the geometry above
+# (the same random stream as the CPU route); the training process decodes the batch where it trains.
+
+
+class EncodedImage(NamedTuple):
+    """One slot of a batch to decode on the device: JPEG bytes and the geometry its transform drew, or an image
+    the loader process already decoded (a non-JPEG, rare in ImageNet shards, has no device decoder)."""
+
+    data: torch.Tensor  # uint8: the encoded JPEG (1-d), or the finished (3, S, S) image when `ready`
+    geometry: tuple[int, ...]  # TrainTransform.geometry or EvalTransform.geometry
+    ready: bool = False
+
+
+def prepare_for_device(image_bytes: bytes, transform: "TrainTransform | EvalTransform",
+                       rng: random.Random) -> EncodedImage:
+    """What a loader process does for a slot when the device decodes: read the header, draw the geometry."""
+    image = _open_lazily(image_bytes)
+    if image.format not in JPEG_FORMATS or image.mode == "CMYK":
+        return EncodedImage(transform(image_bytes, rng), (), ready=True)
+    width, height = image.size
+    geometry = transform.geometry(width, height, rng) if isinstance(transform, TrainTransform) \
+        else transform.geometry(width, height)
+    return EncodedImage(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), geometry)
+
+
+def decode_on_device(slots: list[EncodedImage], train: bool, size: int,
+                     device: torch.device) -> list[torch.Tensor | None]:
+    """uint8 (3, size, size) images on `device` for `slots` (None where the bytes do not decode): one batched
+    nvJPEG call on a GPU (torchvision.io.decode_jpeg), then crop, resize and flip there."""
+    jpegs = [index for index, slot in enumerate(slots) if not slot.ready]
+    decoded: dict[int, torch.Tensor | None] = {}
+    if jpegs:
+        try:
+            images = decode_jpeg([slots[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            decoded = dict(zip(jpegs, images))
+        except _DECODE_ERRORS:  # one bad image fails the batched call: find it one by one
+            for index in jpegs:
+                try:
+                    decoded[index] = decode_jpeg(slots[index].data, mode=ImageReadMode.RGB, device=device)
+                except _DECODE_ERRORS:
+                    decoded[index] = None
+    outputs: list[torch.Tensor | None] = []
+    for index, slot in enumerate(slots):
+        if slot.ready:
+            outputs.append(slot.data.to(device, non_blocking=True))
+            continue
+        pixels = decoded[index]
+        if pixels is None:
+            outputs.append(None)
+        elif train:
+            top, left, crop_height, crop_width, flip = slot.geometry
+            output = _resize_on(pixels[:, top:top + crop_height, left:left + crop_width], size, size)
+            outputs.append(output.flip(-1) if flip else output)
+        else:
+            resized_height, resized_width, top, left = slot.geometry
+            outputs.append(_resize_on(pixels, resized_height, resized_width)[:, top:top + size, left:left + size])
+    return outputs
+
+
+def _resize_on(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`_resize` where the pixels are: torch's uint8 antialiased kernel on CPUs, float32 and rounding elsewhere."""
+    if pixels.device.type == "cpu":
+        return _resize(pixels, height, width)
+    if pixels.shape[1] == height and pixels.shape[2] == width:
+        return pixels
+    resized = F.interpolate(pixels.unsqueeze(0).float(), size=(height, width), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)

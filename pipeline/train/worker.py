@@ -21,6 +21,7 @@ import torch.distributed as dist
 from pipeline import events
 from pipeline import metrics as m
 from pipeline.config import Config
+from pipeline.errors import ConfigError
 from pipeline.data.loader import EpochLoader, build_loader
 from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker, steps_between_logs
 from pipeline.train.checkpoints import (
@@ -143,6 +144,8 @@ def setup_rank(config: Config) -> RankDevice:
     ray_train_report_log.quiet_report_logging()
     context = ray.train.get_context()
     device = ray.train.torch.get_device() if config.scaling.use_gpu else torch.device("cpu")
+    if config.data.decode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"data.decode = 'gpu': this worker has no CUDA device ({device}); use data.decode: cpu")
     torch.manual_seed(config.seed + context.get_world_rank())
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes (the plan fixes batch sizes): pick kernels once
@@ -170,7 +173,8 @@ def worker_node_ids(rank: RankDevice) -> list[str]:
 def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochLoader | None]:
     """The training loader over `data.fit_splits`, and the val loader (None for a refit, which trains on val)."""
     common = dict(rank=rank.rank, world_size=rank.world_size, batch_size=config.per_worker_batch_size,
-                  seed=config.seed, pin_memory=rank.device.type == "cuda")
+                  seed=config.seed, pin_memory=rank.device.type == "cuda",
+                  decode_device=rank.device if config.data.decode == "gpu" else None)
     train = build_loader(config.data, config.data.fit_splits, **common)
     return train, build_loader(config.data, "val", **common) if config.data.validates else None
 

@@ -205,3 +205,42 @@ def _run_with(root, split, **extra):
         keys.update(key for batch in batches for key in batch.keys if key)
         corrupt += sum(int(batch.corrupt) for batch in batches)
     return keys, steps, corrupt
+
+
+def _batches_with(root, split, **extra):
+    loader = build_loader(_data(root, 2, **extra), split, rank=0, world_size=1, batch_size=4, seed=5)
+    loader.set_epoch(1)
+    return list(loader), loader
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_decoding_on_the_device_gives_the_cpu_routes_batches(tmp_path, split):
+    """data.decode = gpu run with the decode on the CPU device: the loader processes read bytes and draw the
+    crops (the same random stream), the training process decodes. Tolerance: none here — both routes decode
+    with libjpeg-turbo and resize with the same uint8 kernel. On a GPU (nvJPEG's IDCT, a float resize) pixels may
+    differ by rounding; that difference has not been measured yet (no GPU so far)."""
+    write_split(tmp_path / split, [7, 6], split=split)
+    # An undecodable body behind a valid JPEG header: only a full decode finds it, on the device route too.
+    with wds.TarWriter(str(tmp_path / split / f"{split}-000001.tar")) as writer:
+        for i in range(6):
+            image = jpeg_bytes(i % 4, 100 + i)
+            if i == 3:
+                image = image[:200] + bytes(len(image) - 200)
+            writer.write({"__key__": f"t{i:06d}", "jpg": image, "cls": str(i % 4).encode()})
+    cpu, cpu_loader = _batches_with(tmp_path, split)
+    device, device_loader = _batches_with(tmp_path, split, decode="gpu")
+    assert len(cpu) == len(device)
+    for a, b in zip(cpu, device):
+        assert a.keys == b.keys and torch.equal(a.labels, b.labels) and tuple(a.corrupt_shards) == tuple(b.corrupt_shards)
+        assert b.encoded is None and b.images.device.type == "cpu"  # decoded by the time the step sees it
+        assert torch.equal(a.images, b.images)
+    assert device_loader.corrupt_counts.tolist() == cpu_loader.corrupt_counts.tolist()
+    assert sum(len(batch.corrupt_shards) for batch in device) == 1
+
+
+def test_gpu_decoding_without_gpus_is_refused_at_config_load():
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.decode = 'gpu' decodes JPEGs on the training workers' GPUs"):
+        load_config(overrides=["data.decode=gpu"])
+    assert load_config(overrides=["data.decode=gpu", "scaling.use_gpu=true"]).data.decode == "gpu"
