@@ -29,7 +29,7 @@ PURE = [
     "pipeline.train.checkpoints", "pipeline.train.progress", "pipeline.tracking.uri",
     "pipeline.inference.loading", "pipeline.inference.evaluate", "pipeline.inference.predict",
     "pipeline.retrieval.features", "pipeline.retrieval.quality", "pipeline.retrieval.index",
-    "pipeline.retrieval.store", "pipeline.retrieval.sheet",
+    "pipeline.retrieval.store", "pipeline.retrieval.sheet", "pipeline.bench.gpu",
 ]
 
 

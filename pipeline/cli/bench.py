@@ -68,3 +68,28 @@ def bench_retrieval(
             fail(f"--gallery {text!r}: expected ROWSxDIM, e.g. 100000x512")
         sizes.append((int(rows), int(dim)))
     run_retrieval_benchmark(work_dir, only, images, rounds, sizes, tuple(k.strip() for k in kinds.split(",") if k.strip()))
+
+
+@app.command(name="bench-gpu")
+def bench_gpu(
+    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated ImageNet-sized shards")] = Path("data/bench_gpu"),
+    device: Annotated[str, typer.Option(help="cuda, or cpu for the smoke run")] = "cuda",
+    smoke: Annotated[bool, typer.Option(help="tiny sizes (the test suite's end-to-end run)")] = False,
+    models: Annotated[str, typer.Option(help="comma-separated architectures")] = "resnet50,alexnet,resnet18,resnet152",
+    loader_processes: Annotated[Optional[str], typer.Option(help="comma-separated loader process counts "
+                                                            "(default: 4, 8 and all cores but 2)")] = None,
+    compile_resnet50: Annotated[bool, typer.Option("--compile/--no-compile", help="also ResNet-50 under "
+                                                   "torch.compile")] = True,
+    out: Annotated[Optional[Path], typer.Option(help="also write the table as JSON here (default: none)")] = None,
+) -> None:
+    """Benchmark on one GPU: the compute ceiling, then real shards with CPU and GPU JPEG decoding (no Ray, no MLflow)."""
+    from pipeline.bench.gpu import run_gpu_benchmark
+
+    counts = None
+    if loader_processes:
+        try:
+            counts = tuple(int(count) for count in loader_processes.split(","))
+        except ValueError:
+            fail(f"--loader-processes {loader_processes!r}: expected counts such as 4,8,14")
+    run_gpu_benchmark(work_dir, device, smoke, tuple(m.strip() for m in models.split(",") if m.strip()), counts,
+                      compile_resnet50, out)

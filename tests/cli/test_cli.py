@@ -10,7 +10,7 @@ from pipeline.cli import app
 runner = CliRunner()
 COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "tune", "refit", "evaluate", "predict", "bench-data", "bench-train", "demo", "config",
             "job submit", "job logs", "job status", "job stop", "job list", "cluster up", "cluster down", "cluster demo",
-            "champion history", "embed", "retrieve", "bench-retrieval"]
+            "champion history", "embed", "retrieve", "bench-retrieval", "bench-gpu"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

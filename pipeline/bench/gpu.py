@@ -1,0 +1,238 @@
+"""Benchmark of the GPU path on one device: the compute ceiling, then real shards with CPU and with GPU decoding.
+
+    imagenet-pipeline bench-gpu --out bench_gpu.json
+    PYTHONPATH=.:wheels python -m pipeline.bench.gpu --out bench_gpu.json     # a bare GPU box: no Ray, no MLflow
+    imagenet-pipeline bench-gpu --device cpu --smoke                          # the test suite's end-to-end run
+
+Every figure goes through the project's own training step (`pipeline.train.step.train_one_epoch`: bf16
+autocast and channels_last on CUDA, the device-side loss sums) and, for shards, its own loader:
+1. ceiling: training images/s on synthetic uint8 batches already on the device (ResNet-50 with and without
+   `torch.compile`, AlexNet, ResNet-18, ResNet-152);
+2. real shards of generated ImageNet-sized JPEGs (500x375) with CPU decoding in 4, 8 and all-but-2 loader
+   processes;
+3. the same shards with `data.decode: gpu` (nvJPEG in the training process);
+4. a table: images/s, share of the ceiling, data-wait share, peak device memory; also written as JSON.
+Each figure is the steady epoch (the second of two: the first pays cudnn autotuning, compilation, the loader
+start). Nothing here asserts a speed.
+
+Imports only torch, torchvision and the project's data path (which needs numpy, Pillow, PyYAML, pydantic,
+webdataset and braceexpand): README "Performance" says how to put those wheels on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import Config, load_config
+from pipeline.data.loader import Batch, build_loader
+from pipeline.errors import BenchmarkError
+from pipeline.train.checkpoints import TrainingState
+from pipeline.train.models import build_model
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.step import RankDevice, autocast_dtype, grad_scaler, train_one_epoch
+
+CEILING_MODELS = ("resnet50", "alexnet", "resnet18", "resnet152")
+TARGET_RESNET50 = 3000.0  # images/s, bf16, one H200, synthetic
+TARGET_SHARE_GPU_DECODE = 0.90  # real shards with GPU decoding, share of the synthetic figure
+
+
+@dataclass
+class Figure:
+    model: str
+    feed: str  # synthetic | cpu decode, N loader processes | gpu decode, N loader processes
+    compiled: bool
+    images_per_second: float
+    data_wait_share: float
+    peak_memory_gib: float
+    share_of_ceiling: float | None = None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the run costs: the full GPU run, or the smoke run of the test suite (tiny, any device)."""
+
+    image_size: int
+    batch: int
+    synthetic_steps: int
+    images: int  # generated JPEGs for the shard runs
+    width: int
+    height: int
+
+    @classmethod
+    def for_run(cls, smoke: bool) -> "Sizes":
+        if smoke:
+            return cls(image_size=32, batch=8, synthetic_steps=2, images=32, width=64, height=48)
+        return cls(image_size=224, batch=256, synthetic_steps=30, images=4096, width=500, height=375)
+
+
+def run_gpu_benchmark(work_dir: Path, device_name: str, smoke: bool, models: tuple[str, ...],
+                      loader_processes: tuple[int, ...] | None, compile_resnet50: bool, out: Path | None) -> list[Figure]:
+    device = torch.device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda: no CUDA device here; pass --device cpu for the smoke run")
+    sizes = Sizes.for_run(smoke)
+    processes = loader_processes or _default_processes()
+    shards = _shards(work_dir, sizes)
+    figures: list[Figure] = []
+    for name in models:
+        for compiled in ((False, True) if name == "resnet50" and compile_resnet50 else (False,)):
+            figures.append(_synthetic(name, compiled, device, sizes))
+        ceiling = next(f.images_per_second for f in figures if f.model == name and not f.compiled)
+        # GPU decoding with the most loader processes (they only read bytes and draw crops then); on a CPU the
+        # same route decodes on the CPU device, which is what the smoke run checks end to end.
+        feeds = [("cpu", count) for count in processes] + [("gpu", processes[-1])]
+        for decode, count in feeds:
+            figure = _from_shards(name, decode, count, device, sizes, shards)
+            figure.share_of_ceiling = figure.images_per_second / ceiling if ceiling else None
+            figures.append(figure)
+    print(format_table(figures, device))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"device": _device_label(device), "sizes": asdict(sizes),
+                                   "figures": [asdict(figure) for figure in figures]}, indent=2))
+        print(f"wrote {out}")
+    return figures
+
+
+def _default_processes() -> tuple[int, ...]:
+    cores = os.cpu_count() or 1
+    return tuple(sorted({count for count in (4, 8, max(1, cores - 2)) if count <= max(1, cores - 2)}))
+
+
+def _config(name: str, sizes: Sizes, shards: Path, processes: int = 0) -> Config:
+    return load_config(overrides=[
+        f"model.name={name}", f"data.root={shards}", f"data.train_image_size={sizes.image_size}",
+        f"data.eval_image_size={sizes.image_size}", f"data.loader_workers={processes}", "data.shuffle_buffer=256",
+        f"optim.batch_size={sizes.batch}", "optim.lr=0.1", "optim.epochs=2", "scaling.num_workers=0",
+    ])
+
+
+def _rank(device: torch.device) -> RankDevice:
+    return RankDevice(rank=0, world_size=1, device=device, autocast_dtype=autocast_dtype("auto", device),
+                      channels_last=device.type == "cuda")
+
+
+class _SyntheticLoader:
+    """The same uint8 batch, already on the device, `steps` times: the step alone, with nothing to wait for."""
+
+    def __init__(self, batch: Batch, steps: int) -> None:
+        self.batch, self.steps = batch, steps
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        return iter([self.batch] * self.steps)
+
+
+def _synthetic(name: str, compiled: bool, device: torch.device, sizes: Sizes) -> Figure:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (sizes.batch, 3, sizes.image_size, sizes.image_size), dtype=torch.uint8,
+                           generator=generator).to(device)
+    labels = torch.randint(0, 1000, (sizes.batch,), generator=generator)
+    loader = _SyntheticLoader(Batch(images, labels, [""] * sizes.batch), sizes.synthetic_steps)
+    return _measure(name, "synthetic", compiled, device, sizes, loader, num_classes=1000)
+
+
+def _from_shards(name: str, decode: str, processes: int, device: torch.device, sizes: Sizes,
+                 shards: Path) -> Figure:
+    config = _config(name, sizes, shards, processes)
+    # The data section alone: the whole config would (rightly) refuse gpu decoding without scaling.use_gpu,
+    # and this process is the training process, with no Ray around it.
+    data = config.data.model_copy(update={"decode": decode})
+    loader = build_loader(data, "train", rank=0, world_size=1, batch_size=sizes.batch, seed=0,
+                          pin_memory=device.type == "cuda", decode_device=device if decode == "gpu" else None)
+    feed = f"{decode} decode, {processes} loader processes"
+    return _measure(name, feed, False, device, sizes, loader, loader.manifest.num_classes, config)
+
+
+def _measure(name: str, feed: str, compiled: bool, device: torch.device, sizes: Sizes, loader, num_classes: int,
+             config: Config | None = None) -> Figure:
+    config = config or _config(name, sizes, Path("."))
+    rank = _rank(device)
+    model = build_model(config.model, num_classes).to(device)
+    if rank.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, len(loader))
+    runner = torch.compile(model) if compiled else model
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+    state = TrainingState()
+    metrics = {}
+    for epoch in range(2):  # the first pays for autotuning, compilation and the loader's start
+        metrics = train_one_epoch(runner, loader, optimizer, scheduler, grad_scaler(rank), config, rank, epoch, state)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    figure = Figure(name, feed, compiled, metrics["train/images_per_second"], metrics["train/data_wait_share"], peak)
+    print(f"  {name:9s} {feed:34s} {'compiled' if compiled else 'eager':8s} {figure.images_per_second:9.1f} "
+          f"images/s", flush=True)
+    return figure
+
+
+def _shards(work_dir: Path, sizes: Sizes) -> Path:
+    from pipeline.data.sharding import shard_imagenet
+    from pipeline.data.synthetic import generate_imagenet_folder
+
+    root = work_dir / f"shards-{sizes.images}-{sizes.width}x{sizes.height}"
+    if (root / "train" / "manifest.json").is_file():
+        return root
+    source = work_dir / f"source-{sizes.images}-{sizes.width}x{sizes.height}"
+    classes = 8 if sizes.images >= 64 else 4
+    generate_imagenet_folder(source, num_classes=classes, train_per_class=sizes.images // classes + 1,
+                             val_per_class=1, width=sizes.width, height=sizes.height, seed=0)
+    shard_imagenet(source, root, val_per_class=1, samples_per_shard=256, seed=0, progress=False)
+    shutil.rmtree(source)
+    return root
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    return f"CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def format_table(figures: list[Figure], device: torch.device) -> str:
+    rows = [("model", "feed", "mode", "images/s", "of ceiling", "data wait", "peak GiB")]
+    for f in figures:
+        rows.append((f.model, f.feed, "compiled" if f.compiled else "eager", f"{f.images_per_second:.1f}",
+                     "-" if f.share_of_ceiling is None else f"{f.share_of_ceiling:.0%}", f"{f.data_wait_share:.0%}",
+                     f"{f.peak_memory_gib:.1f}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [f"bench-gpu on {_device_label(device)}"]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    resnet50 = [f for f in figures if f.model == "resnet50" and f.feed == "synthetic"]
+    if resnet50 and device.type == "cuda":
+        best = max(f.images_per_second for f in resnet50)
+        lines.append(f"target: ResNet-50 synthetic >= {TARGET_RESNET50:.0f} images/s: {best:.0f} "
+                     f"({'met' if best >= TARGET_RESNET50 else 'not met'})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.gpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, default=Path("data/bench_gpu"), help="generated shards go here")
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: the test suite's end-to-end run")
+    parser.add_argument("--models", default=",".join(CEILING_MODELS), help="comma-separated architectures")
+    parser.add_argument("--loader-processes", default=None, help="comma-separated counts (default: 4, 8, cores-2)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled ResNet-50 run")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+    processes = tuple(int(n) for n in args.loader_processes.split(",")) if args.loader_processes else None
+    run_gpu_benchmark(args.work_dir, args.device, args.smoke, tuple(args.models.split(",")), processes,
+                      not args.no_compile, args.out)
+
+
+if __name__ == "__main__":
+    main()
