@@ -60,12 +60,19 @@ def test_reference_refuses_a_process_count_other_than_the_configs_workers(learna
     ({"train_images": 16}, "train_images = 16 must be at least global_batch = 32"),
     ({"loader_workers": -1}, "loader_workers = -1"),
     ({"rounds": 0}, "rounds = 0"),
+    ({"rounds": 2}, "--rounds 2: at least 3 interleaved rounds"),
     ({"epochs": 2, "warmup_epochs": 2}, "warmup_epochs = 2 must be >= 0 and below epochs = 2"),
 ])
 def test_overhead_benchmark_rejects_bad_arguments_before_any_work(arguments, named, tmp_path):
     with pytest.raises(ValueError, match=named):
         run_overhead_benchmark(tmp_path / "work", **arguments)
     assert not (tmp_path / "work").exists()
+
+
+def test_the_steady_state_length_is_counted_per_run():
+    from pipeline.bench.overhead import side_steady_seconds
+
+    assert side_steady_seconds({"epoch_images_per_second": [50.0, 100.0, 200.0]}, 1, 2000) == pytest.approx(30.0)
 
 
 def test_steady_state_drops_warmup_epochs_and_weights_epochs_by_time():
