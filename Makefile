@@ -7,7 +7,7 @@ STAMP := $(VENV)/.install-stamp
 # pytest's own -x/-k etc. can be passed with: make test PYTEST_ARGS="-k loader"
 PYTEST_ARGS ?=
 
-.PHONY: demo test install browser bench-data bench-train clean-data cluster-demo cluster-up cluster-down
+.PHONY: demo test install browser gpu-wheels bench-data bench-train clean-data cluster-demo cluster-up cluster-down
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The wheels `python -m pipeline.bench.gpu` needs beyond torch on a bare Python 3.12 GPU machine (README,
+# "Performance"): pure Python but for pydantic-core; into .gpu-wheels/ (git-ignored).
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions webdataset==1.0.2 braceexpand
+gpu-wheels: | $(BIN)/python
+	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels $(GPU_WHEELS)
 
 # Headless Chromium for the browser test of the MLflow UI (Debian's package; needs root, as in CI).
 browser:
