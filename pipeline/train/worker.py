@@ -130,7 +130,8 @@ def evaluate_with_knn(model: torch.nn.Module, val_loader: EpochLoader, config: C
     collected: list = []
     val_metrics = evaluate(net, val_loader, rank, prefix="val", features=collected)
     train_share = build_loader(config.data, "train", rank=rank.rank, world_size=rank.world_size,
-                               batch_size=config.per_worker_batch_size, seed=config.seed, exactly_once=True)
+                               batch_size=config.per_worker_batch_size, seed=config.seed, exactly_once=True,
+                               decode_device=decode_device(config, rank))
     gallery, gallery_labels = embed_pass(net, train_share, rank.device)
     queries = torch.cat([pair[0] for pair in collected]) if collected else torch.empty(0, net.dim)
     query_labels = torch.cat([pair[1] for pair in collected]) if collected else torch.empty(0, dtype=torch.int64)
@@ -170,11 +171,16 @@ def worker_node_ids(rank: RankDevice) -> list[str]:
     return nodes
 
 
+def decode_device(config: Config, rank: RankDevice) -> torch.device | None:
+    """Where the loaders' batches are decoded: this worker's GPU with data.decode = gpu, else in the loader."""
+    return rank.device if config.data.decode == "gpu" else None
+
+
 def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochLoader | None]:
     """The training loader over `data.fit_splits`, and the val loader (None for a refit, which trains on val)."""
     common = dict(rank=rank.rank, world_size=rank.world_size, batch_size=config.per_worker_batch_size,
                   seed=config.seed, pin_memory=rank.device.type == "cuda",
-                  decode_device=rank.device if config.data.decode == "gpu" else None)
+                  decode_device=decode_device(config, rank))
     train = build_loader(config.data, config.data.fit_splits, **common)
     return train, build_loader(config.data, "val", **common) if config.data.validates else None
 
