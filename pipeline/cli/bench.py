@@ -25,7 +25,7 @@ def bench_data(
 @app.command(name="bench-train")
 def bench_train(
     work_dir: Annotated[Path, typer.Option(help="scratch folder: generated shards, throw-away MLflow store and Ray storage")] = Path("data/bench_train"),
-    only: Annotated[Optional[str], typer.Option(help="overhead | startup (default: both)")] = None,
+    only: Annotated[Optional[str], typer.Option(help="overhead | startup | trial-gap (default: all)")] = None,
     model: Annotated[str, typer.Option(help="architecture for both paths")] = "resnet18",
     image_size: Annotated[int, typer.Option(min=16, help="overhead: training crop side, pixels")] = 64,
     global_batch: Annotated[int, typer.Option(min=1, help="overhead: global batch")] = 32,
@@ -33,17 +33,21 @@ def bench_train(
     train_images: Annotated[int, typer.Option(min=1, help="overhead: training images per epoch")] = 2048,
     rounds: Annotated[int, typer.Option(min=3, help="overhead: alternating reference/ours pairs")] = 3,
 ) -> None:
-    """Benchmark: Ray Train vs plain torchrun DDP images/s, and a 1-epoch train job's start-up time."""
+    """Benchmark: Ray Train vs plain torchrun DDP images/s, a 1-epoch train job's start-up time, and a sweep's
+    fixed cost per trial."""
     from pipeline.bench.startup import run_startup_benchmark
     from pipeline.bench.overhead import run_overhead_benchmark
+    from pipeline.bench.trials import run_trial_gap_benchmark
 
-    if only not in (None, "overhead", "startup"):
-        fail(f"--only {only!r} is not one of overhead, startup")
+    if only not in (None, "overhead", "startup", "trial-gap"):
+        fail(f"--only {only!r} is not one of overhead, startup, trial-gap")
     if only in (None, "overhead"):
         run_overhead_benchmark(work_dir, model=model, image_size=image_size, global_batch=global_batch,
                                epochs=epochs, train_images=train_images, rounds=rounds)
     if only in (None, "startup"):
         run_startup_benchmark(work_dir, model=model)
+    if only in (None, "trial-gap"):
+        run_trial_gap_benchmark(work_dir, model=model)
 
 
 @app.command(name="bench-retrieval")
