@@ -11,6 +11,7 @@ sample, class and shard counts. `context` says what the run did with it (train, 
 from __future__ import annotations
 
 import json
+import warnings
 
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -24,7 +25,9 @@ from pipeline.tracking.uri import redact
 def split_input(manifest: Manifest, location: str, context: str) -> DatasetInput:
     location = redact(location)  # a URL's credentials never reach the tracking store
     try:
-        source = resolve_dataset_source(location)
+        with warnings.catch_warnings():  # a local path matches two equivalent local sources: MLflow warns, picks one
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            source = resolve_dataset_source(location)
         source_type, source_json = source._get_source_type(), source.to_json()
     except MlflowException:  # a scheme MLflow has no dataset source for (e.g. a custom fsspec protocol)
         source_type, source_json = "external", json.dumps({"uri": location})

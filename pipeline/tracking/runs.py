@@ -300,6 +300,9 @@ def steps_between_logs(setting: int | None, steps_per_epoch: int) -> int:
     return setting
 
 
+MIN_SECONDS_BETWEEN_STEP_LOGS = 1.0
+
+
 class StepLog:
     """The step hook of `pipeline.train.step.train_one_epoch` on rank 0: it adds up each step's loss on the
     device and reads it only every `every` steps (one device wait per interval, not per step), then sends one
@@ -320,8 +323,18 @@ class StepLog:
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._steps += 1
         self._images += images
-        if step % self.every:
+        self._last = (step, lr)
+        # Every `every` steps, and at most once a second: small epochs would otherwise log every step, and on a
+        # few cores MLflow's logging thread then competes with the step (measured by bench-train's overhead).
+        if step % self.every or time.perf_counter() - self._started < MIN_SECONDS_BETWEEN_STEP_LOGS:
             return
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the window holds (the worker calls it at each epoch's end: the last step is always logged)."""
+        if not self._steps:
+            return
+        step, lr = self._last
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         stamp = int(time.time() * 1000)
         figures = {m.STEP_LOSS: float(self._loss_sum) / self._steps, m.STEP_LR: lr,

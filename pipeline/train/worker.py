@@ -89,6 +89,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         for epoch in range(state.epoch, config.optim.epochs):
             train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, rank, epoch,
                                             state, step_log)
+            if step_log is not None:
+                step_log.flush()
             broadcast_buffers_from_rank0(model, rank)  # the score is the saved (rank 0's) weights' score
             val_metrics = validate(model, val_loader, scheduler, config, rank, epoch, manifest.num_classes)
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}

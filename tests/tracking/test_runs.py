@@ -192,3 +192,31 @@ def test_a_sqlite_store_inside_a_ray_jobs_working_dir_copy_is_refused(monkeypatc
         "tracking.tracking_uri=sqlite:////tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_1/mlflow.db"])
     with pytest.raises(ConfigError, match="would vanish with the job; set MLFLOW_TRACKING_URI"):
         resolve_tracking_uri(config)
+
+
+def test_step_metrics_are_read_and_sent_once_per_window_and_at_each_epochs_end(monkeypatch):
+    import torch
+
+    from pipeline.tracking import runs
+
+    class Client:
+        def __init__(self):
+            self.batches = []
+
+        def log_batch(self, run_id, metrics, synchronous):
+            assert synchronous is False  # never waits for the server
+            self.batches.append({metric.key: (metric.value, metric.step) for metric in metrics})
+
+    client = Client()
+    log = runs.StepLog(client, "run", every=2)
+    for step in range(1, 6):  # well within a second: the time floor holds every window back
+        log(step, torch.tensor(float(step), dtype=torch.float64), 0.1, 8)
+    assert client.batches == []
+    log.flush()  # the epoch's end
+    assert client.batches[0][m.STEP_LOSS] == (3.0, 5) and client.batches[0][m.STEP_LR] == (0.1, 5)
+    monkeypatch.setattr(runs, "MIN_SECONDS_BETWEEN_STEP_LOGS", 0.0)
+    for step in range(6, 9):
+        log(step, torch.tensor(1.0, dtype=torch.float64), 0.2, 8)
+    assert [batch[m.STEP_LOSS][1] for batch in client.batches] == [5, 6, 8]
+    log.flush()  # nothing left in the window: nothing sent
+    assert len(client.batches) == 3
