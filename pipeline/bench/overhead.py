@@ -49,7 +49,7 @@ SETTLE_SECONDS = 2.0  # pause before each measured run so the previous run's pro
 
 def run_overhead_benchmark(
     work_dir: Path, model: str = "resnet18", image_size: int = 64, global_batch: int = 32, epochs: int = 2,
-    train_images: int = 2048, rounds: int = 3, num_workers: int = 2, loader_workers: int = 1,
+    train_images: int = 4096, rounds: int = 3, num_workers: int = 2, loader_workers: int = 1,
     warmup_epochs: int = 1,
 ) -> dict:
     """Steady-state training images/s of ours and of plain DDP, alternating for `rounds`; print a table."""

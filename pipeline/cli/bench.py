@@ -30,7 +30,7 @@ def bench_train(
     image_size: Annotated[int, typer.Option(min=16, help="overhead: training crop side, pixels")] = 64,
     global_batch: Annotated[int, typer.Option(min=1, help="overhead: global batch")] = 32,
     epochs: Annotated[int, typer.Option(min=2, help="overhead: epochs per run; the first is warm-up")] = 2,
-    train_images: Annotated[int, typer.Option(min=1, help="overhead: training images per epoch")] = 2048,
+    train_images: Annotated[int, typer.Option(min=1, help="overhead: training images per epoch")] = 4096,
     rounds: Annotated[int, typer.Option(min=3, help="overhead: alternating reference/ours pairs")] = 3,
 ) -> None:
     """Benchmark: Ray Train vs plain torchrun DDP images/s, a 1-epoch train job's start-up time, and a sweep's
