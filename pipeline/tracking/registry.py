@@ -29,7 +29,7 @@ from pipeline.config import Config
 from pipeline.data.manifest import Manifest
 from pipeline.tracking.plots import learning_curve
 from pipeline.tracking.runs import attached
-from pipeline.tracking.uri import redact
+from pipeline.tracking.uri import redact, redact_text
 
 CHAMPION_ALIAS = "champion"
 BEST_SUMMARY = (m.EPOCH, m.VAL_LOSS, m.VAL_TOP1, m.VAL_TOP5)
@@ -110,7 +110,7 @@ def describe(client: MlflowClient, config: Config, version: str, best_metrics: d
             f"by `imagenet-pipeline champion history {name}`."))
     scores = ", ".join(f"{key} {float(value):.2f}" for key, value in sorted(best_metrics.items())
                        if key.startswith(("val/", "train/loss")) and isinstance(value, (int, float)))
-    command = shlex.join(redact(arg) or "" for arg in sys.argv) if sys.argv else "unknown"
+    command = redact_text(shlex.join(sys.argv)) if sys.argv else "unknown"
     client.update_model_version(name, version, description=(
         f"{config.model.name}, {manifest.num_classes} classes, trained on {'+'.join(config.data.fit_splits)} of "
         f"{redact(config.data.root)} (manifest {manifest.content_hash()}, {manifest.num_samples} images), "

@@ -72,6 +72,14 @@ def redact(uri: str | None) -> str | None:
     return None if uri is None else _CREDENTIALS.sub(r"\g<scheme>***@", uri)
 
 
+_CREDENTIALS_ANYWHERE = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+def redact_text(text: str) -> str:
+    """`redact` for URLs anywhere in a text, e.g. a command line's `--set tracking.tracking_uri=https://u:p@host`."""
+    return _CREDENTIALS_ANYWHERE.sub(r"\g<scheme>***@", text)
+
+
 def warn_if_credentials_cross_plain_http(uri: str) -> None:
     """Once per URI: MLflow's basic-auth credentials (in the URI or MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) would
     travel unencrypted to a host other than this machine."""

@@ -15,6 +15,9 @@ def test_redact_hides_user_and_password_and_keeps_the_rest():
     assert tracking_uri.redact("postgresql://mlflow:pw@db:5432/x") == "postgresql://***@db:5432/x"
     assert tracking_uri.redact("http://mlflow:5000") == "http://mlflow:5000"
     assert tracking_uri.redact(None) is None
+    command = "imagenet-pipeline train --set tracking.tracking_uri=https://ada:pw@mlflow:5000 --set data.root=s3://b/x"
+    assert tracking_uri.redact_text(command) == ("imagenet-pipeline train --set tracking.tracking_uri="
+                                                 "https://***@mlflow:5000 --set data.root=s3://b/x")
 
 
 def test_the_tracking_uri_param_is_logged_redacted():
