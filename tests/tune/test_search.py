@@ -146,13 +146,13 @@ def _check_refit(client, config, outcome):
     """The sweep's best configuration on train + val, for the epochs its trial needed, gated on its sweep score."""
     scores = client.get_metric_history(outcome.best.mlflow_run_id, m.VAL_TOP1)
     best = max(scores, key=lambda point: (point.value, -point.step))
-    refit = run_refit(config, "sweep-a")
+    refit = run_refit(config, "sweep-a", ["scaling.num_workers=0"])  # local mode: the same loop, no group start
     run = client.get_run(refit.mlflow_run_id)
     assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
     assert (run.data.tags[REFIT_SWEEP_TAG], run.data.tags[REFIT_TRIAL_TAG]) == ("sweep-a", outcome.best.trial_id)
     assert [p.step for p in client.get_metric_history(run.info.run_id, m.TRAIN_LOSS)] == list(range(1, best.step + 1))
     assert not [key for key in run.data.metrics if key.startswith("val/")]  # nothing left to validate on
-    # One plan over both splits: (80 train + 16 val) // batch 8 = 12 steps an epoch.
+    # One plan over both splits: (80 train + 16 val) // batch 8 = 12 steps an epoch (one process, as in the trial).
     assert client.get_metric_history(run.info.run_id, m.STEP_LOSS)[-1].step == 12 * best.step
     contexts = {inp.dataset.name: [t.value for t in inp.tags] for inp in run.inputs.dataset_inputs}
     assert contexts == {"train": ["train"], "val": ["train"]}
