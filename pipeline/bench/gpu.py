@@ -12,8 +12,9 @@ autocast and channels_last on CUDA, the device-side loss sums) and, for shards, 
    processes;
 3. the same shards with `data.decode: gpu` (nvJPEG in the training process);
 4. a table: images/s, share of the ceiling, data-wait share, peak device memory; also written as JSON.
-Each figure is the steady epoch (the second of two: the first pays cudnn autotuning, compilation, the loader
-start). Nothing here asserts a speed.
+Synthetic figures are the second of two epochs (the first pays cudnn autotuning and compilation); shard figures
+are one epoch after every loader process has delivered its first batch (the loader's start would otherwise be
+most of a short benchmark epoch). Nothing here asserts a speed.
 
 Imports only torch, torchvision and the project's data path (which needs numpy, Pillow, PyYAML, pydantic,
 webdataset and braceexpand): README "Performance" says how to put those wheels on a bare GPU machine.
@@ -25,13 +26,14 @@ import argparse
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.config import Config, load_config
-from pipeline.data.loader import Batch, build_loader
+from pipeline.data.loader import IGNORE_LABEL, Batch, build_loader
 from pipeline.errors import BenchmarkError
 from pipeline.train.checkpoints import TrainingState
 from pipeline.train.models import build_model
@@ -68,8 +70,8 @@ class Sizes:
     @classmethod
     def for_run(cls, smoke: bool) -> "Sizes":
         if smoke:
-            return cls(image_size=32, batch=8, synthetic_steps=2, images=32, width=64, height=48)
-        return cls(image_size=224, batch=256, synthetic_steps=30, images=4096, width=500, height=375)
+            return cls(image_size=64, batch=8, synthetic_steps=2, images=32, width=80, height=64)  # AlexNet: >= 63 px
+        return cls(image_size=224, batch=256, synthetic_steps=30, images=8192, width=500, height=375)
 
 
 def run_gpu_benchmark(work_dir: Path, device_name: str, smoke: bool, models: tuple[str, ...],
@@ -81,24 +83,48 @@ def run_gpu_benchmark(work_dir: Path, device_name: str, smoke: bool, models: tup
     processes = loader_processes or _default_processes()
     shards = _shards(work_dir, sizes)
     figures: list[Figure] = []
-    for name in models:
-        for compiled in ((False, True) if name == "resnet50" and compile_resnet50 else (False,)):
-            figures.append(_synthetic(name, compiled, device, sizes))
-        ceiling = next(f.images_per_second for f in figures if f.model == name and not f.compiled)
-        # GPU decoding with the most loader processes (they only read bytes and draw crops then); on a CPU the
-        # same route decodes on the CPU device, which is what the smoke run checks end to end.
-        feeds = [("cpu", count) for count in processes] + [("gpu", processes[-1])]
-        for decode, count in feeds:
-            figure = _from_shards(name, decode, count, device, sizes, shards)
-            figure.share_of_ceiling = figure.images_per_second / ceiling if ceiling else None
-            figures.append(figure)
+    # What matters most runs first, and the table is rewritten after every figure: a run cut short (GPU time is
+    # rented by the minute) still leaves what it measured. The compiled ResNet-50 (a minute of compilation) is last.
+    for name, feed, count, compiled in _plan(models, processes, compile_resnet50):
+        if feed == "synthetic":
+            figure = _synthetic(name, compiled, device, sizes)
+        else:
+            figure = _from_shards(name, feed, count, device, sizes, shards)
+        ceiling = next((f.images_per_second for f in figures
+                        if f.model == name and f.feed == "synthetic" and not f.compiled), None)
+        if feed != "synthetic" and ceiling:
+            figure.share_of_ceiling = figure.images_per_second / ceiling
+        figures.append(figure)
+        _write(out, device, sizes, figures)
     print(format_table(figures, device))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"device": _device_label(device), "sizes": asdict(sizes),
-                                   "figures": [asdict(figure) for figure in figures]}, indent=2))
         print(f"wrote {out}")
     return figures
+
+
+def _plan(models: tuple[str, ...], processes: tuple[int, ...],
+          compile_resnet50: bool) -> list[tuple[str, str, int, bool]]:
+    """(model, synthetic | cpu | gpu, loader processes, compiled) in the order they run. GPU decoding uses the
+    most loader processes (they only read bytes and draw crops then); on a CPU the same route decodes on the CPU
+    device, which is what the smoke run checks end to end."""
+    plan = []
+    for name in models:
+        plan.append((name, "synthetic", 0, False))
+        plan.append((name, "gpu", processes[-1], False))
+        plan += [(name, "cpu", count, False) for count in reversed(processes)]
+    if compile_resnet50 and "resnet50" in models:
+        plan.append(("resnet50", "synthetic", 0, True))
+    return plan
+
+
+def _write(out: Path | None, device: torch.device, sizes: Sizes, figures: list[Figure]) -> None:
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps({"device": _device_label(device), "sizes": asdict(sizes),
+                                   "figures": [asdict(figure) for figure in figures]}, indent=2))
+    partial.replace(out)
 
 
 def _default_processes() -> tuple[int, ...]:
@@ -109,7 +135,7 @@ def _default_processes() -> tuple[int, ...]:
 def _config(name: str, sizes: Sizes, shards: Path, processes: int = 0) -> Config:
     return load_config(overrides=[
         f"model.name={name}", f"data.root={shards}", f"data.train_image_size={sizes.image_size}",
-        f"data.eval_image_size={sizes.image_size}", f"data.loader_workers={processes}", "data.shuffle_buffer=256",
+        f"data.eval_image_size={sizes.image_size}", f"data.loader_workers={processes}", "data.shuffle_buffer=64",
         f"optim.batch_size={sizes.batch}", "optim.lr=0.1", "optim.epochs=2", "scaling.num_workers=0",
     ])
 
@@ -150,14 +176,59 @@ def _from_shards(name: str, decode: str, processes: int, device: torch.device, s
     # The data section alone: the whole config would (rightly) refuse gpu decoding without scaling.use_gpu,
     # and this process is the training process, with no Ray around it.
     data = config.data.model_copy(update={"decode": decode})
-    loader = build_loader(data, "train", rank=0, world_size=1, batch_size=sizes.batch, seed=0,
-                          pin_memory=device.type == "cuda", decode_device=device if decode == "gpu" else None)
+    loader = _TimedLoader(build_loader(data, "train", rank=0, world_size=1, batch_size=sizes.batch, seed=0,
+                                       pin_memory=device.type == "cuda",
+                                       decode_device=device if decode == "gpu" else None))
     feed = f"{decode} decode, {processes} loader processes"
-    return _measure(name, feed, False, device, sizes, loader, loader.manifest.num_classes, config)
+    # One epoch, measured after every loader process has delivered its first batch (the loader's start is a
+    # per-epoch cost the job pays, but on a short benchmark epoch it would be most of the figure).
+    return _measure(name, feed, False, device, sizes, loader, loader.manifest.num_classes, config,
+                    epochs=1, skip_batches=min(processes + 2, len(loader) // 2))
+
+
+class _TimedLoader:
+    """A loader timed batch by batch: when each batch arrived, how long the step waited for it, its images."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.arrivals: list[float] = []
+        self.waits: list[float] = []
+        self.images: list[int] = []
+
+    @property
+    def manifest(self):
+        return self.loader.manifest
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.arrivals, self.waits, self.images = [], [], []
+        batches = iter(self.loader)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            arrived = time.perf_counter()
+            self.arrivals.append(arrived)
+            self.waits.append(arrived - asked)
+            self.images.append(int((batch.labels != IGNORE_LABEL).sum()))
+            yield batch
+
+    def steady(self, ended: float, skip: int) -> tuple[float, float]:
+        """images/s and data-wait share from the arrival of batch `skip` to `ended` (the device done)."""
+        elapsed = ended - self.arrivals[skip]
+        return sum(self.images[skip:]) / elapsed, sum(self.waits[skip + 1:]) / elapsed
 
 
 def _measure(name: str, feed: str, compiled: bool, device: torch.device, sizes: Sizes, loader, num_classes: int,
-             config: Config | None = None) -> Figure:
+             config: Config | None = None, epochs: int = 2, skip_batches: int = 0) -> Figure:
+    """`epochs` 2: the figure is the second (the first pays for autotuning and compilation); 1: the window
+    after `skip_batches` of a timed loader's one epoch."""
     config = config or _config(name, sizes, Path("."))
     rank = _rank(device)
     model = build_model(config.model, num_classes).to(device)
@@ -171,10 +242,14 @@ def _measure(name: str, feed: str, compiled: bool, device: torch.device, sizes: 
         torch.cuda.reset_peak_memory_stats(device)
     state = TrainingState()
     metrics = {}
-    for epoch in range(2):  # the first pays for autotuning, compilation and the loader's start
+    for epoch in range(epochs):
         metrics = train_one_epoch(runner, loader, optimizer, scheduler, grad_scaler(rank), config, rank, epoch, state)
+    ended = time.perf_counter()  # train_one_epoch's last act reads its device sums: the device is done
+    rate, wait = metrics["train/images_per_second"], metrics["train/data_wait_share"]
+    if isinstance(loader, _TimedLoader):
+        rate, wait = loader.steady(ended, skip_batches)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    figure = Figure(name, feed, compiled, metrics["train/images_per_second"], metrics["train/data_wait_share"], peak)
+    figure = Figure(name, feed, compiled, rate, wait, peak)
     print(f"  {name:9s} {feed:34s} {'compiled' if compiled else 'eager':8s} {figure.images_per_second:9.1f} "
           f"images/s", flush=True)
     return figure
@@ -189,9 +264,11 @@ def _shards(work_dir: Path, sizes: Sizes) -> Path:
         return root
     source = work_dir / f"source-{sizes.images}-{sizes.width}x{sizes.height}"
     classes = 8 if sizes.images >= 64 else 4
-    generate_imagenet_folder(source, num_classes=classes, train_per_class=sizes.images // classes + 1,
-                             val_per_class=1, width=sizes.width, height=sizes.height, seed=0)
-    shard_imagenet(source, root, val_per_class=1, samples_per_shard=256, seed=0, progress=False)
+    cores = os.cpu_count() or 1
+    generate_imagenet_folder(source, num_classes=classes, train_per_class=sizes.images // classes,
+                             val_per_class=1, width=sizes.width, height=sizes.height, seed=0, processes=cores)
+    # 64 samples a shard: enough shards that every loader process gets a near-equal share of the epoch.
+    shard_imagenet(source, root, val_per_class=1, samples_per_shard=64, seed=0, progress=False, processes=cores)
     shutil.rmtree(source)
     return root
 

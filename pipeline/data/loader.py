@@ -258,7 +258,9 @@ class EpochLoader:
         self.decode_device = decode_device or torch.device("cpu")
         self.loader_workers = data.loader_workers
         self.prefetch_batches = data.prefetch_batches
-        self.pin_memory = pin_memory
+        # Encoded batches are not pinned: decode_jpeg copies each JPEG to the GPU itself, and pinning 256 small
+        # tensors a batch would only add a host copy of every byte.
+        self.pin_memory = pin_memory and not dataset.decode_on_device
         # Samples of the current pass that could not be read, per manifest shard: the loader processes report
         # them batch by batch, and a run stopped for corruption names the shards from these counts.
         self.corrupt_counts = torch.zeros(len(dataset.manifest.shards), dtype=torch.float64)

@@ -161,12 +161,12 @@ def test_every_rank_evaluates_with_rank_0s_batchnorm_statistics(tmp_path):
     assert torch.equal(after0, before0) and torch.equal(after1, before0)
 
 
-def _per_step_accounting(net, loader, optimizer):
+def _per_step_accounting(net, loader, optimizer, device="cpu"):
     """The accounting the step had before it kept its sums on the device: a `.item()` per step."""
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
     totals = torch.zeros(3, dtype=torch.float64)
     for data in loader:
-        images, labels = normalize_batch(data.images, "cpu"), data.labels
+        images, labels = normalize_batch(data.images, device), data.labels.to(device)
         valid = int((labels != IGNORE_LABEL).sum())
         if not valid:
             totals[2] += data.corrupt
@@ -179,18 +179,24 @@ def _per_step_accounting(net, loader, optimizer):
     return totals.tolist()
 
 
-def test_device_side_sums_report_exactly_what_per_step_reads_did():
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_side_sums_report_exactly_what_per_step_reads_did(device):
     torch.manual_seed(1)
     loader = ListLoader([batch([0, 1, 2, 3]), batch([1, IGNORE_LABEL, 3, 0], corrupt=1),
                          batch([IGNORE_LABEL] * 4, corrupt=4), batch([2, 2, 1, 0])])
     config = load_config(overrides=["optim.weight_decay=0.0", "scaling.num_workers=0"])
-    nets, optimizers = [model(), model()], []
+    rank = RankDevice(rank=0, world_size=1, device=torch.device(device), autocast_dtype=None, channels_last=False)
+    nets, optimizers = [model().to(device), model().to(device)], []
     for net in nets:
         optimizers.append(torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9))
-    loss_sum, valid, corrupt = _per_step_accounting(nets[0], loader, optimizers[0])
+    loss_sum, valid, corrupt = _per_step_accounting(nets[0], loader, optimizers[0], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizers[1], lambda step: 1.0)
     seen = []
-    metrics = train_one_epoch(nets[1], loader, optimizers[1], scheduler, grad_scaler(RANK), config, RANK, 0,
+    metrics = train_one_epoch(nets[1], loader, optimizers[1], scheduler, grad_scaler(rank), config, rank, 0,
                               TrainingState(), on_step=lambda step, loss, lr, images: seen.append((step, loss, images)))
     assert metrics["train/loss"] == loss_sum / valid  # bit for bit: the same float64 sums in the same order
     assert metrics["train/corrupt_samples"] == corrupt == 5
