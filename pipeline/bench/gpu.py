@@ -255,6 +255,45 @@ def _measure(name: str, feed: str, compiled: bool, device: torch.device, sizes: 
     return figure
 
 
+def decode_breakdown(work_dir: Path, device_name: str, smoke: bool, rounds: int = 5) -> dict[str, float]:
+    """Where GPU decoding's time goes, for one training batch: torchvision's batched nvJPEG call, the same
+    images one call each, the crops and resizes after it (the whole device route minus the decode), and the
+    CPU route's decode in one process for comparison. Milliseconds per batch, median of `rounds`."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from pipeline.data.transforms import decode_on_device
+
+    device = torch.device(device_name)
+    sizes = Sizes.for_run(smoke)
+    data = _config("resnet50", sizes, _shards(work_dir, sizes)).data.model_copy(update={"decode": "gpu"})
+    stream = build_loader(data, "train", rank=0, world_size=1, batch_size=sizes.batch, seed=0).dataset
+    slots = [slot for slot in next(iter(stream)).encoded if slot is not None and not slot.ready]
+    jpegs = [slot.data for slot in slots]
+    routes = {
+        "nvjpeg batched": lambda: decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device),
+        "nvjpeg one by one": lambda: [decode_jpeg(j, mode=ImageReadMode.RGB, device=device) for j in jpegs],
+        "device route (decode, crop, resize)": lambda: decode_on_device(slots, True, sizes.image_size, device),
+        "cpu route, one process": lambda: decode_on_device(slots, True, sizes.image_size, torch.device("cpu")),
+    }
+    timings = {}
+    for label, route in routes.items():
+        route()  # warm: the decoder's buffers, the kernels
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            route()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            samples.append(time.perf_counter() - started)
+        timings[label] = 1000 * sorted(samples)[len(samples) // 2]
+    timings["crops and resizes (route minus batched decode)"] = \
+        timings["device route (decode, crop, resize)"] - timings["nvjpeg batched"]
+    print(f"decode breakdown, one batch of {len(jpegs)} {sizes.width}x{sizes.height} JPEGs on {_device_label(device)}:")
+    for label, ms in timings.items():
+        print(f"  {label:48s} {ms:8.1f} ms  {len(jpegs) / ms * 1000:9.0f} images/s")
+    return timings
+
+
 def _shards(work_dir: Path, sizes: Sizes) -> Path:
     from pipeline.data.sharding import shard_imagenet
     from pipeline.data.synthetic import generate_imagenet_folder
@@ -305,7 +344,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loader-processes", default=None, help="comma-separated counts (default: 4, 8, cores-2)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled ResNet-50 run")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
+    parser.add_argument("--decode-breakdown", action="store_true",
+                        help="only time GPU decoding's parts for one batch (see decode_breakdown)")
     args = parser.parse_args(argv)
+    if args.decode_breakdown:
+        decode_breakdown(args.work_dir, args.device, args.smoke)
+        return
     processes = tuple(int(n) for n in args.loader_processes.split(",")) if args.loader_processes else None
     run_gpu_benchmark(args.work_dir, args.device, args.smoke, tuple(args.models.split(",")), processes,
                       not args.no_compile, args.out)

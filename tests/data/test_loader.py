@@ -250,7 +250,8 @@ def test_decoding_on_the_device_gives_the_cpu_routes_batches(tmp_path, split):
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_nvjpeg_decoding_gives_the_cpu_routes_crops_within_rounding(tmp_path, split):
     """The same crops, masks and counts as the CPU route; pixels differ only by decoder and resize rounding
-    (nvJPEG's IDCT and chroma upsampling, a float resize against libjpeg-turbo and a uint8 one)."""
+    (nvJPEG's IDCT and chroma upsampling, a float resize against libjpeg-turbo and a uint8 one). Measured on an
+    H200 (torch 2.11, torchvision 0.26): mean |diff| 0.14 (train) / 0.16 (val), 99th percentile 1, max 2."""
     _split_with_an_undecodable_jpeg(tmp_path, split)
     cpu, cpu_loader = _batches_with(tmp_path, split)
     device, device_loader = _batches_with(tmp_path, split, decode_device=torch.device("cuda"), decode="gpu")
@@ -258,7 +259,7 @@ def test_nvjpeg_decoding_gives_the_cpu_routes_crops_within_rounding(tmp_path, sp
     difference = torch.cat([(a.images.int() - b.images.cpu().int()).abs().flatten() for a, b in zip(cpu, device)])
     print(f"nvJPEG vs CPU route ({split}): mean |diff| {difference.float().mean():.3f}, "
           f"99th percentile {difference.float().quantile(0.99):.0f}, max {difference.max()}")
-    assert difference.float().mean() <= 2.0 and difference.float().quantile(0.99) <= 12
+    assert difference.float().mean() <= 0.5 and difference.max() <= 4
 
 
 def test_gpu_decoding_without_gpus_is_refused_at_config_load():
