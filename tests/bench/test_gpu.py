@@ -33,3 +33,14 @@ def test_the_benchmark_imports_neither_ray_nor_mlflow():
     result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True,
                             timeout=120, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_decode_breakdown_times_every_part_of_one_batch(tmp_path, capsys):
+    from pipeline.bench.gpu import decode_breakdown
+
+    timings = decode_breakdown(tmp_path, "cpu", smoke=True, rounds=1)
+    assert set(timings) == {"nvjpeg batched", "nvjpeg one by one", "device route (decode, crop, resize)",
+                            "cpu route, one process", "crops and resizes (route minus batched decode)"}
+    assert all(timings[label] > 0 for label in timings if not label.startswith("crops"))
+    assert "decode breakdown, one batch of 8 80x64 JPEGs" in capsys.readouterr().out
