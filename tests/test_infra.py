@@ -24,7 +24,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 from pipeline.config import load_config
-from pipeline.tune.search import cluster_fit_problem
+from pipeline.tune.search import cluster_fit_problem, concurrent_trials
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -261,6 +261,7 @@ def test_rayjobs_fit_the_cluster_they_run_on():
         if module != "jobs.tune":
             config = config.model_copy(update={"search": config.search.model_copy(update={"max_concurrent_trials": 1})})
         assert cluster_fit_problem(config, nodes) is None, doc["metadata"]["name"]
+        assert concurrent_trials(config, nodes) >= config.search.max_concurrent_trials, doc["metadata"]["name"]
 
 
 def test_mlflow_server_uses_basic_auth_allowed_hosts_and_secrets():

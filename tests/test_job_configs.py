@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.train.optim import scaled_lr
-from pipeline.tune.search import cluster_fit_problem
+from pipeline.tune.search import cluster_fit_problem, concurrent_trials
 
 CONFIGS = PROJECT_ROOT / "jobs" / "configs"
 SWEEP_BASES = {  # a sweep is layered on the recipe it tunes
@@ -60,6 +60,7 @@ def test_imagenet_sweeps_fit_their_node_and_run_shorter_than_the_recipe(name):
     assert config.search.max_concurrent_trials * trial.num_workers * trial.gpus_per_worker == 8  # every GPU busy
     for cluster, nodes in CLUSTERS.items():
         assert cluster_fit_problem(config, nodes) is None, cluster
+        assert concurrent_trials(config, nodes) >= config.search.max_concurrent_trials, cluster
     assert config.optim.epochs < recipe.optim.epochs
     assert config.search.num_samples > config.search.max_concurrent_trials
     assert f"python -m jobs.tune -c jobs/configs/{SWEEP_BASES[name]} -c jobs/configs/{name}" in comments(name)
@@ -76,6 +77,7 @@ def test_imagenet_recipes_name_their_published_target_and_run_on_the_shared_gpu_
     assert config.scaling.cpus_per_worker >= config.data.loader_workers + 1
     for cluster, nodes in CLUSTERS.items():
         assert cluster_fit_problem(config, nodes) is None, cluster
+        assert concurrent_trials(config, nodes) >= config.search.max_concurrent_trials, cluster
     assert str(config.data.root) == "/mnt/shared/imagenet-shards"
     assert config.tracking.storage_path == "/mnt/shared/ray_results"
 

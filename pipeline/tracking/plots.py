@@ -42,7 +42,7 @@ def learning_curve(history: list[dict[str, Any]]):
 
 
 def sweep_learning_curves(trials: list[Any]):
-    """Val top-1 by epoch for every trial; an X marks where ASHA stopped a trial."""
+    """Val top-1 by epoch for every trial; an X marks the epoch ASHA decided to stop a trial at."""
     figure = Figure(figsize=(8, 5))
     axes = figure.subplots()
     for trial in trials:
@@ -50,9 +50,10 @@ def sweep_learning_curves(trials: list[Any]):
         top1 = [row[m.VAL_TOP1] for row in trial.history]
         if not epochs:
             continue
-        (line,) = axes.plot(epochs, top1, marker="o", label=f"{trial.trial_id} ({trial.status})")
-        if trial.status == "stopped early":
-            axes.plot(epochs[-1], top1[-1], marker="X", markersize=14, color=line.get_color())
+        (line,) = axes.plot(epochs, top1, marker="o", label=f"{trial.trial_id} ({trial.status_text})")
+        if trial.stop_decided_at is not None and trial.stop_decided_at in epochs:
+            at = epochs.index(trial.stop_decided_at)
+            axes.plot(epochs[at], top1[at], marker="X", markersize=14, color=line.get_color())
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("val top-1, %")

@@ -1,8 +1,10 @@
 """Checkpoint contents: everything needed to continue a run exactly where it stopped.
 
 A checkpoint directory holds `state.pt` (model, optimiser, scheduler, grad scaler, RNG states, epoch,
-global step, metric history) and `meta.json` (model name, class count, manifest hash, resolved config),
-which is small and readable without torch so the driver can refuse a mismatched resume up front.
+global step, metric history), `meta.json` (model name, class count, manifest hash, resolved config), which is
+small and readable without torch so the driver can refuse a mismatched resume up front, and `progress.json`
+(the epoch it was saved after, the run's per-epoch metrics so far, whether it stopped early): a run's record
+(`read_run_record`), read the same way by a sweep's summary, its publishing and a resumed trial.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 
+from pipeline import metrics as m
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import CheckpointError, ConfigError, StorageError, first_line
@@ -28,6 +31,7 @@ STATE_FILE = "state.pt"
 
 
 META_FILE = "meta.json"
+PROGRESS_FILE = "progress.json"
 
 
 @dataclass
@@ -63,9 +67,10 @@ def rng_state() -> dict[str, Any]:
 def save_checkpoint(
     directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
     scaler: torch.amp.GradScaler | None, state: TrainingState, meta: dict[str, Any],
-    rng_by_rank: list[dict[str, Any]] | None = None,
+    rng_by_rank: list[dict[str, Any]] | None = None, stopped_early: bool = False,
 ) -> None:
-    """`rng_by_rank`: every rank's streams (gathered by the caller), so each rank continues its own on resume."""
+    """`rng_by_rank`: every rank's streams (gathered by the caller), so each rank continues its own on resume.
+    `stopped_early`: the run ends after this epoch (early stopping), so a resume has nothing left to train."""
     rng_by_rank = rng_by_rank or [rng_state()]
     payload = {
         "model": model.state_dict(),
@@ -78,6 +83,8 @@ def save_checkpoint(
     }
     torch.save(payload, directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    progress = {"epoch": state.epoch, "history": state.history, "stopped_early": stopped_early}
+    (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=1))
 
 
 def load_checkpoint(
@@ -174,6 +181,74 @@ def latest_run_checkpoint(storage_path: str | Path, run_name: str) -> str | None
         if storage.is_file(storage.join(directory, META_FILE)):
             return directory
     return None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run's checkpoints say it did: every epoch's metrics (from the newest checkpoint) and, per epoch,
+    the checkpoint Ray kept for it (older ones are deleted as `tracking.keep_checkpoints` allows)."""
+
+    history: list[dict[str, float]]
+    checkpoints: dict[int, str]  # epoch -> checkpoint location
+    stopped_early: bool
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history)
+
+    def finished(self, max_epochs: int) -> bool:
+        return self.stopped_early or self.epochs >= max_epochs
+
+    def best_kept(self, metric: str) -> tuple[dict[str, float], str] | None:
+        """The best epoch by `metric` that still has its checkpoint (the earliest of equal scores), and that
+        checkpoint; None when no kept epoch has the metric."""
+        kept = [row for row in self.history if int(row.get(m.EPOCH, 0)) in self.checkpoints and metric in row]
+        if not kept:
+            return None
+        row = max(kept, key=lambda row: (row[metric], -row[m.EPOCH]))
+        return row, self.checkpoints[int(row[m.EPOCH])]
+
+
+def read_run_record(storage_path: str, run_name: str) -> RunRecord | None:
+    """The record of `run_name` from its complete checkpoints (those with meta.json), None if it has none.
+
+    Each checkpoint's progress.json is a few kilobytes, so this reads no weights; one without it (written before
+    progress.json existed) is read from its state.pt. The files are untrusted: malformed ones are a
+    CheckpointError naming the file.
+    """
+    checkpoints: dict[int, str] = {}
+    newest: dict[str, Any] | None = None
+    for name in storage.checkpoint_names(storage_path, run_name):
+        directory = storage.join(storage_path, run_name, name)
+        if not storage.is_file(storage.join(directory, META_FILE)):
+            continue  # a checkpoint still being written, or one a crash left half-written
+        progress = _read_progress(directory)
+        checkpoints.setdefault(progress["epoch"], directory)  # a re-reported epoch: its first copy
+        if newest is None or progress["epoch"] >= newest["epoch"]:
+            newest = progress
+    if newest is None:
+        return None
+    return RunRecord(newest["history"], checkpoints, newest["stopped_early"])
+
+
+def _read_progress(directory: str) -> dict[str, Any]:
+    location = storage.join(directory, PROGRESS_FILE)
+    if not storage.is_file(location):
+        with local_checkpoint(directory, directory) as local:
+            state = read_state(local)["training_state"]
+        return {"epoch": int(state["epoch"]), "history": list(state["history"]), "stopped_early": False}
+    try:
+        progress = json.loads(storage.read_text(location))
+        epoch, history, stopped = progress["epoch"], progress["history"], progress["stopped_early"]
+        valid = (isinstance(epoch, int) and epoch >= 0 and isinstance(stopped, bool) and isinstance(history, list)
+                 and all(isinstance(row, dict) and all(isinstance(key, str) and isinstance(value, (int, float))
+                                                       for key, value in row.items()) for row in history))
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise CheckpointError(f"checkpoint {location}: not a progress record (expected epoch, history of "
+                              "per-epoch metrics, stopped_early)")
+    return {"epoch": epoch, "history": history, "stopped_early": stopped}
 
 
 def checkpoint_uri(location: str, storage_path: str) -> str:

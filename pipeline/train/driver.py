@@ -96,6 +96,7 @@ def run_training(config: Config, trial: TrialOptions | None = None,
         mlflow_run_id=run_id, tracking_uri=uri,
         local_checkpoint_root=f"{storage_root}/{run_name}" if config.scaling.num_workers == 0 else None,
         placement_group_note=ray_54305.note_location(storage_root, run_name) if trial else None,
+        report_finished_run=trial is not None,
         events_file=events.current_file(),
     )
     trainer = build_trainer(config, run_name, storage_root, wiring, list(trial.callbacks) if trial else [])

@@ -49,6 +49,9 @@ class RunWiring:
     # Local mode (num_workers=0, for tests and debugging): Ray keeps no checkpoint copy, so rank 0 writes here.
     local_checkpoint_root: str | None = None
     placement_group_note: str | None = None  # sweeps only: see pipeline.upstream.ray_54305
+    # Sweeps only: a resumed trial that had already finished reports its last epoch again, since the sweep's
+    # driver may have died between that epoch's checkpoint and Tune recording it.
+    report_finished_run: bool = False
     events_file: str | None = None  # the driver's pipeline.events file, if it records one
 
 
@@ -68,8 +71,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     scheduler = build_scheduler(optimizer, config.optim, len(train_loader))
     scaler = grad_scaler(rank)
     state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, rank, log)
-    if config.optim.patience and state.epochs_without_improvement >= config.optim.patience:
-        log.info(f"this run already stopped early after epoch {state.epoch}; nothing to do")
+    if already_finished(config, state):
+        log.info(f"this run already finished after epoch {state.epoch}; nothing left to train")
+        if wiring.report_finished_run:
+            report_recorded_end(state, rank)
         return  # every rank restored the same state, so every rank returns here
     model = wrap(model, rank, config.scaling.compile)
     tracker = WorkerTracker.for_rank(rank.rank, rank.local_rank, rank.node_rank, wiring.mlflow_run_id,
@@ -97,13 +102,27 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             check_corrupt_share(epoch_metrics, config.data.max_corrupt_fraction,
                                 {"train": train_loader, **({"val": val_loader} if val_loader else {})}, rank)
             stop = update_early_stopping(state, epoch_metrics, config.optim.patience)
-            report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
+            report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root,
+                   stopped_early=stop)
             tracker.log_epoch(epoch_metrics)
             table.row(epoch_metrics)
             events.record("epoch_end", rank=rank.rank, epoch=epoch + 1)
             if stop:
                 log.info(f"early stop: {m.SELECTION_METRIC} has not improved for {config.optim.patience} epochs")
                 break
+
+
+def already_finished(config: Config, state: TrainingState) -> bool:
+    """Every epoch trained, or stopped early by patience: a resume has nothing left to do."""
+    stopped = bool(config.optim.patience) and state.epochs_without_improvement >= config.optim.patience
+    return stopped or state.epoch >= config.optim.epochs
+
+
+def report_recorded_end(state: TrainingState, rank: RankDevice) -> None:
+    """The last recorded epoch and the checkpoint it was restored from, reported once more (Ray copies it to a
+    new checkpoint of the same epoch; `read_run_record` counts the epoch once)."""
+    checkpoint = ray.train.get_checkpoint() if rank.rank == 0 else None
+    ray.train.report(dict(state.history[-1]), checkpoint=checkpoint)
 
 
 def validate(model, val_loader: EpochLoader | None, scheduler, config: Config, rank: RankDevice, epoch: int,
@@ -221,7 +240,7 @@ def wrap(model: torch.nn.Module, rank: RankDevice, compile_model: bool) -> torch
 
 
 def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank: RankDevice,
-           local_checkpoint_root: str | None) -> None:
+           local_checkpoint_root: str | None, stopped_early: bool = False) -> None:
     """Every rank calls report (it is a barrier); only rank 0 hands over a checkpoint.
 
     Ray copies a reported directory to storage; local mode (num_workers=0) keeps only a reference,
@@ -236,6 +255,7 @@ def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank
                 directory = Path(local_checkpoint_root) / f"checkpoint_epoch_{state.epoch:04d}"
                 directory.mkdir(parents=True, exist_ok=True)
             save_checkpoint(directory, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, state=state, meta=meta, rng_by_rank=rng_by_rank)
+                            scaler=scaler, state=state, meta=meta, rng_by_rank=rng_by_rank,
+                            stopped_early=stopped_early)
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
         ray.train.report(epoch_metrics, checkpoint=checkpoint)

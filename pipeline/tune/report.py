@@ -15,27 +15,40 @@ from pipeline.tracking.runs import FAILED, FINISHED, KILLED, end_run
 
 BEST_TRIAL_TAG = "best_trial"
 STOPPED_TAG = "asha_stopped"
-STOPPED_AT_TAG = "asha_stopped_at_epoch"
+# ASHA's stop reaches a trial asynchronously, so a stopped trial may train one more epoch before it ends: the epoch
+# the stop was decided at (tagged when ASHA decides) and the epoch the trial ended at (tagged on every trial).
+STOP_DECIDED_TAG = "asha_stop_decided_at_epoch"
+ENDED_AT_TAG = "ended_at_epoch"
+
+COMPLETED, STOPPED, FAILED_STATUS, NO_RESULT = "completed", "stopped early", "failed", "no result"
+STATUSES = (COMPLETED, STOPPED, FAILED_STATUS, NO_RESULT)
 
 
 @dataclass
 class TrialSummary:
     trial_id: str
     params: dict[str, Any]
-    status: str  # completed | stopped early | failed
-    epochs_run: int  # epochs Tune received; for a stopped trial, the epoch ASHA stopped it at
+    status: str  # one of STATUSES; "no result": no checkpoint of the trial could be found
+    epochs_run: int  # epochs the trial's checkpoints record: where it actually ended
     best_top1: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metrics: dict[str, Any] = field(default_factory=dict)
     best_checkpoint: str | None = None
     mlflow_run_id: str | None = None
-    epochs_trained: int = 0  # epochs actually computed: a stopped trial may finish one more before it dies
+    stop_decided_at: int | None = None  # ASHA's decision epoch, for a stopped trial
+    note: str = ""  # why a trial has no result, or waited
+
+    @property
+    def status_text(self) -> str:
+        if self.status == STOPPED and self.stop_decided_at is not None:
+            return f"stopped by ASHA at epoch {self.stop_decided_at}"
+        return f"{self.status} ({self.note})" if self.note else self.status
 
 
 def print_trial_table(trials: list[TrialSummary], keys: list[str]) -> None:
     header = ["trial", *keys, "best val top-1", "epochs", "status"]
     rows = [[t.trial_id, *[_short(t.params.get(k)) for k in keys],
-             "-" if t.best_top1 is None else f"{t.best_top1:.2f}", str(t.epochs_run), t.status]
+             "-" if t.best_top1 is None else f"{t.best_top1:.2f}", str(t.epochs_run), t.status_text]
             for t in sorted(trials, key=lambda t: -(t.best_top1 or -1))]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     for line in [header, *rows]:
@@ -52,24 +65,28 @@ def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, 
     for trial in trials:
         if trial.mlflow_run_id is None:
             continue
-        stopped = trial.status == "stopped early"
+        stopped = trial.status == STOPPED
         client.set_tag(trial.mlflow_run_id, STOPPED_TAG, str(stopped).lower())
+        client.set_tag(trial.mlflow_run_id, ENDED_AT_TAG, str(trial.epochs_run))
         if stopped:
-            client.set_tag(trial.mlflow_run_id, STOPPED_AT_TAG, str(trial.epochs_run))
             end_run(client, trial.mlflow_run_id, KILLED)
-        elif trial.status == "failed":
+        elif trial.status in (FAILED_STATUS, NO_RESULT):
             end_run(client, trial.mlflow_run_id, FAILED)
         else:
             # Trained every epoch, but Tune may stop the trial at max_t before its driver closes the run: close it.
             end_run(client, trial.mlflow_run_id, FINISHED)
-    trial_epochs = sum(max(t.epochs_trained, t.epochs_run) for t in trials)
+    trial_epochs = sum(t.epochs_run for t in trials)
+    # The epochs the sweep asked for: a stopped trial's up to ASHA's decision, every other trial's as it ran.
+    decided_epochs = sum(t.stop_decided_at if t.stop_decided_at is not None else t.epochs_run for t in trials)
     budget = config.search.num_samples * config.optim.epochs
-    counts = {status: sum(t.status == status for t in trials) for status in ("completed", "stopped early", "failed")}
+    counts = {status: sum(t.status == status for t in trials) for status in STATUSES}
     metrics = {
         "sweep/trials_completed": counts["completed"],
         "sweep/trials_stopped_early": counts["stopped early"],
         "sweep/trials_failed": counts["failed"],
+        "sweep/trials_without_result": counts["no result"],
         "sweep/trial_epochs": trial_epochs,
+        "sweep/trial_epochs_to_stop_decisions": decided_epochs,
         "sweep/trial_epochs_budget": budget,
         "sweep/compute_share": trial_epochs / budget if budget else 0.0,
     }
@@ -84,8 +101,14 @@ def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, 
     client.log_figure(parent_run_id, sweep_learning_curves(trials), "sweep_learning_curves.png")
     client.log_figure(parent_run_id, parameter_scatter(trials, list(config.search.space)), "sweep_parameters.png")
     end_run(client, parent_run_id, FINISHED)
+    late = trial_epochs - decided_epochs
     print(f"compute: {trial_epochs} trial-epochs run of a {budget} budget without early stopping "
-          f"({metrics['sweep/compute_share']:.0%}); {counts}")
+          f"({metrics['sweep/compute_share']:.0%}); {decided_epochs} up to ASHA's stop decisions, {late} after "
+          f"them (a stop lands asynchronously); {counts}")
+
+
+def tag_stop_decision(client: MlflowClient, run_id: str, epoch: int) -> None:
+    client.set_tag(run_id, STOP_DECIDED_TAG, str(epoch))
 
 
 def _metric(key: str, value: float):

@@ -24,25 +24,29 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline import metrics as m
 from pipeline import storage
 from pipeline.config import Config, SearchSpaceParam, require_shards, with_overrides
 from pipeline.data.manifest import read_manifest
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError, ConfigError, StorageError, first_line
 from pipeline.tracking.runs import (
     FAILED, end_run, find_run, flatten, prepare_tracking, resolve_tracking_uri, start_or_resume_run,
 )
 from pipeline.tracking.uri import redact
-from pipeline.train.checkpoints import META_FILE, checkpoint_uri
+from pipeline.train.checkpoints import read_run_record
 from pipeline.train.driver import TrainingOutcome, TrialOptions, ensure_ray, publish, run_training, storage_path
-from pipeline.tune.report import TrialSummary, log_sweep_summary, print_trial_table
+from pipeline.tune.report import (
+    COMPLETED, FAILED_STATUS, NO_RESULT, STOP_DECIDED_TAG, STOPPED, TrialSummary, log_sweep_summary,
+    print_trial_table, tag_stop_decision,
+)
 from pipeline.upstream import ray_54305
 
 SWEEP_TAG = "pipeline.sweep"
 COMPLETED_TAG = "pipeline.completed"  # set by a trial that trained to its end (or its own early stop)
+WAITED_TAG = "pipeline.waited_for_resources_s"  # set by a trial that waited for room on the cluster to start
 
 
 @dataclass
@@ -60,7 +64,7 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
     check_search(config)
     sweep_name = config.tracking.run_name or f"sweep-{config.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_root = storage_path(config)
-    check_cluster_fits(config)
+    config = fit_concurrency_to_cluster(config)
     manifest = read_manifest(storage.join(config.data.root, "train"), config.data.shard_url_schemes)
     uri, experiment_id = prepare_tracking(config)
     # Trial actors may run where the driver's MLFLOW_TRACKING_URI is unset: hand them the resolved URI.
@@ -88,7 +92,8 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
                 f"tracking.run_name = '{sweep_name}': a sweep of that name exists in {path}; "
                 "pass --resume to continue it or choose another name"
             )
-        tuner = tune.Tuner(trainable, param_space=param_space(config), tune_config=tune_config(config),
+        recorder = StopRecorder(uri, experiment_id, sweep_name)
+        tuner = tune.Tuner(trainable, param_space=param_space(config), tune_config=tune_config(config, recorder),
                            run_config=tune.RunConfig(
                                name=sweep_name, storage_path=storage_root,
                                failure_config=tune.FailureConfig(max_failures=config.search.max_trial_failures),
@@ -123,9 +128,13 @@ def trial_driver(params: dict[str, Any], base_config: Config, sweep_name: str, p
     """One Tune trial: a full Ray Train run with the sampled values, nested in the sweep's MLflow run."""
     trial_id = tune.get_context().get_trial_id()
     config = apply_params(base_config, params, f"{sweep_name}-{trial_id}")
+    waited = wait_for_room(config, trial_id)
     outcome: TrainingOutcome = run_training(
         config, trial=TrialOptions(parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),)))
-    MlflowClient(resolve_tracking_uri(config)).set_tag(outcome.mlflow_run_id, COMPLETED_TAG, "true")
+    client = MlflowClient(resolve_tracking_uri(config))
+    if waited >= 1:
+        client.set_tag(outcome.mlflow_run_id, WAITED_TAG, f"{waited:.0f}")
+    client.set_tag(outcome.mlflow_run_id, COMPLETED_TAG, "true")
 
 
 def apply_params(config: Config, params: dict[str, Any], run_name: str | None = None) -> Config:
@@ -165,36 +174,74 @@ def _extreme_values(spec: SearchSpaceParam) -> list[Any]:
 TRIAL_DRIVER_MEMORY_BYTES = 256 * 1024**2  # a Python process waiting on Ray calls
 
 
-def check_cluster_fits(config: Config) -> None:
-    """A trial whose trainer cannot be placed would wait until Ray Train gives up on it: say so up front."""
+def fit_concurrency_to_cluster(config: Config) -> Config:
+    """The config with search.max_concurrent_trials lowered to what the cluster places at once (Tune keeps the
+    other trials pending until one ends); a ConfigError if not even one trial fits."""
     ensure_ray()
-    problem = cluster_fit_problem(config, [node["Resources"] for node in ray.nodes() if node.get("Alive")])
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    problem = cluster_fit_problem(config, nodes)
     if problem:
         raise ConfigError(problem)
+    room = concurrent_trials(config, nodes)
+    if config.search.max_concurrent_trials <= room:
+        return config
+    print(f"search.max_concurrent_trials = {config.search.max_concurrent_trials}: the cluster places {room} "
+          f"trial(s) of {config.scaling.world_size} workers at once; running {room} at a time, the others wait")
+    return with_overrides(config, {"search.max_concurrent_trials": room})
 
 
-def cluster_fit_problem(config: Config, nodes: list[dict[str, float]]) -> str | None:
-    """Why `nodes` (each node's resources) cannot run one trial, or the configured trials at once; None if they can.
-
-    Ray Train places each worker whole on one node, so a cluster of 2 nodes x 4 GPUs holds four 2-GPU
-    workers, not one 8-GPU worker; the count is per node, then summed.
-    """
+def _per_worker(config: Config) -> dict[str, float]:
     per_worker = {"CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
         per_worker["GPU"] = config.scaling.gpus_per_worker
-    slots = sum(min(int(node.get(name, 0) // amount) for name, amount in per_worker.items()) for node in nodes)
-    workers = config.scaling.world_size
+    return per_worker
+
+
+def _worker_slots(config: Config, nodes: list[dict[str, float]]) -> int:
+    """Workers the nodes hold. Ray Train places each worker whole on one node, so a cluster of 2 nodes x 4 GPUs
+    holds four 2-GPU workers, not one 8-GPU worker; the count is per node, then summed."""
+    per_worker = _per_worker(config)
+    return sum(min(int(node.get(name, 0) // amount) for name, amount in per_worker.items()) for node in nodes)
+
+
+def cluster_fit_problem(config: Config, nodes: list[dict[str, float]]) -> str | None:
+    """Why `nodes` (each node's resources) cannot run one trial; None if they can."""
+    per_worker = _per_worker(config)
+    slots, workers = _worker_slots(config, nodes), config.scaling.world_size
+    if slots >= workers:
+        return None
     each = " + ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
-    if slots < workers:
-        totals = ", ".join(f"{sum(node.get(name, 0) for node in nodes):g} {name}" for name in per_worker)
-        return (f"scaling: one trial needs {workers} workers of {each} each, but the cluster's {len(nodes)} node(s) "
-                f"({totals}) hold {slots}; lower scaling.num_workers or the per-worker resources")
-    concurrent = slots // workers
-    if config.search.max_concurrent_trials > concurrent:
-        return (f"search.max_concurrent_trials = {config.search.max_concurrent_trials}: the cluster places at most "
-                f"{concurrent} trial(s) of {workers} workers ({each} each) at once; a trial left waiting fails "
-                f"when Ray Train's start timeout runs out, so set it to {concurrent} or less")
-    return None
+    totals = ", ".join(f"{sum(node.get(name, 0) for node in nodes):g} {name}" for name in per_worker)
+    return (f"scaling: one trial needs {workers} workers of {each} each, but the cluster's {len(nodes)} node(s) "
+            f"({totals}) hold {slots}; lower scaling.num_workers or the per-worker resources")
+
+
+def concurrent_trials(config: Config, nodes: list[dict[str, float]]) -> int:
+    return _worker_slots(config, nodes) // config.scaling.world_size
+
+
+ROOM_POLL_S = 2.0
+
+
+def wait_for_room(config: Config, trial_id: str) -> float:
+    """Wait (without limit) until the cluster has free room for this trial's workers, and return the seconds
+    waited. Ray Train gives a worker group a start timeout and then fails the run, so a trial started while other
+    work holds the cluster would fail; waiting here, before its trainer exists, costs nothing. Free resources
+    are the cluster's total (Ray gives no per-node view publicly): if they fit only across nodes, Ray Train's own
+    timeout still applies."""
+    if config.scaling.num_workers == 0:
+        return 0.0  # local mode trains in the trial's own process
+    started = time.monotonic()
+    announced = False
+    while (problem := cluster_fit_problem(config, [ray.available_resources()])) is not None:
+        if not announced:
+            print(f"trial {trial_id} waiting for resources: {problem.replace('hold', 'have free room for')}")
+            announced = True
+        time.sleep(ROOM_POLL_S)
+    waited = time.monotonic() - started
+    if announced:
+        print(f"trial {trial_id} starts after waiting {waited:.0f} s for resources")
+    return waited
 
 
 def param_space(config: Config) -> dict[str, Any]:
@@ -209,11 +256,41 @@ def param_space(config: Config) -> dict[str, Any]:
     return space
 
 
-def tune_config(config: Config) -> tune.TuneConfig:
+@dataclass(frozen=True)
+class StopRecorder:
+    """Tags the epoch of each ASHA stop decision on the trial's MLflow run, when the decision is made (the trial
+    may still train one more epoch before the stop lands). Pickled with the Tuner, so a resumed sweep has it."""
+
+    tracking_uri: str
+    experiment_id: str
+    sweep_name: str
+
+    def __call__(self, trial_id: str, epoch: int) -> None:
+        run = find_run(self.tracking_uri, self.experiment_id, f"{self.sweep_name}-{trial_id}")
+        if run is not None:
+            tag_stop_decision(MlflowClient(self.tracking_uri), run.info.run_id, epoch)
+
+
+class RecordedASHA(ASHAScheduler):
+    """ASHA that hands each early stop (one before max_t) to `recorder`."""
+
+    def __init__(self, *, recorder: StopRecorder | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._recorder = recorder
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        epoch = int(result.get(m.EPOCH, 0))
+        if decision == TrialScheduler.STOP and epoch < self._max_t and self._recorder is not None:
+            self._recorder(trial.trial_id, epoch)
+        return decision
+
+
+def tune_config(config: Config, recorder: StopRecorder | None = None) -> tune.TuneConfig:
     search = config.search
-    scheduler = ASHAScheduler(
+    scheduler = RecordedASHA(
         time_attr=m.EPOCH, max_t=config.optim.epochs, grace_period=search.grace_period,
-        reduction_factor=search.reduction_factor,
+        reduction_factor=search.reduction_factor, recorder=recorder,
     )
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -233,31 +310,46 @@ def tune_config(config: Config) -> tune.TuneConfig:
 
 def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_name: str,
                      max_epochs: int, storage_root: str) -> list[TrialSummary]:
+    """Every trial from its own record, its checkpoints (what publishing loads too), never from whichever Tune
+    result arrived last: a trial resumed after the sweep's driver died may have reported its end only to a
+    Tune that no longer exists."""
     summaries = []
     for result in results:
         trial_id = trial_id_of(result)
-        run_name = f"{sweep_name}-{trial_id}"
-        run = find_run(client.tracking_uri, experiment_id, run_name)
-        frame = result.metrics_dataframe
-        history = [] if frame is None or frame.empty else _epoch_rows(frame)
-        best_row = _best_kept_row(history, storage_root)
-        completed = bool(run and run.data.tags.get(COMPLETED_TAG) == "true")
-        epochs_run = int(max((row[m.EPOCH] for row in history), default=0))
-        if result.error is not None:
-            status = "failed"
-        elif not completed and epochs_run < max_epochs:
-            status = "stopped early"
-        else:
-            status = "completed"
-        summaries.append(TrialSummary(
-            trial_id=trial_id, params={k: v for k, v in (result.config or {}).items()},
-            status=status, epochs_run=epochs_run, history=history,
-            best_top1=best_row[m.VAL_TOP1] if best_row else None,
-            best_metrics=best_row or {}, best_checkpoint=(best_row or {}).get("checkpoint_path"),
-            mlflow_run_id=run.info.run_id if run else None,
-            epochs_trained=len(client.get_metric_history(run.info.run_id, m.VAL_TOP1)) if run else epochs_run,
-        ))
+        run = find_run(client.tracking_uri, experiment_id, f"{sweep_name}-{trial_id}")
+        summaries.append(summarize_trial(trial_id, result, run, f"{sweep_name}-{trial_id}", storage_root,
+                                         max_epochs))
     return summaries
+
+
+def summarize_trial(trial_id: str, result, run, run_name: str, storage_root: str, max_epochs: int) -> TrialSummary:
+    note = ""
+    try:
+        record = read_run_record(storage_root, run_name)
+        if record is None:
+            note = f"no checkpoint in {storage.join(storage_root, run_name)}"
+    except (CheckpointError, StorageError) as error:
+        record, note = None, first_line(error, with_type=False)
+    tags = run.data.tags if run else {}
+    decided = tags.get(STOP_DECIDED_TAG, "")
+    best = record.best_kept(m.SELECTION_METRIC) if record else None
+    if result.error is not None:
+        status, note = FAILED_STATUS, note or first_line(result.error)
+    elif record is None or not record.history:
+        status = NO_RESULT
+    elif tags.get(COMPLETED_TAG) == "true" or record.finished(max_epochs):
+        status = COMPLETED
+        if tags.get(WAITED_TAG):
+            note = f"waited {tags[WAITED_TAG]} s for resources"
+    else:
+        status = STOPPED
+    return TrialSummary(
+        trial_id=trial_id, params=dict(result.config or {}), status=status,
+        epochs_run=record.epochs if record else 0, history=record.history if record else [],
+        best_top1=best[0][m.SELECTION_METRIC] if best else None, best_metrics=dict(best[0]) if best else {},
+        best_checkpoint=best[1] if best else None, mlflow_run_id=run.info.run_id if run else None,
+        stop_decided_at=int(decided) if decided.isdigit() else None, note=note,
+    )
 
 
 def trial_id_of(result) -> str:
@@ -268,22 +360,3 @@ def trial_id_of(result) -> str:
         return reported
     match = re.search(r"_([0-9a-f]{5}_\d{5})_", Path(str(result.path)).name)
     return match.group(1) if match else "unknown"
-
-
-def _best_kept_row(history: list[dict[str, Any]], storage_root: str) -> dict[str, Any] | None:
-    """The best epoch whose checkpoint Ray kept (with ties, Ray may have kept another of equal score)."""
-    ranked = sorted(history, key=lambda row: -row.get(m.VAL_TOP1, float("-inf")))
-    for row in ranked:
-        path = str(row.get("checkpoint_path") or "")
-        if path and storage.is_file(storage.join(checkpoint_uri(path, storage_root), META_FILE)):
-            return row
-    return ranked[0] if ranked else None
-
-
-def _epoch_rows(frame) -> list[dict[str, Any]]:
-    """One row per epoch (the last report wins if a restarted trial reported an epoch twice)."""
-    rows: dict[int, dict[str, Any]] = {}
-    for row in frame.to_dict("records"):
-        if m.EPOCH in row and row[m.EPOCH] == row[m.EPOCH]:  # skip NaN epochs
-            rows[int(row[m.EPOCH])] = row
-    return [rows[epoch] for epoch in sorted(rows)]

@@ -116,3 +116,62 @@ def test_every_rng_stream_round_trips_through_a_weights_only_checkpoint(tmp_path
     random.seed(123), np.random.seed(123), torch.manual_seed(123)  # disturb every stream
     load_checkpoint(tmp_path / "ckpt", model=torch.nn.Linear(3, 2))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def _epoch_checkpoint(root, stamp, epoch, top1s, stopped_early=False):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = [{"epoch": index + 1, "val/top1": top1} for index, top1 in enumerate(top1s[:epoch])]
+    directory = root / f"checkpoint_{stamp}"
+    directory.mkdir(parents=True)
+    save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
+                    scaler=None, state=TrainingState(epoch=epoch, history=history),
+                    meta={"model": "linear", "num_classes": 2}, stopped_early=stopped_early)
+    return directory
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["local", "file-url"])
+def test_a_runs_record_is_its_newest_history_and_the_kept_checkpoint_of_each_epoch(tmp_path, as_url):
+    from pipeline.train.checkpoints import read_run_record
+
+    storage = f"file://{tmp_path}" if as_url else str(tmp_path)
+    top1s = [35.0, 64.5, 56.5]
+    # Ray kept epochs 2 and 3 (num_to_keep=2 by score deleted epoch 1); epoch 3 was reported twice (a resumed
+    # trial that had already finished reports its end again), and a half-written checkpoint has no meta.json.
+    _epoch_checkpoint(tmp_path / "s-t1", "2026-12-04_01-00-02.000000", 2, top1s)
+    first = _epoch_checkpoint(tmp_path / "s-t1", "2026-12-04_01-00-03.000000", 3, top1s)
+    _epoch_checkpoint(tmp_path / "s-t1", "2026-12-04_01-09-00.000000", 3, top1s)
+    (_epoch_checkpoint(tmp_path / "s-t1", "2026-12-04_01-09-30.000000", 4, top1s + [99.0]) / "meta.json").unlink()
+    record = read_run_record(storage, "s-t1")
+    assert [row["epoch"] for row in record.history] == [1, 2, 3] and record.epochs == 3
+    assert set(record.checkpoints) == {2, 3}
+    assert record.checkpoints[3] == f"{storage}/s-t1/{first.name}"
+    row, checkpoint = record.best_kept("val/top1")
+    assert row == {"epoch": 2, "val/top1": 64.5} and checkpoint.endswith("checkpoint_2026-12-04_01-00-02.000000")
+    assert record.finished(3) and not record.finished(4) and not record.stopped_early
+    assert read_run_record(storage, "no-such-run") is None
+
+
+def test_an_early_stop_is_recorded_and_an_older_checkpoint_reads_from_its_state(tmp_path):
+    from pipeline.train.checkpoints import PROGRESS_FILE, read_run_record
+
+    _epoch_checkpoint(tmp_path / "s-t2", "2026-12-04_01-00-01.000000", 2, [50.0, 40.0], stopped_early=True)
+    assert read_run_record(str(tmp_path), "s-t2").finished(10)
+    older = _epoch_checkpoint(tmp_path / "s-t3", "2026-12-04_01-00-01.000000", 2, [50.0, 40.0])
+    (older / PROGRESS_FILE).unlink()  # written before progress.json existed
+    record = read_run_record(str(tmp_path), "s-t3")
+    # Epoch 1 scored better, but only epoch 2's checkpoint is left: the best *kept* epoch is what can be published.
+    assert record.epochs == 2 and record.best_kept("val/top1")[0] == {"epoch": 2, "val/top1": 40.0}
+
+
+@pytest.mark.parametrize("text", ['{"epoch": "3", "history": [], "stopped_early": false}',
+                                  '{"epoch": 1, "history": [{"epoch": "__import__"}], "stopped_early": false}',
+                                  '[1, 2]', 'not json'])
+def test_a_malformed_progress_record_is_refused_naming_the_file(tmp_path, text):
+    from pipeline.errors import CheckpointError
+    from pipeline.train.checkpoints import PROGRESS_FILE, read_run_record
+
+    directory = _epoch_checkpoint(tmp_path / "s-t4", "2026-12-04_01-00-01.000000", 1, [50.0])
+    (directory / PROGRESS_FILE).write_text(text)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*progress\.json: not a progress record"):
+        read_run_record(str(tmp_path), "s-t4")

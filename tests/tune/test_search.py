@@ -14,7 +14,10 @@ from pipeline import metrics as m
 from pipeline.config import ConfigError
 from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG
 from pipeline.tune.refit import REFIT_SWEEP_TAG, REFIT_TAG, REFIT_TRIAL_TAG, run_refit
-from pipeline.tune.search import SWEEP_TAG, apply_params, check_cluster_fits, cluster_fit_problem, check_search, run_search, trial_id_of
+from pipeline.tune.search import (
+    SWEEP_TAG, apply_params, check_search, cluster_fit_problem, concurrent_trials, fit_concurrency_to_cluster,
+    run_search, trial_id_of,
+)
 from pipeline.tune.report import STOPPED_AT_TAG, STOPPED_TAG
 from tests.conftest import training_config
 
@@ -64,20 +67,29 @@ def test_invalid_search_fails_before_any_trial(learnable_shards, tmp_path, overr
 def test_trial_needing_more_than_the_cluster_is_refused(ray_session, learnable_shards, tmp_path):
     config = _sweep_config(learnable_shards, tmp_path, "big", "scaling.num_workers=8")
     with pytest.raises(ConfigError, match=r"one trial needs 8 workers of 1 CPU each, but the cluster's 1 node\(s\) \(4 CPU\) hold 4"):
-        check_cluster_fits(config)
+        fit_concurrency_to_cluster(config)
 
 
-def test_workers_are_counted_per_node_and_concurrent_trials_must_fit(learnable_shards, tmp_path):
+@pytest.mark.ray
+def test_more_concurrent_trials_than_fit_run_as_many_as_fit_and_the_rest_wait(ray_session, learnable_shards,
+                                                                              tmp_path, capsys):
+    config = _sweep_config(learnable_shards, tmp_path, "one", "scaling.cpus_per_worker=3")  # 4 CPUs hold 1
+    fitted = fit_concurrency_to_cluster(config)
+    assert (config.search.max_concurrent_trials, fitted.search.max_concurrent_trials) == (2, 1)
+    assert "places 1 trial(s) of 1 workers at once; running 1 at a time, the others wait" in capsys.readouterr().out
+    assert fit_concurrency_to_cluster(fitted) is fitted
+
+
+def test_workers_are_counted_per_node(learnable_shards, tmp_path):
     gpu_nodes = [{"CPU": 44.0, "GPU": 4.0}, {"CPU": 44.0, "GPU": 4.0}]  # infra/kuberay's gpu group
     two_gpu_trials = _sweep_config(learnable_shards, tmp_path, "g", "scaling.use_gpu=true", "scaling.num_workers=2",
                                    "scaling.cpus_per_worker=11", "search.max_concurrent_trials=4")
-    assert cluster_fit_problem(two_gpu_trials, gpu_nodes) is None
-    too_many = two_gpu_trials.model_copy(update={"search": two_gpu_trials.search.model_copy(update={"max_concurrent_trials": 5})})
-    assert "places at most 4 trial(s) of 2 workers (11 CPU + 1 GPU each) at once" in cluster_fit_problem(too_many, gpu_nodes)
+    assert cluster_fit_problem(two_gpu_trials, gpu_nodes) is None and concurrent_trials(two_gpu_trials, gpu_nodes) == 4
     # 8 CPUs in total, but no single node holds a 6-CPU worker.
     wide = _sweep_config(learnable_shards, tmp_path, "w", "scaling.num_workers=1", "scaling.cpus_per_worker=6",
                          "search.max_concurrent_trials=1")
     assert "hold 0" in cluster_fit_problem(wide, [{"CPU": 4.0}, {"CPU": 4.0}])
+    assert concurrent_trials(wide, [{"CPU": 4.0}, {"CPU": 4.0}]) == 0
 
 
 def test_sampled_values_land_in_the_trial_config(learnable_shards, tmp_path):
