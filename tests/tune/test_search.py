@@ -1,5 +1,6 @@
 """Ray Tune sweeps: bad spaces refused up front; a real 4-trial ASHA sweep; resume after the driver dies."""
 
+import json
 import os
 import shutil
 import signal
@@ -13,12 +14,14 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as m
 from pipeline.config import ConfigError
 from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG
+from pipeline.tracking.runs import RUN_NAME_TAG
+from pipeline.train.checkpoints import read_run_record
 from pipeline.tune.refit import REFIT_SWEEP_TAG, REFIT_TAG, REFIT_TRIAL_TAG, run_refit
 from pipeline.tune.search import (
     SWEEP_TAG, apply_params, check_search, cluster_fit_problem, concurrent_trials, fit_concurrency_to_cluster,
     run_search, trial_id_of,
 )
-from pipeline.tune.report import STOPPED_AT_TAG, STOPPED_TAG
+from pipeline.tune.report import ENDED_AT_TAG, STOP_DECIDED_TAG, STOPPED_TAG
 from tests.conftest import training_config
 
 # Seed 0 samples lr 1.6, 1.6, 1e-6, 1e-6: the two hopeless trials start only after a good one has set
@@ -115,15 +118,19 @@ def _children(client, experiment_id, parent_id):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_asha_sweep_stops_weak_trials_logs_parent_and_children_and_registers_the_best(
-        ray_session, shards_without_test, tmp_path):
-    config = _sweep_config(shards_without_test, tmp_path, "sweep-a", "tracking.registered_model=sweep-model")
+def test_asha_sweep_on_a_cluster_holding_one_trial_finishes_all_four_and_registers_the_best(
+        ray_session, shards_without_test, tmp_path, capsys):
+    """4 trials, 2 asked to run at once, on a cluster that holds 1 (3-CPU workers on 4 CPUs): one at a time."""
+    config = _sweep_config(shards_without_test, tmp_path, "sweep-a", "tracking.registered_model=sweep-model",
+                           "scaling.cpus_per_worker=3")
     outcome = run_search(config)
 
-    assert len(outcome.trials) == 4
+    assert "running 1 at a time, the others wait" in capsys.readouterr().out
+    assert len(outcome.trials) == 4 and all(t.status in ("completed", "stopped early") for t in outcome.trials)
     hopeless = [t for t in outcome.trials if t.params["optim.lr"] < 1e-3]
     assert len(hopeless) == 2
-    assert all(t.status == "stopped early" and t.epochs_run == 1 for t in hopeless)
+    # ASHA decides at the grace epoch; its stop lands asynchronously, so the trial may end one epoch later.
+    assert all(t.status == "stopped early" and t.stop_decided_at == 1 and t.epochs_run in (1, 2) for t in hopeless)
     # A good trial may also stop at the epoch-2 rung if it trails the other good one: ASHA keeps the top half.
     assert outcome.best.params["optim.lr"] == 1.6 and outcome.best.best_top1 > 50
     stopped = sum(t.status == "stopped early" for t in outcome.trials)
@@ -132,22 +139,24 @@ def test_asha_sweep_stops_weak_trials_logs_parent_and_children_and_registers_the
     assert parent.data.tags[SWEEP_TAG] == "parent"
     assert parent.data.metrics["sweep/trials_completed"] == 4 - stopped
     assert parent.data.metrics["sweep/trials_stopped_early"] == stopped
-    assert parent.data.metrics["sweep/trials_failed"] == 0
-    trained = sum(max(t.epochs_trained, t.epochs_run) for t in outcome.trials)
+    assert parent.data.metrics["sweep/trials_failed"] == parent.data.metrics["sweep/trials_without_result"] == 0
+    trained = sum(t.epochs_run for t in outcome.trials)
     assert parent.data.metrics["sweep/trial_epochs"] == trained < 12
+    decided = sum(t.stop_decided_at or t.epochs_run for t in outcome.trials)
+    assert parent.data.metrics["sweep/trial_epochs_to_stop_decisions"] == decided <= trained
     assert parent.data.metrics["sweep/trial_epochs_budget"] == 4 * 3
     assert {a.path for a in client.list_artifacts(outcome.parent_run_id)} >= {
         "sweep_learning_curves.png", "sweep_parameters.png"}
     children = _children(client, parent.info.experiment_id, outcome.parent_run_id)
-    assert len(children) == 4  # two trials wrote their runs at the same time into one SQLite file
+    assert len(children) == 4
     for child in children:
         steps = [p.step for p in client.get_metric_history(child.info.run_id, m.VAL_TOP1)]
+        ended = int(child.data.tags[ENDED_AT_TAG])
+        assert steps == list(range(1, ended + 1))  # MLflow, the checkpoints and the table agree
         if child.data.tags[STOPPED_TAG] == "true":
-            # ASHA's decision reaches the trainer asynchronously: it may finish one more epoch first.
-            stopped_at = int(child.data.tags[STOPPED_AT_TAG])
-            assert steps[:stopped_at] == list(range(1, stopped_at + 1)) and len(steps) <= stopped_at + 1
+            assert ended <= int(child.data.tags[STOP_DECIDED_TAG]) + 1
         else:
-            assert steps == [1, 2, 3]
+            assert ended == 3
     champion = client.get_model_version_by_alias("sweep-model", CHAMPION_ALIAS)
     assert str(champion.version) == outcome.model_version
     assert champion.run_id == outcome.best.mlflow_run_id
@@ -186,9 +195,19 @@ def _wait_for(predicate, timeout):
     return False
 
 
+def _events(path, name):
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if f'"{name}"' in line]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_killed_sweep_resumes_keeps_finished_trials_and_the_parent_run(shards_without_test, tmp_path):
+def test_a_sweep_killed_after_a_trials_last_checkpoint_resumes_with_that_trials_true_result(
+        shards_without_test, tmp_path):
+    """The sweep's driver dies after a trial's last checkpoint and before Tune records that epoch. Made exact by
+    freezing the driver (SIGSTOP) once a trial ends its second epoch: the trial's Ray Train run, in its own
+    processes, trains and checkpoints epoch 3 and hands the result to a Tune that cannot record it; then SIGKILL."""
     overrides = [f"--set={o}" for o in SWEEP] + [
         f"--set=data.root={shards_without_test}", "--set=data.train_image_size=32", "--set=data.eval_image_size=32",
         "--set=data.loader_workers=0",
@@ -197,34 +216,57 @@ def test_a_killed_sweep_resumes_keeps_finished_trials_and_the_parent_run(shards_
         "--set=tracking.experiment=tests", "--set=tracking.registered_model=resume-model",
     ]
     command = [sys.executable, "-m", "pipeline.cli", "tune", *overrides]
+    events = tmp_path / "events.jsonl"
     # "local": a fresh Ray of its own, not the session-wide one this test process may have started.
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+           "PIPELINE_EVENTS_FILE": str(events)}
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def a_trial_finished():
-        # Read Tune's own result files: opening the SQLite store while the driver creates it races.
-        results = (tmp_path / "ray" / "sweep-r").glob("trial_driver_*/result.json")
-        return any('"epoch": 3' in path.read_text() for path in results)
+    def epoch_ended(epoch):
+        return any(event.get("epoch") == epoch for event in _events(events, "epoch_end"))
 
     try:
-        finished = _wait_for(lambda: a_trial_finished() or driver.poll() is not None, 400)
-        assert finished and driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        reached = _wait_for(lambda: epoch_ended(2) or driver.poll() is not None, 400)
+        assert reached and driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGSTOP)  # Tune stops here; the trials' own processes go on
+        assert _wait_for(lambda: epoch_ended(3), 300), (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(3)  # Ray Train's controller registers the reported checkpoint just after the worker's report
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("tests")
-    finished_before = {r.info.run_id for r in client.search_runs([experiment.experiment_id])
-                       if r.data.tags.get("pipeline.completed") == "true"}
+    finished = [path.name for path in (tmp_path / "ray").glob("sweep-r-*")
+                if (record := read_run_record(str(tmp_path / "ray"), path.name)) and record.epochs == 3]
+    assert finished  # one trial, or both that were running: each ended epoch 3 after Tune froze
+    for run_name in finished:
+        trial_id = run_name.removeprefix("sweep-r-")
+        recorded = "".join(p.read_text() for p in (tmp_path / "ray" / "sweep-r").glob(f"*{trial_id}*/result.json"))
+        assert '"epoch": 3' not in recorded  # Tune never saw the trial's last epoch
 
     resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tests")
     parents = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(SWEEP_TAG) == "parent"]
     assert len(parents) == 1, "the resumed sweep must reuse its MLflow parent run"
-    children = _children(client, experiment.experiment_id, parents[0].info.run_id)
+    children = {r.data.tags[RUN_NAME_TAG]: r for r in _children(client, experiment.experiment_id,
+                                                                    parents[0].info.run_id)}
     assert len(children) == 4
-    for run_id in finished_before:  # finished trials were kept, not trained again
-        assert [p.step for p in client.get_metric_history(run_id, m.VAL_TOP1)] == [1, 2, 3]
-    assert client.get_run(parents[0].info.run_id).data.metrics["sweep/trials_failed"] == 0
+    for run_name in finished:
+        history = client.get_metric_history(children[run_name].info.run_id, m.VAL_TOP1)
+        assert [p.step for p in history] == [1, 2, 3]  # resumed from its last checkpoint, not trained again
+        true_best = max(p.value for p in history)
+        trial_id = run_name.removeprefix("sweep-r-")
+        row = next(line.split() for line in resumed.stdout.splitlines() if line.strip().startswith(trial_id))
+        assert row[3:6] == [f"{true_best:.2f}", "3", "completed"], resumed.stdout[-3000:]
+        # Tune got the last epoch too: the resumed run, with nothing left to train, reported its recorded end.
+        results = "".join(p.read_text() for p in (tmp_path / "ray" / "sweep-r").glob(f"*{trial_id}*/result.json"))
+        assert '"epoch": 3' in results
+    summary = client.get_run(parents[0].info.run_id).data
+    assert summary.metrics["sweep/trials_failed"] == summary.metrics["sweep/trials_without_result"] == 0
+    best_trial = summary.tags["best_trial"]
+    best_scores = {name: max(p.value for p in client.get_metric_history(run.info.run_id, m.VAL_TOP1))
+                   for name, run in children.items()}
+    assert best_scores[f"sweep-r-{best_trial}"] == max(best_scores.values())
+    champion = client.get_model_version_by_alias("resume-model", CHAMPION_ALIAS)
+    assert champion.run_id == children[f"sweep-r-{best_trial}"].info.run_id  # this trial, if it is the best
