@@ -18,6 +18,7 @@ Writing shards (shard, index) and verifying stay local: shard on a machine with 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shlex
@@ -180,6 +181,65 @@ def open_shard(location: str, shard_command: str | None = None) -> ContextManage
     if is_url(location):
         return fsspec.open(location, "rb")
     return open(Path(location).expanduser(), "rb")
+
+
+def read_bytes(location: str | os.PathLike) -> bytes:
+    if not is_url(location):
+        return Path(location).expanduser().read_bytes()
+    with _on("read", str(location)) as (filesystem, path), filesystem.open(path, "rb") as handle:
+        return handle.read()
+
+
+RANGE_BLOCK = 8 << 20  # one ranged read: a segment is fetched in pieces of at most this, never past its end
+
+
+@contextmanager
+def open_range(location: str, offset: int, length: int) -> Iterator[IO[bytes]]:
+    """`length` bytes of a file from `offset` as a stream, followed by a tar end-of-archive block (so a tar
+    reader ends cleanly there): seeks on local files, exact ranged reads (`cat_file`) on object storage."""
+    if is_pipe(location):
+        raise StorageError(f"shard {location!r}: a pipe: command from a manifest is never run")
+    if is_url(location):
+        with _on("read", location) as (filesystem, path):
+            yield _Window(lambda start, size: filesystem.cat_file(path, start=start, end=start + size), offset, length)
+        return
+    with open(Path(location).expanduser(), "rb") as handle:
+        def fetch(start: int, size: int) -> bytes:
+            handle.seek(start)
+            return handle.read(size)
+
+        yield _Window(fetch, offset, length)
+
+
+class _Window(io.RawIOBase):
+    """`length` bytes from `offset`, fetched RANGE_BLOCK at a time, then 1024 zero bytes (two empty tar blocks)."""
+
+    def __init__(self, fetch, offset: int, length: int) -> None:
+        self.fetch, self.position, self.left = fetch, offset, length
+        self.buffer, self.used = memoryview(b""), 0
+        self.tail = 1024
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.used == len(self.buffer) and self.left > 0:
+            chunk = self.fetch(self.position, min(self.left, RANGE_BLOCK))
+            self.left = self.left - len(chunk) if chunk else 0
+            self.position += len(chunk)
+            self.buffer, self.used = memoryview(chunk), 0
+        if self.used < len(self.buffer):
+            count = len(self.buffer) - self.used if size < 0 else min(size, len(self.buffer) - self.used)
+            self.used += count
+            return bytes(self.buffer[self.used - count:self.used])
+        count = self.tail if size < 0 else min(size, self.tail)
+        self.tail -= count
+        return b"\0" * count
+
+    def readinto(self, buffer) -> int:
+        chunk = self.read(len(buffer))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
 
 
 def check_shard_command(command: str) -> list[str]:

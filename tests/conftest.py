@@ -29,8 +29,11 @@ def jpeg_bytes(label: int, index: int, size: tuple[int, int] = (40, 30)) -> byte
 
 
 def write_split(split_dir: Path, shard_sizes: list[int], num_classes: int = 4, split: str = "val",
-                key_prefix: str = "s") -> Manifest:
-    """Shards with the given sample counts; keys are 'sNNNNNN' (`key_prefix`) so tests can audit exactly-once."""
+                key_prefix: str = "s", indexed: bool = False) -> Manifest:
+    """Shards with the given sample counts; keys are 'sNNNNNN' (`key_prefix`) so tests can audit exactly-once.
+    `indexed`: with sample indexes, as `shard` writes them (without: as older versions did)."""
+    from pipeline.data.index import write_index
+
     split_dir.mkdir(parents=True, exist_ok=True)
     shards, serial = [], 0
     for shard_index, size in enumerate(shard_sizes):
@@ -40,7 +43,9 @@ def write_split(split_dir: Path, shard_sizes: list[int], num_classes: int = 4, s
                 label = serial % num_classes
                 writer.write({"__key__": f"{key_prefix}{serial:06d}", "jpg": jpeg_bytes(label, serial), "cls": str(label).encode()})
                 serial += 1
-        shards.append(ShardInfo(name, size, file_sha256(split_dir / name), (split_dir / name).stat().st_size))
+        index_sha256 = write_index(split_dir / name)[0] if indexed else None
+        shards.append(ShardInfo(name, size, file_sha256(split_dir / name), (split_dir / name).stat().st_size,
+                                index_sha256))
     classes = [ClassInfo(i, f"n{i:08d}", f"class {i}") for i in range(num_classes)]
     manifest = Manifest(split=split, classes=classes, shards=shards)
     write_manifest(manifest, split_dir)

@@ -1,4 +1,4 @@
-"""`bench-data` and `bench-train`: benchmarks that print figures measured side by side."""
+"""`bench-data`, `bench-train`, `bench-plan`, `bench-retrieval`, `bench-gpu`: benchmarks that print figures."""
 
 from __future__ import annotations
 
@@ -48,6 +48,31 @@ def bench_train(
         run_startup_benchmark(work_dir, model=model)
     if only in (None, "trial-gap"):
         run_trial_gap_benchmark(work_dir, model=model)
+
+
+@app.command(name="bench-plan")
+def bench_plan(
+    datasets: Annotated[str, typer.Option(help="comma-separated: imagenet-1k, imagenet-22k")] = "imagenet-1k,imagenet-22k",
+    worlds: Annotated[str, typer.Option(help="comma-separated world sizes (ranks)")] = "8,64,512",
+    loaders: Annotated[str, typer.Option(help="comma-separated DataLoader processes per rank")] = "2,8",
+    out: Annotated[Optional[Path], typer.Option(help="also write the figures as JSON here")] = None,
+) -> None:
+    """Benchmark (simulated, no data read): bytes read per bytes planned with and without sample indexes, plan
+    time per rank and manifest size, for ImageNet-1k and -22k layouts at 8-512 ranks."""
+    from pipeline.bench.plan import DATASETS, run_plan_benchmark
+
+    names = tuple(name.strip() for name in datasets.split(","))
+    unknown = [name for name in names if name not in DATASETS]
+    if unknown:
+        fail(f"--datasets: {', '.join(unknown)} not among {', '.join(DATASETS)}")
+    try:
+        world_sizes = tuple(int(n) for n in worlds.split(","))
+        processes = tuple(int(n) for n in loaders.split(","))
+    except ValueError:
+        fail(f"--worlds {worlds!r} / --loaders {loaders!r}: comma-separated whole numbers, e.g. 8,64")
+    if min(world_sizes + processes) < 1:
+        fail("--worlds and --loaders count ranks and processes: each at least 1")
+    run_plan_benchmark(names, world_sizes, processes, out)
 
 
 @app.command(name="bench-retrieval")

@@ -80,11 +80,12 @@ def decode(data: bytes, where: str) -> np.ndarray:
     return entries
 
 
-def write_index(shard: Path) -> tuple[str, int]:
-    """Write `shard`'s index beside it (atomically: a reader never sees half of it); (sha256, samples)."""
+def write_index(shard: Path, target: Path | None = None) -> tuple[str, int]:
+    """Write `shard`'s index to `target` (default: beside it), atomically: a reader never sees half of it.
+    Returns (sha256 of the index file, samples)."""
     with open(shard, "rb") as handle:
         data = encode(build_index(handle))
-    target = Path(index_location(str(shard)))
+    target = target or Path(index_location(str(shard)))
     partial = target.with_name(target.name + ".partial")
     partial.write_bytes(data)
     partial.replace(target)

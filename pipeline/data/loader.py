@@ -12,19 +12,23 @@ sample becomes a masked slot (label IGNORE_LABEL) and never changes a rank's ste
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import socket
 from collections.abc import Iterator
 from typing import IO, NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from pipeline import storage
+from pipeline.errors import DataError, StorageError, first_line
 from pipeline.config import DataConfig
-from pipeline.data.manifest import Manifest, combine_manifests, read_manifest
+from pipeline.data import index as sample_index
+from pipeline.data.manifest import Manifest, ShardInfo, combine_manifests, read_manifest
 from pipeline.data.plan import (
     Segment, WorkerPlan, eval_steps_per_pass, plan_eval_worker, plan_train_worker, train_steps_per_epoch,
 )
@@ -112,7 +116,9 @@ class ShardStream(IterableDataset):
 
     def _read(self, segments: tuple[Segment, ...]) -> Iterator[_Sample]:
         for segment in segments:
-            yield from _read_segment(self.locations[segment.shard], segment, self.manifest, self.shard_command)
+            location = self.locations[segment.shard]
+            index = None if self.shard_command else shard_index(location, self.manifest.shards[segment.shard])
+            yield from _read_segment(location, segment, self.manifest, self.shard_command, index)
 
     def _decode_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
         if self.decode_on_device:
@@ -191,9 +197,69 @@ def read_whole_shard(split_dir: str, manifest: Manifest, shard: int,
         yield sample.image, sample.label if sample.image is not None else _UNREADABLE, sample.key
 
 
-def _read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: str | None) -> Iterator[_Sample]:
-    """Yield exactly `segment.length` samples; what cannot be read becomes an unreadable sample."""
+def shard_index(location: str, shard: ShardInfo) -> np.ndarray | None:
+    """The shard's sample index if its manifest vouches for it (sha256) and it counts the shard's samples;
+    None (read from the shard's start) otherwise, said once per shard and process. Cached per process."""
+    key = (location, shard.index_sha256)
+    if key not in _INDEXES:
+        _INDEXES[key] = _load_index(location, shard)
+    return _INDEXES[key]
+
+
+_INDEXES: dict[tuple[str, str | None], np.ndarray | None] = {}
+
+
+def _load_index(location: str, shard: ShardInfo) -> np.ndarray | None:
+    if shard.index_sha256 is None:
+        _say_once("shards without a sample index (written before indexes existed): a loader reads each from its "
+                  "start and skips to its samples; re-run `imagenet-pipeline index` on the split to add them")
+        return None
+    where = sample_index.index_location(location)
+    try:
+        data = storage.read_bytes(where)
+        if hashlib.sha256(data).hexdigest() != shard.index_sha256:
+            raise DataError(f"{where}: sha256 differs from the manifest's")
+        entries = sample_index.decode(data, where)
+        if len(entries) != shard.num_samples:
+            raise DataError(f"{where}: {len(entries)} samples, the manifest says {shard.num_samples}")
+    except (DataError, StorageError, OSError) as error:
+        _say_once(f"sample index unusable ({first_line(error, with_type=False)}); reading {location} from its start")
+        return None
+    return entries
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logging.getLogger(__name__).warning(message)
+
+
+_SAID: set[str] = set()
+
+
+def _read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: str | None,
+                  index: np.ndarray | None = None) -> Iterator[_Sample]:
+    """Yield exactly `segment.length` samples; what cannot be read becomes an unreadable sample. With the shard's
+    `index`, only the segment's own bytes are read (a seek, or a ranged read); if that read fails partway, the
+    rest of the segment is read from the shard's start, so no sample is lost, repeated or wrong."""
     produced = 0
+    if index is not None:
+        try:
+            offset, length = sample_index.segment_range(index, segment.start, segment.stop)
+            with storage.open_range(url, offset, length) as stream:
+                for raw in _tar_samples(stream, url):
+                    if produced == segment.length:
+                        break
+                    yield _parse(raw, manifest, segment.shard)
+                    produced += 1
+        except Exception as error:  # noqa: BLE001 - tar and storage errors alike: the sequential read takes over
+            logging.getLogger(__name__).warning("%s: indexed read stopped after %d of %d samples (%s); reading "
+                                                "the rest from the shard's start", url, produced, segment.length,
+                                                first_line(error))
+        if produced == segment.length:
+            return
+        segment = Segment(segment.shard, segment.start + produced, segment.stop)
+        produced = 0
     try:
         with storage.open_shard(url, shard_command) as stream:
             for index, raw in enumerate(_tar_samples(stream, url)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ class ShardInfo:
     num_samples: int
     sha256: str | None = None
     bytes: int | None = None
+    # sha256 of the shard's sample index (`pipeline.data.index`); None: not indexed (read from the start, skipping)
+    index_sha256: str | None = None
 
 
 @dataclass
@@ -165,7 +168,14 @@ def read_manifest(split_dir: str | Path, shard_url_schemes: tuple[str, ...] | li
                         "`imagenet-pipeline index` on the shard directory") from None
     for shard in manifest.shards:
         check_shard_name(shard.name, location, shard_url_schemes)
+        if shard.index_sha256 is not None and not (isinstance(shard.index_sha256, str)
+                                                   and _SHA256.fullmatch(shard.index_sha256)):
+            raise DataError(f"{location}: shard {shard.name!r} has index_sha256 {shard.index_sha256!r}, "
+                            "not a sha256 hex digest")
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def check_shard_name(name: Any, manifest_location: str, shard_url_schemes: tuple[str, ...] | list[str] = ()) -> None:

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from pipeline.errors import DataError
 from pipeline.data.source import ImageNetSource, LabeledFile, discover_source, hold_out_validation
 from pipeline.storage import require_local
+from pipeline.data.index import index_location, write_index
 from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, file_sha256, manifest_path, write_json_atomic, write_manifest
 
 PLAN_FILE = "plan.json"
@@ -264,7 +265,7 @@ def _write_split_manifest(
     manifest = Manifest(
         split=split,
         classes=found.classes,
-        shards=[ShardInfo(info["name"], info["num_samples"], info["sha256"], info["bytes"]) for info in infos],
+        shards=[ShardInfo(info["name"], info["num_samples"], info["sha256"], info["bytes"], info.get("index_sha256")) for info in infos],
         source={**found.describe(), **options, "split_origin": SPLIT_ORIGINS[split]},
         skipped=strays + [entry for info in infos for entry in info["skipped"]],
         converted=[entry for info in infos for entry in info["converted"]],
@@ -393,8 +394,9 @@ def _write_shard_task(task: ShardTask) -> int:
         writer.close()
         handle.flush()
         os.fsync(handle.fileno())
+    index_sha256, _ = write_index(partial, Path(index_location(str(final))))
     info = {"name": task.name, "num_samples": count, "sha256": file_sha256(partial), "bytes": partial.stat().st_size,
-            "skipped": skipped, "converted": converted}
+            "index_sha256": index_sha256, "skipped": skipped, "converted": converted}
     write_json_atomic(final.with_name(final.name + ".json"), info)
     os.replace(partial, final)
     _fsync_directory(final.parent)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from pipeline import storage
 from pipeline.errors import DataError, StorageError
 from pipeline.storage import require_local
+from pipeline.data.index import build_index, decode, index_location, write_index
 from pipeline.data.manifest import SPLITS, ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ def verify_split(split_dir: Path, decode: bool = True) -> list[str]:
         if scan.num_samples != shard.num_samples:
             problems.append(f"{shard.name}: {scan.num_samples} samples, the manifest says {shard.num_samples}")
         problems += [f"{shard.name}: {problem}" for problem in scan.all_problems()]
+        if shard.index_sha256 is not None:
+            problems += _index_problems(path, shard)
     return problems
 
 
@@ -125,7 +129,8 @@ def index_shards(
         scan = scan_shard(path, image_key=None, label_key="cls", num_classes=None, decode=False)
         if scan.problems:
             raise DataError(f"cannot index {path}: {scan.problems[0]}")
-        shards.append(ShardInfo(_shard_name(path, output), scan.num_samples, scan.sha256, scan.bytes))
+        shards.append(ShardInfo(_shard_name(path, output), scan.num_samples, scan.sha256, scan.bytes,
+                                _index_beside(path)))
         image_keys += scan.image_keys
         max_label = max(max_label, scan.max_label)
     if len(image_keys) > 1:
@@ -146,6 +151,37 @@ def index_shards(
     output.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, output)
     return manifest
+
+
+def _index_beside(path: Path) -> str | None:
+    """Write the shard's sample index beside it; None (loaders read it sequentially) if that folder is read-only."""
+    try:
+        return write_index(path)[0]
+    except OSError as error:
+        logger.warning("no sample index for %s (%s): loaders will read it from its start", path, error.strerror)
+        return None
+
+
+def _index_problems(path: Path, shard: ShardInfo) -> list[str]:
+    """What is wrong with a shard's sample index: missing, not the manifest's, or not the tar's layout."""
+    where = Path(index_location(str(path)))
+    if not where.is_file():
+        return [f"{shard.name}: sample index {where.name} is missing (the manifest lists one)"]
+    data = where.read_bytes()
+    if hashlib.sha256(data).hexdigest() != shard.index_sha256:
+        return [f"{shard.name}: sample index sha256 differs from the manifest's"]
+    try:
+        entries = decode(data, where.name)
+    except DataError as error:
+        return [f"{shard.name}: {error}"]
+    try:
+        with open(path, "rb") as handle:
+            layout = build_index(handle)
+    except tarfile.TarError as error:
+        return [f"{shard.name}: sample index not checked: the tar does not read ({error})"]
+    if entries.tolist() != layout.tolist():
+        return [f"{shard.name}: sample index does not match the tar's members; re-run `imagenet-pipeline index`"]
+    return []
 
 
 def scan_shard(

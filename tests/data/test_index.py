@@ -3,8 +3,10 @@ anything wrong with an index falls back to the sequential read, reported, never 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -62,11 +64,7 @@ def test_a_malformed_index_is_refused_naming_it(data, message):
 
 
 def _indexed_split(root, sizes, split="train"):
-    manifest = write_split(root / split, sizes, split=split)
-    for shard in manifest.shards:
-        shard.index_sha256, _ = sample_index.write_index(root / split / shard.name)
-    write_manifest(manifest, root / split)
-    return manifest
+    return write_split(root / split, sizes, split=split, indexed=True)
 
 
 class _Counted:
@@ -82,7 +80,13 @@ class _Counted:
                 counter.bytes += len(chunk)
                 return chunk
 
-        monkeypatch.setattr(storage, "open", lambda path, mode="rb": io.BufferedReader(Handle(path)), raising=False)
+            def readinto(self, buffer):
+                count = super().readinto(buffer)
+                counter.bytes += count or 0
+                return count
+
+        # Unbuffered: every byte asked for is a byte read from the file.
+        monkeypatch.setattr(storage, "open", lambda path, mode="rb": Handle(path), raising=False)
         import fsspec.implementations.memory as memory
 
         original = memory.MemoryFileSystem.cat_file
@@ -139,8 +143,8 @@ def test_a_damaged_index_falls_back_to_the_sequential_read_and_says_so(tmp_path,
         shifted[1:, 0] += 512
         shifted[:-1, 1] += np.diff(shifted[:, 0]) - shifted[:-1, 1]
         index_file.write_bytes(sample_index.encode(shifted))
-        manifest.shards[1].index_sha256 = __import__("hashlib").sha256(index_file.read_bytes()).hexdigest()
-        write_manifest(manifest, tmp_path / "train")
+        vouched = replace(manifest.shards[1], index_sha256=hashlib.sha256(index_file.read_bytes()).hexdigest())
+        write_manifest(replace(manifest, shards=[manifest.shards[0], vouched]), tmp_path / "train")
     loader_module._INDEXES.clear()
     with caplog.at_level(logging.WARNING):
         assert _keys_of(tmp_path) == expected
@@ -148,10 +152,14 @@ def test_a_damaged_index_falls_back_to_the_sequential_read_and_says_so(tmp_path,
 
 
 def _keys_of(root):
+    """Every rank's samples, in order, of a world of 3 (segments that start in the middle of both shards)."""
     loader_module._INDEXES.clear()
-    stream: ShardStream = build_loader(DataConfig(root=root, loader_workers=0, **SMALL), "train", rank=0,
-                                       world_size=1, batch_size=2, seed=0).dataset
-    return [sample.key for sample in stream._read(stream.plan().segments)]
+    keys = []
+    for rank in range(3):
+        stream: ShardStream = build_loader(DataConfig(root=root, loader_workers=0, **SMALL), "train", rank=rank,
+                                           world_size=3, batch_size=2, seed=0).dataset
+        keys += [sample.key for sample in stream._read(stream.plan().segments)]
+    return keys
 
 
 def test_index_writes_and_verify_checks_the_sample_indexes(tmp_path):
@@ -172,7 +180,27 @@ def test_index_writes_and_verify_checks_the_sample_indexes(tmp_path):
 
 def test_a_manifest_index_sha256_that_is_not_a_digest_is_refused(tmp_path):
     manifest = write_split(tmp_path / "val", [3])
-    manifest.shards[0].index_sha256 = "$(rm -rf /)"
-    write_manifest(manifest, tmp_path / "val")
+    write_manifest(replace(manifest, shards=[replace(manifest.shards[0], index_sha256="$(rm -rf /)")]), tmp_path / "val")
     with pytest.raises(DataError, match=r"index_sha256 '\$\(rm -rf /\)', not a sha256 hex digest"):
         read_manifest(tmp_path / "val")
+
+
+def test_shard_writes_an_index_beside_every_shard_and_the_loader_uses_it(tmp_path):
+    from pipeline.data.sharding import shard_imagenet
+    from pipeline.data.synthetic import generate_imagenet_folder
+    from pipeline.data.verify import verify_dataset
+
+    generate_imagenet_folder(tmp_path / "src", num_classes=2, train_per_class=6, val_per_class=2, width=48, height=40)
+    shard_imagenet(tmp_path / "src", tmp_path / "out", val_per_class=2, samples_per_shard=5, progress=False)
+    manifest = read_manifest(tmp_path / "out" / "train")
+    for shard in manifest.shards:
+        data = (tmp_path / "out" / "train" / (shard.name + ".idx")).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard.index_sha256
+        assert len(sample_index.decode(data, shard.name)) == shard.num_samples
+    assert all(problems == [] for problems in verify_dataset(tmp_path / "out").values())
+    stream = build_loader(DataConfig(root=tmp_path / "out", loader_workers=0, **SMALL), "train", rank=1,
+                          world_size=2, batch_size=2, seed=0).dataset
+    assert all(loader_module.shard_index(stream.locations[s.shard], manifest.shards[s.shard]) is not None
+               for s in stream.plan().segments)
+    keys = [sample.key for sample in stream._read(stream.plan().segments)]
+    assert len(keys) == sum(s.length for s in stream.plan().segments) and all(keys)
