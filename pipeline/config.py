@@ -105,6 +105,8 @@ class ModelConfig(_Section):
     num_classes: int | None = Field(None, ge=2, description="None: from the shard manifest; else must match it")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="AlexNet FC dropout / ResNet pre-classifier dropout")
     local_response_norm: bool = Field(True, description="AlexNet only: LRN after conv1 and conv2 as in 2012")
+    init: Literal["paper", "reference"] = Field("paper", description="alexnet only: the 2012 paper's init, or "
+                                                "Caffe's reference AlexNet's (fc6/fc7 N(0, 0.005), biases 0.1)")
 
 
 class OptimConfig(_Section):
@@ -172,6 +174,8 @@ class TrackingConfig(_Section):
         return value
     storage_path: str = Field("ray_results", description="checkpoints: a local path, NFS, s3:// or gs:// URI")
     registered_model: str = "imagenet-classifier"
+    min_champion_top1: float | None = Field(None, ge=0.0, le=100.0, description="val top-1 (%) a version must "
+                                            "exceed to become champion; None: twice chance (200 / classes)")
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept by val top-1, plus the latest")
     allow_changed_resume: bool = Field(False, description="resume a run although its data (manifest hash) or "
                                        "optimisation settings changed since its checkpoints were written")

@@ -92,7 +92,8 @@ def register_model(
             client.set_model_version_tag(name, version, key, value)
         describe(client, config, version, best_metrics, manifest)
         promoted, decision = champion_gate(client, name, version, score, gate.note if gate else "",
-                                           gate.supersedes_run_id if gate else None)
+                                           gate.supersedes_run_id if gate else None,
+                                           champion_floor(config, manifest.num_classes))
         client.set_model_version_tag(name, version, DECISION_TAG, decision)
         mlflow.set_tag(DECISION_TAG, decision)
     return Published(version, promoted, decision)
@@ -118,9 +119,19 @@ def describe(client: MlflowClient, config: Config, version: str, best_metrics: d
         f"{config.optim.batch_size}. Best: {scores or 'not validated (a refit)'}. Made by: {command}"))
 
 
+def champion_floor(config: Config, num_classes: int) -> tuple[float, str]:
+    """The val top-1 a version must exceed to become champion at all, and why that figure."""
+    chance = 100.0 / num_classes
+    if config.tracking.min_champion_top1 is not None:
+        return config.tracking.min_champion_top1, f"tracking.min_champion_top1; chance is {chance:.2f}"
+    return 2 * chance, f"twice chance for {num_classes} classes, tracking.min_champion_top1"
+
+
 def champion_gate(client: MlflowClient, name: str, version: str, score: float, note: str = "",
-                  supersedes_run_id: str | None = None) -> tuple[bool, str]:
-    """Move `champion` to `version` only if it beats the current champion's val top-1; record the decision.
+                  supersedes_run_id: str | None = None,
+                  floor: tuple[float, str] = (0.0, "no floor")) -> tuple[bool, str]:
+    """Move `champion` to `version` only if it beats the current champion's val top-1 and the `floor` (a model
+    not clearly above chance is never champion, the first version of a model included); record the decision.
 
     A version that retrains the champion's own configuration on more data (a refit of the champion's trial,
     `supersedes_run_id`) carries the same val score by construction, and takes the alias at that equal score."""
@@ -129,6 +140,13 @@ def champion_gate(client: MlflowClient, name: str, version: str, score: float, n
     except mlflow.exceptions.MlflowException:
         current = None
     suffix = f" ({note})" if note else ""
+    minimum, why = floor
+    if score <= minimum:
+        kept = f"kept version {current.version}" if current else "no champion"
+        decision = (f"{kept}: {m.SELECTION_METRIC} {score:.2f} is not above {minimum:.2f} ({why}): "
+                    f"a model not clearly above chance is never champion{suffix}")
+        record_decision(client, name, version, False, score, current.version if current else None, decision)
+        return False, decision
     if current is None:
         promoted, decision = True, f"promoted: first champion ({m.SELECTION_METRIC} {score:.2f}){suffix}"
     else:

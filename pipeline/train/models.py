@@ -59,6 +59,9 @@ HUMAN_TOP5_ERROR = 5.1
 MIN_IMAGE_SIZE: dict[str, int] = {**{name: 1 for name in _RESNET_BUILDERS}, **CONFIG_MIN_IMAGE_SIZE}
 
 
+ALEXNET_INITS = ("paper", "reference")
+
+
 class AlexNet2012(nn.Module):
     """The ILSVRC-2012 winner (Krizhevsky, Sutskever & Hinton 2012) as one ungrouped tower.
 
@@ -70,7 +73,8 @@ class AlexNet2012(nn.Module):
     The adaptive average pool is the identity at 224 px and lets smaller training sides (>= 63 px) work.
     """
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, local_response_norm: bool = True) -> None:
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, local_response_norm: bool = True,
+                 init: str = "paper") -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),
@@ -100,19 +104,26 @@ class AlexNet2012(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(4096, num_classes),
         )
-        self._init_as_in_the_paper()
+        if init not in ALEXNET_INITS:
+            raise ConfigError(f"model.init = {init!r}: choose one of {', '.join(ALEXNET_INITS)}")
+        self._initialise(init)
 
-    def _init_as_in_the_paper(self) -> None:
-        # Paper, section 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers (to
-        # give the ReLUs positive inputs early on), 0 elsewhere. Kept as published, although this init is
-        # known to start slowly, and to stall without LRN: Caffe's reference AlexNet moved to N(0, 0.005) in
-        # fc6/fc7 and biases 0.1; `alexnet_tv` (torchvision's Kaiming-uniform defaults) is the easy baseline.
+    def _initialise(self, init: str) -> None:
+        # paper (section 5): weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers (to
+        # give the ReLUs positive inputs early on), 0 elsewhere.
+        # reference: BVLC Caffe's bvlc_alexnet (models/bvlc_alexnet/train_val.prototxt): the same but fc6 and fc7
+        # weights N(0, 0.005) and those biases 0.1. Why it matters: with biases 1, fc7's 4096 outputs all start
+        # near 1, so one SGD step moves every logit by ~lr x 4096 x (p - y): at lr 0.01 on 10 classes the first
+        # steps overshoot (loss 3 -> 8 -> 16) and the ReLUs die at chance. With 1000 classes each class's
+        # (p - y) is ~100x smaller, which is why the paper's ImageNet run survived it.
         convs = [module for module in self.features if isinstance(module, nn.Conv2d)]
         linears = [module for module in self.classifier if isinstance(module, nn.Linear)]
-        bias_one = {id(convs[1]), id(convs[3]), id(convs[4]), id(linears[0]), id(linears[1])}
+        raised_bias = 1.0 if init == "paper" else 0.1
+        biased = {id(convs[1]), id(convs[3]), id(convs[4]), id(linears[0]), id(linears[1])}
+        narrow = {id(linears[0]), id(linears[1])} if init == "reference" else set()
         for layer in convs + linears:
-            nn.init.normal_(layer.weight, mean=0.0, std=0.01)
-            nn.init.constant_(layer.bias, 1.0 if id(layer) in bias_one else 0.0)
+            nn.init.normal_(layer.weight, mean=0.0, std=0.005 if id(layer) in narrow else 0.01)
+            nn.init.constant_(layer.bias, raised_bias if id(layer) in biased else 0.0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.avgpool(self.features(images))
@@ -138,7 +149,7 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes = {num_classes!r}: a classifier needs an integer number of classes >= 2")
     if config.name == "alexnet":
-        return AlexNet2012(num_classes, config.dropout, config.local_response_norm)
+        return AlexNet2012(num_classes, config.dropout, config.local_response_norm, config.init)
     if config.name == "alexnet_tv":
         return torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=config.dropout)
     model = _RESNET_BUILDERS[config.name](weights=None, num_classes=num_classes, zero_init_residual=True)

@@ -220,3 +220,28 @@ def test_step_metrics_are_read_and_sent_once_per_window_and_at_each_epochs_end(m
     assert [batch[m.STEP_LOSS][1] for batch in client.batches] == [5, 6, 8]
     log.flush()  # nothing left in the window: nothing sent
     assert len(client.batches) == 3
+
+
+def test_a_model_at_chance_is_registered_but_never_champion_not_even_the_first(tmp_path):
+    import mlflow
+
+    from pipeline.tracking.registry import champion_floor
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'floor.db'}")
+    client.create_registered_model("floor")
+    run = client.create_run(client.create_experiment("floor"))
+    for _ in range(3):
+        client.create_model_version("floor", "file:///nowhere", run_id=run.info.run_id)
+    floor = champion_floor(load_config(), num_classes=10)
+    assert floor == (20.0, "twice chance for 10 classes, tracking.min_champion_top1")
+    promoted, decision = champion_gate(client, "floor", "1", 10.0, floor=floor)  # the first version, at chance
+    assert not promoted and decision.startswith("no champion: val/top1 10.00 is not above 20.00 (twice chance")
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("floor", CHAMPION_ALIAS)
+    assert champion_gate(client, "floor", "2", 35.0, floor=floor)[0] is True
+    client.set_model_version_tag("floor", "2", m.VAL_TOP1, "35.0")
+    own = champion_floor(load_config(overrides=["tracking.min_champion_top1=50"]), num_classes=10)
+    promoted, decision = champion_gate(client, "floor", "3", 45.0, floor=own)
+    assert not promoted and decision.startswith("kept version 2: val/top1 45.00 is not above 50.00 "
+                                                "(tracking.min_champion_top1; chance is 10.00)")
+    assert [e.promoted for e in champion_history(client, "floor")] == [False, True, False]
