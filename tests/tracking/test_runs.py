@@ -74,12 +74,18 @@ def test_sqlite_run_has_params_epoch_metrics_plot_model_version_and_alias(traine
     assert logged_model.metadata["embedding"] == {"layer": "avgpool", "dim": 512, "normalised": "l2"}
 
 
+def _registered(tmp_path, name: str, versions: int = 3) -> MlflowClient:
+    """A registered model `name` with `versions` versions of one run, in a fresh SQLite store."""
+    client = MlflowClient(f"sqlite:///{tmp_path / f'{name}.db'}")
+    client.create_registered_model(name)
+    run = client.create_run(client.create_experiment(name))
+    for _ in range(versions):
+        client.create_model_version(name, "file:///nowhere", run_id=run.info.run_id)
+    return client
+
+
 def test_champion_moves_only_when_val_top1_beats_the_current_champion(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'gate.db'}")
-    client.create_registered_model("gate")
-    run = client.create_run(client.create_experiment("gate"))
-    for _ in range(3):
-        client.create_model_version("gate", "file:///nowhere", run_id=run.info.run_id)
+    client = _registered(tmp_path, "gate")
     assert champion_gate(client, "gate", "1", 60.0)[0] is True
     client.set_model_version_tag("gate", "1", m.VAL_TOP1, "60.0")
     promoted, decision = champion_gate(client, "gate", "2", 55.0)
@@ -227,11 +233,7 @@ def test_a_model_at_chance_is_registered_but_never_champion_not_even_the_first(t
 
     from pipeline.tracking.registry import champion_floor
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'floor.db'}")
-    client.create_registered_model("floor")
-    run = client.create_run(client.create_experiment("floor"))
-    for _ in range(3):
-        client.create_model_version("floor", "file:///nowhere", run_id=run.info.run_id)
+    client = _registered(tmp_path, "floor")
     floor = champion_floor(load_config(), num_classes=10)
     assert floor == (20.0, "twice chance for 10 classes, tracking.min_champion_top1")
     promoted, decision = champion_gate(client, "floor", "1", 10.0, floor=floor)  # the first version, at chance

@@ -42,9 +42,12 @@ def test_two_workers_learn_loss_falls_and_val_top1_beats_chance(trained_run):
 
 
 def test_rerun_with_the_same_name_resumes_and_keeps_one_mlflow_run(ray_session, learnable_shards, tmp_path):
-    first = run_training(training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=2"))
+    # One worker: resuming is the driver's and Ray Train's business, the same at any world size (the exact
+    # multi-rank resume is tested with per-rank streams in tests/train/test_checkpoints.py).
+    first = run_training(training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=2",
+                                         "scaling.num_workers=1"))
     assert [row[m.EPOCH] for row in first.history] == [1, 2]
-    config = training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=3")
+    config = training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=3", "scaling.num_workers=1")
     second = run_training(config)
     assert [row[m.EPOCH] for row in second.history] == [1, 2, 3]
     assert second.history[:2] == first.history  # the first two epochs came from the checkpoint, not a rerun
