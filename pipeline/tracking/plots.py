@@ -57,7 +57,7 @@ def sweep_learning_curves(trials: list[Any]):
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("val top-1, %")
-    axes.set_title("trials (X: stopped by ASHA)")
+    axes.set_title("trials (X: the epoch ASHA decided to stop at)")
     axes.legend(fontsize="small")
     figure.tight_layout()
     return figure
