@@ -29,7 +29,7 @@ from pipeline.errors import ConfigError
 from pipeline.tracking.runs import CONFIG_ARTIFACT, find_run, prepare_tracking
 from pipeline.train.driver import RefitOptions, TrainingOutcome, run_training
 from pipeline.tune.report import BEST_TRIAL_TAG
-from pipeline.tune.search import SWEEP_TAG
+from pipeline.tune.search import SWEEP_TAG, trial_run_name
 
 REFIT_TAG = "pipeline.refit"  # "true" on a refit's run and model version
 REFIT_SWEEP_TAG = "pipeline.refit_sweep"
@@ -54,7 +54,7 @@ def plan_refit(locator: Config, sweep_name: str, overrides: list[str]) -> tuple[
         raise ConfigError(f"--sweep {sweep_name!r}: no sweep of that name in experiment "
                           f"'{locator.tracking.experiment}' (its MLflow parent run is named after the sweep)")
     trial_id = parent.data.tags.get(BEST_TRIAL_TAG)
-    trial_run = find_run(uri, experiment_id, f"{sweep_name}-{trial_id}") if trial_id else None
+    trial_run = find_run(uri, experiment_id, trial_run_name(sweep_name, trial_id)) if trial_id else None
     if trial_run is None:
         raise ConfigError(f"--sweep {sweep_name!r}: the sweep has no best trial yet (still running, interrupted, "
                           "or every trial failed); finish it with `imagenet-pipeline tune --resume` first")

@@ -117,7 +117,7 @@ def finish_search(config: Config, results, client: MlflowClient, uri: str, exper
     log_sweep_summary(client, parent_run_id, config, trials, best)
     published = None
     if best is not None and best.best_checkpoint:
-        trial_config = apply_params(config, best.params, f"{sweep_name}-{best.trial_id}")
+        trial_config = apply_params(config, best.params, trial_run_name(sweep_name, best.trial_id))
         published = publish(trial_config, uri, best.mlflow_run_id, best.best_checkpoint, best.best_metrics,
                             best.history, manifest)
     return SearchOutcome(sweep_name, parent_run_id, trials, best,
@@ -127,7 +127,7 @@ def finish_search(config: Config, results, client: MlflowClient, uri: str, exper
 def trial_driver(params: dict[str, Any], base_config: Config, sweep_name: str, parent_run_id: str) -> None:
     """One Tune trial: a full Ray Train run with the sampled values, nested in the sweep's MLflow run."""
     trial_id = tune.get_context().get_trial_id()
-    config = apply_params(base_config, params, f"{sweep_name}-{trial_id}")
+    config = apply_params(base_config, params, trial_run_name(sweep_name, trial_id))
     waited = wait_for_room(config, trial_id)
     outcome: TrainingOutcome = run_training(
         config, trial=TrialOptions(parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),)))
@@ -135,6 +135,11 @@ def trial_driver(params: dict[str, Any], base_config: Config, sweep_name: str, p
     if waited >= 1:
         client.set_tag(outcome.mlflow_run_id, WAITED_TAG, f"{waited:.0f}")
     client.set_tag(outcome.mlflow_run_id, COMPLETED_TAG, "true")
+
+
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    """A trial's Ray Train run and MLflow run name: a restarted trial finds its own checkpoints by it."""
+    return f"{sweep_name}-{trial_id}"
 
 
 def apply_params(config: Config, params: dict[str, Any], run_name: str | None = None) -> Config:
@@ -266,7 +271,7 @@ class StopRecorder:
     sweep_name: str
 
     def __call__(self, trial_id: str, epoch: int) -> None:
-        run = find_run(self.tracking_uri, self.experiment_id, f"{self.sweep_name}-{trial_id}")
+        run = find_run(self.tracking_uri, self.experiment_id, trial_run_name(self.sweep_name, trial_id))
         if run is not None:
             tag_stop_decision(MlflowClient(self.tracking_uri), run.info.run_id, epoch)
 
@@ -316,9 +321,9 @@ def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_na
     summaries = []
     for result in results:
         trial_id = trial_id_of(result)
-        run = find_run(client.tracking_uri, experiment_id, f"{sweep_name}-{trial_id}")
-        summaries.append(summarize_trial(trial_id, result, run, f"{sweep_name}-{trial_id}", storage_root,
-                                         max_epochs))
+        run_name = trial_run_name(sweep_name, trial_id)
+        run = find_run(client.tracking_uri, experiment_id, run_name)
+        summaries.append(summarize_trial(trial_id, result, run, run_name, storage_root, max_epochs))
     return summaries
 
 
