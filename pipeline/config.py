@@ -177,6 +177,9 @@ class TrackingConfig(_Section):
     min_champion_top1: float | None = Field(None, ge=0.0, le=100.0, description="val top-1 (%) a version must "
                                             "exceed to become champion; None: twice chance (200 / classes)")
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept by val top-1, plus the latest")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps within an "
+                                               "epoch, so a killed run resumes at its next step; None: at epoch "
+                                               "ends only")
     allow_changed_resume: bool = Field(False, description="resume a run although its data (manifest hash) or "
                                        "optimisation settings changed since its checkpoints were written")
     knn_every: int | None = Field(None, ge=1, description="log val k-NN top-1 (train gallery) every N epochs; "

@@ -8,6 +8,9 @@ from __future__ import annotations
 import torch
 
 EPOCH = "epoch"
+# In a checkpoint report taken within an epoch (tracking.checkpoint_every_steps): the steps of the epoch after
+# `epoch` done so far. Epoch-end reports never carry it.
+STEP_IN_EPOCH = "step_in_epoch"
 TRAIN_LOSS = "train/loss"
 TRAIN_LR = "train/lr"
 TRAIN_IMAGES_PER_SECOND = "train/images_per_second"

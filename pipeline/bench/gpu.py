@@ -151,7 +151,7 @@ class _SyntheticLoader:
     def __init__(self, batch: Batch, steps: int) -> None:
         self.batch, self.steps = batch, steps
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         pass
 
     def __len__(self) -> int:
@@ -199,8 +199,8 @@ class _TimedLoader:
     def manifest(self):
         return self.loader.manifest
 
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.loader.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
         return len(self.loader)

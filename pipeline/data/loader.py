@@ -8,6 +8,11 @@ sample becomes a masked slot (label IGNORE_LABEL) and never changes a rank's ste
     loader = build_loader(config.data, "train", rank=0, world_size=2, batch_size=64, seed=0)
     loader.set_epoch(3)
     for batch in loader: ...   # Batch(images uint8 NCHW, labels int64, corrupt count)
+    loader.set_epoch(3, start_step=40)   # the same epoch from its 41st batch on (a mid-epoch resume)
+
+Every random choice is a pure function of (seed, epoch, rank, plan worker, batch): the shuffle of a worker's
+samples is drawn on their positions before anything is read, and each batch's augmentation has its own stream.
+So a pass that starts at step k yields exactly the batches k, k+1, ... of the full pass, reading only their bytes.
 """
 
 from __future__ import annotations
@@ -85,9 +90,13 @@ class ShardStream(IterableDataset):
             else EvalTransform(data.eval_image_size, data.eval_crop_ratio)
         )
         self.epoch = 0
+        self.start_step = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if start_step and not self.train:
+            raise DataError(f"start_step = {start_step}: an eval pass always starts at its first batch")
         self.epoch = epoch
+        self.start_step = start_step
 
     def plan(self, worker: int = 0, num_workers: int = 1) -> WorkerPlan:
         counts = self.manifest.shard_counts
@@ -103,22 +112,53 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        process, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        # DataLoader takes batches from its processes in turn, starting at process 0, so step s of a pass is plan
+        # worker s mod n's batch s // n. A pass resumed at step k starts at process 0 too: process i plays plan
+        # worker (i + k) mod n, whose next batch is the one step k would have taken, and skips what it gave.
+        worker = (process + self.start_step) % num_workers
+        given = self.start_step // num_workers + int(worker < self.start_step % num_workers)
         plan = self.plan(worker, num_workers)
-        rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
-        samples = self._read(plan.segments)
-        if self.train:
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
+        if given > len(plan.batch_sizes):
+            raise DataError(f"start_step = {self.start_step}: past the end of the epoch "
+                            f"({len(plan.batch_sizes) * num_workers}+ steps)")
+        order: list[int] | range = range(plan.num_samples)
+        if self.train:  # the shuffle buffer's order, drawn on positions: no sample is read to know it
+            order = list(_shuffled(iter(order), self.shuffle_buffer,
+                                   random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")))
+        order = order[sum(plan.batch_sizes[:given]):]
+        samples = _in_order(self._read_positions(plan.segments, order), order)
         padding = (_Sample(None, IGNORE_LABEL) for _ in range(plan.num_padding))
         stream = _chain(samples, padding)
-        for size in plan.batch_sizes:
-            yield self._decode_batch([next(stream) for _ in range(size)], rng)
+        for batch in range(given, len(plan.batch_sizes)):
+            rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{batch}")
+            yield self._decode_batch([next(stream) for _ in range(plan.batch_sizes[batch])], rng)
 
     def _read(self, segments: tuple[Segment, ...]) -> Iterator[_Sample]:
+        """Every sample of `segments`, in order."""
+        count = sum(segment.length for segment in segments)
+        return (sample for _, sample in self._read_positions(segments, range(count)))
+
+    def _read_positions(self, segments: tuple[Segment, ...], wanted: list[int] | range
+                        ) -> Iterator[tuple[int, _Sample]]:
+        """(position, sample) for each wanted position of the worker's stream, in increasing position order.
+        Indexed shards are read run by run (only wanted bytes); others once from the first wanted sample."""
+        needed = np.zeros(sum(segment.length for segment in segments), dtype=bool)
+        needed[np.asarray(wanted, dtype=np.int64)] = True
+        position = 0
         for segment in segments:
+            mask = needed[position:position + segment.length]
             location = self.locations[segment.shard]
-            index = None if self.shard_command else shard_index(location, self.manifest.shards[segment.shard])
-            yield from _read_segment(location, segment, self.manifest, self.shard_command, index)
+            index = None if self.shard_command or not mask.any() else \
+                shard_index(location, self.manifest.shards[segment.shard])
+            runs = _runs(mask) if index is not None else _span(mask)
+            for lo, hi in runs:
+                part = Segment(segment.shard, segment.start + lo, segment.start + hi)
+                for offset, sample in enumerate(_read_segment(location, part, self.manifest, self.shard_command,
+                                                              index), lo):
+                    if mask[offset]:
+                        yield position + offset, sample
+            position += segment.length
 
     def _decode_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
         if self.decode_on_device:
@@ -309,6 +349,30 @@ def _shuffled(samples: Iterator[_Sample], buffer_size: int, rng: random.Random) 
     yield from buffer
 
 
+def _in_order(pairs: Iterator[tuple[int, _Sample]], order: list[int] | range) -> Iterator[_Sample]:
+    """The samples of `pairs` (read in position order) re-ordered as `order`: it holds what was read ahead of its
+    turn, as many samples as the shuffle buffer would hold."""
+    held: dict[int, _Sample] = {}
+    for position in order:
+        while position not in held:
+            got, sample = next(pairs)
+            held[got] = sample
+        yield held.pop(position)
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True in `mask`."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return [(int(lo), int(hi)) for lo, hi in zip(edges[::2], edges[1::2])]
+
+
+def _span(mask: np.ndarray) -> list[tuple[int, int]]:
+    """One read from the first to the last True of `mask` (none if it has none): a shard without an index is
+    read from its start anyway, so skipping within it costs no extra opening."""
+    hits = np.flatnonzero(mask)
+    return [(int(hits[0]), int(hits[-1]) + 1)] if len(hits) else []
+
+
 def _chain(*iterators: Iterator[_Sample]) -> Iterator[_Sample]:
     for iterator in iterators:
         yield from iterator
@@ -335,8 +399,9 @@ class EpochLoader:
     def manifest(self) -> Manifest:
         return self.dataset.manifest
 
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """The next pass is `epoch`'s, from batch `start_step` on (0: the whole epoch)."""
+        self.dataset.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
         """Batches per epoch on this rank; identical on every rank."""

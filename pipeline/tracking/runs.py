@@ -279,7 +279,11 @@ class WorkerTracker:
 
     def step_hook(self) -> StepLog | None:
         if self._active and self.every_n_steps:
-            return StepLog(MlflowClient(self.uri), self.run_id, self.every_n_steps)
+            client = MlflowClient(self.uri)
+            # A resumed attempt replays the steps its predecessor ran after the checkpoint (and logged): the same
+            # values when the loader is deterministic, so those points stay and only later steps are logged.
+            logged = [point.step for point in client.get_metric_history(self.run_id, m.STEP_LOSS)]
+            return StepLog(client, self.run_id, self.every_n_steps, logged_through=max(logged, default=0))
         return None
 
     def __exit__(self, *exc_info: object) -> None:
@@ -309,8 +313,9 @@ class StepLog:
     batch of three metrics without waiting for the server (MLflow's asynchronous logging), so a slow tracking
     server never holds up a step."""
 
-    def __init__(self, client: MlflowClient, run_id: str, every: int) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, every: int, logged_through: int = 0) -> None:
         self.client, self.run_id, self.every = client, run_id, every
+        self.logged_through = logged_through  # steps up to this one are in MLflow already
         self._reset()
 
     def _reset(self) -> None:
@@ -320,6 +325,8 @@ class StepLog:
         self._started = time.perf_counter()
 
     def __call__(self, step: int, loss, lr: float, images: int) -> None:
+        if step <= self.logged_through:
+            return
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._steps += 1
         self._images += images

@@ -43,6 +43,10 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics dict per epoch
     best_metric: float | None = None
     epochs_without_improvement: int = 0
+    # A checkpoint taken within an epoch (tracking.checkpoint_every_steps): steps of epoch `epoch` + 1 done, and
+    # that epoch's sums so far over all ranks (loss sum, valid samples, corrupt samples). 0 and [] at epoch ends.
+    step_in_epoch: int = 0
+    partial_epoch: list[float] = field(default_factory=list)
 
 
 def checkpoint_meta(config: Config, num_classes: int, manifest_hash: str) -> dict[str, Any]:
@@ -83,7 +87,8 @@ def save_checkpoint(
     }
     torch.save(payload, directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
-    progress = {"epoch": state.epoch, "history": state.history, "stopped_early": stopped_early}
+    progress = {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "history": state.history,
+                "stopped_early": stopped_early}
     (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=1))
 
 
@@ -223,7 +228,8 @@ def read_run_record(storage_path: str, run_name: str) -> RunRecord | None:
         if not storage.is_file(storage.join(directory, META_FILE)):
             continue  # a checkpoint still being written, or one a crash left half-written
         progress = _read_progress(directory)
-        checkpoints.setdefault(progress["epoch"], directory)  # a re-reported epoch: its first copy
+        if not progress["step_in_epoch"]:  # one taken within an epoch holds no epoch's weights
+            checkpoints.setdefault(progress["epoch"], directory)  # a re-reported epoch: its first copy
         if newest is None or progress["epoch"] >= newest["epoch"]:
             newest = progress
     if newest is None:
@@ -236,19 +242,22 @@ def _read_progress(directory: str) -> dict[str, Any]:
     if not storage.is_file(location):
         with local_checkpoint(directory, directory) as local:
             state = read_state(local)["training_state"]
-        return {"epoch": int(state["epoch"]), "history": list(state["history"]), "stopped_early": False}
+        return {"epoch": int(state["epoch"]), "step_in_epoch": int(state.get("step_in_epoch", 0)),
+                "history": list(state["history"]), "stopped_early": False}
     try:
         progress = json.loads(storage.read_text(location))
         epoch, history, stopped = progress["epoch"], progress["history"], progress["stopped_early"]
+        step = progress.get("step_in_epoch", 0)  # absent in records written before mid-epoch checkpoints
         valid = (isinstance(epoch, int) and epoch >= 0 and isinstance(stopped, bool) and isinstance(history, list)
+                 and isinstance(step, int) and not isinstance(step, bool) and step >= 0
                  and all(isinstance(row, dict) and all(isinstance(key, str) and isinstance(value, (int, float))
                                                        for key, value in row.items()) for row in history))
     except (ValueError, KeyError, TypeError):
         valid = False
     if not valid:
-        raise CheckpointError(f"checkpoint {location}: not a progress record (expected epoch, history of "
-                              "per-epoch metrics, stopped_early)")
-    return {"epoch": epoch, "history": history, "stopped_early": stopped}
+        raise CheckpointError(f"checkpoint {location}: not a progress record (expected epoch, step_in_epoch, "
+                              "history of per-epoch metrics, stopped_early)")
+    return {"epoch": epoch, "step_in_epoch": step, "history": history, "stopped_early": stopped}
 
 
 def checkpoint_uri(location: str, storage_path: str) -> str:

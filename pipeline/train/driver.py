@@ -251,7 +251,7 @@ class BestCheckpoint:
 def best_checkpoint(result: Any) -> BestCheckpoint | None:
     """The best reported checkpoint by the selection metric (Ray keeps it and the latest)."""
     scored = [(checkpoint, metrics) for checkpoint, metrics in (result.best_checkpoints or [])
-              if m.SELECTION_METRIC in metrics]
+              if m.SELECTION_METRIC in metrics and m.STEP_IN_EPOCH not in metrics]  # not one taken mid-epoch
     if not scored and result.checkpoint is not None and m.SELECTION_METRIC in (result.metrics or {}):
         scored = [(result.checkpoint, result.metrics)]  # local mode keeps only the last checkpoint
     if not scored:

@@ -50,6 +50,9 @@ class RankDevice:
 # the device, lr, images in the global batch); reading the loss is the hook's choice, made at its own interval
 # (pipeline.tracking.runs.StepLog), so the step itself never waits for the device.
 StepHook = Callable[[int, torch.Tensor, float, int], None]
+# Called every tracking.checkpoint_every_steps steps within an epoch, on every rank at the same step, with the
+# training state saying where the epoch stands (`step_in_epoch`, `partial_epoch`): it writes the checkpoint.
+CheckpointHook = Callable[[], None]
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -78,14 +81,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: torch.amp.GradScaler, config: Config,
                     rank: RankDevice, epoch: int, state: TrainingState,
-                    on_step: StepHook | None = None) -> dict[str, float]:
+                    on_step: StepHook | None = None, on_checkpoint: CheckpointHook | None = None) -> dict[str, float]:
+    """One epoch, or its rest when `state` comes from a checkpoint taken within it (`state.step_in_epoch` > 0):
+    the loader then starts at that step and the epoch's sums start from the checkpoint's, so the epoch's metrics
+    are those of an uninterrupted one."""
     model.train()
-    loader.set_epoch(epoch)
+    resumed_at = state.step_in_epoch
+    loader.set_epoch(epoch, start_step=resumed_at)
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing,
                                           reduction="sum")
     # The loss sum stays on the device (read once, at the end); sample counts come from the host-side labels.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=rank.device)
-    counts = torch.zeros(2, dtype=torch.float64)  # valid samples, corrupt samples
+    # Carried sums are all ranks' together, so rank 0 alone starts from them.
+    carried = state.partial_epoch if resumed_at and state.partial_epoch else [0.0, 0.0, 0.0]
+    own = carried if rank.rank == 0 else [0.0, 0.0, 0.0]
+    loss_sum = torch.tensor(own[0], dtype=torch.float64, device=rank.device)
+    counts = torch.tensor(own[1:], dtype=torch.float64)  # valid samples, corrupt samples
+    every = config.tracking.checkpoint_every_steps if on_checkpoint is not None else None
+    steps = len(loader) if every else 0  # the epoch's last step is an epoch-end checkpoint anyway
     waiting = 0.0
     started = tick = time.perf_counter()
     for batch in loader:
@@ -117,16 +129,22 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
             counts[1] += batch.corrupt
         step_after_iteration(scheduler)
         state.global_step += 1
+        state.step_in_epoch += 1
         if state.global_step == 1:
             events.record("first_step", rank=rank.rank)
+        if every and state.step_in_epoch % every == 0 and state.step_in_epoch < steps:
+            # The epoch's sums so far, all ranks together (a collective at the same step on every rank).
+            state.partial_epoch = all_reduce(torch.cat([loss_sum.cpu().view(1), counts]), rank).tolist()
+            on_checkpoint()
         tick = time.perf_counter()
+    state.step_in_epoch, state.partial_epoch = 0, []
     totals = torch.cat([loss_sum.cpu().view(1), counts])  # the epoch's one wait for the device
     elapsed = time.perf_counter() - started
     loss_sum, count, corrupt = all_reduce(totals, rank).tolist()
     return {
         m.TRAIN_LOSS: loss_sum / max(count, 1),
         m.TRAIN_LR: optimizer.param_groups[0]["lr"],
-        m.TRAIN_IMAGES_PER_SECOND: count / elapsed,
+        m.TRAIN_IMAGES_PER_SECOND: (count - carried[1]) / elapsed,  # this pass's images only
         m.TRAIN_DATA_WAIT_SHARE: waiting / elapsed,
         m.TRAIN_CORRUPT_SAMPLES: corrupt,
     }

@@ -91,9 +91,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     with tracker:
         tracker.set_tags({WORKER_NODES_TAG: ",".join(nodes)})
         step_log = tracker.step_hook()
+
+        def checkpoint_within_epoch() -> None:
+            if step_log is not None:
+                step_log.flush()  # MLflow holds every step up to the checkpoint's: a resume logs only later ones
+            report_within_epoch(model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
+
         for epoch in range(state.epoch, config.optim.epochs):
             train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, rank, epoch,
-                                            state, step_log)
+                                            state, step_log, checkpoint_within_epoch)
             if step_log is not None:
                 step_log.flush()
             broadcast_buffers_from_rank0(model, rank)  # the score is the saved (rank 0's) weights' score
@@ -216,7 +222,9 @@ def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: in
         state = load_checkpoint(Path(directory), model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                 rank=rank.rank, world_size=rank.world_size,
                                 fallback_seed=config.seed + rank.rank)
-    log.info(f"resumed from {checkpoint.path} after epoch {state.epoch}")
+    where = f"at step {state.step_in_epoch + 1} of epoch {state.epoch + 1}" if state.step_in_epoch else \
+        f"after epoch {state.epoch}"
+    log.info(f"resumed from {checkpoint.path} {where}")
     return state
 
 
@@ -252,10 +260,20 @@ def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank
         if rank.rank == 0:
             directory = Path(scratch)
             if local_checkpoint_root:
-                directory = Path(local_checkpoint_root) / f"checkpoint_epoch_{state.epoch:04d}"
+                within = f"_step_{state.step_in_epoch:07d}" if state.step_in_epoch else ""
+                directory = Path(local_checkpoint_root) / f"checkpoint_epoch_{state.epoch:04d}{within}"
                 directory.mkdir(parents=True, exist_ok=True)
             save_checkpoint(directory, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
                             scaler=scaler, state=state, meta=meta, rng_by_rank=rng_by_rank,
                             stopped_early=stopped_early)
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
         ray.train.report(epoch_metrics, checkpoint=checkpoint)
+
+
+def report_within_epoch(model, optimizer, scheduler, scaler, state: TrainingState, meta, rank: RankDevice,
+                        local_checkpoint_root: str | None) -> None:
+    """A checkpoint within an epoch: where the epoch stands, and no score. Ray ranks a report without a number for
+    the score attribute below every scored one (NaN sorts lowest), so keep-best-k keeps epoch checkpoints and
+    such a checkpoint lives only while it is the latest."""
+    metrics = {m.EPOCH: state.epoch, m.STEP_IN_EPOCH: state.step_in_epoch, m.SELECTION_METRIC: float("nan")}
+    report(metrics, model, optimizer, scheduler, scaler, state, meta, rank, local_checkpoint_root)

@@ -165,6 +165,10 @@ def check_search(config: Config) -> None:
     for key, spec in space.items():
         for value in _extreme_values(spec):
             apply_params(config, {key: value})
+    if config.tracking.checkpoint_every_steps:
+        raise ConfigError(f"tracking.checkpoint_every_steps = {config.tracking.checkpoint_every_steps}: a sweep's "
+                          "trials checkpoint at epoch ends (every Tune report is an ASHA result, scored by val); "
+                          "unset it for sweeps")
     if config.search.grace_period > config.optim.epochs:
         raise ConfigError(f"search.grace_period = {config.search.grace_period} exceeds optim.epochs = "
                           f"{config.optim.epochs}: ASHA could never stop a trial")

@@ -268,3 +268,18 @@ def test_gpu_decoding_without_gpus_is_refused_at_config_load():
     with pytest.raises(ConfigError, match="data.decode = 'gpu' decodes JPEGs on the training workers' GPUs"):
         load_config(overrides=["data.decode=gpu"])
     assert load_config(overrides=["data.decode=gpu", "scaling.use_gpu=true"]).data.decode == "gpu"
+
+
+@pytest.mark.parametrize(("workers", "start"), [(0, 5), (2, 3), (3, 4), (3, 8)])
+def test_a_pass_started_mid_epoch_yields_exactly_the_rest_of_the_full_pass(tiny_shards, workers, start):
+    """A resume at step k (pipeline.train.step) sees batches k, k+1, ... of the uninterrupted pass: same samples,
+    same order, same augmented pixels, whatever the number of loader processes."""
+    def batches(start_step):
+        loader = build_loader(_data(tiny_shards, workers), "train", rank=1, world_size=2, batch_size=2, seed=3)
+        loader.set_epoch(1, start_step=start_step)
+        return [(batch.keys, batch.images) for batch in loader]
+
+    full, rest = batches(0), batches(start)
+    assert len(full) == 13 and len(rest) == 13 - start
+    assert [keys for keys, _ in rest] == [keys for keys, _ in full[start:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[start:]))

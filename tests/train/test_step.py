@@ -22,7 +22,7 @@ class ListLoader:
     def __init__(self, batches: list[Batch]) -> None:
         self.batches = batches
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         pass
 
     def __iter__(self):
