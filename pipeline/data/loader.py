@@ -414,6 +414,10 @@ class EpochLoader:
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.loader_workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_batches if self.loader_workers else None,
+            # Each new iterator draws its processes' base seed from this generator: from the global one it would
+            # shift the training process's dropout masks whenever a pass starts (a resume within an epoch starts
+            # one where an uninterrupted run did not). Every random choice here has its own stream anyway.
+            generator=torch.Generator().manual_seed(0),
         )
         self.corrupt_counts.zero_()
         for batch in loader:

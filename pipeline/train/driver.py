@@ -98,6 +98,7 @@ def run_training(config: Config, trial: TrialOptions | None = None,
         placement_group_note=ray_54305.note_location(storage_root, run_name) if trial else None,
         report_finished_run=trial is not None,
         events_file=events.current_file(),
+        sample_log=events.sample_log_file(),
     )
     trainer = build_trainer(config, run_name, storage_root, wiring, list(trial.callbacks) if trial else [])
     try:

@@ -128,6 +128,7 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
         else:
             counts[1] += batch.corrupt
         step_after_iteration(scheduler)
+        events.record_batch(rank.rank, epoch, state.step_in_epoch, batch.keys)
         state.global_step += 1
         state.step_in_epoch += 1
         if state.global_step == 1:

@@ -53,12 +53,13 @@ class RunWiring:
     # driver may have died between that epoch's checkpoint and Tune recording it.
     report_finished_run: bool = False
     events_file: str | None = None  # the driver's pipeline.events file, if it records one
+    sample_log: str | None = None  # the driver's pipeline.events sample log (keys per step), if it keeps one
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     config: Config = loop_config["config"]
     wiring: RunWiring = loop_config.get("wiring") or RunWiring()
-    events.use_file(wiring.events_file)
+    events.use_file(wiring.events_file, wiring.sample_log)
     rank = setup_rank(config)
     log = RankLogger(rank.rank)
     ray_54305.record_placement_group(rank.rank, wiring.placement_group_note)

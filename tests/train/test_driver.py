@@ -1,12 +1,16 @@
 """Real 2-worker Ray Train runs: learning, resume, a killed worker, and every bad input refused up front."""
 
+import json
 import os
 import signal
 import threading
 import time
 
+from collections import Counter
+
 import psutil
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
@@ -56,21 +60,54 @@ def test_rerun_with_the_same_name_resumes_and_keeps_one_mlflow_run(ray_session, 
     assert _metric_steps(config, run.info.run_id, m.VAL_TOP1) == [1, 2, 3]
 
 
-def _kill_a_worker_after_first_checkpoint(run_dir, killed: list) -> None:
+def _kill_a_worker_within_epoch_2(run_dir, killed: list) -> None:
+    """SIGKILL one Ray Train worker once Ray has registered a checkpoint taken within epoch 2 as its latest (a
+    checkpoint merely on disk may still be unregistered: a restart would then resume from an older one)."""
     deadline = time.time() + 240
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
-        time.sleep(0.2)
-    for process in psutil.process_iter(["cmdline"]):
-        if any("RayTrainWorker" in part for part in (process.info["cmdline"] or [])):
-            os.kill(process.pid, signal.SIGKILL)
-            killed.append(process.pid)
-            return
+    while time.time() < deadline:
+        try:
+            latest = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())["latest_checkpoint_result"]
+        except (OSError, ValueError, KeyError):
+            latest = None  # not written yet, or being replaced
+        metrics = (latest or {}).get("metrics", {})
+        if metrics.get(m.EPOCH) == 1 and metrics.get(m.STEP_IN_EPOCH):
+            for process in psutil.process_iter(["cmdline"]):
+                if any("RayTrainWorker" in part for part in (process.info["cmdline"] or [])):
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.append(process.pid)
+                    return
+        time.sleep(0.05)
 
 
-def test_a_sigkilled_worker_restarts_from_the_checkpoint_and_finishes(ray_session, learnable_shards, tmp_path):
-    config = training_config(learnable_shards, tmp_path, "kill-me", "optim.epochs=3")
+def _planned_keys(shards, epoch, world, batch, seed):
+    """The sample keys the plan gives all ranks in `epoch`, read from the shards in file order."""
+    from pipeline.data.loader import read_whole_shard
+    from pipeline.data.manifest import read_manifest
+    from pipeline.data.plan import plan_train_worker
+
+    manifest = read_manifest(shards / "train")
+    keys = [[key for _, _, key in read_whole_shard(str(shards / "train"), manifest, shard)]
+            for shard in range(len(manifest.shards))]
+    planned = Counter()
+    for rank in range(world):
+        plan = plan_train_worker(manifest.shard_counts, world_size=world, rank=rank, batch_size=batch, seed=seed,
+                                 epoch=epoch)
+        planned.update(key for segment in plan.segments for key in keys[segment.shard][segment.start:segment.stop])
+    return planned
+
+
+def test_a_worker_sigkilled_within_an_epoch_resumes_at_its_next_step_on_the_planned_samples(
+        ray_session, learnable_shards, tmp_path, trained_run, monkeypatch):
+    """tracking.checkpoint_every_steps on 2 workers: a worker SIGKILLed after a checkpoint within epoch 2; the run
+    resumes at the next step of epoch 2 (not its start), epoch 2 trains every planned sample once across both
+    attempts (the sample log's keys), and the final weights equal those of `trained_run`, the same run
+    uninterrupted (the loader and the gloo reductions are deterministic)."""
+    from pipeline.train.checkpoints import latest_run_checkpoint, read_state
+
+    monkeypatch.setenv("PIPELINE_SAMPLE_LOG", str(tmp_path / "samples.jsonl"))
+    config = training_config(learnable_shards, tmp_path, "kill-me", "tracking.checkpoint_every_steps=2")
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(tmp_path / "ray" / "kill-me", killed))
+    killer = threading.Thread(target=_kill_a_worker_within_epoch_2, args=(tmp_path / "ray" / "kill-me", killed))
     killer.start()
     outcome = run_training(config)
     killer.join()
@@ -79,6 +116,27 @@ def test_a_sigkilled_worker_restarts_from_the_checkpoint_and_finishes(ray_sessio
     runs = _runs_named(config, "kill-me")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted(set(_metric_steps(config, runs[0].info.run_id, m.VAL_TOP1))) == [1, 2, 3]
+    steps = _metric_steps(config, runs[0].info.run_id, m.STEP_LOSS)
+    assert len(steps) == len(set(steps))  # the resumed attempt logged no step twice
+
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    rank0 = [(row["epoch"], row["step"]) for row in rows if row["rank"] == 0]
+    restart = next(i for i in range(1, len(rank0)) if rank0[i] <= rank0[i - 1])
+    assert rank0[restart][0] == 1 and rank0[restart][1] > 0, f"resumed at {rank0[restart]}, not within epoch 2"
+    by_step: dict = {}
+    for row in rows:
+        if row["epoch"] == 1:
+            assert by_step.setdefault((row["rank"], row["step"]), row["keys"]) == row["keys"]  # a replay, same keys
+    assert sorted(by_step) == [(rank, step) for rank in (0, 1) for step in range(5)]
+    seen = Counter(key for keys in by_step.values() for key in keys)
+    assert seen == _planned_keys(learnable_shards, 1, world=2, batch=8, seed=config.seed)
+
+    def final_weights(storage, name):
+        return read_state(latest_run_checkpoint(storage, name))["model"]
+
+    expected = final_weights(str(trained_run.workdir / "ray"), trained_run.outcome.run_name)
+    got = final_weights(str(tmp_path / "ray"), "kill-me")
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
 def _checkpoint_files(run):

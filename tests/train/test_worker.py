@@ -91,3 +91,65 @@ def test_two_epochs_straight_equal_one_epoch_then_a_resume_then_one_more(tiny_sh
     expected, got = final_weights(straight.reports), final_weights(resumed.reports)
     assert [metrics[m.EPOCH] for metrics, _ in resumed.reports] == [2]
     assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL right after a checkpoint was handed over."""
+
+
+def test_a_run_killed_after_a_checkpoint_within_an_epoch_resumes_at_its_next_step(tiny_shards, tmp_path, monkeypatch):
+    """tracking.checkpoint_every_steps: killed after step 1 of epoch 2, the resumed run trains steps 2 and 3 of
+    epoch 2 on exactly the samples the uninterrupted run gave them, and ends with the same weights bit for bit and
+    the same epoch-2 train loss (the epoch's sums so far travel in the checkpoint)."""
+    import json
+
+    import torch
+
+    from pipeline.train.checkpoints import read_state
+
+    config = load_config(overrides=[
+        f"data.root={tiny_shards}", "data.train_image_size=32", "data.eval_image_size=32", "data.loader_workers=0",
+        "data.shuffle_buffer=16", "model.name=resnet18", "model.dropout=0.5", "optim.batch_size=16",
+        "optim.lr=0.4", "optim.schedule=step", "scaling.num_workers=0", "data.max_corrupt_fraction=1",
+        "optim.epochs=2", "tracking.checkpoint_every_steps=1",
+    ])
+
+    def final_weights(reports):
+        with reports[-1][1].as_directory() as directory:
+            return read_state(directory)["model"]
+
+    def steps_logged(path):
+        return [(row["epoch"], row["step"], row["keys"]) for row in map(json.loads, path.read_text().splitlines())]
+
+    monkeypatch.setenv("PIPELINE_SAMPLE_LOG", str(tmp_path / "straight.jsonl"))
+    straight = run_worker(monkeypatch, config, tmp_path / "straight", val_top1=50.0)
+    assert [metrics.get(m.STEP_IN_EPOCH) for metrics, _ in straight.reports] == [1, 2, None, 1, 2, None]
+
+    monkeypatch.setenv("PIPELINE_SAMPLE_LOG", str(tmp_path / "split.jsonl"))
+    killed = FakeRayTrain()
+    killed.install(monkeypatch)
+    monkeypatch.setattr(train_loop, "evaluate", lambda model, loader, worker, prefix: {
+        m.VAL_LOSS: 1.0, m.VAL_TOP1: 50.0, m.VAL_TOP5: 100.0, m.VAL_CORRUPT_SAMPLES: 0})
+
+    def report_then_die(metrics, checkpoint=None):
+        killed.reports.append((dict(metrics), checkpoint))
+        if metrics[m.EPOCH] == 1 and metrics.get(m.STEP_IN_EPOCH) == 1:
+            raise Killed
+
+    import ray
+
+    monkeypatch.setattr(ray.train, "report", report_then_die)
+    with pytest.raises(Killed):
+        train_loop.train_worker({"config": config, "wiring": train_loop.RunWiring(
+            local_checkpoint_root=str(tmp_path / "split"))})
+    within = killed.reports[-1][1]
+    assert Path(within.path).name == "checkpoint_epoch_0001_step_0000001"
+
+    torch.manual_seed(12345)  # whatever the process did in between must not matter
+    resumed = run_worker(monkeypatch, config, tmp_path / "split", val_top1=50.0, checkpoint=within)
+    assert [(metrics[m.EPOCH], metrics.get(m.STEP_IN_EPOCH)) for metrics, _ in resumed.reports] == [(1, 2), (2, None)]
+    expected, got = final_weights(straight.reports), final_weights(resumed.reports)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert resumed.reports[-1][0][m.TRAIN_LOSS] == straight.reports[-1][0][m.TRAIN_LOSS]
+    # Every step of epoch 2 once across the two attempts, on the uninterrupted run's samples.
+    assert steps_logged(tmp_path / "split.jsonl") == steps_logged(tmp_path / "straight.jsonl")
