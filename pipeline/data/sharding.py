@@ -178,8 +178,9 @@ def _write_planned(source: Path, found: ImageNetSource, output: Path, plans: dic
         manifest = _write_split_manifest(split, tasks, found, strays, recorded_options)
         written = sum((task.split_dir, task.name) in rewritten for task in tasks)
         summary.splits[split] = SplitSummary(manifest.num_samples, len(tasks), written, len(tasks) - written)
-        summary.skipped += [{"split": split, **entry} for entry in manifest.skipped]
-        summary.converted += [{"split": split, **entry} for entry in manifest.converted]
+        skipped, converted = _file_records(tasks, strays)
+        summary.skipped += [{"split": split, **entry} for entry in skipped]
+        summary.converted += [{"split": split, **entry} for entry in converted]
     # Stray files of a folder that yields no split (e.g. a val/ without images) are still reported.
     summary.skipped += [{"split": _split_of_folder(stray.folder), "file": str(stray.path.relative_to(source)),
                          "reason": stray.reason}
@@ -267,11 +268,19 @@ def _write_split_manifest(
         classes=found.classes,
         shards=[ShardInfo(info["name"], info["num_samples"], info["sha256"], info["bytes"], info.get("index_sha256")) for info in infos],
         source={**found.describe(), **options, "split_origin": SPLIT_ORIGINS[split]},
-        skipped=strays + [entry for info in infos for entry in info["skipped"]],
-        converted=[entry for info in infos for entry in info["converted"]],
+        skipped_files=len(strays) + sum(len(info["skipped"]) for info in infos),
+        converted_files=sum(len(info["converted"]) for info in infos),
     )
     write_manifest(manifest, Path(tasks[0].split_dir))
     return manifest
+
+
+def _file_records(tasks: list[ShardTask], strays: list[dict[str, str]]) -> tuple[list[dict], list[dict]]:
+    """The split's skipped and converted files, each with its reason, from the shards' info files: for the
+    report, not the manifest."""
+    infos = [_completed_info(task) for task in tasks]
+    return (strays + [entry for info in infos for entry in info["skipped"]],
+            [entry for info in infos for entry in info["converted"]])
 
 
 def _plan_samples(files: list[LabeledFile], class_index: dict[str, int], source: Path) -> list[PlannedSample]:

@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.errors import ConfigError
 from pipeline.config import MIN_IMAGE_SIZE as CONFIG_MIN_IMAGE_SIZE
 from pipeline.config import MODEL_NAMES, ModelConfig
+from pipeline.data.transforms import IMAGENET_STD
 
 _RESNET_BUILDERS = {
     "resnet18": torchvision.models.resnet18,
@@ -104,6 +105,13 @@ class AlexNet2012(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(4096, num_classes),
         )
+        # The paper's net sees mean-subtracted pixels in 0-255 units (section 2: "subtracting the mean activity over
+        # the training set from each pixel"); the loader hands every model ImageNet-normalised input, ~58x smaller.
+        # Its N(0, 0.01) initialisation is sized for the paper's scale: at unit scale each of the 8 layers shrinks
+        # the signal (conv1 0.01 x sqrt(363) = 0.19, ...), the logits are the biases' alone (~1e-3 signal) and SGD
+        # at the paper's lr sits at chance for hundreds of steps. Multiplying by 255 x std restores the paper's
+        # input exactly (not learned, not saved: old checkpoints load unchanged).
+        self.register_buffer("pixel_scale", 255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if init not in ALEXNET_INITS:
             raise ConfigError(f"model.init = {init!r}: choose one of {', '.join(ALEXNET_INITS)}")
         self._initialise(init)
@@ -126,7 +134,7 @@ class AlexNet2012(nn.Module):
             nn.init.constant_(layer.bias, raised_bias if id(layer) in biased else 0.0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.avgpool(self.features(images))
+        features = self.avgpool(self.features(images * self.pixel_scale))
         return self.classifier(torch.flatten(features, 1))
 
 
