@@ -100,13 +100,36 @@ class DataConfig(_Section):
         return value
 
 
+# model.init per model; the first is the model's own (what None means).
+INITS_BY_MODEL = {"alexnet": ("paper", "reference"), "alexnet_tv": ("torchvision", "kaiming")}
+ALEXNET_INITS = ("paper", "reference", "torchvision", "kaiming")
+
+
 class ModelConfig(_Section):
     name: Literal[MODEL_NAMES] = "resnet18"  # type: ignore[valid-type]
     num_classes: int | None = Field(None, ge=2, description="None: from the shard manifest; else must match it")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="AlexNet FC dropout / ResNet pre-classifier dropout")
     local_response_norm: bool = Field(True, description="AlexNet only: LRN after conv1 and conv2 as in 2012")
-    init: Literal["paper", "reference"] = Field("paper", description="alexnet only: the 2012 paper's init, or "
-                                                "Caffe's reference AlexNet's (fc6/fc7 N(0, 0.005), biases 0.1)")
+    init: Literal[ALEXNET_INITS] | None = Field(  # type: ignore[valid-type]
+        None, description="AlexNets only; None: the model's own. alexnet: paper (N(0, 0.01), biases 1) or reference "
+        "(Caffe's bvlc_alexnet: fc6/fc7 N(0, 0.005), biases 0.1); alexnet_tv: torchvision (PyTorch's layer "
+        "defaults) or kaiming (He et al. 2015 for convs, N(0, 0.01) for FC: torchvision's VGG init)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _forget_the_old_default(cls, data: Any) -> Any:
+        # Configs saved before inits per model carry init: paper for every model; on any but alexnet it meant nothing.
+        if isinstance(data, dict) and data.get("init") == "paper" and data.get("name", "resnet18") != "alexnet":
+            return {**data, "init": None}
+        return data
+
+    @model_validator(mode="after")
+    def _init_fits_the_model(self) -> "ModelConfig":
+        allowed = INITS_BY_MODEL.get(self.name, ())
+        if self.init is not None and self.init not in allowed:
+            takes = f"takes {' or '.join(allowed)}" if allowed else "has no init choice"
+            raise ValueError(f"model.init = {self.init!r} does not apply to {self.name}, which {takes}")
+        return self
 
 
 class OptimConfig(_Section):

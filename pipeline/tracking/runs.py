@@ -274,8 +274,13 @@ class WorkerTracker:
 
     def log_epoch(self, epoch_metrics: dict[str, float]) -> None:
         if self._active:
-            step = int(epoch_metrics["epoch"])
-            mlflow.log_metrics({k: float(v) for k, v in epoch_metrics.items() if k != "epoch"}, step=step)
+            step = int(epoch_metrics[m.EPOCH])
+            mlflow.log_metrics({k: float(v) for k, v in epoch_metrics.items() if k != m.EPOCH}, step=step)
+
+    def log_missing_epochs(self, history: list[dict[str, float]]) -> None:
+        """A resumed attempt's restored epochs that MLflow lacks (see `log_missing_epochs`)."""
+        if self._active:
+            log_missing_epochs(MlflowClient(self.uri), self.run_id, history)
 
     def step_hook(self) -> StepLog | None:
         if self._active and self.every_n_steps:
@@ -295,6 +300,21 @@ class WorkerTracker:
             # A restarted worker group re-attaches; the driver sets the final status at the end.
             self._attachment.__exit__(*exc_info)
             self._active = False
+
+
+def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict[str, float]]) -> int:
+    """Log the epochs of a run's checkpointed `history` that come after the last epoch MLflow holds; returns how
+    many. The checkpoint is reported before its epoch's metrics reach MLflow, so a worker killed between the two
+    (a node lost, or Tune stopping a trial as soon as it reports its last epoch) leaves MLflow one epoch behind
+    the checkpoints; the resumed attempt, or the sweep's summary, writes it from the checkpoint's record."""
+    logged = max((point.step for point in client.get_metric_history(run_id, m.TRAIN_LOSS)), default=0)
+    timestamp = int(time.time() * 1000)
+    missing = [row for row in history if int(row.get(m.EPOCH, 0)) > logged]
+    for row in missing:
+        step = int(row[m.EPOCH])
+        client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp, step)
+                                          for key, value in row.items() if key != m.EPOCH])
+    return len(missing)
 
 
 def steps_between_logs(setting: int | None, steps_per_epoch: int) -> int:

@@ -91,6 +91,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     events.record("loop_ready", rank=rank.rank)
     with tracker:
         tracker.set_tags({WORKER_NODES_TAG: ",".join(nodes)})
+        tracker.log_missing_epochs(state.history)
         step_log = tracker.step_hook()
 
         def checkpoint_within_epoch() -> None:

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.tracking.plots import parameter_scatter, sweep_learning_curves
-from pipeline.tracking.runs import FAILED, FINISHED, KILLED, end_run
+from pipeline.tracking.runs import FAILED, FINISHED, KILLED, end_run, log_missing_epochs
 
 BEST_TRIAL_TAG = "best_trial"
 STOPPED_TAG = "asha_stopped"
@@ -66,6 +66,7 @@ def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, 
         if trial.mlflow_run_id is None:
             continue
         stopped = trial.status == STOPPED
+        log_missing_epochs(client, trial.mlflow_run_id, trial.history)  # a stop can land before the last log
         client.set_tag(trial.mlflow_run_id, STOPPED_TAG, str(stopped).lower())
         client.set_tag(trial.mlflow_run_id, ENDED_AT_TAG, str(trial.epochs_run))
         if stopped:

@@ -247,3 +247,20 @@ def test_a_model_at_chance_is_registered_but_never_champion_not_even_the_first(t
     assert not promoted and decision.startswith("kept version 2: val/top1 45.00 is not above 50.00 "
                                                 "(tracking.min_champion_top1; chance is 10.00)")
     assert [e.promoted for e in champion_history(client, "floor")] == [False, True, False]
+
+
+def test_epochs_a_kill_kept_from_mlflow_are_logged_from_the_checkpoint_record_once(tmp_path):
+    """The checkpoint is reported before its epoch reaches MLflow: a worker killed (or a trial stopped) between
+    the two leaves MLflow behind; the record fills exactly the missing epochs, and a second call adds nothing."""
+    from pipeline.tracking.runs import log_missing_epochs
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("lag")).info.run_id
+    history = [{m.EPOCH: epoch, m.TRAIN_LOSS: 2.0 / epoch, m.VAL_TOP1: 10.0 * epoch} for epoch in (1, 2, 3)]
+    client.log_metric(run_id, m.TRAIN_LOSS, 2.0, step=1)
+    client.log_metric(run_id, m.VAL_TOP1, 10.0, step=1)
+    assert log_missing_epochs(client, run_id, history) == 2
+    assert log_missing_epochs(client, run_id, history) == 0
+    for key in (m.TRAIN_LOSS, m.VAL_TOP1):
+        assert [(p.step, p.value) for p in client.get_metric_history(run_id, key)] == [
+            (row[m.EPOCH], row[key]) for row in history]

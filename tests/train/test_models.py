@@ -2,6 +2,8 @@
 
 from functools import cache
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -191,51 +193,84 @@ def test_the_reference_initialisation_is_caffes_bvlc_alexnet():
     assert [round(float(layer.weight.std()), 3) for layer in linears] == [0.005, 0.005, 0.01]
 
 
+def test_alexnet_sees_the_papers_input_scale_and_alexnet_tv_can_take_kaimings_init():
+    """The paper fed mean-subtracted pixels in 0-255 units; the loader's input is ImageNet-normalised, so the
+    2012 net scales it back (by 255 x std per channel) before conv1. kaiming: torchvision's VGG init."""
+    from pipeline.data.transforms import IMAGENET_STD
+
+    model = build_model(ModelConfig(name="alexnet"), 10)
+    assert model.pixel_scale.flatten().tolist() == pytest.approx([255 * std for std in IMAGENET_STD])
+    # Saved with the weights; weights saved before it existed were trained at unit scale and keep it.
+    older = {key: value for key, value in model.state_dict().items() if key != "pixel_scale"}
+    reloaded = build_model(ModelConfig(name="alexnet"), 10)
+    reloaded.load_state_dict(older)
+    assert reloaded.pixel_scale.flatten().tolist() == [1.0, 1.0, 1.0]
+    reloaded.load_state_dict(model.state_dict())
+    assert torch.equal(reloaded.pixel_scale, model.pixel_scale)
+    tv = build_model(ModelConfig(name="alexnet_tv", init="kaiming"), 10)
+    first = tv.features[0]
+    assert float(first.weight.std()) == pytest.approx((2 / (64 * 11 * 11)) ** 0.5, rel=0.05)  # fan-out
+    assert float(first.bias.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="model.init = 'reference' does not apply to alexnet_tv, which takes "
+                                         "torchvision or kaiming"):
+        ModelConfig(name="alexnet_tv", init="reference")
+
+
 @pytest.fixture(scope="module")
-def ten_class_shards(tmp_path_factory):
+def four_class_shards(tmp_path_factory):
     from pipeline.data.sharding import shard_imagenet
     from pipeline.data.synthetic import generate_imagenet_folder
 
-    base = tmp_path_factory.mktemp("ten")
-    generate_imagenet_folder(base / "source", num_classes=10, train_per_class=40, val_per_class=2, width=80,
+    base = tmp_path_factory.mktemp("four")
+    generate_imagenet_folder(base / "source", num_classes=4, train_per_class=30, val_per_class=2, width=80,
                              height=64, seed=1)
-    shard_imagenet(base / "source", base / "shards", val_per_class=2, samples_per_shard=100, seed=1, progress=False)
-    return base / "shards"
+    shard_imagenet(base / "source", base / "shards", val_per_class=10, samples_per_shard=40, seed=1, progress=False)
+    return base / "shards"  # train 80, val 40
 
 
-def _first_epoch_loss(shards, *overrides):
-    """One epoch of the shipped AlexNet recipe (jobs/configs/alexnet_imagenet.yaml), shortened: 64 px, one
-    process on the CPU, global batch 64 (lr per 256 as shipped)."""
+def _recipe_run(shards, epochs, *overrides):
+    """The shipped AlexNet recipe (jobs/configs/alexnet_imagenet.yaml), shortened: 64 px, one process on the CPU,
+    global batch 16 (lr per 256 as shipped, so 0.00125), `epochs` epochs. (train loss, val top-1) per epoch."""
     from pipeline.config import PROJECT_ROOT, load_config
     from pipeline.data.loader import build_loader
     from pipeline.train.checkpoints import TrainingState
     from pipeline.train.optim import build_optimizer, build_scheduler
-    from pipeline.train.step import RankDevice, grad_scaler, train_one_epoch
+    from pipeline.train.step import RankDevice, evaluate, grad_scaler, train_one_epoch
 
     config = load_config([PROJECT_ROOT / "jobs" / "configs" / "alexnet_imagenet.yaml"], overrides=[
         f"data.root={shards}", "data.train_image_size=64", "data.eval_image_size=64", "data.loader_workers=0",
-        "scaling.num_workers=0", "scaling.use_gpu=false", "optim.batch_size=64", "optim.epochs=1", *overrides])
+        "scaling.num_workers=0", "scaling.use_gpu=false", "optim.batch_size=16", f"optim.epochs={epochs}",
+        *overrides])
     torch.manual_seed(0)
     rank = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
-    loader = build_loader(config.data, "train", rank=0, world_size=1, batch_size=64, seed=0)
-    model = build_model(config.model, loader.manifest.num_classes)
+    train = build_loader(config.data, "train", rank=0, world_size=1, batch_size=16, seed=0)
+    val = build_loader(config.data, "val", rank=0, world_size=1, batch_size=16, seed=0)
+    model = build_model(config.model, train.manifest.num_classes)
     optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, len(loader))
-    return train_one_epoch(model, loader, optimizer, scheduler, grad_scaler(rank), config, rank, 0,
-                           TrainingState())["train/loss"]
+    scheduler = build_scheduler(optimizer, config.optim, len(train))
+    state, curve = TrainingState(), []
+    for epoch in range(epochs):
+        loss = train_one_epoch(model, train, optimizer, scheduler, grad_scaler(rank), config, rank, epoch,
+                               state)["train/loss"]
+        curve.append((loss, evaluate(model, val, rank, "val")["val/top1"]))
+    return curve
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["alexnet", "alexnet_tv"])
-def test_the_shipped_alexnet_recipe_does_not_blow_up_in_its_first_epoch(ten_class_shards, name):
-    """Under the paper's initialisation the first SGD steps overshoot (10 classes: loss 3 -> 8 -> 16, epoch 11.1)
-    and the net then sits at chance; the recipe's reference initialisation starts at ln 10 and stays there."""
-    import math
-
-    assert _first_epoch_loss(ten_class_shards, f"model.name={name}") < math.log(10) + 0.1
+@pytest.mark.parametrize("model", ["model.name=alexnet", "model.name=alexnet_tv model.init=kaiming"],
+                         ids=["alexnet", "alexnet_tv"])
+def test_both_alexnets_learn_under_the_shipped_recipe(four_class_shards, model):
+    """Before: alexnet's first SGD steps overshot (paper init, 10 classes: first epoch 11.06 against ln 10) and
+    then both AlexNets sat at chance (25 % here for all 12 epochs): their inits shrink the signal ~1e-3-fold by
+    the logits. Now the first epoch stays near ln 4 and the last two are clearly above chance (twice it; measured
+    97.5 / 87.5 % and 77.5 / 77.5 %)."""
+    curve = _recipe_run(four_class_shards, 12, *model.split())
+    assert curve[0][0] < math.log(4) + 0.05, curve
+    assert min(top1 for _, top1 in curve[-2:]) >= 50.0, curve
 
 
 @pytest.mark.slow
-def test_the_papers_initialisation_overshoots_under_the_same_recipe(ten_class_shards):
-    """Why the recipe does not use it: the measurement the recipe's comment cites, kept honest."""
-    assert _first_epoch_loss(ten_class_shards, "model.init=paper") > 4.0
+def test_the_papers_initialisation_overshoots_under_the_same_recipe(four_class_shards):
+    """Why the recipe does not use it (its biases of 1 make fc7's 4096 outputs all ~1): the measurement the
+    recipe's comment cites, kept honest."""
+    assert _recipe_run(four_class_shards, 1, "model.init=paper")[0][0] > 2 * math.log(4)

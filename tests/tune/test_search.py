@@ -154,10 +154,10 @@ def test_asha_sweep_on_a_cluster_holding_one_trial_finishes_all_four_and_registe
         ended = int(child.data.tags[ENDED_AT_TAG])
         if child.data.tags[STOPPED_TAG] == "true":
             assert ended <= int(child.data.tags[STOP_DECIDED_TAG]) + 1
-            # The stop may land between an epoch's checkpoint and its MLflow metrics: MLflow lags by at most one.
-            assert steps == list(range(1, len(steps) + 1)) and ended - 1 <= len(steps) <= ended
         else:
-            assert ended == 3 and steps == [1, 2, 3]
+            assert ended == 3
+        # A stop may land between an epoch's checkpoint and its MLflow metrics; the summary logs what MLflow lacks.
+        assert steps == list(range(1, ended + 1))
     champion = client.get_model_version_by_alias("sweep-model", CHAMPION_ALIAS)
     assert str(champion.version) == outcome.model_version
     assert champion.run_id == outcome.best.mlflow_run_id
