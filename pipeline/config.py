@@ -115,14 +115,6 @@ class ModelConfig(_Section):
         "(Caffe's bvlc_alexnet: fc6/fc7 N(0, 0.005), biases 0.1); alexnet_tv: torchvision (PyTorch's layer "
         "defaults) or kaiming (He et al. 2015 for convs, N(0, 0.01) for FC: torchvision's VGG init)")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _forget_the_old_default(cls, data: Any) -> Any:
-        # Configs saved before inits per model carry init: paper for every model; on any but alexnet it meant nothing.
-        if isinstance(data, dict) and data.get("init") == "paper" and data.get("name", "resnet18") != "alexnet":
-            return {**data, "init": None}
-        return data
-
     @model_validator(mode="after")
     def _init_fits_the_model(self) -> "ModelConfig":
         allowed = INITS_BY_MODEL.get(self.name, ())
@@ -334,6 +326,15 @@ def validate_config(data: dict[str, Any]) -> Config:
         return Config.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_one_line(error)) from None
+
+
+def validate_saved_config(data: dict[str, Any]) -> Config:
+    """A config a run saved (a checkpoint's meta.json, a run's config.json), written by this or an older version."""
+    model = data.get("model")
+    # Saved before inits per model: every model carried init: paper, which meant something to alexnet only.
+    if isinstance(model, dict) and model.get("init") == "paper" and model.get("name", "resnet18") != "alexnet":
+        data = {**data, "model": {**model, "init": None}}
+    return validate_config(data)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

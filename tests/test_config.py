@@ -191,3 +191,17 @@ def test_a_binary_or_malformed_config_file_is_one_line_naming_file_and_line(tmp_
     with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML at line \d+, column \d+") as caught:
         load_config([malformed])
     assert "\n" not in str(caught.value)
+
+
+def test_an_init_for_another_model_is_refused_but_an_older_saved_config_still_loads():
+    """Configs saved before inits per model carry init: paper for every model (it meant something to alexnet
+    only); they still load. Typed by a user, the same value names what the model takes instead."""
+    from pipeline.config import validate_saved_config
+
+    with pytest.raises(ConfigError, match=r"model\.init = 'paper' does not apply to resnet18, which has no init"):
+        load_config(overrides=["model.init=paper"])
+    saved = Config().model_dump(mode="json")
+    saved["model"]["init"] = "paper"
+    assert validate_saved_config(saved).model.init is None
+    saved["model"]["name"] = "alexnet"
+    assert validate_saved_config(saved).model.init == "paper"

@@ -151,7 +151,7 @@ class ShardStream(IterableDataset):
             location = self.locations[segment.shard]
             index = None if self.shard_command or not mask.any() else \
                 shard_index(location, self.manifest.shards[segment.shard])
-            runs = _runs(mask) if index is not None else _span(mask)
+            runs = _coalesced(_runs(mask), index) if index is not None else _span(mask)
             for lo, hi in runs:
                 part = Segment(segment.shard, segment.start + lo, segment.start + hi)
                 for offset, sample in enumerate(_read_segment(location, part, self.manifest, self.shard_command,
@@ -366,6 +366,25 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(lo), int(hi)) for lo, hi in zip(edges[::2], edges[1::2])]
 
 
+# A pass resumed within an epoch wants the samples its shuffle has not yet given: scattered single samples, each
+# its own ranged read (an HTTP request on object storage). Runs closer than this are read as one and the samples
+# between them dropped: a request costs about as much as reading a MiB.
+MAX_GAP_BYTES = 1 << 20
+
+
+def _coalesced(runs: list[tuple[int, int]], index: np.ndarray) -> list[tuple[int, int]]:
+    """`runs` with those separated by fewer than MAX_GAP_BYTES of unwanted samples joined."""
+    joined: list[tuple[int, int]] = []
+    for lo, hi in runs:
+        if joined:
+            gap = int(index[lo, 0]) - int(index[joined[-1][1] - 1, 0] + index[joined[-1][1] - 1, 1])
+            if gap < MAX_GAP_BYTES:
+                joined[-1] = (joined[-1][0], hi)
+                continue
+        joined.append((lo, hi))
+    return joined
+
+
 def _span(mask: np.ndarray) -> list[tuple[int, int]]:
     """One read from the first to the last True of `mask` (none if it has none): a shard without an index is
     read from its start anyway, so skipping within it costs no extra opening."""
@@ -401,6 +420,9 @@ class EpochLoader:
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """The next pass is `epoch`'s, from batch `start_step` on (0: the whole epoch)."""
+        if start_step and start_step >= len(self):  # said here, not inside a loader process (a multi-line trace)
+            raise DataError(f"start_step = {start_step}: this pass has only {len(self)} steps per rank; was the "
+                            "checkpoint written with another world size, batch or data?")
         self.dataset.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from pipeline import storage
-from pipeline.config import Config, validate_config
+from pipeline.config import Config, validate_saved_config
 from pipeline.data.manifest import MANIFEST_NAME, SPLITS, Manifest, has_manifest, read_manifest
 from pipeline.errors import DataError, ModelSourceError
 from pipeline.tracking.uri import redact, resolve_tracking_uri
@@ -172,7 +172,7 @@ def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -
         raise ModelSourceError(f"checkpoint directory '{directory}': needs {STATE_FILE} and {META_FILE}; "
                          "point at a checkpoint_* folder of a training run")
     meta = read_meta(directory)
-    trained = validate_config(meta["config"])  # the architecture and crop the weights were trained with
+    trained = validate_saved_config(meta["config"])  # the architecture and crop the weights were trained with
     model = build_model(trained.model, meta["num_classes"])
     load_weights(directory, model)
     num_classes = meta["num_classes"]

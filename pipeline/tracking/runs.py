@@ -357,8 +357,15 @@ class StepLog:
             return
         self.flush()
 
-    def flush(self) -> None:
-        """Send what the window holds (the worker calls it at each epoch's end: the last step is always logged)."""
+    def flush(self, wait: bool = False) -> None:
+        """Send what the window holds (the worker calls it at each epoch's end: the last step is always logged).
+        `wait`: return once every point sent so far is stored, so a checkpoint taken next never gets ahead of
+        MLflow (a resume from it logs only later steps: queued points lost to a kill would leave a gap)."""
+        self._send()
+        if wait:
+            mlflow.flush_async_logging()
+
+    def _send(self) -> None:
         if not self._steps:
             return
         step, lr = self._last

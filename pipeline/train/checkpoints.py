@@ -227,7 +227,7 @@ def read_run_record(storage_path: str, run_name: str) -> RunRecord | None:
         directory = storage.join(storage_path, run_name, name)
         if not storage.is_file(storage.join(directory, META_FILE)):
             continue  # a checkpoint still being written, or one a crash left half-written
-        progress = _read_progress(directory)
+        progress = read_progress(directory)
         if not progress["step_in_epoch"]:  # one taken within an epoch holds no epoch's weights
             checkpoints.setdefault(progress["epoch"], directory)  # a re-reported epoch: its first copy
         if newest is None or progress["epoch"] >= newest["epoch"]:
@@ -237,7 +237,7 @@ def read_run_record(storage_path: str, run_name: str) -> RunRecord | None:
     return RunRecord(newest["history"], checkpoints, newest["stopped_early"])
 
 
-def _read_progress(directory: str) -> dict[str, Any]:
+def read_progress(directory: str) -> dict[str, Any]:
     location = storage.join(directory, PROGRESS_FILE)
     if not storage.is_file(location):
         with local_checkpoint(directory, directory) as local:

@@ -33,7 +33,7 @@ from pipeline.tracking.registry import Gate, Published, register_model
 from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run, training_note
 from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import check_compatible, latest_run_checkpoint, load_weights, local_checkpoint
-from pipeline.train.checkpoints import read_meta, read_state
+from pipeline.train.checkpoints import read_meta, read_progress, read_state
 from pipeline.train.models import build_model
 from pipeline.train.worker import RunWiring, train_worker
 from pipeline.upstream import ray_54305
@@ -208,10 +208,32 @@ def check_resume_compatible(storage_root: str, run_name: str, config: Config, ma
     for key, value in config.optim.model_dump(mode="json").items():
         if key not in ("epochs", "patience") and key in saved and saved[key] != value:
             changed.append(f"optim.{key} ({saved[key]!r} -> {value!r})")
+    if read_progress(latest)["step_in_epoch"]:
+        changed += pass_order_changes(meta.get("config") or {}, config)
     if changed:
         raise ConfigError(f"tracking.run_name = '{run_name}': its checkpoints were written with other settings: "
                           f"{', '.join(changed)}; choose another run name, or set tracking.allow_changed_resume=true "
                           "to continue anyway")
+
+
+# What fixes the order of a training pass's samples besides the manifest and the batch (the plan per rank and
+# loader process, each process's shuffle stream): a checkpoint within an epoch says how many steps of that order
+# are done, so resuming it under other values would skip some of the epoch's samples and repeat others.
+PASS_ORDER_KEYS = ("seed", "scaling.num_workers", "data.loader_workers", "data.shuffle_buffer")
+
+
+def pass_order_changes(saved: dict[str, Any], config: Config) -> list[str]:
+    current = config.model_dump(mode="json")
+    changed = []
+    for key in PASS_ORDER_KEYS:
+        section, _, name = key.rpartition(".")
+        was = (saved.get(section) or {}).get(name) if section else saved.get(name)
+        now = current[section][name] if section else current[name]
+        if section == "scaling" and isinstance(was, int):  # local mode (0 workers) is one rank, as is 1 worker
+            was, now = max(was, 1), max(now, 1)
+        if was is not None and was != now:
+            changed.append(f"{key} ({was!r} -> {now!r}, and the latest checkpoint is within an epoch)")
+    return changed
 
 
 def build_trainer(config: Config, run_name: str, storage_root: str, wiring: RunWiring,

@@ -8,6 +8,7 @@ plain PyTorch in `pipeline.train.step`. Workers receive the typed `Config` and a
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
         def checkpoint_within_epoch() -> None:
             if step_log is not None:
-                step_log.flush()  # MLflow holds every step up to the checkpoint's: a resume logs only later ones
+                # MLflow holds every step up to the checkpoint's: a resume from it logs only later ones.
+                step_log.flush(wait=True)
             report_within_epoch(model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
 
         for epoch in range(state.epoch, config.optim.epochs):
@@ -268,8 +270,18 @@ def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank
             save_checkpoint(directory, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
                             scaler=scaler, state=state, meta=meta, rng_by_rank=rng_by_rank,
                             stopped_early=stopped_early)
+            if local_checkpoint_root:
+                drop_superseded_step_checkpoints(Path(local_checkpoint_root), directory)
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
         ray.train.report(epoch_metrics, checkpoint=checkpoint)
+
+
+def drop_superseded_step_checkpoints(root: Path, newest: Path) -> None:
+    """Local mode: Ray keeps no checkpoint history there (so none of keep-best-k), and a checkpoint within an
+    epoch is only useful while it is the latest: once a newer one is written, older ones would only fill the disk."""
+    for directory in root.glob("checkpoint_epoch_*_step_*"):
+        if directory != newest:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def report_within_epoch(model, optimizer, scheduler, scaler, state: TrainingState, meta, rank: RankDevice,

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
-from pipeline.config import Config, validate_config, with_overrides, with_text_overrides
+from pipeline.config import Config, validate_saved_config, with_overrides, with_text_overrides
 from pipeline.errors import ConfigError
 from pipeline.tracking.runs import CONFIG_ARTIFACT, find_run, prepare_tracking
 from pipeline.train.driver import RefitOptions, TrainingOutcome, run_training
@@ -95,6 +95,6 @@ def read_run_config(client: MlflowClient, run_id: str, what: str) -> Config:
         raise ConfigError(f"{what}: {CONFIG_ARTIFACT} of run {run_id} is not a JSON object")
     data.get("tracking", {}).pop("tracking_uri", None)  # logged redacted; the refit's own URI replaces it
     try:
-        return validate_config(data)
+        return validate_saved_config(data)
     except ConfigError as error:
         raise ConfigError(f"{what}: {CONFIG_ARTIFACT} of run {run_id}: {error}") from None

@@ -283,3 +283,28 @@ def test_a_pass_started_mid_epoch_yields_exactly_the_rest_of_the_full_pass(tiny_
     assert len(full) == 13 and len(rest) == 13 - start
     assert [keys for keys, _ in rest] == [keys for keys, _ in full[start:]]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[start:]))
+
+
+def test_a_pass_started_past_its_last_step_is_one_line_naming_the_step(tiny_shards):
+    from pipeline.errors import DataError
+
+    loader = build_loader(_data(tiny_shards, 2), "train", rank=1, world_size=2, batch_size=2, seed=3)
+    with pytest.raises(DataError, match=r"start_step = 13: this pass has only 13 steps per rank") as caught:
+        loader.set_epoch(1, start_step=13)
+    assert "\n" not in str(caught.value)
+    loader.set_epoch(1, start_step=12)  # the last step: one batch left
+    assert len(list(loader)) == 1
+
+
+def test_a_resumed_pass_joins_nearby_wanted_samples_into_one_ranged_read():
+    """After a resume the wanted samples are scattered (what the shuffle had not yet given); reads closer than
+    MAX_GAP_BYTES become one request, the samples between them dropped by the caller."""
+    import numpy as np
+
+    from pipeline.data.loader import MAX_GAP_BYTES, _coalesced
+
+    sizes = np.array([1000] * 6 + [MAX_GAP_BYTES] * 2 + [1000] * 2, dtype=np.uint64)
+    index = np.stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes], axis=1)
+    # Samples 0, 2-3 and 5 are 1-2 kB apart: one read; 8 sits 2 MiB past 5 (samples 6 and 7): its own read.
+    assert _coalesced([(0, 1), (2, 4), (5, 6), (8, 9)], index) == [(0, 6), (8, 9)]
+    assert _coalesced([], index) == []

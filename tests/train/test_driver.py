@@ -186,9 +186,44 @@ def test_a_resume_with_other_data_or_optimisation_is_refused_unless_allowed(tiny
     (checkpoint / "meta.json").write_text(json.dumps({
         "model": "resnet18", "num_classes": manifest.num_classes, "manifest_hash": "0123456789abcdef",
         "config": config.model_dump(mode="json") | {"optim": {**config.optim.model_dump(mode="json"), "lr": 0.2}}}))
+    progress = {"epoch": 1, "step_in_epoch": 0, "history": [{"epoch": 1, "train/loss": 1.0}], "stopped_early": False}
+    (checkpoint / "progress.json").write_text(json.dumps(progress))
     with pytest.raises(ConfigError, match=r"the train manifest \(hash 0123456789abcdef -> .*optim\.lr \(0\.2 -> 0\.1\)"
                                           r".*tracking\.allow_changed_resume=true") as caught:
         check_resume_compatible(str(tmp_path), "run", config, manifest)
     assert "\n" not in str(caught.value)
     more_epochs = load_config(overrides=[*base, "optim.epochs=200", "tracking.allow_changed_resume=true"])
     check_resume_compatible(str(tmp_path), "run", more_epochs, manifest)  # allowed explicitly: no error
+    # At an epoch's end the next epoch is planned afresh: another loader or world size is fine.
+    other_loader = [*base, "data.loader_workers=3", "scaling.num_workers=4", "tracking.allow_changed_resume=true"]
+    check_resume_compatible(str(tmp_path), "run", load_config(overrides=other_loader), manifest)
+
+
+def test_a_resume_within_an_epoch_is_refused_when_the_order_of_its_samples_would_change(tiny_shards, tmp_path):
+    """Steps done within an epoch count batches of one order (rank plans, loader processes, shuffle streams):
+    under other values the rest of the epoch would skip some samples and repeat others."""
+    import json
+
+    import pytest
+
+    from pipeline.config import load_config
+    from pipeline.data.manifest import read_manifest
+    from pipeline.errors import ConfigError
+    from pipeline.train.driver import check_resume_compatible
+
+    base = [f"data.root={tiny_shards}", "optim.batch_size=16", "scaling.num_workers=2"]
+    config = load_config(overrides=base)
+    manifest = read_manifest(tiny_shards / "train")
+    checkpoint = tmp_path / "run" / "checkpoint_2026-12-01_00-00-00"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "meta.json").write_text(json.dumps({
+        "model": "resnet18", "num_classes": manifest.num_classes, "manifest_hash": manifest.content_hash(),
+        "config": config.model_dump(mode="json")}))
+    progress = {"epoch": 1, "step_in_epoch": 1, "history": [{"epoch": 1, "train/loss": 1.0}], "stopped_early": False}
+    (checkpoint / "progress.json").write_text(json.dumps(progress))
+    check_resume_compatible(str(tmp_path), "run", config, manifest)  # the same settings continue
+    changed = load_config(overrides=[*base, "data.loader_workers=3", "seed=7"])
+    with pytest.raises(ConfigError, match=r"seed \(0 -> 7, .*data\.loader_workers \(2 -> 3, and the latest "
+                                          r"checkpoint is within an epoch\)") as caught:
+        check_resume_compatible(str(tmp_path), "run", changed, manifest)
+    assert "\n" not in str(caught.value)

@@ -124,6 +124,9 @@ def test_a_run_killed_after_a_checkpoint_within_an_epoch_resumes_at_its_next_ste
     monkeypatch.setenv("PIPELINE_SAMPLE_LOG", str(tmp_path / "straight.jsonl"))
     straight = run_worker(monkeypatch, config, tmp_path / "straight", val_top1=50.0)
     assert [metrics.get(m.STEP_IN_EPOCH) for metrics, _ in straight.reports] == [1, 2, None, 1, 2, None]
+    # Local mode keeps no checkpoint history: a checkpoint within an epoch goes once a newer one is written.
+    assert sorted(path.name for path in (tmp_path / "straight").iterdir()) == [
+        "checkpoint_epoch_0001", "checkpoint_epoch_0002"]
 
     monkeypatch.setenv("PIPELINE_SAMPLE_LOG", str(tmp_path / "split.jsonl"))
     killed = FakeRayTrain()
