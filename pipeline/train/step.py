@@ -215,6 +215,8 @@ def check_corrupt_share(epoch_metrics: dict[str, float], max_fraction: float, lo
                        reverse=True)
         named = ", ".join(f"{name} ({n})" for n, name in worst[:5]) + (f" and {len(worst) - 5} more"
                                                                        if len(worst) > 5 else "")
+        # A pass resumed within its epoch counts by shard only what this attempt read; the sum includes before.
+        named = named or "none in the steps since the resume within this epoch"
         raise DataError(
             f"epoch {int(epoch_metrics[m.EPOCH])}: {int(corrupt)} of {planned} {split} samples ({share:.2%}) could "
             f"not be read or decoded, above data.max_corrupt_fraction = {max_fraction}; bad shards: {named} "
