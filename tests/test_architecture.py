@@ -23,8 +23,8 @@ LAYERS = {
 }
 PURE = [
     "pipeline.config", "pipeline.errors", "pipeline.metrics", "pipeline.storage", "pipeline.events",
-    "pipeline.data.loader", "pipeline.data.plan", "pipeline.data.transforms", "pipeline.data.manifest",
-    "pipeline.data.verify", "pipeline.data.sharding", "pipeline.data.synthetic", "pipeline.data.source",
+    "pipeline.data.loader", "pipeline.data.shard_reader", "pipeline.data.plan", "pipeline.data.transforms",
+    "pipeline.data.manifest", "pipeline.data.verify", "pipeline.data.sharding", "pipeline.data.synthetic", "pipeline.data.source",
     "pipeline.data.loadcheck", "pipeline.train.models", "pipeline.train.optim", "pipeline.train.step",
     "pipeline.train.checkpoints", "pipeline.train.progress", "pipeline.tracking.uri",
     "pipeline.inference.loading", "pipeline.inference.evaluate", "pipeline.inference.predict",

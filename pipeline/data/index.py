@@ -10,7 +10,7 @@ The manifest records each index's sha256 (`ShardInfo.index_sha256`): an index th
 Parsed with numpy from bytes: data only, nothing in it can run.
 
 A loader process whose plan starts in the middle of a shard then seeks to its first sample (a ranged read on
-object storage) instead of reading the shard from its start and skipping (`pipeline.data.loader`).
+object storage) instead of reading the shard from its start and skipping (`pipeline.data.shard_reader`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Streams a rank's share of webdataset shards into uint8 batches through a torch DataLoader.
 
 The plan (`pipeline.data.plan`) fixes exactly which samples each DataLoader process reads; this module
-reads them with webdataset, shuffles (train), decodes and batches. Batches are built inside the
+reads them (`pipeline.data.shard_reader`: only their bytes where shards are indexed), shuffles (train), decodes
+and batches. Batches are built inside the
 dataset so every process yields whole batches with sizes fixed by the plan: a corrupt or missing
 sample becomes a masked slot (label IGNORE_LABEL) and never changes a rank's step count.
 
@@ -17,26 +18,21 @@ So a pass that starts at step k yields exactly the batches k, k+1, ... of the fu
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import random
-import socket
 from collections.abc import Iterator
-from typing import IO, NamedTuple
+from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import tariterators
 
 from pipeline import storage
-from pipeline.errors import DataError, StorageError, first_line
+from pipeline.errors import DataError
 from pipeline.config import DataConfig
-from pipeline.data import index as sample_index
-from pipeline.data.manifest import Manifest, ShardInfo, combine_manifests, read_manifest
+from pipeline.data.manifest import Manifest, combine_manifests, read_manifest
 from pipeline.data.plan import (
     Segment, WorkerPlan, eval_steps_per_pass, plan_eval_worker, plan_train_worker, train_steps_per_epoch,
 )
+from pipeline.data.shard_reader import UNREADABLE, Sample, read_positions
 from pipeline.data.transforms import (
     CorruptImageError, EncodedImage, EvalTransform, TrainTransform, decode_on_device, prepare_for_device,
 )
@@ -58,13 +54,6 @@ class Batch(NamedTuple):
     @property
     def corrupt(self) -> int:
         return len(self.corrupt_shards)
-
-
-class _Sample(NamedTuple):
-    image: bytes | None  # None: unreadable or padding, becomes a masked slot
-    label: int
-    key: str = ""
-    shard: int = -1  # manifest index of the shard it came from (-1: eval padding)
 
 
 class ShardStream(IterableDataset):
@@ -127,40 +116,21 @@ class ShardStream(IterableDataset):
             order = list(_shuffled(iter(order), self.shuffle_buffer,
                                    random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")))
         order = order[sum(plan.batch_sizes[:given]):]
-        samples = _in_order(self._read_positions(plan.segments, order), order)
-        padding = (_Sample(None, IGNORE_LABEL) for _ in range(plan.num_padding))
+        samples = _in_order(read_positions(self.locations, self.manifest, self.shard_command, plan.segments, order),
+                            order)
+        padding = (Sample(None, IGNORE_LABEL) for _ in range(plan.num_padding))
         stream = _chain(samples, padding)
         for batch in range(given, len(plan.batch_sizes)):
             rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{batch}")
             yield self._decode_batch([next(stream) for _ in range(plan.batch_sizes[batch])], rng)
 
-    def _read(self, segments: tuple[Segment, ...]) -> Iterator[_Sample]:
+    def _read(self, segments: tuple[Segment, ...]) -> Iterator[Sample]:
         """Every sample of `segments`, in order."""
         count = sum(segment.length for segment in segments)
-        return (sample for _, sample in self._read_positions(segments, range(count)))
+        return (sample for _, sample in read_positions(self.locations, self.manifest, self.shard_command, segments,
+                                                        range(count)))
 
-    def _read_positions(self, segments: tuple[Segment, ...], wanted: list[int] | range
-                        ) -> Iterator[tuple[int, _Sample]]:
-        """(position, sample) for each wanted position of the worker's stream, in increasing position order.
-        Indexed shards are read run by run (only wanted bytes); others once from the first wanted sample."""
-        needed = np.zeros(sum(segment.length for segment in segments), dtype=bool)
-        needed[np.asarray(wanted, dtype=np.int64)] = True
-        position = 0
-        for segment in segments:
-            mask = needed[position:position + segment.length]
-            location = self.locations[segment.shard]
-            index = None if self.shard_command or not mask.any() else \
-                shard_index(location, self.manifest.shards[segment.shard])
-            runs = _coalesced(_runs(mask), index) if index is not None else _span(mask)
-            for lo, hi in runs:
-                part = Segment(segment.shard, segment.start + lo, segment.start + hi)
-                for offset, sample in enumerate(_read_segment(location, part, self.manifest, self.shard_command,
-                                                              index), lo):
-                    if mask[offset]:
-                        yield position + offset, sample
-            position += segment.length
-
-    def _decode_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
+    def _decode_batch(self, samples: list[Sample], rng: random.Random) -> Batch:
         if self.decode_on_device:
             return self._prepare_batch(samples, rng)
         images = torch.zeros((len(samples), 3, self.image_size, self.image_size), dtype=torch.uint8)
@@ -169,7 +139,7 @@ class ShardStream(IterableDataset):
         corrupt: list[int] = []
         for slot, sample in enumerate(samples):
             if sample.image is None:
-                if sample.label == _UNREADABLE:  # eval padding is expected, not corrupt
+                if sample.label == UNREADABLE:  # eval padding is expected, not corrupt
                     corrupt.append(sample.shard)
                 continue
             try:
@@ -184,7 +154,7 @@ class ShardStream(IterableDataset):
         return Batch(images, labels, keys, tuple(corrupt))
 
 
-    def _prepare_batch(self, samples: list[_Sample], rng: random.Random) -> Batch:
+    def _prepare_batch(self, samples: list[Sample], rng: random.Random) -> Batch:
         """data.decode = gpu: headers read and geometry drawn here; the pixels are decoded on the device."""
         labels = torch.full((len(samples),), IGNORE_LABEL, dtype=torch.int64)
         keys = [""] * len(samples)
@@ -192,7 +162,7 @@ class ShardStream(IterableDataset):
         corrupt: list[int] = []
         for slot, sample in enumerate(samples):
             if sample.image is None:
-                if sample.label == _UNREADABLE:
+                if sample.label == UNREADABLE:
                     corrupt.append(sample.shard)
                 continue
             try:
@@ -224,120 +194,8 @@ def on_device(batch: Batch, device: torch.device, train: bool, image_size: int) 
     return Batch(images, labels, keys, tuple(corrupt))
 
 
-_UNREADABLE = -1  # label of a sample whose bytes could not be read (counted as corrupt)
-
-
-def read_whole_shard(split_dir: str, manifest: Manifest, shard: int,
-                     shard_command: str | None = None) -> Iterator[tuple[bytes | None, int, str]]:
-    """(image bytes, label, key) for each of the shard's manifest-counted samples, in order; what cannot be read
-    comes as (None, -1, ""). Exactly `num_samples` items, like every pass of the loader."""
-    url = storage.shard_location(split_dir, manifest.shards[shard].name)
-    segment = Segment(shard, 0, manifest.shards[shard].num_samples)
-    for sample in _read_segment(url, segment, manifest, shard_command):
-        yield sample.image, sample.label if sample.image is not None else _UNREADABLE, sample.key
-
-
-def shard_index(location: str, shard: ShardInfo) -> np.ndarray | None:
-    """The shard's sample index if its manifest vouches for it (sha256) and it counts the shard's samples;
-    None (read from the shard's start) otherwise, said once per shard and process. Cached per process."""
-    key = (location, shard.index_sha256)
-    if key not in _INDEXES:
-        _INDEXES[key] = _load_index(location, shard)
-    return _INDEXES[key]
-
-
-_INDEXES: dict[tuple[str, str | None], np.ndarray | None] = {}
-
-
-def _load_index(location: str, shard: ShardInfo) -> np.ndarray | None:
-    if shard.index_sha256 is None:
-        _say_once("shards without a sample index (written before indexes existed): a loader reads each from its "
-                  "start and skips to its samples; re-run `imagenet-pipeline index` on the split to add them")
-        return None
-    where = sample_index.index_location(location)
-    try:
-        data = storage.read_bytes(where)
-        if hashlib.sha256(data).hexdigest() != shard.index_sha256:
-            raise DataError(f"{where}: sha256 differs from the manifest's")
-        entries = sample_index.decode(data, where)
-        if len(entries) != shard.num_samples:
-            raise DataError(f"{where}: {len(entries)} samples, the manifest says {shard.num_samples}")
-    except (DataError, StorageError, OSError) as error:
-        _say_once(f"sample index unusable ({first_line(error, with_type=False)}); reading {location} from its start")
-        return None
-    return entries
-
-
-def _say_once(message: str) -> None:
-    if message not in _SAID:
-        _SAID.add(message)
-        logging.getLogger(__name__).warning(message)
-
-
-_SAID: set[str] = set()
-
-
-def _read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: str | None,
-                  index: np.ndarray | None = None) -> Iterator[_Sample]:
-    """Yield exactly `segment.length` samples; what cannot be read becomes an unreadable sample. With the shard's
-    `index`, only the segment's own bytes are read (a seek, or a ranged read); if that read fails partway, the
-    rest of the segment is read from the shard's start, so no sample is lost, repeated or wrong."""
-    produced = 0
-    if index is not None:
-        try:
-            offset, length = sample_index.segment_range(index, segment.start, segment.stop)
-            with storage.open_range(url, offset, length) as stream:
-                for raw in _tar_samples(stream, url):
-                    if produced == segment.length:
-                        break
-                    yield _parse(raw, manifest, segment.shard)
-                    produced += 1
-        except Exception as error:  # noqa: BLE001 - tar and storage errors alike: the sequential read takes over
-            logging.getLogger(__name__).warning("%s: indexed read stopped after %d of %d samples (%s); reading "
-                                                "the rest from the shard's start", url, produced, segment.length,
-                                                first_line(error))
-        if produced == segment.length:
-            return
-        segment = Segment(segment.shard, segment.start + produced, segment.stop)
-        produced = 0
-    try:
-        with storage.open_shard(url, shard_command) as stream:
-            for index, raw in enumerate(_tar_samples(stream, url)):
-                if index < segment.start:
-                    continue  # skipping costs a read, not a decode
-                if index >= segment.stop:
-                    break
-                yield _parse(raw, manifest, segment.shard)
-                produced += 1
-    except Exception as error:  # noqa: BLE001 - a damaged shard must not change this rank's step count
-        # Stopping early closes a `pipe:` mid-stream and its command may then exit with an error: harmless
-        # once every sample of the segment is in hand, so only a shortfall is worth a warning.
-        if produced < segment.length:
-            logging.getLogger(__name__).warning(
-                "%s on %s: %s; %d samples masked", url, socket.gethostname(), error, segment.length - produced)
-    for _ in range(segment.length - produced):
-        yield _Sample(None, _UNREADABLE, shard=segment.shard)
-
-
-def _tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
-    """webdataset's own tar expansion and grouping by key, over a stream we opened (file, fsspec or pipe)."""
-    files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
-    return tariterators.group_by_keys(files)
-
-
-def _parse(raw: dict, manifest: Manifest, shard: int) -> _Sample:
-    image = raw.get(manifest.image_key)
-    try:
-        label = int(raw[manifest.label_key])
-    except (KeyError, ValueError):
-        return _Sample(None, _UNREADABLE, shard=shard)
-    if image is None or not 0 <= label < manifest.num_classes:
-        return _Sample(None, _UNREADABLE, shard=shard)
-    return _Sample(image, label, raw.get("__key__", ""), shard)
-
-
-def _shuffled(samples: Iterator[_Sample], buffer_size: int, rng: random.Random) -> Iterator[_Sample]:
-    buffer: list[_Sample] = []
+def _shuffled(samples: Iterator[Sample], buffer_size: int, rng: random.Random) -> Iterator[Sample]:
+    buffer: list[Sample] = []
     for sample in samples:
         if len(buffer) < buffer_size:
             buffer.append(sample)
@@ -349,10 +207,10 @@ def _shuffled(samples: Iterator[_Sample], buffer_size: int, rng: random.Random) 
     yield from buffer
 
 
-def _in_order(pairs: Iterator[tuple[int, _Sample]], order: list[int] | range) -> Iterator[_Sample]:
+def _in_order(pairs: Iterator[tuple[int, Sample]], order: list[int] | range) -> Iterator[Sample]:
     """The samples of `pairs` (read in position order) re-ordered as `order`: it holds what was read ahead of its
     turn, as many samples as the shuffle buffer would hold."""
-    held: dict[int, _Sample] = {}
+    held: dict[int, Sample] = {}
     for position in order:
         while position not in held:
             got, sample = next(pairs)
@@ -360,39 +218,7 @@ def _in_order(pairs: Iterator[tuple[int, _Sample]], order: list[int] | range) ->
         yield held.pop(position)
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """[start, stop) of each run of True in `mask`."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
-    return [(int(lo), int(hi)) for lo, hi in zip(edges[::2], edges[1::2])]
-
-
-# A pass resumed within an epoch wants the samples its shuffle has not yet given: scattered single samples, each
-# its own ranged read (an HTTP request on object storage). Runs closer than this are read as one and the samples
-# between them dropped: a request costs about as much as reading a MiB.
-MAX_GAP_BYTES = 1 << 20
-
-
-def _coalesced(runs: list[tuple[int, int]], index: np.ndarray) -> list[tuple[int, int]]:
-    """`runs` with those separated by fewer than MAX_GAP_BYTES of unwanted samples joined."""
-    joined: list[tuple[int, int]] = []
-    for lo, hi in runs:
-        if joined:
-            gap = int(index[lo, 0]) - int(index[joined[-1][1] - 1, 0] + index[joined[-1][1] - 1, 1])
-            if gap < MAX_GAP_BYTES:
-                joined[-1] = (joined[-1][0], hi)
-                continue
-        joined.append((lo, hi))
-    return joined
-
-
-def _span(mask: np.ndarray) -> list[tuple[int, int]]:
-    """One read from the first to the last True of `mask` (none if it has none): a shard without an index is
-    read from its start anyway, so skipping within it costs no extra opening."""
-    hits = np.flatnonzero(mask)
-    return [(int(hits[0]), int(hits[-1]) + 1)] if len(hits) else []
-
-
-def _chain(*iterators: Iterator[_Sample]) -> Iterator[_Sample]:
+def _chain(*iterators: Iterator[Sample]) -> Iterator[Sample]:
     for iterator in iterators:
         yield from iterator
 

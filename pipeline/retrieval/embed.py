@@ -21,7 +21,7 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.data.loader import read_whole_shard
+from pipeline.data.shard_reader import read_whole_shard
 from pipeline.data.manifest import SPLITS, Manifest
 from pipeline.data.transforms import CorruptImageError, EvalTransform, normalize_batch
 from pipeline.errors import ConfigError, DataError, ModelSourceError

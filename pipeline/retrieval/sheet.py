@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.data.loader import read_whole_shard
+from pipeline.data.shard_reader import read_whole_shard
 from pipeline.data.manifest import read_manifest
 from pipeline.retrieval.retrieve import Gallery, QueryResult
 

@@ -15,7 +15,7 @@ import webdataset as wds
 from pipeline import storage
 from pipeline.config import DataConfig
 from pipeline.data import index as sample_index
-from pipeline.data import loader as loader_module
+from pipeline.data import shard_reader
 from pipeline.data.loader import ShardStream, build_loader
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import DataError
@@ -27,8 +27,8 @@ SMALL = dict(train_image_size=32, eval_image_size=32, shuffle_buffer=4)
 @pytest.fixture(autouse=True)
 def fresh_loader_caches():
     """The loader caches indexes and says each warning once per process: each test starts afresh."""
-    loader_module._INDEXES.clear()
-    loader_module._SAID.clear()
+    shard_reader._INDEXES.clear()
+    shard_reader._SAID.clear()
 
 
 def _tar(keys, sizes):
@@ -47,7 +47,7 @@ def test_the_index_tiles_the_tar_by_sample_and_each_range_reads_exactly_that_sam
     for number in range(4):
         offset, length = sample_index.segment_range(entries, number, number + 1)
         stream = io.BytesIO(data[offset:offset + length] + bytes(1024))
-        (sample,) = loader_module._tar_samples(stream, "t.tar")
+        (sample,) = shard_reader.tar_samples(stream, "t.tar")
         assert sample["__key__"].startswith(f"k{number}") and len(sample["jpg"]) == [100, 700, 3000, 5][number]
     assert sample_index.decode(sample_index.encode(entries), "t.idx").tolist() == entries.tolist()
 
@@ -145,7 +145,7 @@ def test_a_damaged_index_falls_back_to_the_sequential_read_and_says_so(tmp_path,
         index_file.write_bytes(sample_index.encode(shifted))
         vouched = replace(manifest.shards[1], index_sha256=hashlib.sha256(index_file.read_bytes()).hexdigest())
         write_manifest(replace(manifest, shards=[manifest.shards[0], vouched]), tmp_path / "train")
-    loader_module._INDEXES.clear()
+    shard_reader._INDEXES.clear()
     with caplog.at_level(logging.WARNING):
         assert _keys_of(tmp_path) == expected
     assert "sample index unusable" in caplog.text or "indexed read stopped" in caplog.text
@@ -153,7 +153,7 @@ def test_a_damaged_index_falls_back_to_the_sequential_read_and_says_so(tmp_path,
 
 def _keys_of(root):
     """Every rank's samples, in order, of a world of 3 (segments that start in the middle of both shards)."""
-    loader_module._INDEXES.clear()
+    shard_reader._INDEXES.clear()
     keys = []
     for rank in range(3):
         stream: ShardStream = build_loader(DataConfig(root=root, loader_workers=0, **SMALL), "train", rank=rank,
@@ -200,7 +200,7 @@ def test_shard_writes_an_index_beside_every_shard_and_the_loader_uses_it(tmp_pat
     assert all(problems == [] for problems in verify_dataset(tmp_path / "out").values())
     stream = build_loader(DataConfig(root=tmp_path / "out", loader_workers=0, **SMALL), "train", rank=1,
                           world_size=2, batch_size=2, seed=0).dataset
-    assert all(loader_module.shard_index(stream.locations[s.shard], manifest.shards[s.shard]) is not None
+    assert all(shard_reader.shard_index(stream.locations[s.shard], manifest.shards[s.shard]) is not None
                for s in stream.plan().segments)
     keys = [sample.key for sample in stream._read(stream.plan().segments)]
     assert len(keys) == sum(s.length for s in stream.plan().segments) and all(keys)

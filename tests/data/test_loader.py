@@ -301,7 +301,7 @@ def test_a_resumed_pass_joins_nearby_wanted_samples_into_one_ranged_read():
     MAX_GAP_BYTES become one request, the samples between them dropped by the caller."""
     import numpy as np
 
-    from pipeline.data.loader import MAX_GAP_BYTES, _coalesced
+    from pipeline.data.shard_reader import MAX_GAP_BYTES, _coalesced
 
     sizes = np.array([1000] * 6 + [MAX_GAP_BYTES] * 2 + [1000] * 2, dtype=np.uint64)
     index = np.stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes], axis=1)

@@ -92,7 +92,7 @@ def test_retrieve_prints_json_and_draws_a_sheet_from_the_logged_index(trained_ru
     queries = tmp_path / "queries"
     queries.mkdir()
     test = store.read_embeddings(results["test"].directory)
-    from pipeline.data.loader import read_whole_shard
+    from pipeline.data.shard_reader import read_whole_shard
 
     manifest = read_manifest(trained_run.shards / "test")
     for position, (image, label, key) in enumerate(read_whole_shard(str(trained_run.shards / "test"), manifest, 0)):

@@ -81,7 +81,7 @@ def _kill_a_worker_within_epoch_2(run_dir, killed: list) -> None:
 
 def _planned_keys(shards, epoch, world, batch, seed):
     """The sample keys the plan gives all ranks in `epoch`, read from the shards in file order."""
-    from pipeline.data.loader import read_whole_shard
+    from pipeline.data.shard_reader import read_whole_shard
     from pipeline.data.manifest import read_manifest
     from pipeline.data.plan import plan_train_worker
 
