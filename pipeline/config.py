@@ -102,7 +102,7 @@ class DataConfig(_Section):
 
 # model.init per model; the first is the model's own (what None means).
 INITS_BY_MODEL = {"alexnet": ("paper", "reference"), "alexnet_tv": ("torchvision", "kaiming")}
-ALEXNET_INITS = ("paper", "reference", "torchvision", "kaiming")
+ALEXNET_INITS = tuple(init for inits in INITS_BY_MODEL.values() for init in inits)
 
 
 class ModelConfig(_Section):

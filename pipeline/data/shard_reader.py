@@ -85,7 +85,7 @@ _SAID: set[str] = set()
 
 
 def read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: str | None,
-                  index: np.ndarray | None = None) -> Iterator[Sample]:
+                 index: np.ndarray | None = None) -> Iterator[Sample]:
     """Yield exactly `segment.length` samples; what cannot be read becomes an unreadable sample. With the shard's
     `index`, only the segment's own bytes are read (a seek, or a ranged read); if that read fails partway, the
     rest of the segment is read from the shard's start, so no sample is lost, repeated or wrong."""
@@ -158,8 +158,7 @@ def read_positions(locations: list[str], manifest: Manifest, shard_command: str 
         runs = _coalesced(_runs(mask), index) if index is not None else _span(mask)
         for lo, hi in runs:
             part = Segment(segment.shard, segment.start + lo, segment.start + hi)
-            for offset, sample in enumerate(read_segment(location, part, manifest, shard_command,
-                                                          index), lo):
+            for offset, sample in enumerate(read_segment(location, part, manifest, shard_command, index), lo):
                 if mask[offset]:
                     yield position + offset, sample
         position += segment.length

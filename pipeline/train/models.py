@@ -161,7 +161,8 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes = {num_classes!r}: a classifier needs an integer number of classes >= 2")
     if config.name == "alexnet":
-        return AlexNet2012(num_classes, config.dropout, config.local_response_norm, config.init or "paper")
+        return AlexNet2012(num_classes, config.dropout, config.local_response_norm,
+                           config.init or INITS_BY_MODEL["alexnet"][0])
     if config.name == "alexnet_tv":
         model = torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=config.dropout)
         return kaiming_initialised(model) if config.init == "kaiming" else model
