@@ -34,6 +34,10 @@ TEST_KNN_TOP1 = "test/knn_top1"
 TEST_RECALL_AT = "test/recall_at_{k}"
 TEST_MAP_AT_R = "test/map_at_r"
 
+# On the run that logged a registered version: the score its champion decision was made on (its best val/top1,
+# or for a refit its sweep's). The gate reads the champion's from here, a metric, never from a free-text tag.
+GATE_SCORE = "registry/gate_score"
+
 # Model selection: checkpoints, early stopping, ASHA and the champion gate all maximise this.
 SELECTION_METRIC = VAL_TOP1
 SELECTION_MODE = "max"

@@ -241,10 +241,11 @@ def job_config(doc: dict):
 
 def test_rayjob_entrypoints_run_existing_modules_with_valid_configs_on_shared_storage():
     jobs = manifests(("RayJob",))
-    assert {job_config(doc)[0] for doc in jobs} == {"jobs.train", "jobs.tune", "jobs.refit"}
+    assert {job_config(doc)[0] for doc in jobs} == {"jobs.train", "jobs.tune", "jobs.refit", "jobs.embed"}
     for doc in jobs:
-        config = job_config(doc)[1]
-        for location in (config.data.root, config.tracking.storage_path):
+        module, config = job_config(doc)
+        written = (config.retrieval.output,) if module == "jobs.embed" else ()  # a gallery outlives the job's copy
+        for location in (config.data.root, config.tracking.storage_path, *written):
             assert location.startswith(f"{SHARED_MOUNT}/") or "://" in location, f"{location} is not shared"
 
 
@@ -535,6 +536,23 @@ def test_the_namespace_enforces_pod_security_restricted_from_its_creation():
 def test_no_pod_is_given_a_kubernetes_api_token():
     for pod in workload_pods():
         assert pod.spec.get("automountServiceAccountToken") is False, f"{pod.name} mounts a service account token"
+
+
+def test_every_image_turns_mlflow_pickle_deserialisation_off():
+    for dockerfile in (INFRA / "docker" / "Dockerfile", INFRA / "mlflow" / "Dockerfile"):
+        assert "ENV MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false" in dockerfile.read_text(), dockerfile
+
+
+def test_training_pods_mount_the_shards_read_only_and_only_the_sharding_group_may_write_them():
+    for doc in manifests(RAY_KINDS):
+        for label, pod in ray_pods(doc):
+            if label.endswith("/submitter"):
+                continue
+            mounts = {mount["mountPath"]: mount for mount in pod["containers"][0]["volumeMounts"]}
+            shards = mounts.get(f"{SHARED_MOUNT}/imagenet-shards")
+            writes_shards = label.endswith("/cpu")
+            assert writes_shards or (shards and shards.get("readOnly") is True
+                                     and shards["subPath"] == "imagenet-shards"), f"{label}: shards writable"
 
 
 def test_every_rayjob_has_a_deadline():

@@ -48,7 +48,8 @@ def retrieve(
     config_files: ConfigFiles = None,
     overrides: Overrides = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="must be the model the gallery was "
-                                                 "embedded with (default: that model)")] = None,
+                                                 "embedded with (default: that model, when it is a version of "
+                                                 "tracking.registered_model)")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="neighbours per query")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table (default: table)")] = False,
     sheet: Annotated[Optional[Path], typer.Option(help="also draw a contact sheet PNG here (default: none)")] = None,
@@ -58,8 +59,8 @@ def retrieve(
     from pipeline.retrieval.retrieve import retrieve as run_retrieve
 
     config = resolve_config(config_files, overrides, show=False)
-    gallery = open_gallery(index, config)
-    results = run_retrieve(config, inputs, gallery, top_k=top_k, model_source=model)
+    gallery = open_gallery(index, config, model_source=model)
+    results = run_retrieve(config, inputs, gallery, top_k=top_k)
     typer.echo(format_results(results, as_json=as_json))
     if sheet:
         from pipeline.retrieval.sheet import contact_sheet

@@ -21,7 +21,7 @@ from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.data.loader import build_loader
 from pipeline.data.manifest import SPLITS
-from pipeline.errors import ConfigError, ModelSourceError
+from pipeline.errors import ConfigError, DataError, ModelSourceError
 from pipeline.inference.loading import class_count_mismatch, load_model_for_inference, source_run_id, split_manifest
 from pipeline.tracking.uri import resolve_tracking_uri
 from pipeline.train.models import HUMAN_TOP5_ERROR, PUBLISHED_TOP1_TOP5
@@ -99,10 +99,23 @@ def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlfl
     if len(loaded.class_names) != manifest.num_classes:
         raise ModelSourceError(class_count_mismatch(source, len(loaded.class_names), config, split, manifest))
     place = record_place(config, source) if split == "test" else None
+    claim = None
     if place is not None:  # before the pass: a refused evaluation reads no test image
-        from pipeline.tracking.heldout import check_test_once
+        from pipeline.tracking.heldout import claim_test_evaluation
 
-        check_test_once(_client(config), place, again_reason)
+        claim = claim_test_evaluation(_client(config), place, again_reason)
+    try:
+        return _score(config, source, split, manifest, loaded, log_to_mlflow, retrieval, claim)
+    except BaseException:
+        if claim is not None:
+            from pipeline.tracking.heldout import release_claim
+
+            release_claim(_client(config), claim)
+        raise
+
+
+def _score(config: Config, source: str, split: str, manifest, loaded, log_to_mlflow: bool, retrieval: bool,
+           claim) -> EvaluationReport:
     # The model's own crop size: a pt2 graph accepts only the spatial size it was exported with.
     data = config.data.model_copy(update={"eval_image_size": loaded.eval_image_size})
     loader = build_loader(data, split, rank=0, world_size=1, batch_size=config.optim.batch_size, seed=config.seed)
@@ -121,12 +134,12 @@ def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlfl
         report.features = feature_quality(config, source, split, loaded, net, collected, data)
     if log_to_mlflow:
         report.logged_to_run = log_test_metrics(report, resolve_tracking_uri(config), manifest, config)
-    if place is not None:
+    if claim is not None:
         from pipeline.tracking.heldout import record_test_evaluation
 
-        tag = record_test_evaluation(_client(config), place, report.metrics(), manifest.content_hash(),
-                                     report.num_samples, again_reason)
-        report.recorded = f"{place.label} tag {tag}"
+        tag = record_test_evaluation(_client(config), claim, report.metrics(), manifest.content_hash(),
+                                     report.num_samples)
+        report.recorded = f"{claim.place.label} tag {tag}"
     print(format_report(report))
     return report
 
@@ -174,12 +187,15 @@ def train_gallery(config: Config, source: str, net, data) -> tuple[torch.Tensor,
     directory = store.default_output(config.retrieval.output, pinned.source, pinned.version, "train")
     manifest = split_manifest(config, "train")
     if (directory / store.META_FILE).is_file():
-        meta = store.read_meta(directory)
-        if meta.model_source == pinned.source and meta.manifest_hash == manifest.content_hash():
-            embedded = store.read_embeddings(directory)
-            readable = embedded.readable
-            return (torch.from_numpy(np.asarray(embedded.vectors[readable])),
-                    torch.from_numpy(embedded.labels[readable]), str(directory))
+        try:
+            meta = store.read_meta(directory)
+            if meta.model_source == pinned.source and meta.manifest_hash == manifest.content_hash():
+                embedded = store.read_embeddings(directory)
+                readable = embedded.readable
+                return (torch.from_numpy(np.asarray(embedded.vectors[readable])),
+                        torch.from_numpy(embedded.labels[readable]), str(directory))
+        except DataError as error:  # an older format or a damaged gallery: embed now, say why once
+            print(f"note: not reusing the gallery in {directory} ({error}); embedding train now")
     loader = build_loader(data, "train", rank=0, world_size=1, batch_size=config.optim.batch_size, seed=config.seed,
                           exactly_once=True)
     gallery, labels = embed_pass(net, loader, torch.device("cpu"))

@@ -1,6 +1,12 @@
 """The model behind a source string, ready for inference: the MLflow registry (`models:/<name>@<alias>`,
 `models:/<name>/<version>`), a run (`runs:/<run_id>/model`) or a Ray Train checkpoint directory (`state.pt` +
 `meta.json`). MLflow is imported only for the first two.
+
+A logged model is data from a shared store, and MLflow's loader would unpickle anything but a pickle-free pt2
+archive (and put a model's `code` folder on sys.path). So only the format this pipeline publishes is loaded: an
+MLflow PyTorch model whose data folder holds exactly `model.pt2` and which brings no code; anything else is
+refused in one line before any byte of it is deserialised, and MLflow's own pt2 check (pickle deserialisation is
+off, see pipeline/__init__.py) refuses an archive whose weights need unpickling.
 """
 
 from __future__ import annotations
@@ -8,14 +14,15 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
+import yaml
 
 from pipeline import storage
-from pipeline.config import Config, validate_saved_config
+from pipeline.config import MODEL_NAMES, Config, validate_saved_config
 from pipeline.data.manifest import MANIFEST_NAME, SPLITS, Manifest, has_manifest, read_manifest
-from pipeline.errors import DataError, ModelSourceError
+from pipeline.errors import DataError, ModelSourceError, first_line
 from pipeline.tracking.uri import redact, resolve_tracking_uri
 from pipeline.train.checkpoints import META_FILE, STATE_FILE, load_weights, read_meta
 from pipeline.train.models import build_model
@@ -122,19 +129,65 @@ def _load_mlflow_model(source: str, config: Config) -> InferenceModel:
         raise ModelSourceError(f"{source}: expected runs:/<run_id>/<artifact path>")
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch)
-            metadata = mlflow.models.Model.load(local).metadata or {}
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch))
+        except (MlflowException, OSError) as error:
+            raise ModelSourceError(f"{source}: cannot download the model ({first_line(error, False)})") from None
+        metadata = exported_model_metadata(local, source)  # before anything in the folder is deserialised
+        try:
             # pt2 (torch.export) models load as a graph module; mlflow does not (cannot) call eval() on it.
-            graph = mlflow.pytorch.load_model(local)
-        except (MlflowException, OSError, RuntimeError) as error:
-            raise ModelSourceError(f"{source}: cannot load an MLflow PyTorch model ({str(error).splitlines()[0]})") from None
+            graph = mlflow.pytorch.load_model(str(local))
+        except (MlflowException, OSError, RuntimeError, ValueError) as error:
+            raise ModelSourceError(f"{source}: cannot load the pt2 model ({first_line(error, False)})") from None
     missing = [key for key in ("classes", "architecture", "eval_image_size") if key not in metadata]
     if missing:
         raise ModelSourceError(f"{source}: the logged model's metadata lacks {', '.join(missing)}; publish it with "
                          "pipeline.tracking.registry (imagenet-pipeline train)")
+    classes, architecture, size = metadata["classes"], metadata["architecture"], metadata["eval_image_size"]
+    if (not isinstance(classes, list) or not classes or not all(isinstance(name, str) for name in classes)
+            or architecture not in MODEL_NAMES or not isinstance(size, int) or not 8 <= size <= 4096):
+        raise ModelSourceError(f"{source}: the logged model's metadata is malformed (classes must be a list of "
+                               "names, architecture a known model, eval_image_size a crop size in pixels)")
     model = FrozenEvalModule(graph) if _is_exported(graph) else graph.eval()
-    return InferenceModel(model, list(metadata["classes"]), str(metadata["architecture"]),
-                          int(metadata["eval_image_size"]))
+    return InferenceModel(model, classes, architecture, size)
+
+
+MLMODEL_MAX_BYTES = 4 << 20  # the class list of 21k ImageNet classes fits many times over
+PT2_FILE = "model.pt2"
+
+
+def exported_model_metadata(folder: Path, source: str) -> dict[str, Any]:
+    """The metadata of a logged model folder, if it is a pt2 model that brings no code; else a one-line refusal.
+
+    Reads only the MLmodel file (YAML, safe loader) and the folder listing: nothing here unpickles or imports."""
+    def refuse(why: str) -> ModelSourceError:
+        return ModelSourceError(f"{source}: not a torch.export (pt2) model as imagenet-pipeline publishes ({why}); "
+                                "refused before loading: any other format is unpickled, which can run code")
+
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.is_file():
+        raise refuse("no MLmodel file")
+    if mlmodel.stat().st_size > MLMODEL_MAX_BYTES:
+        raise refuse(f"MLmodel is over {MLMODEL_MAX_BYTES >> 20} MiB")
+    try:
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise refuse("MLmodel is not YAML") from None
+    flavor = spec.get("flavors", {}).get("pytorch") if isinstance(spec, dict) and isinstance(
+        spec.get("flavors"), dict) else None
+    if not isinstance(flavor, dict):
+        raise refuse("no pytorch flavor")
+    if flavor.get("code") is not None:
+        raise refuse("it brings a code folder")
+    data = folder / str(flavor.get("model_data"))
+    if flavor.get("model_data") != "data" or not data.is_dir():
+        raise refuse(f"model_data is {str(flavor.get('model_data'))[:80]!r}, not the data folder")
+    files = sorted(path.relative_to(data).as_posix() for path in data.rglob("*"))
+    if files != [PT2_FILE]:
+        raise refuse(f"its data folder holds {', '.join(files[:5]) or 'nothing'}, not {PT2_FILE} alone")
+    metadata = spec.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise refuse("its metadata is not a mapping")
+    return metadata
 
 
 def _is_exported(module: torch.nn.Module) -> bool:

@@ -7,7 +7,9 @@ The stages: one row per shard -> whole shards read in tasks (raw bytes, as the m
 decoding and the model's centre crop in CPU tasks -> a fixed pool of `retrieval.embed_workers` model replicas
 (actors; one GPU each when `scaling.use_gpu`) -> the driver, which places each vector at its manifest position.
 Every sample exactly once: a position filled twice or never is an error and nothing is written. The output
-(`pipeline.retrieval.store`) is complete or absent; the same model version, split and data reuse it.
+(`pipeline.retrieval.store`) is complete or absent, and records the index file's sha256, which every reader checks
+before faiss parses the file; the same model version, split and data reuse an output that passes the reader's
+checks, and anything else (an older format, a damaged folder) is embedded again in its place.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.shard_reader import read_whole_shard
-from pipeline.data.manifest import SPLITS, Manifest
+from pipeline.data.manifest import SPLITS, Manifest, file_sha256
 from pipeline.data.transforms import CorruptImageError, EvalTransform, normalize_batch
 from pipeline.errors import ConfigError, DataError, ModelSourceError
 from pipeline.inference.loading import (
@@ -64,11 +66,11 @@ def embed_split(config: Config, source: str, split: str, output: str | None = No
         architecture=spec.architecture, layer=spec.layer, dim=spec.dim, split=split,
         data_root=storage.absolute(config.data.root), manifest_hash=manifest.content_hash(),
         num_samples=manifest.num_samples, unreadable=0, class_names=loaded.class_names,
+        shard_counts=manifest.shard_counts,
     )
-    if (directory / store.META_FILE).is_file() and (directory / INDEX_FILE).is_file():
-        previous = store.read_meta(directory)
-        if previous.same_inputs(meta):
-            return EmbedResult(directory, previous, reused=True, images_per_second=None)
+    previous = _complete_output(directory)
+    if previous is not None and previous.same_inputs(meta):
+        return EmbedResult(directory, previous, reused=True, images_per_second=None)
     started = time.perf_counter()
     with store.staged(directory) as folder:
         vectors = np.lib.format.open_memmap(folder / store.EMBEDDINGS_FILE, mode="w+", dtype=np.float32,
@@ -81,13 +83,25 @@ def embed_split(config: Config, source: str, split: str, output: str | None = No
                             "be empty")
         settings = IndexSettings(kind=config.retrieval.index, nlist=config.retrieval.ivf_nlist,
                                  nprobe=config.retrieval.ivf_nprobe, hnsw_m=config.retrieval.hnsw_m)
-        save_index(build_index(vectors[readable], settings, readable), folder / INDEX_FILE)
+        index_sha256 = save_index(build_index(vectors[readable], settings, readable), folder / INDEX_FILE)
         store.write_arrays(folder, labels, positions, keys)
         meta = store.EmbeddingMeta(**{**meta.__dict__, "unreadable": int(manifest.num_samples - readable.size),
-                                      "created": time.time()})
+                                      "index_sha256": index_sha256, "created": time.time()})
         store.write_meta(folder, meta)
     rate = manifest.num_samples / (time.perf_counter() - started)
     return EmbedResult(directory, meta, reused=False, images_per_second=rate)
+
+
+def _complete_output(directory: Path) -> store.EmbeddingMeta | None:
+    """An earlier output's meta.json when its row files and index pass the reader's checks; None when there is
+    none, or it is of an older format or damaged: embedding again replaces it."""
+    if not (directory / INDEX_FILE).is_file():
+        return None
+    try:
+        meta = store.read_rows(directory)[0]
+    except DataError:
+        return None
+    return meta if file_sha256(directory / INDEX_FILE) == meta.index_sha256 else None
 
 
 def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifest, image_size: int,

@@ -10,8 +10,12 @@
     similarity, rows = search(index, queries, k=10)
 
 `pipeline bench-retrieval` measures latency and the recall of the approximate kinds against exact search.
-The file is read back with faiss's own reader (plain arrays, no pickle); its width and size are checked against
-the embeddings' meta.json before use.
+
+The file is read back with faiss's own reader (plain arrays, no pickle), and only after its sha256 matches the one
+`embed` recorded in meta.json: faiss's parser is not meant for hostile input. What it read is then used only if it
+is a kind `build_index` makes (inner product, ids kept by faiss in memory), of the embeddings' width, answering
+with exactly the gallery's readable rows: an index whose ids point past the rows, or at an unreadable one, is
+refused rather than searched.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.manifest import file_sha256
 from pipeline.errors import DataError
 
 INDEX_FILE = "index.faiss"
@@ -74,22 +79,63 @@ def search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
 
-def save_index(index, path: Path) -> None:
+def save_index(index, path: Path) -> str:
+    """Write the index; return the file's sha256, which `load_index` will ask for."""
     import faiss
 
     faiss.write_index(index, str(path))
+    return file_sha256(path)
 
 
-def load_index(path: Path, dim: int, rows: int):
+def load_index(path: Path, dim: int, rows: np.ndarray, sha256: str):
+    """The index at `path`, read by faiss only if the file's sha256 is `sha256`, and returned only if it is a kind
+    `build_index` makes, `dim` wide, and answers with exactly `rows` (the gallery's readable rows, ascending)."""
     import faiss
 
     if not path.is_file():
         raise DataError(f"{path}: no gallery index; run `imagenet-pipeline embed` for this split")
+    found = file_sha256(path)
+    if found != sha256:
+        raise DataError(f"{path}: sha256 {found[:16]}..., but meta.json records {sha256[:16]}...: not the index "
+                        "embed built for these rows; embed the split again")
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as error:
         raise DataError(f"{path}: not a faiss index ({str(error).splitlines()[0][:200]})") from None
-    if index.d != dim or index.ntotal != rows:
-        raise DataError(f"{path}: index of {index.ntotal} x {index.d}, but its embeddings are {rows} x {dim}; "
-                        "embed the split again")
+    ids = _stored_ids(index)
+    if ids is None:
+        raise DataError(f"{path}: a faiss {type(index).__name__}, not one of the inner-product kinds "
+                        f"{', '.join(INDEX_KINDS)} that embed builds")
+    if index.d != dim or index.ntotal != rows.size:
+        raise DataError(f"{path}: index of {index.ntotal} x {index.d}, but its embeddings have {rows.size} readable "
+                        f"rows of width {dim}; embed the split again")
+    ids.sort()
+    if not np.array_equal(ids, rows):
+        unknown = np.setdiff1d(ids, rows)
+        if unknown.size:
+            raise DataError(f"{path}: the index answers with row {unknown[0]}, which is not one of the gallery's "
+                            f"{rows.size} readable rows (labels.npy); embed the split again")
+        raise DataError(f"{path}: readable row {np.setdiff1d(rows, ids)[0]} is not in the index (another is in "
+                        "it twice); embed the split again")
     return index
+
+
+def _stored_ids(index) -> np.ndarray | None:
+    """The row ids a `build_index` kind answers with, or None for any other kind of index."""
+    import faiss
+
+    inner_product = faiss.METRIC_INNER_PRODUCT
+    if type(index) is faiss.IndexIDMap:
+        inner = faiss.downcast_index(index.index)
+        if type(inner) not in (faiss.IndexFlatIP, faiss.IndexHNSWFlat) or inner.metric_type != inner_product \
+                or index.metric_type != inner_product or inner.ntotal != index.ntotal:
+            return None
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    if type(index) is faiss.IndexIVFFlat and index.metric_type == inner_product:
+        lists = faiss.downcast_InvertedLists(index.invlists)
+        if type(lists) is not faiss.ArrayInvertedLists:  # embed keeps the lists in the file, never on disk elsewhere
+            return None
+        parts = [faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+                 for number in range(index.nlist) if lists.list_size(number)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
+    return None

@@ -3,10 +3,17 @@
     imagenet-pipeline retrieve photos/cat.jpg --index embeddings/imagenet-classifier-v3/train --top-k 10
     imagenet-pipeline retrieve photos/ --index 3f2a...c1 --json          # an embed run's id in MLflow
     imagenet-pipeline retrieve photos/ --index ... --sheet sheet.png    # query beside its neighbours
+    imagenet-pipeline retrieve photos/ --index embeddings/<checkpoint>/val --model <checkpoint folder>
 
-The query images go through the model the gallery was embedded with (its pinned registry version): any other
-model, or one whose features have another width, is refused before any image is read. Every query must decode;
-a file that is not an image is named in a one-line error.
+The query images go through the model the gallery was embedded with, and a gallery can come from someone else
+(an MLflow run id), so its meta.json never chooses what gets loaded on its own. Without `--model`, the gallery's
+model is followed only when meta.json names a pinned version of the configured registered model,
+`models:/<tracking.registered_model>/<version>`; a gallery embedded from a run (`runs:/...`), a checkpoint folder
+or another registered name is queried only when `--model` names that same model (an alias is pinned to its
+version first), and anything else is refused in one line before any gallery file, index or model is read. A
+`--model` that pins to another model, or features of another width, are refused before any image is read.
+The gallery's files are checked against each other as they load (`store.read_rows`, `index.load_index`). Every
+query must decode; a file that is not an image is named in a one-line error.
 """
 
 from __future__ import annotations
@@ -61,14 +68,16 @@ class QueryResult:
 class Gallery:
     directory: Path
     meta: store.EmbeddingMeta
+    model_source: str  # what queries are embedded with: the gallery's own model, allowed by `query_model`
     labels: np.ndarray
     positions: np.ndarray
     keys: list[str]
     index: object  # a faiss index
 
 
-def open_gallery(reference: str, config: Config) -> Gallery:
-    """An embed output folder, or the id of the MLflow run that logged one (downloaded once, then reused)."""
+def open_gallery(reference: str, config: Config, model_source: str | None = None) -> Gallery:
+    """An embed output folder, or the id of the MLflow run that logged one (downloaded once, then reused).
+    `model_source`: the user's --model, needed for a gallery not embedded from the configured registered model."""
     directory = Path(reference)
     if not directory.is_dir():
         if not _RUN_ID.match(reference):
@@ -76,25 +85,40 @@ def open_gallery(reference: str, config: Config) -> Gallery:
         from pipeline.retrieval.logged import download_index
 
         directory = download_index(config, reference)
-    meta, labels, positions, keys = store.read_rows(directory)
-    if labels.shape != (meta.num_samples,) or positions.shape != (meta.num_samples, 2) or len(keys) != meta.num_samples:
-        raise DataError(f"{directory}: labels, positions and keys do not match meta.json's {meta.num_samples} samples")
-    index = load_index(directory / INDEX_FILE, meta.dim, int((labels >= 0).sum()))
-    return Gallery(directory, meta, labels, positions, keys, index)
+    meta = store.read_meta(directory)
+    source = query_model(meta, directory, config, model_source)  # before any other file is read
+    _, labels, positions, keys = store.read_rows(directory, meta)
+    index = load_index(directory / INDEX_FILE, meta.dim, np.flatnonzero(labels >= 0), meta.index_sha256)
+    return Gallery(directory, meta, source, labels, positions, keys, index)
 
 
-def retrieve(config: Config, inputs: list[Path], gallery: Gallery, top_k: int = 10,
-             model_source: str | None = None) -> list[QueryResult]:
+def query_model(meta: store.EmbeddingMeta, directory: Path, config: Config, model_source: str | None) -> str:
+    """The model source to embed queries with: the gallery's own, if meta.json's reference may be followed."""
+    recorded = repr(meta.model_source[:200])  # from a file: quoted, so it stays one line
+    if model_source is not None:
+        if pin_model_source(model_source, config).source != meta.model_source:
+            raise ModelSourceError(f"--model {model_source}: the gallery {directory} was embedded with {recorded}; "
+                                   "query with that model or embed again")
+        return meta.model_source
+    name = config.tracking.registered_model
+    pinned = re.fullmatch(rf"models:/{re.escape(name)}/([0-9]+)", meta.model_source)
+    if pinned is None or meta.model_version != pinned[1]:
+        raise ModelSourceError(f"{directory / store.META_FILE}: model {recorded} is not a version of the registered "
+                               f"model '{name}' (models:/{name}/<version>); pass --model naming it to query anyway")
+    return meta.model_source
+
+
+def retrieve(config: Config, inputs: list[Path], gallery: Gallery, top_k: int = 10) -> list[QueryResult]:
     files = find_images(inputs)
     meta = gallery.meta
-    if model_source is not None and pin_model_source(model_source, config).source != meta.model_source:
-        raise ModelSourceError(f"--model {model_source}: the gallery {gallery.directory} was embedded with "
-                               f"{meta.model_source}; query with that model (omit --model) or embed again")
-    loaded = load_model_for_inference(meta.model_source, config, meta.split)
+    loaded = load_model_for_inference(gallery.model_source, config, meta.split)
     spec = feature_spec(loaded.architecture, loaded.model)
     if spec.dim != meta.dim or spec.layer != meta.layer:
-        raise ModelSourceError(f"{meta.model_source}: {spec.layer} features of width {spec.dim}, but the gallery "
-                               f"holds {meta.layer} features of width {meta.dim}")
+        raise ModelSourceError(f"{gallery.model_source}: {spec.layer} features of width {spec.dim}, but the "
+                               f"gallery holds {meta.layer} features of width {meta.dim}")
+    if len(loaded.class_names) != len(meta.class_names):
+        raise ModelSourceError(f"{gallery.model_source}: predicts {len(loaded.class_names)} classes, but the gallery "
+                               f"{gallery.directory} names {len(meta.class_names)}")
     transform = EvalTransform(loaded.eval_image_size, config.data.eval_crop_ratio)
     images = []
     for path in files:  # all decoded before any search: a bad query is one error, not a partial answer
@@ -103,7 +127,7 @@ def retrieve(config: Config, inputs: list[Path], gallery: Gallery, top_k: int = 
         except (CorruptImageError, OSError) as error:
             raise DataError(f"query {path}: not a readable image ({error})") from None
     net = with_features(loaded.model)
-    names = meta.class_names or loaded.class_names
+    names = meta.class_names
     results = []
     for start in range(0, len(files), PREDICT_BATCH_SIZE):
         batch = torch.stack(images[start:start + PREDICT_BATCH_SIZE])

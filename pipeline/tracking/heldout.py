@@ -6,11 +6,24 @@ and on the run that logged it as `test_evaluation` (JSON: time, figures, data), 
 evaluation of the same model is refused, with the first result in the message, unless it is asked for with a
 reason, which is recorded too (`test_evaluation.2`, `.3`, ...). A checkpoint folder has no place to keep the
 record: its evaluations are not guarded, and the report says so.
+
+The tags live in a shared store that other people and jobs write to, so the records are read defensively:
+- only `test_evaluation` and `test_evaluation.<digits>` are records; any other suffix (`test_evaluation.note`) is
+  someone else's tag and is ignored; a record is written to the next free number and never overwrites one;
+- the test split is claimed before the pass, not after it. MLflow tags have no compare-and-set, but experiment
+  names are unique in its store: the first plain evaluation of a model creates the experiment
+  `pipeline test-once <run id>` (then moves it to the trash, out of the UI's list; its name stays taken), so of
+  two evaluations started together exactly one creates it and the other is refused in one line before it reads
+  a test image. The winner also tags a claim (`test_evaluation_claim.<time>.<random>`), replaced by the record
+  when the pass ends; a pass that fails removes its claim and frees the name. A claim left by a killed
+  evaluation blocks plain evaluations (the message says so) until one with a reason runs.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +33,10 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import ConfigError
 
 TEST_EVALUATION_TAG = "test_evaluation"
+CLAIM_TAG_PREFIX = "test_evaluation_claim."
+LOCK_EXPERIMENT_PREFIX = "pipeline test-once "
+_RECORD_KEY = re.compile(rf"^{TEST_EVALUATION_TAG}(?:\.(?P<number>[0-9]{{1,6}}))?$")
+_CLAIM_KEY = re.compile(rf"^{re.escape(CLAIM_TAG_PREFIX)}[0-9]{{20}}\.[0-9a-f]{{8}}$")
 
 
 @dataclass(frozen=True)
@@ -44,14 +61,36 @@ class ModelRecordPlace:
         if self.run_id:
             client.set_tag(self.run_id, key, value)
 
+    def delete_tag(self, client: MlflowClient, key: str) -> None:
+        if self.version is not None:
+            client.delete_model_version_tag(self.name, self.version, key)
+        if self.run_id:
+            client.delete_tag(self.run_id, key)
 
-def recorded_test_evaluations(client: MlflowClient, place: ModelRecordPlace) -> list[dict[str, Any]]:
-    """The recorded test evaluations, first one first. Tags come from a shared store: parsed as JSON only."""
-    tags = place.tags(client)
-    keys = sorted((key for key in tags if key == TEST_EVALUATION_TAG or key.startswith(TEST_EVALUATION_TAG + ".")),
-                  key=lambda key: int(key.rpartition(".")[2]) if key != TEST_EVALUATION_TAG else 1)
+
+@dataclass(frozen=True)
+class TestClaim:
+    """This process's claim on the test split of one model, held from before the pass until its record."""
+
+    place: ModelRecordPlace
+    key: str
+    again_reason: str | None
+    lock_id: str | None  # the experiment whose unique name was taken; None for an evaluation with a reason
+
+
+def _record_number(key: str) -> int | None:
+    """1 for `test_evaluation`, n for `test_evaluation.n`; None for any other tag."""
+    match = _RECORD_KEY.match(key)
+    if not match:
+        return None
+    return int(match["number"]) if match["number"] else 1
+
+
+def recorded_test_evaluations(tags: dict[str, str]) -> list[dict[str, Any]]:
+    """The recorded test evaluations in `tags`, first one first. Parsed as JSON only, never trusted for shape."""
+    numbered = sorted((number, key) for key in tags if (number := _record_number(key)) is not None)
     records = []
-    for key in keys:
+    for _, key in numbered:
         try:
             record = json.loads(tags[key])
         except ValueError:
@@ -60,35 +99,102 @@ def recorded_test_evaluations(client: MlflowClient, place: ModelRecordPlace) -> 
     return records
 
 
-def check_test_once(client: MlflowClient, place: ModelRecordPlace, again_reason: str | None) -> None:
-    """Refuse a second test evaluation of the same model unless a reason is given; before any work starts."""
-    previous = recorded_test_evaluations(client, place)
-    if previous and not again_reason:
+def _claims(tags: dict[str, str]) -> list[str]:
+    return sorted(key for key in tags if _CLAIM_KEY.match(key))
+
+
+def claim_test_evaluation(client: MlflowClient, place: ModelRecordPlace, again_reason: str | None) -> TestClaim:
+    """Claim the test split of `place`'s model before any test image is read, or refuse in one line: it was
+    evaluated already (without a reason to do it again), or another evaluation holds or won the claim.
+
+    An evaluation with a reason takes no lock: it is asked for on purpose and recorded beside the others."""
+    lock_id = None
+    if not again_reason:
+        _refuse_if_taken(place, place.tags(client))
+        lock_id = _take_lock(client, place)
+    key = f"{CLAIM_TAG_PREFIX}{time.time_ns():020d}.{secrets.token_hex(4)}"
+    place.set_tag(client, key, json.dumps({"time": _now(), "reason": again_reason}))
+    return TestClaim(place, key, again_reason, lock_id)
+
+
+def _refuse_if_taken(place: ModelRecordPlace, tags: dict[str, str]) -> None:
+    previous = recorded_test_evaluations(tags)
+    if previous:
         raise ConfigError(
             f"{place.label} was already evaluated on test ({describe(previous[0])}"
             + (f"; {len(previous)} test evaluations in all" if len(previous) > 1 else "")
             + "); the test split is read once per model, or it becomes a second validation set; pass "
             "--again --reason '...' to evaluate it again (the reason is recorded)")
+    claims = _claims(tags)
+    if claims:
+        raise ConfigError(f"{place.label}: another test evaluation claimed its test split at {_claim_time(claims[0])} "
+                          "and has not recorded a result (it is still running, or it was stopped); wait for it, or "
+                          "pass --again --reason '...' if it was stopped")
 
 
-def record_test_evaluation(client: MlflowClient, place: ModelRecordPlace, figures: dict[str, float],
-                           manifest_hash: str, num_samples: int, again_reason: str | None) -> str:
-    """Record this evaluation; returns the tag it was written to."""
-    count = len(recorded_test_evaluations(client, place))
-    key = TEST_EVALUATION_TAG if count == 0 else f"{TEST_EVALUATION_TAG}.{count + 1}"
-    record: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                              "figures": {name: round(value, 4) for name, value in figures.items()},
+def _lock_name(place: ModelRecordPlace) -> str:
+    # The run when there is one: models:/<name>/<n> and runs:/<id>/model of the same model share one lock.
+    return f"{LOCK_EXPERIMENT_PREFIX}{place.run_id or place.label}"
+
+
+def _take_lock(client: MlflowClient, place: ModelRecordPlace) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        lock_id = client.create_experiment(_lock_name(place))
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        raise ConfigError(f"{place.label}: another test evaluation claimed its test split first (MLflow experiment "
+                          f"'{_lock_name(place)}' exists); the test split is read once per model") from None
+    client.delete_experiment(lock_id)  # out of the UI's experiment list; the name stays taken
+    return lock_id
+
+
+def _claim_time(key: str) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(key.split(".")[1]) / 1e9))
+
+
+def record_test_evaluation(client: MlflowClient, claim: TestClaim, figures: dict[str, float], manifest_hash: str,
+                           num_samples: int) -> str:
+    """Record this evaluation at the next free number (never over another record), then drop the claim;
+    returns the tag it was written to."""
+    numbers = [number for key in claim.place.tags(client) if (number := _record_number(key)) is not None]
+    key = TEST_EVALUATION_TAG if not numbers else f"{TEST_EVALUATION_TAG}.{max(numbers) + 1}"
+    if _record_number(key) is None:  # someone tagged test_evaluation.999999: no number is left to read back
+        raise ConfigError(f"{claim.place.label}: no free test_evaluation.<n> tag is left; remove foreign ones")
+    record: dict[str, Any] = {"time": _now(), "figures": {name: round(value, 4) for name, value in figures.items()},
                               "manifest_hash": manifest_hash, "num_samples": num_samples}
-    if again_reason:
-        record["reason"] = again_reason
-    place.set_tag(client, key, json.dumps(record))
+    if claim.again_reason:
+        record["reason"] = claim.again_reason
+    claim.place.set_tag(client, key, json.dumps(record))
+    claim.place.delete_tag(client, claim.key)
     return key
+
+
+def release_claim(client: MlflowClient, claim: TestClaim) -> None:
+    """A pass that failed leaves no claim behind (it reported no figure), and frees the lock's name for the next
+    plain evaluation (a deleted experiment keeps its name until renamed)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        claim.place.delete_tag(client, claim.key)
+    except MlflowException:  # already gone: the record replaced it before the failure
+        pass
+    if claim.lock_id is not None:
+        client.restore_experiment(claim.lock_id)
+        client.rename_experiment(claim.lock_id, f"{_lock_name(claim.place)} released {secrets.token_hex(4)}")
+        client.delete_experiment(claim.lock_id)
 
 
 def describe(record: dict[str, Any]) -> str:
     if "unreadable" in record:
         return "an unreadable record"
-    figures = record.get("figures") or {}
+    figures = record.get("figures") if isinstance(record.get("figures"), dict) else {}
     shown = ", ".join(f"{name} {value:.2f}" for name, value in figures.items()
                       if name in ("test/top1", "test/top5") and isinstance(value, (int, float)))
-    return f"at {record.get('time', '?')}: {shown or 'no figures'}"
+    return f"at {str(record.get('time', '?'))[:40]}: {shown or 'no figures'}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

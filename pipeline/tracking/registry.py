@@ -13,6 +13,7 @@ Logging a model does not end its run; the run's owner does (`pipeline.tracking.r
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import time
@@ -141,16 +142,22 @@ def champion_gate(client: MlflowClient, name: str, version: str, score: float, n
         current = None
     suffix = f" ({note})" if note else ""
     minimum, why = floor
-    if score <= minimum:
+    run_id = client.get_model_version(name, version).run_id
+    if run_id and math.isfinite(score):
+        client.log_metric(run_id, m.GATE_SCORE, score)
+    if not math.isfinite(score) or score <= minimum:  # a diverged run's nan is never champion
         kept = f"kept version {current.version}" if current else "no champion"
         decision = (f"{kept}: {m.SELECTION_METRIC} {score:.2f} is not above {minimum:.2f} ({why}): "
                     f"a model not clearly above chance is never champion{suffix}")
         record_decision(client, name, version, False, score, current.version if current else None, decision)
         return False, decision
+    current_score = gate_score(client, current) if current is not None else None
     if current is None:
         promoted, decision = True, f"promoted: first champion ({m.SELECTION_METRIC} {score:.2f}){suffix}"
+    elif current_score is None:
+        promoted, decision = True, (f"promoted: {score:.2f}; version {current.version} has no "
+                                    f"{m.GATE_SCORE} percentage on its run to compare with{suffix}")
     else:
-        current_score = float(current.tags.get(m.SELECTION_METRIC, "-inf"))
         same_model = bool(supersedes_run_id) and current.run_id == supersedes_run_id and score >= current_score
         promoted = score > current_score or same_model
         if same_model:
@@ -164,6 +171,18 @@ def champion_gate(client: MlflowClient, name: str, version: str, score: float, n
         client.set_registered_model_alias(name, CHAMPION_ALIAS, version)
     record_decision(client, name, version, promoted, score, current.version if current else None, decision)
     return promoted, decision
+
+
+def gate_score(client: MlflowClient, version) -> float | None:
+    """The score `version` was gated on, from its run's metric (best/val_top1 for versions registered before the
+    metric existed); None when missing or not a percentage (MLflow stores inf as the largest float). Tags are
+    free text anyone can set: never read from them."""
+    try:
+        metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+    except mlflow.exceptions.MlflowException:
+        return None
+    value = metrics.get(m.GATE_SCORE, metrics.get("best/" + m.SELECTION_METRIC.replace("/", "_")))
+    return float(value) if isinstance(value, (int, float)) and 0.0 <= value <= 100.0 else None
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ them as it would cover train alone), for the epoch count at which the chosen tri
 Nothing is left to validate on: no early stopping and no plateau schedule (refused), and the champion gate uses
 the sweep's val score of the configuration, as the decision tag says. Test stays untouched until `evaluate`.
 
-The trial's configuration is read back from its MLflow run's `config.json` (JSON, validated as a Config: a
-shared store's file runs no code). `--set` overrides apply on top of it (e.g. scaling or data.root on another
-cluster).
+The configuration is the user's own (the sweep's config files and `--set`), never the artifact's: from the trial
+run's `config.json` (JSON, validated as a Config) only the keys the sweep searched (`search.space`) are taken. A
+run's artifacts may be written by anyone who can log to the experiment, and keys such as `data.shard_command`,
+`data.root`, `data.shard_url_schemes` or `tracking.storage_path` decide what runs and what is read or written;
+so any other key on which the artifact disagrees with the user's config is refused, naming the key (a `--set` of
+that key decides it: the user's value is used).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -26,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as m
 from pipeline.config import Config, validate_saved_config, with_overrides, with_text_overrides
 from pipeline.errors import ConfigError
-from pipeline.tracking.runs import CONFIG_ARTIFACT, find_run, prepare_tracking
+from pipeline.tracking.runs import CONFIG_ARTIFACT, find_run, flatten, prepare_tracking
 from pipeline.train.driver import RefitOptions, TrainingOutcome, run_training
 from pipeline.tune.report import BEST_TRIAL_TAG
 from pipeline.tune.search import SWEEP_TAG, trial_run_name
@@ -62,6 +66,7 @@ def plan_refit(locator: Config, sweep_name: str, overrides: list[str]) -> tuple[
     if not scores:
         raise ConfigError(f"--sweep {sweep_name!r}: trial {trial_id} logged no {m.SELECTION_METRIC}")
     best = max(scores, key=lambda point: (point.value, -point.step))  # the first epoch that reached the best
+    what = f"refit of sweep {sweep_name!r} trial {trial_id}"
     trial_config = read_run_config(client, trial_run.info.run_id, f"sweep {sweep_name!r} trial {trial_id}")
     refit_settings = {
         "data.fit_splits": ["train", "val"], "optim.epochs": int(best.step), "optim.patience": None,
@@ -69,15 +74,46 @@ def plan_refit(locator: Config, sweep_name: str, overrides: list[str]) -> tuple[
         "tracking.experiment": locator.tracking.experiment,
     }
     try:
-        config = with_text_overrides(with_overrides(trial_config, refit_settings), overrides)
+        searched = trial_choices(locator, trial_config, overrides, set(refit_settings))
+        config = with_text_overrides(with_overrides(locator, {**searched, **refit_settings}), overrides)
     except ConfigError as error:
-        raise ConfigError(f"refit of sweep {sweep_name!r} trial {trial_id}: {error}") from None
+        raise ConfigError(f"{what}: {error}") from None
     tags = {REFIT_TAG: "true", REFIT_SWEEP_TAG: sweep_name, REFIT_TRIAL_TAG: str(trial_id),
             REFIT_EPOCHS_TAG: str(config.optim.epochs)}
     note = (f"refit of sweep {sweep_name} trial {trial_id} on train+val, gated on the sweep's {m.SELECTION_METRIC} "
             f"{best.value:.2f} of its configuration at epoch {best.step}: a refit has no val split of its own")
     return config, RefitOptions(parent_run_id=parent.info.run_id, tags=tags, gate_score=float(best.value),
                                 gate_note=note, trial_run_id=trial_run.info.run_id)
+
+
+# Keys a sweep sets per trial or per cluster, never a user's choice: they may differ without meaning anything.
+_PER_TRIAL_KEYS = ("tracking.run_name", "tracking.tracking_uri", "search.max_concurrent_trials")
+
+
+def trial_choices(user: Config, trial: Config, overrides: list[str], settled: set[str]) -> dict[str, Any]:
+    """The values the sweep chose for this trial (the keys of the user's `search.space`), read from the trial's
+    config; a difference in any other key, unless the user sets it with --set or the refit itself does
+    (`settled`), is refused, naming the key."""
+    mine = flatten(user.with_absolute_paths().model_dump(mode="json"))
+    theirs = flatten(trial.with_absolute_paths().model_dump(mode="json"))
+    searched = set(user.search.space)
+    overridden = {text.partition("=")[0].strip() for text in overrides}
+    for key in sorted(set(mine) | set(theirs)):
+        if key in searched or key in settled or key in _PER_TRIAL_KEYS or mine.get(key) == theirs.get(key):
+            continue
+        if any(key == name or key.startswith(name + ".") for name in overridden):
+            continue
+        hint = ("pass the sweep's config files (-c ...) so its search.space names the keys the trial chose"
+                if not searched else "refit with the config files the sweep ran with")
+        raise ConfigError(f"the trial's {CONFIG_ARTIFACT} has {key} = {_short(theirs.get(key))} but your config has "
+                          f"{_short(mine.get(key))}; only searched keys ({', '.join(sorted(searched)) or 'none'}) "
+                          f"are taken from a run's artifact: {hint}, or --set {key} to choose")
+    return {key: theirs[key] for key in searched if key in theirs}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def read_run_config(client: MlflowClient, run_id: str, what: str) -> Config:

@@ -1,6 +1,7 @@
 """Embedding with Ray Data, the index in MLflow, and retrieval from the CLI, on the shared trained run."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,10 +9,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import file_sha256, read_manifest
 from pipeline.errors import ConfigError, DataError, ModelSourceError
 from pipeline.retrieval import store
 from pipeline.retrieval.embed import embed_split
+from pipeline.retrieval.index import INDEX_FILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CHAMPION = "models:/test-model@champion"
@@ -36,6 +38,8 @@ def test_every_sample_is_embedded_exactly_once_in_manifest_order(trained_run, ga
         embeddings = store.read_embeddings(result.directory)
         assert embeddings.meta.num_samples == manifest.num_samples and embeddings.meta.unreadable == 0
         assert embeddings.meta.model_source == "models:/test-model/1"  # the alias, pinned
+        assert embeddings.meta.shard_counts == manifest.shard_counts
+        assert embeddings.meta.index_sha256 == file_sha256(result.directory / INDEX_FILE)
         assert len(set(embeddings.keys)) == manifest.num_samples
         expected = [(shard, index) for shard, count in enumerate(manifest.shard_counts) for index in range(count)]
         assert [tuple(position) for position in embeddings.positions.tolist()] == expected
@@ -56,6 +60,17 @@ def test_the_same_inputs_reuse_a_complete_output(galleries):
     config, results = galleries
     again = embed_split(config, CHAMPION, "test", progress=False)
     assert again.reused and again.directory == results["test"].directory
+
+
+def test_an_output_of_the_format_without_index_checksums_is_embedded_again(galleries, tmp_path):
+    config, results = galleries
+    older = tmp_path / "older"
+    shutil.copytree(results["test"].directory, older)
+    meta = json.loads((older / store.META_FILE).read_text())
+    del meta["index_sha256"], meta["shard_counts"]
+    (older / store.META_FILE).write_text(json.dumps({**meta, "format_version": 1}))
+    again = embed_split(config, CHAMPION, "test", output=str(older), progress=False)
+    assert not again.reused and store.read_meta(older).index_sha256 == file_sha256(older / INDEX_FILE)
 
 
 def test_the_trained_features_retrieve_well_above_chance_and_untrained_ones_do_not(trained_run, galleries):
@@ -80,7 +95,7 @@ def test_retrieve_prints_json_and_draws_a_sheet_from_the_logged_index(trained_ru
     config, results = galleries
     runner = CliRunner()
     overrides = [f"--set=data.root={trained_run.shards}", f"--set=tracking.tracking_uri={trained_run.tracking_uri}",
-                 f"--set=retrieval.output={tmp_path / 'cache'}"]
+                 f"--set=retrieval.output={tmp_path / 'cache'}", "--set=tracking.registered_model=test-model"]
     embedded = runner.invoke(app, ["embed", "--model", CHAMPION, "--split", "train",
                                    "--output", str(results["train"].directory), *overrides])
     assert embedded.exit_code == 0, embedded.output
@@ -106,8 +121,6 @@ def test_retrieve_prints_json_and_draws_a_sheet_from_the_logged_index(trained_ru
     assert len(found) == 3 and all(len(query["neighbours"]) == 5 for query in found)
     assert set(found[0]["neighbours"][0]) >= {"rank", "key", "label", "class_name", "similarity"}
     assert found[0]["neighbours"][0]["similarity"] >= found[0]["neighbours"][-1]["similarity"]
-    import shutil
-
     shutil.copy(sheet, "/tmp/retrieval_sheet.png")  # for a look by hand; harmless in CI
     with Image.open(sheet) as picture:
         assert picture.format == "PNG" and picture.size[0] > 400
@@ -127,7 +140,7 @@ def test_bad_inputs_are_refused_before_any_work(trained_run, galleries, tmp_path
     (tmp_path / "notes.jpg").write_text("not an image")
     with pytest.raises(DataError, match=r"query .*notes.jpg: not a readable image"):
         retrieve(config, [tmp_path / "notes.jpg"], gallery)
-    with pytest.raises(ModelSourceError, match="was embedded with models:/test-model/1"):
-        retrieve(config, [tmp_path / "notes.jpg"], gallery, model_source=trained_run.outcome.best_checkpoint)
+    with pytest.raises(ModelSourceError, match="was embedded with 'models:/test-model/1'"):
+        open_gallery(str(results["train"].directory), config, model_source=trained_run.outcome.best_checkpoint)
     with pytest.raises(ConfigError, match="split = 'holdout': choose one of"):
         embed_split(config, CHAMPION, "holdout")

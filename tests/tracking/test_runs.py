@@ -75,12 +75,12 @@ def test_sqlite_run_has_params_epoch_metrics_plot_model_version_and_alias(traine
 
 
 def _registered(tmp_path, name: str, versions: int = 3) -> MlflowClient:
-    """A registered model `name` with `versions` versions of one run, in a fresh SQLite store."""
+    """A registered model `name` with `versions` versions, each logged by a run of its own, in a fresh SQLite store."""
     client = MlflowClient(f"sqlite:///{tmp_path / f'{name}.db'}")
     client.create_registered_model(name)
-    run = client.create_run(client.create_experiment(name))
+    experiment = client.create_experiment(name)
     for _ in range(versions):
-        client.create_model_version(name, "file:///nowhere", run_id=run.info.run_id)
+        client.create_model_version(name, "file:///nowhere", run_id=client.create_run(experiment).info.run_id)
     return client
 
 
@@ -104,6 +104,26 @@ def test_champion_moves_only_when_val_top1_beats_the_current_champion(tmp_path):
     assert champion_on(events, events[0].time_ms - 1) is None
 
 
+@pytest.mark.parametrize("forged", ["abc", "inf", "nan", "1e308"])
+def test_the_champions_score_comes_from_its_runs_metric_never_from_a_forged_tag(tmp_path, forged):
+    client = _registered(tmp_path, "forged")
+    assert champion_gate(client, "forged", "1", 60.0)[0] is True
+    client.set_model_version_tag("forged", "1", m.VAL_TOP1, forged)  # anyone may tag a version
+    assert champion_gate(client, "forged", "2", 55.0) == (False, "kept version 1: 55.00 <= 60.00")
+    promoted, decision = champion_gate(client, "forged", "3", 61.0)
+    assert promoted and decision == "promoted: 61.00 > 60.00 of version 1"
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 250.0])
+def test_a_champion_whose_run_holds_no_finite_score_does_not_block_promotion(tmp_path, value):
+    client = _registered(tmp_path, "broken")
+    assert champion_gate(client, "broken", "1", 60.0)[0] is True
+    client.log_metric(client.get_model_version("broken", "1").run_id, m.GATE_SCORE, value)
+    promoted, decision = champion_gate(client, "broken", "2", 50.0)
+    assert promoted and "version 1 has no registry/gate_score percentage" in decision
+    assert champion_gate(client, "broken", "3", float("nan"))[0] is False  # nor is a diverged run champion
+
+
 def test_champion_history_prints_every_decision(tmp_path):
     from typer.testing import CliRunner
 
@@ -112,9 +132,9 @@ def test_champion_history_prints_every_decision(tmp_path):
     uri = f"sqlite:///{tmp_path / 'history.db'}"
     client = MlflowClient(uri)
     client.create_registered_model("hist")
-    run = client.create_run(client.create_experiment("hist"))
+    experiment = client.create_experiment("hist")
     for version, score in (("1", 50.0), ("2", 40.0), ("3", 70.0)):
-        client.create_model_version("hist", "file:///nowhere", run_id=run.info.run_id)
+        client.create_model_version("hist", "file:///nowhere", run_id=client.create_run(experiment).info.run_id)
         client.set_model_version_tag("hist", version, m.VAL_TOP1, str(score))
         champion_gate(client, "hist", version, score)
     client.set_registered_model_tag("hist", "champion_history.999999999999999.9", "{not json")  # a vandalised tag

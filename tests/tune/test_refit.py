@@ -8,16 +8,19 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
-from pipeline.config import ConfigError, load_config
+from pipeline.config import PROJECT_ROOT, ConfigError, load_config
 from pipeline.tracking.runs import CONFIG_ARTIFACT, RUN_NAME_TAG, loggable, prepare_tracking
 from pipeline.tune.refit import REFIT_EPOCHS_TAG, REFIT_SWEEP_TAG, REFIT_TRIAL_TAG, plan_refit
 from pipeline.tune.report import BEST_TRIAL_TAG
 from pipeline.tune.search import SWEEP_TAG
 
 
-def _locator(tmp_path):
-    return load_config(overrides=[f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                                  "tracking.experiment=refit-tests"])
+SWEEP_FILES = [PROJECT_ROOT / "jobs" / "configs" / "demo_sweep.yaml"]  # searches optim.lr, batch_size, dropout
+
+
+def _locator(tmp_path, *sets):
+    return load_config(SWEEP_FILES, [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                     "tracking.experiment=refit-tests", *sets])
 
 
 def _fake_sweep(tmp_path, name="s1", trial="ab12c_00001", val_top1=(40.0, 55.0, 55.0, 50.0), trial_sets=(),
@@ -31,8 +34,8 @@ def _fake_sweep(tmp_path, name="s1", trial="ab12c_00001", val_top1=(40.0, 55.0, 
     child_name = f"{name}-{trial}"
     child = client.create_run(experiment_id, run_name=child_name, tags={
         RUN_NAME_TAG: child_name, "mlflow.parentRunId": parent.info.run_id})
-    trial_config = load_config(overrides=["optim.lr=0.37", "model.dropout=0.2", "optim.epochs=9", "optim.patience=5",
-                                          "tracking.knn_every=2", *trial_sets])
+    trial_config = load_config(SWEEP_FILES, ["optim.lr=0.37", "model.dropout=0.2", "optim.epochs=9",
+                                             "optim.patience=5", "tracking.knn_every=2", *trial_sets])
     if log_config:
         client.log_dict(child.info.run_id, loggable(trial_config), CONFIG_ARTIFACT)
     now = int(time.time() * 1000)
@@ -57,10 +60,10 @@ def test_the_refit_takes_the_trials_config_and_the_first_epoch_of_its_best_score
 
 
 def test_a_plateau_schedule_cannot_be_refit(tmp_path):
-    locator, _, _ = _fake_sweep(tmp_path, trial_sets=["optim.schedule=plateau"])
+    _fake_sweep(tmp_path, trial_sets=["optim.schedule=plateau"])
     with pytest.raises(ConfigError, match="refit of sweep 's1' trial ab12c_00001: optim.schedule = 'plateau' "
                                           "needs a val split") as caught:
-        plan_refit(locator, "s1", [])
+        plan_refit(_locator(tmp_path, "optim.schedule=plateau"), "s1", [])
     assert "\n" not in str(caught.value)
 
 
@@ -81,3 +84,34 @@ def test_a_refit_config_refuses_what_needs_validation():
     with pytest.raises(ConfigError, match=r"data.fit_splits.*choose \[train\]"):
         load_config(overrides=["data.fit_splits=[val]"])
     assert load_config(overrides=["data.fit_splits=[train, val]"]).data.validates is False
+
+
+@pytest.mark.parametrize("key, value", [
+    ("data.shard_command", "sh -c 'touch {marker}' {{url}}"),
+    ("data.root", "/somewhere/else"),
+    ("data.shard_url_schemes", "[https]"),
+    ("tracking.storage_path", "/tmp/elsewhere"),
+])
+def test_a_trial_artifact_cannot_choose_what_runs_or_where_data_is_read(tmp_path, key, value):
+    marker = tmp_path / "payload-ran"
+    _fake_sweep(tmp_path, trial_sets=[f"{key}={value.format(marker=marker)}"])
+    with pytest.raises(ConfigError, match=rf"the trial's config.json has {key} = .* but your config has") as caught:
+        plan_refit(_locator(tmp_path), "s1", [])
+    assert "\n" not in str(caught.value) and "--set " + key in str(caught.value)
+    assert not marker.exists()
+
+
+def test_only_searched_keys_come_from_the_artifact_and_a_set_key_is_the_users(tmp_path):
+    _fake_sweep(tmp_path, trial_sets=["optim.batch_size=16", "data.loader_workers=3"])
+    config, _ = plan_refit(_locator(tmp_path, "data.loader_workers=1"), "s1", ["data.loader_workers=1"])
+    assert config.optim.batch_size == 16 and config.data.loader_workers == 1
+    with pytest.raises(ConfigError, match="has data.loader_workers = 3 but your config has"):
+        plan_refit(_locator(tmp_path), "s1", [])
+
+
+def test_without_the_sweeps_search_space_nothing_is_taken_and_the_difference_is_named(tmp_path):
+    _fake_sweep(tmp_path)
+    plain = load_config(overrides=[f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                                   "tracking.experiment=refit-tests"])
+    with pytest.raises(ConfigError, match=r"only searched keys \(none\) .*pass the sweep's config files"):
+        plan_refit(plain, "s1", [])
