@@ -24,6 +24,13 @@ WORKER_GROUP_START_TIMEOUT_S = "300"
 # Smallest square input side, pixels, that survives the network's strides and pools. Both AlexNets need three
 # 3x3 max-pools to see at least 3x3 maps; ResNets end in adaptive pooling and accept any side.
 MIN_IMAGE_SIZE = {"alexnet": 63, "alexnet_tv": 63}
+# data.max_image_pixels: ILSVRC2012's largest photos are camera originals of about 12-15 MP (4288x2848, a few near
+# 5000x3000); 40 MP leaves more than twice that and caps one decode at ~120 MB of RGB (160 MB in PIL, which keeps
+# 4 bytes a pixel) in a loader process, where a 140 KB PNG declaring 12000x12000 would take gigabytes. The ceiling
+# is PIL's own Image.MAX_IMAGE_PIXELS: above it PIL warns at open (and refuses above twice it), so a larger limit
+# could not take effect without changing PIL's process-wide setting.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: 1024 * 1024 * 1024 // 4 // 3
 MODEL_NAMES = ("alexnet", "alexnet_tv", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +54,9 @@ class DataConfig(_Section):
     eval_image_size: int = Field(224, ge=16, le=1024, description="centre-crop side for val/test, pixels")
     eval_crop_ratio: float = Field(0.875, gt=0.0, le=1.0, description="crop side / resize side (224/256)")
     min_crop_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop smallest area share")
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, le=PIL_MAX_IMAGE_PIXELS,
+                                  description="largest width x height decoded (loader, verify, predict, sheets); "
+                                  "an image declaring more is refused from its header, as a corrupt sample")
     # 0.001: ImageNet's train set holds a few dozen odd files in 1.28 M (converted or skipped by `shard`); more than
     # one in a thousand masked in an epoch means unreadable shards, and then the epoch's numbers are not the data's.
     max_corrupt_fraction: float = Field(0.001, ge=0.0, le=1.0, description="stop when an epoch's masked "

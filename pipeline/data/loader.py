@@ -75,8 +75,8 @@ class ShardStream(IterableDataset):
         self.decode_on_device = data.decode == "gpu"
         self.image_size = data.train_image_size if train else data.eval_image_size
         self.transform = (
-            TrainTransform(data.train_image_size, data.min_crop_scale) if train
-            else EvalTransform(data.eval_image_size, data.eval_crop_ratio)
+            TrainTransform(data.train_image_size, data.min_crop_scale, data.max_image_pixels) if train
+            else EvalTransform(data.eval_image_size, data.eval_crop_ratio, data.max_image_pixels)
         )
         self.epoch = 0
         self.start_step = 0
@@ -176,13 +176,14 @@ class ShardStream(IterableDataset):
                      slot_shards=tuple(sample.shard for sample in samples))
 
 
-def on_device(batch: Batch, device: torch.device, train: bool, image_size: int) -> Batch:
+def on_device(batch: Batch, device: torch.device, train: bool, image_size: int, max_image_pixels: int) -> Batch:
     """A batch from `_prepare_batch` decoded on `device`: images filled in (on the device), and what failed to
-    decode there masked and counted as corrupt, exactly as the CPU route masks it."""
+    decode there (or declares more than `max_image_pixels`) masked and counted as corrupt, exactly as the CPU
+    route masks it."""
     if batch.encoded is None:
         return batch
     live = [index for index, slot in enumerate(batch.encoded) if slot is not None]
-    decoded = decode_on_device([batch.encoded[i] for i in live], train, image_size, device)
+    decoded = decode_on_device([batch.encoded[i] for i in live], train, image_size, device, max_image_pixels)
     images = torch.zeros((len(batch.labels), 3, image_size, image_size), dtype=torch.uint8, device=device)
     labels, keys, corrupt = batch.labels.clone(), list(batch.keys), list(batch.corrupt_shards)
     for index, image in zip(live, decoded):
@@ -269,7 +270,8 @@ class EpochLoader:
         )
         self.corrupt_counts.zero_()
         for batch in loader:
-            batch = on_device(batch, self.decode_device, self.dataset.train, self.dataset.image_size)
+            batch = on_device(batch, self.decode_device, self.dataset.train, self.dataset.image_size,
+                              self.dataset.transform.max_image_pixels)
             for shard in batch.corrupt_shards:
                 self.corrupt_counts[shard] += 1
             yield batch

@@ -33,7 +33,9 @@ import webdataset
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.errors import DataError
+from pipeline.data.image_header import CorruptImageError, check_pixels, declared_size
 from pipeline.data.source import ImageNetSource, LabeledFile, discover_source, hold_out_validation
 from pipeline.storage import require_local
 from pipeline.data.index import index_location, write_index
@@ -67,6 +69,7 @@ class ShardTask:
     samples: tuple[PlannedSample, ...]
     max_side: int | None
     quality: int
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 class PreparedImage(NamedTuple):
@@ -119,17 +122,20 @@ def shard_imagenet(
     seed: int = 0,
     resume: bool = False,
     progress: bool = True,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ShardingSummary:
-    """Shard the ILSVRC2012 tree at `source` into `output/{train,val,test}/`; see the module docstring."""
+    """Shard the ILSVRC2012 tree at `source` into `output/{train,val,test}/`; see the module docstring.
+
+    Source files declaring more than `max_image_pixels` (data.max_image_pixels) are skipped from their header."""
     started = time.perf_counter()
-    _check_options(val_per_class, samples_per_shard, max_side, quality, processes)
+    _check_options(val_per_class, samples_per_shard, max_side, quality, processes, max_image_pixels)
     source, output = Path(source), require_local(output, "shard --output")
     if output.exists() and not output.is_dir():
         raise DataError(f"shard --output {output} is a file; give a folder (new or holding train/ val/ test/)")
     found = discover_source(source)
     options = {"seed": seed, "val_per_class": val_per_class, "samples_per_shard": samples_per_shard,
                "max_side": max_side, "quality": quality}
-    plans = _plan(found, output, options)
+    plans = _plan(found, output, options, max_image_pixels)
     fingerprints = {split: _fingerprint(split, tasks, options) for split, tasks in plans.items()}
     # Check every split before touching any, so a refused run leaves the output exactly as it was.
     for split in plans:
@@ -195,14 +201,28 @@ def _write_planned(source: Path, found: ImageNetSource, output: Path, plans: dic
     return summary
 
 
-def prepare_image(path: Path, max_side: int | None, quality: int) -> PreparedImage:
-    """The bytes to store for one source file: the original when possible, else an RGB JPEG re-encoding."""
+# What ImageNet's source folders hold (JPEG, with some PNG, CMYK and GIF/BMP files among them) and what cameras
+# and scanners write.
+SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO: its opener returns one
+
+
+def prepare_image(path: Path, max_side: int | None, quality: int,
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PreparedImage:
+    """The bytes to store for one source file: the original when possible, else an RGB JPEG re-encoding.
+
+    The raster formats cameras, scanners and the web write are accepted (`SOURCE_FORMATS`; re-encoded), never
+    PIL's others (EPS would run Ghostscript on outside bytes), and never one declaring more than
+    `max_image_pixels`: that is known from the header, before decoding."""
     try:
         data = path.read_bytes()
     except OSError as error:
         return PreparedImage(None, None, f"unreadable: {error.strerror or error}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        declared = declared_size(data)  # JPEG, PNG, WebP: before PIL, which warns past its own threshold
+        if declared is not None:
+            check_pixels(*declared, max_image_pixels)
+        with Image.open(io.BytesIO(data), formats=SOURCE_FORMATS) as image:
+            check_pixels(*image.size, max_image_pixels)  # other formats, from the header PIL just read
             image.load()  # a full decode: truncated files often open fine and fail only here
             reasons = []
             # MPO is a camera JPEG with extra frames appended; its bytes decode as a plain JPEG.
@@ -228,11 +248,14 @@ def prepare_image(path: Path, max_side: int | None, quality: int) -> PreparedIma
     except UnidentifiedImageError:
         # Its message names the in-memory buffer's address, which would make reports differ between runs.
         return PreparedImage(None, None, "cannot be decoded: not a known image format")
+    except CorruptImageError as error:
+        return PreparedImage(None, None, f"too large: {error}")
     except Exception as error:  # noqa: BLE001 - damaged files raise many kinds of errors; each is a skip, not a crash
         return PreparedImage(None, None, f"cannot be decoded: {type(error).__name__}: {error}")
 
 
-def _plan(found: ImageNetSource, output: Path, options: dict[str, Any]) -> dict[str, list[ShardTask]]:
+def _plan(found: ImageNetSource, output: Path, options: dict[str, Any],
+          max_image_pixels: int) -> dict[str, list[ShardTask]]:
     """Which file goes into which shard, for every split that has files; a pure function of source and options."""
     train, held_out = hold_out_validation(found, options["val_per_class"], options["seed"])
     split_files = {"train": train, "val": held_out, "test": found.official_val_files}
@@ -240,7 +263,7 @@ def _plan(found: ImageNetSource, output: Path, options: dict[str, Any]) -> dict[
     for split in SPLITS:
         if split_files[split]:
             samples = _plan_samples(split_files[split], found.class_index, found.root)
-            plans[split] = _plan_shards(output / split, split, samples, options)
+            plans[split] = _plan_shards(output / split, split, samples, options, max_image_pixels)
     return plans
 
 
@@ -301,7 +324,7 @@ def _plan_samples(files: list[LabeledFile], class_index: dict[str, int], source:
 
 
 def _plan_shards(
-    split_dir: Path, split: str, samples: list[PlannedSample], options: dict[str, Any]
+    split_dir: Path, split: str, samples: list[PlannedSample], options: dict[str, Any], max_image_pixels: int
 ) -> list[ShardTask]:
     rng = np.random.default_rng([options["seed"], SPLITS.index(split)])
     shuffled = [samples[position] for position in rng.permutation(len(samples))]
@@ -309,8 +332,10 @@ def _plan_shards(
     # read whole shards then get nearly equal work.
     num_shards = -(-len(shuffled) // options["samples_per_shard"])  # ceiling division
     groups = np.array_split(np.arange(len(shuffled)), num_shards)
+    # max_image_pixels stays out of `options`, the plan's fingerprint: no `shard` flag sets it yet, and leaving it
+    # out lets a run interrupted before it existed resume.
     return [ShardTask(str(split_dir), f"{split}-{number:06d}.tar", tuple(shuffled[i] for i in group),
-                      options["max_side"], options["quality"]) for number, group in enumerate(groups)]
+                      options["max_side"], options["quality"], max_image_pixels) for number, group in enumerate(groups)]
 
 
 def _fingerprint(split: str, tasks: list[ShardTask], options: dict[str, Any]) -> str:
@@ -392,7 +417,7 @@ def _write_shard_task(task: ShardTask) -> int:
     with open(partial, "wb") as handle:
         writer = webdataset.TarWriter(handle, encoder=False, mtime=SHARD_MTIME)
         for sample in task.samples:
-            prepared = prepare_image(Path(sample.path), task.max_side, task.quality)
+            prepared = prepare_image(Path(sample.path), task.max_side, task.quality, task.max_image_pixels)
             if prepared.data is None:
                 skipped.append({"file": sample.relative, "reason": prepared.skipped})
                 continue
@@ -426,7 +451,8 @@ def _split_of_folder(folder: str) -> str:
 
 
 def _check_options(
-    val_per_class: int, samples_per_shard: int, max_side: int | None, quality: int, processes: int
+    val_per_class: int, samples_per_shard: int, max_side: int | None, quality: int, processes: int,
+    max_image_pixels: int,
 ) -> None:
     if val_per_class < 0:
         raise DataError(f"val_per_class = {val_per_class} must be 0 or more (0: no held-out val split)")
@@ -438,3 +464,5 @@ def _check_options(
         raise DataError(f"quality = {quality} must be between 1 and 100")
     if processes < 1:
         raise DataError(f"processes = {processes} must be at least 1")
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        raise DataError(f"max_image_pixels = {max_image_pixels!r} must be a whole number of pixels, at least 1")

@@ -25,9 +25,6 @@ PIL's decode with the same torch resize is the fallback, measured ~15% slower.
 
 from __future__ import annotations
 
-from pipeline.errors import ConfigError
-
-import io
 import math
 import random
 from functools import lru_cache
@@ -39,6 +36,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
+from pipeline.data.image_header import DECODE_ERRORS, CorruptImageError, checked_size, open_header
+from pipeline.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # RandomResizedCrop's aspect-ratio range (width / height), as in torchvision and the 2014 Inception paper.
@@ -48,14 +49,6 @@ CROP_ATTEMPTS = 10
 DRAFT_SCALES = (8, 4, 2)
 # Pillow names camera JPEGs with a multi-picture (MPO) segment "MPO"; the first frame is a plain JPEG.
 JPEG_FORMATS = ("JPEG", "MPO")
-
-
-# What PIL and torchvision raise for bytes they cannot decode (truncated, malformed, unsupported, too large).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
-
-
-class CorruptImageError(ValueError):
-    """The bytes are not an image that can be decoded (garbage, truncated, unsupported or too large)."""
 
 
 def sample_crop(
@@ -106,13 +99,16 @@ class TrainTransform:
     """RandomResizedCrop(image_size, scale=(min_scale, 1)) + horizontal flip (p=0.5), uint8 CHW out.
 
     Every random choice comes from the `rng` argument, so a (seed, sample) pair always gives the same image.
+    Images declaring more than `max_image_pixels` are refused from their header (`pipeline.data.image_header`).
     """
 
-    def __init__(self, image_size: int, min_scale: float = 0.08) -> None:
+    def __init__(self, image_size: int, min_scale: float = 0.08,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.image_size = _check_image_size(image_size)
         if not 0.0 < min_scale <= 1.0:
             raise ConfigError(f"min_scale = {min_scale} must be in (0, 1]: the smallest crop area share")
         self.min_scale = float(min_scale)
+        self.max_image_pixels = _check_max_image_pixels(max_image_pixels)
 
     def geometry(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int, bool]:
         """(top, left, crop height, crop width, flip): every random draw, in the order both decode routes use."""
@@ -120,7 +116,8 @@ class TrainTransform:
         return top, left, crop_height, crop_width, rng.random() < 0.5
 
     def __call__(self, image_bytes: bytes, rng: random.Random) -> torch.Tensor:
-        image = _open_lazily(image_bytes)  # header only: size and format, no pixels yet
+        # Header only (JPEG, PNG or WebP): size and format, no pixels yet; refused above max_image_pixels.
+        image = open_header(image_bytes, self.max_image_pixels)
         width, height = image.size
         top, left, crop_height, crop_width, flip = self.geometry(width, height, rng)
         size = self.image_size
@@ -136,21 +133,25 @@ class TrainTransform:
         return output.contiguous()
 
     def __repr__(self) -> str:
-        return f"TrainTransform(image_size={self.image_size}, min_scale={self.min_scale})"
+        return (f"TrainTransform(image_size={self.image_size}, min_scale={self.min_scale}, "
+                f"max_image_pixels={self.max_image_pixels})")
 
 
 class EvalTransform:
     """Resize the shorter side to round(image_size / crop_ratio), centre-crop image_size: uint8 CHW out.
 
     torchvision's classic evaluation preset (Resize(256) + CenterCrop(224) for 224 px). The optional `rng`
-    argument is ignored; it lets the loader call both transforms the same way.
+    argument is ignored; it lets the loader call both transforms the same way. Images declaring more than
+    `max_image_pixels` are refused from their header.
     """
 
-    def __init__(self, image_size: int, crop_ratio: float = 0.875) -> None:
+    def __init__(self, image_size: int, crop_ratio: float = 0.875,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.image_size = _check_image_size(image_size)
         if not 0.0 < crop_ratio <= 1.0:
             raise ConfigError(f"crop_ratio = {crop_ratio} must be in (0, 1]: crop side / resized shorter side")
         self.crop_ratio = float(crop_ratio)
+        self.max_image_pixels = _check_max_image_pixels(max_image_pixels)
         self.resize_size = int(round(self.image_size / self.crop_ratio))
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
@@ -167,7 +168,7 @@ class EvalTransform:
         return resized_height, resized_width, top, left
 
     def __call__(self, image_bytes: bytes, rng: random.Random | None = None) -> torch.Tensor:
-        image = _open_lazily(image_bytes)
+        image = open_header(image_bytes, self.max_image_pixels)
         width, height = image.size
         resized_height, resized_width, top, left = self.geometry(width, height)
         size = self.image_size
@@ -183,7 +184,8 @@ class EvalTransform:
         return resized[:, top:top + size, left:left + size].contiguous()
 
     def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size}, crop_ratio={self.crop_ratio})"
+        return (f"EvalTransform(image_size={self.image_size}, crop_ratio={self.crop_ratio}, "
+                f"max_image_pixels={self.max_image_pixels})")
 
 
 def normalize_batch(
@@ -221,12 +223,10 @@ def _check_image_size(image_size: int) -> int:
     return image_size
 
 
-def _open_lazily(image_bytes: bytes) -> Image.Image:
-    """Parse the header only (~20 µs): size, mode and format, so the crop is known before decoding."""
-    try:
-        return Image.open(io.BytesIO(image_bytes))
-    except _DECODE_ERRORS as error:
-        raise CorruptImageError(f"cannot read an image header: {error}") from error
+def _check_max_image_pixels(max_image_pixels: int) -> int:
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < 1:
+        raise ConfigError(f"max_image_pixels = {max_image_pixels!r} must be a whole number of pixels, at least 1")
+    return max_image_pixels
 
 
 def _draft_scale(image: Image.Image, region_width: float, region_height: float, size: int) -> int:
@@ -246,7 +246,7 @@ def _decode_full_size(image_bytes: bytes, image: Image.Image) -> torch.Tensor:
             return decode_jpeg(encoded, mode=ImageReadMode.RGB)
         # PNG, WebP, ...: rare in ImageNet shards. np.array makes a writable copy that torch may share.
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise CorruptImageError(f"cannot decode a {image.format or 'unknown'} image: {error}") from error
 
 
@@ -267,7 +267,7 @@ def _decode_reduced_and_resize(
         # The reduced image is ceil(width / scale) wide, so the box fits; min() guards float rounding anyway.
         reduced_box = (left, top, min(right, image.width), min(bottom, image.height))
         output = image.convert("RGB").resize((size, size), Image.BILINEAR, box=reduced_box)
-    except _DECODE_ERRORS as error:
+    except DECODE_ERRORS as error:
         raise CorruptImageError(f"cannot decode a {image.format} image at 1/{scale} size: {error}") from error
     return torch.from_numpy(np.array(output)).permute(2, 0, 1)
 
@@ -296,8 +296,9 @@ class EncodedImage(NamedTuple):
 
 def prepare_for_device(image_bytes: bytes, transform: "TrainTransform | EvalTransform",
                        rng: random.Random) -> EncodedImage:
-    """What a loader process does for a slot when the device decodes: read the header, draw the geometry."""
-    image = _open_lazily(image_bytes)
+    """What a loader process does for a slot when the device decodes: read the header (refused above the
+    transform's max_image_pixels), draw the geometry."""
+    image = open_header(image_bytes, transform.max_image_pixels)
     if image.format not in JPEG_FORMATS or image.mode == "CMYK":
         return EncodedImage(transform(image_bytes, rng), (), ready=True)
     width, height = image.size
@@ -306,21 +307,35 @@ def prepare_for_device(image_bytes: bytes, transform: "TrainTransform | EvalTran
     return EncodedImage(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), geometry)
 
 
-def decode_on_device(slots: list[EncodedImage], train: bool, size: int,
-                     device: torch.device) -> list[torch.Tensor | None]:
-    """uint8 (3, size, size) images on `device` for `slots` (None where the bytes do not decode): one batched
-    nvJPEG call on a GPU (torchvision.io.decode_jpeg), then crop, resize and flip there."""
-    jpegs = [index for index, slot in enumerate(slots) if not slot.ready]
+def decode_on_device(slots: list[EncodedImage], train: bool, size: int, device: torch.device,
+                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[torch.Tensor | None]:
+    """uint8 (3, size, size) images on `device` for `slots` (None where the bytes do not decode, or declare more
+    than `max_image_pixels`): one batched nvJPEG call on a GPU (torchvision.io.decode_jpeg), then crop, resize
+    and flip there."""
     decoded: dict[int, torch.Tensor | None] = {}
+    declared: dict[int, tuple[int, int]] = {}  # (width, height) per JPEG slot within the limit
+    for index, slot in enumerate(slots):
+        if slot.ready:
+            continue
+        try:
+            # Read again from the very bytes the decoder gets (a loader process read them with PIL): the device
+            # never allocates for an image over the limit, whoever built the slot.
+            declared[index] = checked_size(memoryview(slot.data.numpy()), max_image_pixels)
+        except CorruptImageError:
+            decoded[index] = None
+    jpegs = list(declared)
     if jpegs:
         try:
-            images = decode_jpeg([slots[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device)
-            decoded = dict(zip(jpegs, images))
-        except _DECODE_ERRORS:  # one bad image fails the batched call: find it one by one
+            decoded.update(zip(jpegs, _decode_jpegs([slots[i].data for i in jpegs], device)))
+        except DECODE_ERRORS:  # one bad image fails the batched call: find it one by one
+            if device.type == "cuda":
+                # The failed call's outputs went back to the decode stream's pool while nvJPEG may still be
+                # writing them; the retries below would be handed those blocks. Rare: corrupt samples only.
+                torch.cuda.synchronize(device)
             for index in jpegs:
                 try:
-                    decoded[index] = decode_jpeg(slots[index].data, mode=ImageReadMode.RGB, device=device)
-                except _DECODE_ERRORS:
+                    decoded[index] = _decode_jpegs([slots[index].data], device)[0]
+                except DECODE_ERRORS:
                     decoded[index] = None
     outputs: list[torch.Tensor | None] = []
     for index, slot in enumerate(slots):
@@ -328,8 +343,8 @@ def decode_on_device(slots: list[EncodedImage], train: bool, size: int,
             outputs.append(slot.data.to(device, non_blocking=True))
             continue
         pixels = decoded[index]
-        if pixels is None:
-            outputs.append(None)
+        if pixels is None or tuple(pixels.shape[1:]) != declared[index][::-1]:
+            outputs.append(None)  # undecodable, or not the size its geometry was drawn for
         elif train:
             top, left, crop_height, crop_width, flip = slot.geometry
             output = _resize_on(pixels[:, top:top + crop_height, left:left + crop_width], size, size)
@@ -338,6 +353,37 @@ def decode_on_device(slots: list[EncodedImage], train: bool, size: int,
             resized_height, resized_width, top, left = slot.geometry
             outputs.append(_resize_on(pixels, resized_height, resized_width)[:, top:top + size, left:left + size])
     return outputs
+
+
+def _decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """`decode_jpeg` of a list, ordered with the caller's (compute) stream on a GPU.
+
+    torchvision's CUDA decode allocates its outputs on the current stream but writes them from a private stream
+    that never waits for the current one (pytorch/vision#9606), and nvJPEG's hardware engine writes when called
+    whatever a stream says (meta-pytorch/torchcodec#1634). PyTorch's caching allocator hands a block out again
+    as soon as it is freed on its stream, so with the compute stream current the decoder is given memory that
+    queued kernels (the last step's) have yet to read, and overwrites it. Synchronizing the compute stream
+    before each call would be correct too, but it drains the GPU's queue every step. Cheaper: call with a
+    stream of our own current, on which nothing else ever runs, so its pool only holds blocks no queued kernel
+    reads. Then the compute stream waits for that stream (which torchvision has made wait for the decode), and
+    `record_stream` keeps each output's block out of that pool until the compute stream's reads of it are done.
+    """
+    if device.type != "cuda":
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    compute, decode_stream = torch.cuda.current_stream(device), _decode_stream(device)
+    with torch.cuda.stream(decode_stream):
+        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    compute.wait_stream(decode_stream)
+    for image in images:
+        image.record_stream(compute)
+    return images
+
+
+@lru_cache(maxsize=None)
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream nvJPEG's outputs are allocated on, one per device and process (see `_decode_jpegs`)."""
+    return torch.cuda.Stream(device)
 
 
 def _resize_on(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ the members into samples, so a sample counts here exactly as it counts for the l
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import tarfile
 from collections import Counter
@@ -20,13 +19,14 @@ from urllib.parse import unquote, urlsplit
 from typing import BinaryIO, Iterator
 
 from braceexpand import braceexpand
-from PIL import Image
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline import storage
+from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
 from pipeline.errors import DataError, StorageError
 from pipeline.storage import require_local
+from pipeline.data.image_header import open_header
 from pipeline.data.index import build_index, decode, index_location, write_index
 from pipeline.data.manifest import SPLITS, ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
 
@@ -58,8 +58,12 @@ class ShardScan:
         return self.problems + extra
 
 
-def verify_split(split_dir: Path, decode: bool = True) -> list[str]:
-    """Problems with one split's shards, each a readable sentence naming the shard; an empty list means OK."""
+def verify_split(split_dir: Path, decode: bool = True,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[str]:
+    """Problems with one split's shards, each a readable sentence naming the shard; an empty list means OK.
+
+    With `decode`, an image is a problem where the loader would mask it: not JPEG, PNG or WebP, declaring more
+    than `max_image_pixels` (data.max_image_pixels; refused from its header), or not decoding."""
     split_dir = require_local(split_dir, "verify folder")  # checksums and sizes are read from local files
     try:
         # file:// entries are what `index --output elsewhere` writes; verify only reads and hashes local files.
@@ -83,7 +87,8 @@ def verify_split(split_dir: Path, decode: bool = True) -> list[str]:
         size = path.stat().st_size
         if shard.bytes is not None and size != shard.bytes:
             problems.append(f"{shard.name}: {size} bytes, the manifest says {shard.bytes}")
-        scan = scan_shard(path, manifest.image_key, manifest.label_key, manifest.num_classes, decode)
+        scan = scan_shard(path, manifest.image_key, manifest.label_key, manifest.num_classes, decode,
+                          max_image_pixels)
         if shard.sha256 is not None and scan.sha256 != shard.sha256:
             problems.append(
                 f"{shard.name}: sha256 {scan.sha256[:12]}... differs from the manifest's {shard.sha256[:12]}..."
@@ -96,10 +101,12 @@ def verify_split(split_dir: Path, decode: bool = True) -> list[str]:
     return problems
 
 
-def verify_dataset(root: Path, decode: bool = True) -> dict[str, list[str]]:
+def verify_dataset(root: Path, decode: bool = True,
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, list[str]]:
     """`verify_split` for each of train/, val/ and test/ present under `root`; {} when none is."""
     root = require_local(root, "verify folder")
-    return {split: verify_split(root / split, decode=decode) for split in SPLITS if (root / split).is_dir()}
+    return {split: verify_split(root / split, decode=decode, max_image_pixels=max_image_pixels)
+            for split in SPLITS if (root / split).is_dir()}
 
 
 def index_shards(
@@ -185,7 +192,8 @@ def _index_problems(path: Path, shard: ShardInfo) -> list[str]:
 
 
 def scan_shard(
-    path: Path, image_key: str | None, label_key: str, num_classes: int | None, decode: bool
+    path: Path, image_key: str | None, label_key: str, num_classes: int | None, decode: bool,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ShardScan:
     """Read one shard: sample count, sha256, size, image keys, largest label, and what is wrong with it.
 
@@ -197,7 +205,7 @@ def scan_shard(
         try:
             for sample in _samples(reader, path):
                 scan.num_samples += 1
-                _check_sample(sample, scan, image_key, label_key, num_classes, decode)
+                _check_sample(sample, scan, image_key, label_key, num_classes, decode, max_image_pixels)
         except Exception as error:  # noqa: BLE001 - tarfile and webdataset raise many kinds on damaged data
             scan.add_problem(f"unreadable after {scan.num_samples} samples: {type(error).__name__}: {error}")
         scan.sha256, scan.bytes = reader.finish()
@@ -205,7 +213,8 @@ def scan_shard(
 
 
 def _check_sample(
-    sample: dict, scan: ShardScan, image_key: str | None, label_key: str, num_classes: int | None, decode: bool
+    sample: dict, scan: ShardScan, image_key: str | None, label_key: str, num_classes: int | None, decode: bool,
+    max_image_pixels: int,
 ) -> None:
     key = sample["__key__"]
     candidates = (image_key,) if image_key else IMAGE_KEYS
@@ -216,7 +225,7 @@ def _check_sample(
         scan.image_keys[found] += 1
         if decode:
             try:
-                with Image.open(io.BytesIO(sample[found])) as image:
+                with open_header(sample[found], max_image_pixels) as image:  # the loader's formats and limit
                     image.load()
             except Exception as error:  # noqa: BLE001 - any decode failure is a problem to report
                 scan.add_problem(f"sample {key}: image does not decode ({type(error).__name__}: {error})")

@@ -5,7 +5,8 @@
 
 Folders are searched recursively for .jpg, .jpeg and .png files (any case); files named explicitly are read
 whatever their suffix. Each image gets the evaluation preprocessing the model was scored with (shorter-side
-resize, centre crop at the model's crop size). A file that cannot be decoded is reported in its row and the
+resize, centre crop at the model's crop size). A file that cannot be decoded (not JPEG, PNG or WebP, damaged, or
+declaring more than data.max_image_pixels, which is refused from its header) is reported in its row and the
 others are still classified.
 """
 
@@ -51,7 +52,8 @@ def predict(config: Config, source: str, inputs: list[Path], top_k: int = 5) -> 
     files = find_images(inputs)
     loaded = load_model_for_inference(source, config)
     wnids = class_wnids(config, loaded.class_names)
-    transform = EvalTransform(loaded.eval_image_size, config.data.eval_crop_ratio)
+    # JPEG, PNG or WebP, refused from the header above data.max_image_pixels (the file's row says so).
+    transform = EvalTransform(loaded.eval_image_size, config.data.eval_crop_ratio, config.data.max_image_pixels)
     k = min(top_k, len(loaded.class_names))
     predictions = [Prediction(path) for path in files]
     for start in range(0, len(predictions), PREDICT_BATCH_SIZE):

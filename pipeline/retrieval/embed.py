@@ -128,7 +128,8 @@ def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifes
         ray.data.from_items([{"shard": shard} for shard in range(len(counts))], override_num_blocks=len(counts))
         .flat_map(_read_shard, fn_kwargs={"split_dir": split_dir, "manifest": manifest,
                                           "shard_command": config.data.shard_command})
-        .map_batches(_decode, fn_kwargs={"image_size": image_size, "crop_ratio": config.data.eval_crop_ratio},
+        .map_batches(_decode, fn_kwargs={"image_size": image_size, "crop_ratio": config.data.eval_crop_ratio,
+                                        "max_image_pixels": config.data.max_image_pixels},
                      batch_size=retrieval.embed_batch_size, batch_format="numpy", num_cpus=retrieval.decode_cpus)
         .map_batches(_Replica, fn_constructor_kwargs={"source": pinned.source, "config": config, "split": split},
                      batch_size=retrieval.embed_batch_size, batch_format="numpy",
@@ -176,8 +177,9 @@ def _read_shard(row: dict, split_dir: str, manifest: Manifest, shard_command: st
             for index, (image, label, key) in enumerate(read_whole_shard(split_dir, manifest, shard, shard_command))]
 
 
-def _decode(batch: dict[str, np.ndarray], image_size: int, crop_ratio: float) -> dict[str, np.ndarray]:
-    transform = EvalTransform(image_size, crop_ratio)
+def _decode(batch: dict[str, np.ndarray], image_size: int, crop_ratio: float,
+            max_image_pixels: int) -> dict[str, np.ndarray]:
+    transform = EvalTransform(image_size, crop_ratio, max_image_pixels)
     labels = batch["label"].astype(np.int64).copy()
     pixels = np.zeros((len(labels), 3, image_size, image_size), dtype=np.uint8)
     for row, data in enumerate(batch["image"]):

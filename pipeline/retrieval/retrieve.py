@@ -119,7 +119,7 @@ def retrieve(config: Config, inputs: list[Path], gallery: Gallery, top_k: int = 
     if len(loaded.class_names) != len(meta.class_names):
         raise ModelSourceError(f"{gallery.model_source}: predicts {len(loaded.class_names)} classes, but the gallery "
                                f"{gallery.directory} names {len(meta.class_names)}")
-    transform = EvalTransform(loaded.eval_image_size, config.data.eval_crop_ratio)
+    transform = EvalTransform(loaded.eval_image_size, config.data.eval_crop_ratio, config.data.max_image_pixels)
     images = []
     for path in files:  # all decoded before any search: a bad query is one error, not a partial answer
         try:

@@ -3,26 +3,28 @@
     imagenet-pipeline retrieve photos/ --index embeddings/imagenet-classifier-v3/train --sheet sheet.png
 
 Gallery thumbnails are read back from the gallery's shards (the embedding remembers each row's shard and
-position). Built on `matplotlib.figure.Figure`: no display and no pyplot backend.
+position). Built on `matplotlib.figure.Figure`: no display and no pyplot backend. An image that cannot be shown
+(not JPEG, PNG or WebP, damaged, or declaring more than data.max_image_pixels: refused from its header) gets a
+grey placeholder tile.
 """
 
 from __future__ import annotations
 
-import io
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.data.image_header import DECODE_ERRORS, open_header
 from pipeline.data.shard_reader import read_whole_shard
 from pipeline.data.manifest import read_manifest
 from pipeline.retrieval.retrieve import Gallery, QueryResult
 
 THUMBNAIL = 128  # px, longer side
+PLACEHOLDER = 0.85  # grey level of the tile drawn for an image that cannot be shown
 WRONG, RIGHT = "tab:red", "tab:green"
 
 
@@ -33,7 +35,8 @@ def contact_sheet(results: list[QueryResult], gallery: Gallery, config: Config, 
     grid = figure.subplots(len(results), columns, squeeze=False)
     for row, result in enumerate(results):
         named = _short(result.known_class) if result.known_class else f"model: {_short(result.predicted)}"
-        _show(grid[row][0], _thumbnail(result.path.read_bytes()), f"query\n{named}", "black", linewidth=3)
+        query = _thumbnail(result.path.read_bytes(), config.data.max_image_pixels)
+        _show(grid[row][0], query, f"query\n{named}", "black", linewidth=3)
         for column, neighbour in enumerate(result.neighbours, start=1):
             right = neighbour.class_name == result.reference_class
             _show(grid[row][column], thumbnails.get(neighbour.row), f"{neighbour.rank}. {_short(neighbour.class_name)}"
@@ -62,25 +65,29 @@ def _gallery_thumbnails(results: list[QueryResult], gallery: Gallery, config: Co
         last = max(rows)
         for position, (image, _, _) in enumerate(read_whole_shard(split_dir, manifest, shard, config.data.shard_command)):
             if position in rows and image is not None:
-                thumbnails[rows[position]] = _thumbnail(image)
+                thumbnails[rows[position]] = _thumbnail(image, config.data.max_image_pixels)
             if position >= last:
                 break
     return thumbnails
 
 
-def _thumbnail(data: bytes) -> np.ndarray | None:
+def _thumbnail(data: bytes, max_image_pixels: int) -> np.ndarray | None:
+    """At most THUMBNAIL px on the longer side; None (a placeholder) where the image cannot be shown."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_header(data, max_image_pixels) as image:  # refused here, from the header, when too large
             image.draft("RGB", (THUMBNAIL, THUMBNAIL))
             image = image.convert("RGB")
             image.thumbnail((THUMBNAIL, THUMBNAIL))
             return np.asarray(image)
-    except (OSError, ValueError):
+    except DECODE_ERRORS:  # CorruptImageError, the refusal, is a ValueError
         return None
 
 
 def _show(axes, pixels: np.ndarray | None, title: str, colour: str, linewidth: float) -> None:
-    if pixels is not None:
+    if pixels is None:  # a plain tile, so a missing image reads as missing rather than as a layout gap
+        axes.imshow(np.full((THUMBNAIL, THUMBNAIL), PLACEHOLDER), cmap="gray", vmin=0.0, vmax=1.0)
+        axes.text(0.5, 0.5, "cannot show", ha="center", va="center", fontsize=7, transform=axes.transAxes)
+    else:
         axes.imshow(pixels)
     axes.set_xticks([])
     axes.set_yticks([])

@@ -208,12 +208,41 @@ def test_existing_shards_are_never_silently_overwritten(source, sharded, tmp_pat
     ({"max_side": 0}, "max_side = 0"),
     ({"quality": 0}, "quality = 0"),
     ({"processes": 0}, "processes = 0"),
+    ({"max_image_pixels": 0}, "max_image_pixels = 0"),
     ({"val_per_class": 10}, "has 10 training images"),
 ])
 def test_bad_options_are_value_errors_before_anything_is_written(source, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         shard_imagenet(source[0], tmp_path / "out", **{**OPTIONS, **options})
     assert not (tmp_path / "out").exists()
+
+
+def test_decompression_bombs_in_the_source_are_skipped_from_their_headers(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from tests.data.test_image_header import bomb_jpeg, bomb_png
+
+    root = small_imagenet(tmp_path / "imagenet", num_classes=2, train_per_class=4, val_per_class=1, seed=5)
+    first_class = sorted((root / "train").iterdir())[0]
+    (first_class / "huge.png").write_bytes(bomb_png())
+    (first_class / "huge_frame.JPEG").write_bytes(bomb_jpeg())
+    real_load = ImageFile.ImageFile.load
+
+    def load(image):
+        assert image.size[0] * image.size[1] < 1_000_000, f"a {image.size} image was decoded"
+        return real_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    summary = shard_imagenet(root, tmp_path / "shards", val_per_class=1, samples_per_shard=4, progress=False)
+    reasons = {entry["file"].split("/")[-1]: entry["reason"] for entry in summary.skipped}
+    assert set(reasons) == {"huge.png", "huge_frame.JPEG"}
+    for reason in reasons.values():
+        assert reason.startswith("too large: declares 12000x12000 = 144,000,000 pixels, more than")
+    assert summary.splits["train"].num_samples + summary.splits["val"].num_samples == 2 * 4
+    # The limit is the caller's: here it refuses the ordinary 64 x 48 images too.
+    small = shard_imagenet(root, tmp_path / "small", val_per_class=1, samples_per_shard=4, progress=False,
+                           max_image_pixels=64 * 48 - 1)
+    assert len(small.skipped) == 2 * 5 + 2 and all(split.num_samples == 0 for split in small.splits.values())
 
 
 def test_shard_output_that_is_a_file_is_refused_before_any_work(tmp_path):

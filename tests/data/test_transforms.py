@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import io
 import random
+import time
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile, WebPImagePlugin
 from torchvision import transforms as tv_transforms
 from torchvision.transforms import functional as tv_functional
 
 from pipeline.data import transforms
 from pipeline.data.transforms import (
-    CorruptImageError, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_draft_scale,
-    normalize_batch, sample_crop,
+    CorruptImageError, EncodedImage, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_draft_scale,
+    decode_on_device, normalize_batch, prepare_for_device, sample_crop,
 )
+from tests.data.test_image_header import bomb_jpeg, bomb_png, saved
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec) on every call; pipeline.data.transforms
 # documents why it still uses decode_jpeg.
@@ -250,7 +253,122 @@ def test_normalize_batch_rejects_anything_but_uint8_nchw():
     (lambda: EvalTransform(-1), "image_size"),
     (lambda: EvalTransform(224, crop_ratio=0.0), "crop_ratio"),
     (lambda: EvalTransform(224, crop_ratio=1.2), "crop_ratio"),
+    (lambda: TrainTransform(224, max_image_pixels=0), "max_image_pixels"),
+    (lambda: EvalTransform(224, max_image_pixels=1.5e7), "max_image_pixels"),
 ])
 def test_invalid_arguments_raise_value_error_naming_the_argument(build, name):
     with pytest.raises(ValueError, match=name):
         build()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decompression bombs (issue 23): an image's declared size is read from its header and refused above
+# max_image_pixels before anything is decoded, on the CPU route and the device route alike (the hostile images
+# and the header reading itself: tests/data/test_image_header.py).
+
+@pytest.fixture
+def nothing_is_decoded(monkeypatch):
+    """Fails the test if any pixel is decoded (PIL's loaders, torchvision's decode_jpeg) or PIL warns."""
+    def decoded(*arguments, **keywords):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decoded)
+    monkeypatch.setattr(WebPImagePlugin.WebPImageFile, "load", decoded)
+    monkeypatch.setattr(transforms, "decode_jpeg", decoded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's DecompressionBombWarning included
+        yield
+
+
+@pytest.mark.parametrize("bomb", [bomb_png, bomb_jpeg], ids=["png", "jpeg"])
+def test_a_decompression_bomb_is_refused_from_its_header_by_both_transforms(bomb, nothing_is_decoded):
+    data = bomb()
+    assert len(data) < 150_000
+    for transform in (TrainTransform(224), EvalTransform(224)):  # the 40 MP default, as the loader builds them
+        started = time.perf_counter()
+        with pytest.raises(CorruptImageError, match="declares 12000x12000 = 144,000,000 pixels, more than "
+                                                    "data.max_image_pixels = 40,000,000") as caught:
+            transform(data, random.Random(0))
+        assert "\n" not in str(caught.value)
+        assert time.perf_counter() - started < 0.5  # decoding it took 4.5 s
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG", "WEBP"])
+def test_the_limit_admits_exactly_max_image_pixels(format):
+    data = saved(format, size=(70, 50))
+    for transform in (TrainTransform(32, max_image_pixels=70 * 50), EvalTransform(32, max_image_pixels=70 * 50)):
+        assert transform(data, random.Random(0)).shape == (3, 32, 32)
+    for transform in (TrainTransform(32, max_image_pixels=70 * 50 - 1), EvalTransform(32, max_image_pixels=3499)):
+        with pytest.raises(CorruptImageError, match="declares 70x50 = 3,500 pixels"):
+            transform(data, random.Random(0))
+
+
+def test_the_device_route_refuses_oversized_headers_before_decoding(monkeypatch):
+    transform, picture = EvalTransform(32, crop_ratio=1.0), encode(smooth_picture(64, 48))  # decoded at full size
+    with pytest.raises(CorruptImageError, match="12000x12000"):  # in the loader process
+        prepare_for_device(bomb_jpeg(), transform, random.Random(0))
+    # A slot built elsewhere (or bytes altered after the loader process read them) is refused on the device too,
+    # from the very bytes the decoder would get; the others in the batch still decode.
+    good, expected = prepare_for_device(picture, transform, random.Random(0)), transform(picture)
+    bomb = EncodedImage(torch.frombuffer(bytearray(bomb_jpeg()), dtype=torch.uint8), good.geometry)
+    handed_to_the_decoder = []
+    real_decode = transforms.decode_jpeg
+    monkeypatch.setattr(transforms, "decode_jpeg",
+                        lambda jpegs, **keywords: handed_to_the_decoder.extend(jpegs) or real_decode(jpegs, **keywords))
+    outputs = decode_on_device([good, bomb, good], train=False, size=32, device=torch.device("cpu"))
+    assert outputs[1] is None
+    assert torch.equal(outputs[0], expected) and torch.equal(outputs[2], expected)
+    assert [len(jpeg) for jpeg in handed_to_the_decoder] == [len(picture)] * 2
+    # The limit is the caller's: the loader passes data.max_image_pixels.
+    assert decode_on_device([good], False, 32, torch.device("cpu"), max_image_pixels=64 * 48 - 1) == [None]
+
+
+# pytorch/vision#9606: torchvision's CUDA decode_jpeg allocates its outputs on the caller's stream and writes
+# them from its own, unordered with the caller's. These tests queue reads behind a long GPU sleep, free their
+# memory (as a training step frees activations) and decode at once: with the decode ordered wrongly the decoder
+# is handed that memory and overwrites it before the queued reads run.
+
+def _device_slots(seed: int, count: int = 4) -> list[EncodedImage]:
+    data = encode(smooth_picture(64, 48, seed))  # decodes to 3 x 48 x 64 = 9216 bytes
+    geometry = EvalTransform(32, crop_ratio=1.0).geometry(64, 48)  # resized to 42 x 32: a real resize kernel
+    return [EncodedImage(torch.frombuffer(bytearray(data), dtype=torch.uint8), geometry)] * count
+
+
+GPU_SLEEP_CYCLES = 200_000_000  # ~0.1 s at 2 GHz: far longer than decoding four 64 x 48 JPEGs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_decoding_never_writes_memory_that_queued_kernels_still_read():
+    device = torch.device("cuda")
+    slots = _device_slots(0)
+    decode_on_device(slots, False, 32, device)  # warm: nvJPEG's decoder, the kernels
+    numel = 3 * 48 * 64 // 4  # float32 victims of exactly one decoded image's bytes
+    wrong = 0
+    for _ in range(20):
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        victims = [torch.ones(numel, device=device) for _ in range(8)]
+        torch.cuda._sleep(GPU_SLEEP_CYCLES)
+        sums = [victim.sum() for victim in victims]  # queued behind the sleep
+        del victims  # freed on the compute stream, their reads still queued
+        decode_on_device(slots, False, 32, device)
+        torch.cuda.synchronize(device)
+        wrong += sum(total.item() != numel for total in sums)
+    assert wrong == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoded_images_are_not_reused_while_their_crops_are_still_queued():
+    device = torch.device("cuda")
+    first, second = _device_slots(1), _device_slots(2)
+    expected = decode_on_device(first, False, 32, device)
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(GPU_SLEEP_CYCLES)
+    # The full-size images are freed when the call returns, with their resizes queued behind the sleep; the next
+    # decode must not be handed their memory (it writes at once, whatever the streams say).
+    outputs = decode_on_device(first, False, 32, device)
+    decode_on_device(second, False, 32, device)
+    torch.cuda.synchronize(device)
+    assert all(torch.equal(output, reference) for output, reference in zip(outputs, expected))

@@ -91,6 +91,41 @@ def test_undecodable_image_and_bad_labels_are_reported(tmp_path):
     assert len(verify_split(tmp_path / "train", decode=False)) == 3
 
 
+def test_decompression_bombs_and_unexpected_formats_are_reported_without_decoding(tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image, ImageFile
+
+    from tests.data.test_image_header import bomb_jpeg, bomb_png
+
+    good = make_jpeg_bytes(16, 12, seed=0)
+    tiff = io.BytesIO()
+    Image.new("RGB", (16, 12)).save(tiff, format="TIFF")
+    _write_shard_with_manifest(tmp_path / "train", [
+        {"__key__": "fine", "jpg": good, "cls": b"0"},
+        {"__key__": "bomb_png", "jpg": bomb_png(), "cls": b"1"},
+        {"__key__": "bomb_jpeg", "jpg": bomb_jpeg(), "cls": b"2"},
+        {"__key__": "tiff", "jpg": tiff.getvalue(), "cls": b"0"},  # PIL reads it; the loader would mask it
+    ])
+    real_load = ImageFile.ImageFile.load
+
+    def load(image):
+        assert image.size[0] * image.size[1] < 1_000_000, f"a {image.size} image was decoded"
+        return real_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    problems = verify_split(tmp_path / "train")
+    assert len(problems) == 3 and all("\n" not in problem for problem in problems)
+    for key, problem in zip(("bomb_png", "bomb_jpeg"), problems):
+        assert problem == (f"train-000000.tar: sample {key}: image does not decode (CorruptImageError: declares "
+                           "12000x12000 = 144,000,000 pixels, more than data.max_image_pixels = 40,000,000; refused "
+                           "before decoding)")
+    assert problems[2] == ("train-000000.tar: sample tiff: image does not decode (CorruptImageError: not a JPEG, "
+                           "PNG or WEBP image)")
+    # The limit is the caller's, as the loader's is data.max_image_pixels.
+    assert len(verify_split(tmp_path / "train", max_image_pixels=16 * 12 - 1)) == 4
+
+
 def test_index_of_shardwriter_shards_makes_a_correct_manifest(tmp_path):
     images = [make_jpeg_bytes(16, 12, seed=seed) for seed in range(3)]
     with webdataset.ShardWriter(str(tmp_path / "imagenet-train-%06d.tar"), maxcount=4, verbose=0) as writer:

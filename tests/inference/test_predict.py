@@ -91,3 +91,37 @@ def test_bad_inputs_are_value_errors(trained_run, tmp_path):
         find_images([tmp_path])
     with pytest.raises(ValueError, match="top_k = 0"):
         predict(trained_run.config, CHAMPION, [tmp_path], top_k=0)
+
+
+def test_a_decompression_bomb_is_one_line_in_its_row_and_never_decoded(tmp_path, monkeypatch):
+    """Refused from the header before the model sees anything, so a stand-in model will do (no trained run)."""
+    from types import SimpleNamespace
+
+    import torch
+    from PIL import ImageFile
+
+    from pipeline.config import Config
+    from pipeline.inference import predict as predict_module
+    from tests.data.test_image_header import bomb_jpeg, bomb_png
+
+    (tmp_path / "huge.png").write_bytes(bomb_png())
+    (tmp_path / "huge.jpg").write_bytes(bomb_jpeg())
+    (tmp_path / "fine.jpg").write_bytes(make_jpeg_bytes(48, 40, seed=1))
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2)).eval()
+    loaded = SimpleNamespace(model=model, class_names=["cat", "dog"], architecture="resnet18", eval_image_size=32)
+    monkeypatch.setattr(predict_module, "load_model_for_inference", lambda source, config, *rest: loaded)
+    real_load = ImageFile.ImageFile.load
+
+    def load(image):
+        assert image.size[0] * image.size[1] < 1_000_000, f"a {image.size} image was decoded"
+        return real_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    config = Config(data={"root": str(tmp_path / "no-shards")})  # no manifest: no wnids
+    by_name = {p.path.name: p for p in predict(config, "a-checkpoint", [tmp_path])}
+    assert by_name["fine.jpg"].error is None and len(by_name["fine.jpg"].top) == 2
+    for name in ("huge.png", "huge.jpg"):
+        assert by_name[name].top == []
+        assert by_name[name].error == ("declares 12000x12000 = 144,000,000 pixels, more than data.max_image_pixels "
+                                       "= 40,000,000; refused before decoding")
+    assert "1 classified, 2 unreadable" in format_predictions(list(by_name.values()))
