@@ -27,14 +27,20 @@ gpu-wheels: | $(BIN)/python
 	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels $(GPU_WHEELS)
 
-# Headless Chromium for the browser test of the MLflow UI (Debian's package; needs root, as in CI).
+# Debian packages the tests need, installed when absent (needs root, as in CI): headless Chromium for the
+# browser test of the MLflow UI (tests/tracking/test_ui.py), a C++ compiler for torch.compile's CPU backend.
+SYSTEM_PACKAGES := chromium:chromium g++:g++
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get install -y chromium || { apt-get update && apt-get install -y chromium; }; }
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing; }; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/imagenet-pipeline demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A real 2-node Ray cluster on this machine (token auth, MLflow server), the training job submitted with
