@@ -133,16 +133,48 @@ def read_text(location: str | os.PathLike) -> str:
 
 
 def write_text(location: str | os.PathLike, text: str) -> None:
-    """Write a small file; parent directories are created (object stores have none to create)."""
+    """Write a small file whole (`atomic_write` locally; an object store's put is whole already); parent
+    directories are created (object stores have none to create)."""
     if not is_url(location):
-        path = Path(location).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        with atomic_write(location) as handle:
+            handle.write(text.encode("utf-8"))
         return
     with _on("write", str(location)) as (filesystem, path):
         filesystem.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with filesystem.open(path, "wb") as handle:
             handle.write(text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_write(location: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A local file written whole or not at all, the one way this project replaces a file others read.
+
+    The block writes `<name>.partial` beside it, which is flushed to disk and renamed over `location` only when the
+    block ends without an error (a rename within a folder is atomic on POSIX filesystems and NFS): a reader sees
+    the old file or the new one, never half of one, and a crash leaves at most a `.partial` file behind. Files
+    written one after another keep that order on disk (the folder is synced after each rename), so a file written
+    last (a checkpoint's meta.json) marks the others complete.
+    """
+    path = Path(location).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial")
+    try:
+        with partial.open("wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    try:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:
+        pass  # a filesystem whose folders cannot be synced (some network mounts); the rename is still atomic
 
 
 def remove(location: str | os.PathLike) -> None:
@@ -157,7 +189,11 @@ def remove(location: str | os.PathLike) -> None:
 
 def checkpoint_names(storage_path: str | os.PathLike, run_name: str) -> list[str]:
     """The run's checkpoint directory names, sorted by name (a listing, not a glob: names are taken literally)."""
-    run_dir = join(storage_path, run_name)
+    return checkpoint_folders(join(storage_path, run_name))
+
+
+def checkpoint_folders(run_dir: str | os.PathLike) -> list[str]:
+    """`checkpoint_names` of a run folder given whole (local path or URL)."""
     if not is_url(run_dir):
         directory = Path(run_dir).expanduser()
         names = [entry.name for entry in directory.iterdir() if entry.is_dir()] if directory.is_dir() else []
@@ -183,11 +219,29 @@ def open_shard(location: str, shard_command: str | None = None) -> ContextManage
     return open(Path(location).expanduser(), "rb")
 
 
-def read_bytes(location: str | os.PathLike) -> bytes:
+def read_bytes(location: str | os.PathLike, limit: int | None = None, offset: int = 0) -> bytes:
+    """The file's bytes (from `offset`); with `limit`, more than `limit` of them is a StorageError, found by
+    reading at most `limit` + 1 bytes (so an oversized file from shared storage never fills memory)."""
+    count = -1 if limit is None else limit + 1
     if not is_url(location):
-        return Path(location).expanduser().read_bytes()
-    with _on("read", str(location)) as (filesystem, path), filesystem.open(path, "rb") as handle:
-        return handle.read()
+        with Path(location).expanduser().open("rb") as handle:
+            handle.seek(offset)
+            data = handle.read(count)
+    else:
+        with _on("read", str(location)) as (filesystem, path), filesystem.open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(count)
+    if limit is not None and len(data) > limit:
+        raise StorageError(f"{location}: larger than the {limit} bytes expected")
+    return data
+
+
+def size(location: str | os.PathLike) -> int:
+    """A file's size in bytes: a stat locally, the store's listing (a HEAD request) for a URL."""
+    if not is_url(location):
+        return Path(location).expanduser().stat().st_size
+    with _on("reach", str(location)) as (filesystem, path):
+        return int(filesystem.size(path))
 
 
 RANGE_BLOCK = 8 << 20  # one ranged read: a segment is fetched in pieces of at most this, never past its end

@@ -143,3 +143,42 @@ def test_an_unusable_uri_is_one_line():
     with pytest.raises(ValueError, match="cannot use nope://x/y") as caught:
         storage.read_text("nope://x/y")
     assert "\n" not in str(caught.value)
+
+
+def test_a_file_is_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "run" / "state.pt"
+    with storage.atomic_write(target) as handle:  # parents created
+        handle.write(b"first")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with storage.atomic_write(target) as handle:
+            handle.write(b"second, half of it")
+            raise RuntimeError("disk full")  # what a crash or a failed write does mid-file
+    assert target.read_bytes() == b"first"  # the old file, never a half-written new one
+    assert sorted(path.name for path in target.parent.iterdir()) == ["state.pt"]  # and no partial left behind
+    storage.write_text(target, "third")
+    assert target.read_text() == "third"
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_bounded_read_refuses_an_oversized_file_without_reading_it_whole(tmp_path, where):
+    import tracemalloc
+
+    size = 64 << 20
+    if where == "local":
+        location = str(tmp_path / "planted.idx")
+        with open(location, "wb") as handle:
+            handle.truncate(size)  # sparse: 64 MiB that cost no disk
+    else:
+        location = f"memory://bounded-{tmp_path.name}/planted.idx"
+        fsspec.filesystem("memory").pipe_file(location, bytes(size))
+    tracemalloc.start()
+    try:
+        with pytest.raises(StorageError, match="planted.idx: larger than the 80 bytes expected"):
+            storage.read_bytes(location, limit=80)
+        peak = tracemalloc.get_traced_memory()[1]
+        assert storage.read_bytes(location, limit=16, offset=size - 16) == bytes(16)  # a file's last bytes
+    finally:
+        tracemalloc.stop()
+        if where == "memory":
+            fsspec.filesystem("memory").rm(location)
+    assert peak < 1 << 20  # read at most limit + 1 bytes, not 64 MiB

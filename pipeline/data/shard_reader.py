@@ -1,16 +1,20 @@
 """Reading samples out of webdataset shards: exactly the samples asked for, and only their bytes where it can.
 
 A loader process asks for positions in its stream of shard segments (`read_positions`). A shard with a sample
-index (`pipeline.data.index`, vouched for by the manifest's sha256) is read run by run: a seek, or a ranged
-read on object storage, per run of wanted samples. Other shards, `pipe:` streams included, are read once from
-their start. Whatever cannot be read becomes an unreadable sample, never a missing or a wrong one.
+index (`pipeline.data.index`, vouched for by the manifest's sha256, sized by its sample count and ending where
+the shard does) is read run by run: a seek, or a ranged read on object storage, per run of wanted samples, each
+checked as it is read to begin its samples at the index's boundaries. Other shards, `pipe:` streams included,
+are read once from their start. Whatever cannot be read becomes an unreadable sample, never a missing or a
+wrong one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import socket
+import tarfile
 from collections.abc import Iterator
 from typing import IO, NamedTuple
 
@@ -45,8 +49,9 @@ def read_whole_shard(split_dir: str, manifest: Manifest, shard: int,
 
 
 def shard_index(location: str, shard: ShardInfo) -> np.ndarray | None:
-    """The shard's sample index if its manifest vouches for it (sha256) and it counts the shard's samples;
-    None (read from the shard's start) otherwise, said once per shard and process. Cached per process."""
+    """The shard's sample index if its manifest vouches for it (sha256), it counts the shard's samples (and is no
+    larger than that count implies) and its last sample ends where the shard's end-of-archive begins; None (read
+    from the shard's start) otherwise, said once per shard and process. Cached per process."""
     key = (location, shard.index_sha256)
     if key not in _INDEXES:
         _INDEXES[key] = _load_index(location, shard)
@@ -63,12 +68,17 @@ def _load_index(location: str, shard: ShardInfo) -> np.ndarray | None:
         return None
     where = sample_index.index_location(location)
     try:
-        data = storage.read_bytes(where)
+        # At most the size the manifest's sample count implies: an oversized file is refused unread.
+        data = storage.read_bytes(where, limit=sample_index.index_bytes(shard.num_samples))
         if hashlib.sha256(data).hexdigest() != shard.index_sha256:
             raise DataError(f"{where}: sha256 differs from the manifest's")
-        entries = sample_index.decode(data, where)
+        shard_bytes = shard.bytes if shard.bytes is not None else storage.size(location)
+        entries = sample_index.decode(data, where, shard_bytes)
         if len(entries) != shard.num_samples:
             raise DataError(f"{where}: {len(entries)} samples, the manifest says {shard.num_samples}")
+        end = sample_index.end_of_samples(entries)  # the shard's last few KiB: its end-of-archive blocks
+        trailer = storage.read_bytes(location, limit=shard_bytes - end, offset=end)
+        sample_index.check_trailer(trailer, shard_bytes, entries, where)
     except (DataError, StorageError, OSError) as error:
         _say_once(f"sample index unusable ({first_line(error, with_type=False)}); reading {location} from its start")
         return None
@@ -94,12 +104,14 @@ def read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: 
         try:
             offset, length = sample_index.segment_range(index, segment.start, segment.stop)
             with storage.open_range(url, offset, length) as stream:
-                for raw in tar_samples(stream, url):
+                for raw in indexed_tar_samples(stream, url, index, segment.start, segment.stop):
                     if produced == segment.length:
                         break
                     yield _parse(raw, manifest, segment.shard)
                     produced += 1
         except Exception as error:  # noqa: BLE001 - tar and storage errors alike: the sequential read takes over
+            if isinstance(error, DataError):  # the index is not the tar's layout: not used again by this process
+                _INDEXES.update({key: None for key in _INDEXES if key[0] == url})
             logging.getLogger(__name__).warning("%s: indexed read stopped after %d of %d samples (%s); reading "
                                                 "the rest from the shard's start", url, produced, segment.length,
                                                 first_line(error))
@@ -130,6 +142,49 @@ def tar_samples(stream: IO[bytes], url: str) -> Iterator[dict]:
     """webdataset's own tar expansion and grouping by key, over a stream we opened (file, fsspec or pipe)."""
     files = tariterators.tar_file_expander([{"url": url, "stream": stream}])
     return tariterators.group_by_keys(files)
+
+
+def indexed_tar_samples(stream: IO[bytes], url: str, index: np.ndarray, start: int, stop: int) -> Iterator[dict]:
+    """`tar_samples` of a ranged read of samples [start, stop) of an indexed shard, checked against the index as
+    it is read: a sample must begin at each of the index's boundaries in the range and nowhere else, so an index
+    whose boundaries split, join or skip samples (crafted, or of another tar) raises a DataError before a sample
+    it misplaces is yielded (webdataset yields a sample when the next one begins or the read ends).
+
+    An index holds no keys: a read that is consistent in itself but shifted by whole samples cannot be told from
+    a right one here; `imagenet-pipeline verify` compares every index with its tar's layout."""
+    return tariterators.group_by_keys(_checked_members(stream, url, index, start, stop))
+
+
+# webdataset's tar_file_iterator skips these metadata members; it gives no member offsets, hence this loop.
+_WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
+
+
+def _checked_members(stream: IO[bytes], url: str, index: np.ndarray, start: int, stop: int) -> Iterator[dict]:
+    offset = int(index[start, 0])
+    first_ends = offset + int(index[start, 1])
+    boundaries = {int(value) for value in index[start + 1:stop, 0]}
+    grouping, begun = sample_index.SampleStarts(), 0
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
+        for member in archive:
+            at = offset + member.offset  # the member's header, in the shard
+            begins = grouping.starts(member)
+            if begins and not begun:  # the read's first sample: at its entry's offset (entry 0: before entry 1)
+                placed = (at == offset or start == 0) and at < first_ends
+            else:  # every later sample begins exactly at a boundary, and only there
+                placed = begins is None or begins == (at in boundaries)
+            if not placed:
+                raise DataError(f"{sample_index.index_location(url)}: a tar member ({member.name!r} at byte {at}) "
+                                "is not where the sample index puts sample boundaries")
+            begun += bool(begins)
+            name = member.name
+            if not member.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")) \
+                    or _WEBDATASET_META.match(name):
+                continue
+            yield {"fname": name, "data": archive.extractfile(member).read(), "__url__": url}
+            archive.members = []  # a stream read keeps no list of the members it passed (as webdataset does)
+    if begun != stop - start:
+        raise DataError(f"{sample_index.index_location(url)}: {begun} samples where the sample index puts "
+                        f"{stop - start}")
 
 
 def _parse(raw: dict, manifest: Manifest, shard: int) -> Sample:

@@ -5,6 +5,11 @@ global step, metric history), `meta.json` (model name, class count, manifest has
 small and readable without torch so the driver can refuse a mismatched resume up front, and `progress.json`
 (the epoch it was saved after, the run's per-epoch metrics so far, whether it stopped early): a run's record
 (`read_run_record`), read the same way by a sweep's summary, its publishing and a resumed trial.
+
+Each file is written whole (`storage.atomic_write`) and meta.json last, so a folder with meta.json is complete.
+Read back, every file is untrusted (shared storage, interrupted copies): each damaged form is one CheckpointError
+line naming the checkpoint and the problem (`pipeline.train.checkpoint_checks`), and a resume whose latest
+checkpoint is damaged continues from the newest sound one before it (`restore_newest_sound`).
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ from __future__ import annotations
 import json
 import pickle
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -25,13 +30,11 @@ import torch
 from pipeline import metrics as m
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.errors import CheckpointError, ConfigError, StorageError, first_line
+from pipeline.errors import CheckpointError, ConfigError, PipelineError, StorageError, first_line
+from pipeline.train import checkpoint_checks as checks
+from pipeline.train.checkpoint_checks import META_FILE, PROGRESS_FILE, STATE_FILE
 
-STATE_FILE = "state.pt"
-
-
-META_FILE = "meta.json"
-PROGRESS_FILE = "progress.json"
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,6 +50,11 @@ class TrainingState:
     # that epoch's sums so far over all ranks (loss sum, valid samples, corrupt samples). 0 and [] at epoch ends.
     step_in_epoch: int = 0
     partial_epoch: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_saved(cls, saved: Any, where: str) -> "TrainingState":
+        """The state as a checkpoint saved it, each field checked (`checkpoint_checks.training_state`)."""
+        return cls(**checks.training_state(saved, where))
 
 
 def checkpoint_meta(config: Config, num_classes: int, manifest_hash: str) -> dict[str, Any]:
@@ -85,45 +93,91 @@ def save_checkpoint(
         "rng": rng_by_rank[0],  # rank 0's, as before per-rank streams were kept
         "rng_by_rank": rng_by_rank,
     }
-    torch.save(payload, directory / STATE_FILE)
-    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    # meta.json marks a checkpoint complete: gone while the folder is rewritten (local mode reuses an epoch's
+    # folder), then written last. Each file is written whole, so a crash leaves no half-written one.
+    storage.remove(directory / META_FILE)
+    with storage.atomic_write(directory / STATE_FILE) as handle:
+        torch.save(payload, handle)
     progress = {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "history": state.history,
                 "stopped_early": stopped_early}
-    (directory / PROGRESS_FILE).write_text(json.dumps(progress, indent=1))
+    storage.write_text(directory / PROGRESS_FILE, json.dumps(progress, indent=1))
+    storage.write_text(directory / META_FILE, json.dumps(meta, indent=1))
 
 
 def load_checkpoint(
     directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None, scaler: torch.amp.GradScaler | None = None, rank: int = 0, world_size: int = 1,
-    fallback_seed: int | None = None,
+    fallback_seed: int | None = None, steps_per_epoch: int | None = None,
 ) -> TrainingState:
     """Restore everything, including this rank's random streams, so the run continues exactly as if never stopped.
 
     A checkpoint without a stream per rank for this world size (older, or another world size) gives every rank
     rank 0's streams; then torch is re-seeded with `fallback_seed + 1000 * epoch` so ranks differ again (such a
-    resume is not bit-identical to a straight run).
+    resume is not bit-identical to a straight run). With `steps_per_epoch`, a checkpoint within an epoch must
+    be at one of its steps. Parts that do not load (a damaged or planted file) are a CheckpointError; the
+    caller's model and optimiser may then hold some of them, so it restores another checkpoint or stops.
     """
     payload = read_state(directory)
-    model.load_state_dict(payload["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(payload["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(payload["scheduler"])
-    if scaler is not None and scaler.is_enabled() and payload["scaler"]:
-        scaler.load_state_dict(payload["scaler"])
+    state = TrainingState.from_saved(payload["training_state"], f"checkpoint {directory}")
+    checks.check_step_in_epoch(state.step_in_epoch, steps_per_epoch, f"checkpoint {directory}")
     streams = payload.get("rng_by_rank") or []
-    own = len(streams) == world_size
-    rng = streams[rank] if own else payload["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        # Only the devices present: a checkpoint from an 8-GPU node resumes on a 1-GPU worker.
-        for index, device_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(device_state, index)
+    own = isinstance(streams, list) and len(streams) == world_size
+    with checks.loading(directory):
+        model.load_state_dict(payload["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(payload["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and scaler.is_enabled() and payload["scaler"]:
+            scaler.load_state_dict(payload["scaler"])
+        rng = streams[rank] if own else payload["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(_numpy_state_from_tensors(rng["numpy"]))
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            # Only the devices present: a checkpoint from an 8-GPU node resumes on a 1-GPU worker.
+            for index, device_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(device_state, index)
     if not own and fallback_seed is not None:
-        torch.manual_seed(fallback_seed + 1000 * int(payload["training_state"]["epoch"]))
-    return TrainingState(**payload["training_state"])
+        torch.manual_seed(fallback_seed + 1000 * state.epoch)
+    return state
+
+
+def restore_newest_sound(latest: str, storage_path: str, restore: Callable[[Path], T]) -> tuple[T, str, str | None]:
+    """`restore` applied to the checkpoint `latest` (a location as Ray reports it), or, when that checkpoint is
+    damaged (`restore` raises a CheckpointError), to the newest complete checkpoint before it in the same run
+    folder that restores. Returns what `restore` returned, the checkpoint it restored and, after a fallback, the
+    damaged checkpoint's problem (one line); with none restoring, the latest's CheckpointError is raised.
+
+    Ray hands a worker only its latest registered checkpoint (`ray.train.get_checkpoint`). The others it kept
+    (`tracking.keep_checkpoints`) are the folders beside it, named by the time they were written (Ray) or by
+    epoch and step (local mode), so a name that sorts before `latest` is an older checkpoint. Ray keeps going
+    from its own record; the next report simply adds a newer checkpoint.
+    """
+    location = checkpoint_uri(latest, storage_path)
+    try:
+        return _restore_from(location, storage_path, restore), location, None
+    except CheckpointError as damage:
+        problem = first_line(damage, with_type=False)
+        run_dir, _, name = location.rstrip("/").rpartition("/")
+        for older in reversed(storage.checkpoint_folders(run_dir)):
+            candidate = storage.join(run_dir, older)
+            if older < name and storage.is_file(storage.join(candidate, META_FILE)):  # older, and completed
+                try:
+                    return _restore_from(candidate, storage_path, restore), candidate, problem
+                except CheckpointError:
+                    continue
+        raise
+
+
+def _restore_from(location: str, storage_path: str, restore: Callable[[Path], T]) -> T:
+    with local_checkpoint(location, storage_path) as directory:
+        try:
+            return restore(directory)
+        except PipelineError as error:  # a downloaded copy's problems name the checkpoint it came from
+            if str(directory) == location:
+                raise
+            raise type(error)(str(error).replace(str(directory), location)) from None
 
 
 def read_state(directory: str | Path) -> dict[str, Any]:
@@ -133,14 +187,22 @@ def read_state(directory: str | Path) -> dict[str, Any]:
     strings only, so a state.pt carrying any other object (a pickle payload) is refused before it can run.
     """
     path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} is missing (its writing or copying stopped "
+                              "early)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error):  # the weights-only unpickler names the object it refused
+            raise CheckpointError(checks.unreadable_state(directory, error)) from None
         raise CheckpointError(
             f"checkpoint {path} refused: it needs full unpickling ({first_line(error, with_type=False)[:120]}), "
             "which can run code; this project saves only tensors and plain values (checkpoints written before that "
             "cannot be resumed or served: "
             "retrain, or convert them where their origin is trusted)") from None
+    except Exception as error:  # noqa: BLE001 - whatever the loader makes of these bytes, they are no checkpoint
+        raise CheckpointError(checks.unreadable_state(directory, error)) from None
+    return checks.state_payload(payload, f"checkpoint {directory}")
 
 
 def _numpy_state_as_tensors() -> dict[str, Any]:
@@ -157,13 +219,16 @@ def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
 
 def load_weights(directory: str | Path, model: torch.nn.Module) -> torch.nn.Module:
     """Only the model weights: for inference, where restoring RNG states would disturb the caller."""
-    model.load_state_dict(read_state(directory)["model"])
+    weights = read_state(directory)["model"]
+    with checks.loading(directory):
+        model.load_state_dict(weights)
     return model
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """meta.json of a checkpoint on local storage or object storage (no torch, no download of the weights)."""
-    return json.loads(storage.read_text(storage.join(directory, META_FILE)))
+    """meta.json of a checkpoint on local storage or object storage (no torch, no download of the weights),
+    checked: model, num_classes, and manifest_hash and config where present."""
+    return checks.meta(checks.read_json(directory, META_FILE), f"checkpoint {directory}")
 
 
 def check_compatible(meta: dict[str, Any], model_name: str, num_classes: int, where: str) -> None:
@@ -176,15 +241,21 @@ def check_compatible(meta: dict[str, Any], model_name: str, num_classes: int, wh
 
 
 def latest_run_checkpoint(storage_path: str | Path, run_name: str) -> str | None:
-    """The newest complete checkpoint (one with its meta.json) Ray Train left for `run_name`, on any storage.
+    """The newest complete checkpoint Ray Train left for `run_name`, on any storage: one whose meta.json and
+    progress record read (a damaged one is passed over, as a resume passes over it; weights are not read here).
 
     Ray names checkpoint directories by the time they were written (checkpoint_2026-11-30_05-36-54.789035), so
     the last by name is the newest, on object stores too, which keep no directory times.
     """
     for name in reversed(storage.checkpoint_names(storage_path, run_name)):
         directory = storage.join(storage_path, run_name, name)
-        if storage.is_file(storage.join(directory, META_FILE)):
-            return directory
+        if not storage.is_file(storage.join(directory, META_FILE)):
+            continue
+        try:
+            read_meta(directory), read_progress(directory)
+        except CheckpointError:
+            continue
+        return directory
     return None
 
 
@@ -245,14 +316,12 @@ def read_progress(directory: str) -> dict[str, Any]:
         return {"epoch": int(state["epoch"]), "step_in_epoch": int(state.get("step_in_epoch", 0)),
                 "history": list(state["history"]), "stopped_early": False}
     try:
-        progress = json.loads(storage.read_text(location))
+        progress = checks.read_json(directory, PROGRESS_FILE)
         epoch, history, stopped = progress["epoch"], progress["history"], progress["stopped_early"]
         step = progress.get("step_in_epoch", 0)  # absent in records written before mid-epoch checkpoints
-        valid = (isinstance(epoch, int) and epoch >= 0 and isinstance(stopped, bool) and isinstance(history, list)
-                 and isinstance(step, int) and not isinstance(step, bool) and step >= 0
-                 and all(isinstance(row, dict) and all(isinstance(key, str) and isinstance(value, (int, float))
-                                                       for key, value in row.items()) for row in history))
-    except (ValueError, KeyError, TypeError):
+        valid = (checks.is_count(epoch) and isinstance(stopped, bool) and checks.is_count(step)
+                 and checks.is_history(history))
+    except (CheckpointError, KeyError, TypeError, AttributeError):
         valid = False
     if not valid:
         raise CheckpointError(f"checkpoint {location}: not a progress record (expected epoch, step_in_epoch, "

@@ -26,7 +26,8 @@ from pipeline.errors import ConfigError
 from pipeline.data.loader import EpochLoader, build_loader
 from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker, steps_between_logs
 from pipeline.train.checkpoints import (
-    TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, rng_state, save_checkpoint,
+    TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, restore_newest_sound, rng_state,
+    save_checkpoint,
 )
 from pipeline.train.models import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, step_after_validation
@@ -72,7 +73,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, len(train_loader))
     scaler = grad_scaler(rank)
-    state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, rank, log)
+    state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, len(train_loader), rank, log)
     if already_finished(config, state):
         log.info(f"this run already finished after epoch {state.epoch}; nothing left to train")
         if wiring.report_finished_run:
@@ -216,19 +217,26 @@ def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochL
     return train, build_loader(config.data, "val", **common) if config.data.validates else None
 
 
-def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: int, rank: RankDevice,
-            log: RankLogger) -> TrainingState:
+def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: int, steps_per_epoch: int,
+            rank: RankDevice, log: RankLogger) -> TrainingState:
+    """The latest checkpoint's state, or the newest sound one before it when the latest is damaged (every rank
+    reads the same files, so every rank makes the same choice)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return TrainingState()
-    with checkpoint.as_directory() as directory:
-        check_compatible(read_meta(Path(directory)), config.model.name, num_classes, f"checkpoint {checkpoint.path}")
-        state = load_checkpoint(Path(directory), model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                                rank=rank.rank, world_size=rank.world_size,
-                                fallback_seed=config.seed + rank.rank)
+
+    def apply(directory: Path) -> TrainingState:
+        check_compatible(read_meta(directory), config.model.name, num_classes, f"checkpoint {directory}")
+        return load_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                               rank=rank.rank, world_size=rank.world_size, fallback_seed=config.seed + rank.rank,
+                               steps_per_epoch=steps_per_epoch)
+
+    state, used, damage = restore_newest_sound(checkpoint.path, config.tracking.storage_path, apply)
+    if damage and rank.rank == 0:
+        log.warning(f"{damage}; resuming from the checkpoint before it, {used}")
     where = f"at step {state.step_in_epoch + 1} of epoch {state.epoch + 1}" if state.step_in_epoch else \
         f"after epoch {state.epoch}"
-    log.info(f"resumed from {checkpoint.path} {where}")
+    log.info(f"resumed from {used} {where}")
     return state
 
 

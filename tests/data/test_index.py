@@ -204,3 +204,114 @@ def test_shard_writes_an_index_beside_every_shard_and_the_loader_uses_it(tmp_pat
                for s in stream.plan().segments)
     keys = [sample.key for sample in stream._read(stream.plan().segments)]
     assert len(keys) == sum(s.length for s in stream.plan().segments) and all(keys)
+
+
+def test_the_index_ends_where_the_tars_end_of_archive_begins_and_a_shorter_one_is_refused():
+    import tarfile
+
+    data = _tar(["k0", "k1", "k2"], [100, 700, 3000])
+    entries = sample_index.build_index(io.BytesIO(data))
+    decoded = sample_index.decode(sample_index.encode(entries), "t.idx", shard_bytes=len(data))
+    assert decoded.tolist() == entries.tolist()
+    # Samples split so that three entries tile only the first two samples: k2 would be read by no one.
+    members = [member.offset for member in tarfile.open(fileobj=io.BytesIO(data))]
+    prefix = np.array([[0, members[1]], [members[1], members[2] - members[1]], [members[2], members[4] - members[2]]],
+                      dtype=np.uint64)
+    with pytest.raises(DataError, match=rf"t.idx: sample index ends at byte {members[4]}, not where the shard's "
+                                        rf"end-of-archive blocks begin \(the shard has {len(data)} bytes\)"):
+        sample_index.decode(sample_index.encode(prefix), "t.idx", shard_bytes=len(data))
+    # A member webdataset skips after the last sample still belongs to it: the index reaches the archive's end.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name in ("k0.jpg", "k0.cls", "README"):
+            archive.addfile(tarfile.TarInfo(name), io.BytesIO(b""))
+    with_trailer = sample_index.build_index(io.BytesIO(buffer.getvalue()))
+    assert with_trailer.tolist() == [[0, 3 * 512]]
+    sample_index.decode(sample_index.encode(with_trailer), "t.idx", shard_bytes=len(buffer.getvalue()))
+
+
+def _vouched(root, manifest, entries_or_bytes, shard=0):
+    """Write a planted index for `shard` and a manifest that vouches for it (its sha256), as an attacker with write
+    access to the shard storage could; returns the manifest read back and the shard's location."""
+    index_file = root / "train" / (manifest.shards[shard].name + ".idx")
+    data = entries_or_bytes if isinstance(entries_or_bytes, bytes) else sample_index.encode(entries_or_bytes)
+    index_file.write_bytes(data)
+    shards = list(manifest.shards)
+    shards[shard] = replace(shards[shard], index_sha256=hashlib.sha256(data).hexdigest())
+    write_manifest(replace(manifest, shards=shards), root / "train")
+    shard_reader._INDEXES.clear()
+    return read_manifest(root / "train"), str(root / "train" / manifest.shards[shard].name)
+
+
+def test_a_vouched_index_that_tiles_only_part_of_the_shard_falls_back_with_the_hint(tmp_path, caplog):
+    import tarfile
+
+    manifest = _indexed_split(tmp_path, [6, 5])
+    expected = _keys_of(tmp_path)
+    shard_file = tmp_path / "train" / manifest.shards[0].name
+    with tarfile.open(shard_file) as archive:
+        offsets = [member.offset for member in archive]  # two members per sample
+    # Six entries over five samples (sample 0 split in two), so the last sample is indexed by none of them; it
+    # is small enough to sit where the tar's record padding would be, so only the shard's last bytes tell.
+    starts = [0, offsets[1], *offsets[2:10:2]]
+    ends = [*starts[1:], offsets[10]]
+    planted = np.array([[start, end - start] for start, end in zip(starts, ends)], dtype=np.uint64)
+    vouched, location = _vouched(tmp_path, manifest, planted)
+    with caplog.at_level(logging.WARNING):
+        assert shard_reader.shard_index(location, vouched.shards[0]) is None
+        assert _keys_of(tmp_path) == expected
+    assert "sample index unusable" in caplog.text
+    assert "the shard holds more than zero blocks after the sample index's last sample" in caplog.text
+    assert f"reading {location} from its start" in caplog.text
+
+
+def test_an_index_larger_than_its_sample_count_implies_is_not_read(tmp_path, caplog, monkeypatch):
+    manifest = _indexed_split(tmp_path, [4])
+    index_file = tmp_path / "train" / (manifest.shards[0].name + ".idx")
+    oversized = index_file.read_bytes() + bytes(1 << 20)  # vouched for, yet 1 MiB more than 4 samples need
+    vouched, location = _vouched(tmp_path, manifest, oversized)
+    read = []
+    original = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda where, limit=None: read.append(limit) or original(where, limit))
+    with caplog.at_level(logging.WARNING):
+        assert shard_reader.shard_index(location, vouched.shards[0]) is None
+    assert read == [sample_index.index_bytes(4)] == [16 + 16 * 4]
+    assert f"larger than the {16 + 16 * 4} bytes expected" in caplog.text and "reading" in caplog.text
+
+
+def test_an_index_whose_boundaries_split_samples_is_caught_as_it_is_read_never_giving_a_wrong_sample(tmp_path,
+                                                                                                      caplog):
+    import tarfile
+
+    from pipeline.data.plan import Segment
+
+    manifest = _indexed_split(tmp_path, [5])
+    shard_file = tmp_path / "train" / manifest.shards[0].name
+    with tarfile.open(shard_file) as archive:
+        offsets = [member.offset for member in archive]
+    entries = sample_index.decode((tmp_path / "train" / (manifest.shards[0].name + ".idx")).read_bytes(), "x")
+    # Tiles the shard, ends where it ends, counts 5: but entry 1 starts at sample 0's second member and holds
+    # all of sample 1, so a read of entries 1-2 would give sample 1 for position 2.
+    planted = entries.copy()
+    planted[1, 0] = offsets[1]
+    planted[:, 1] = np.append(planted[1:, 0], entries[-1].sum()) - planted[:, 0]
+    vouched, location = _vouched(tmp_path, manifest, planted)
+    index = shard_reader.shard_index(location, vouched.shards[0])
+    assert index is not None  # nothing in the file itself gives it away
+    with caplog.at_level(logging.WARNING):
+        samples = list(shard_reader.read_segment(location, Segment(0, 1, 3), vouched, None, index))
+    assert [sample.key for sample in samples] == ["s000001", "s000002"] and all(s.image for s in samples)
+    assert "is not where the sample index puts sample boundaries" in caplog.text
+    assert shard_reader.shard_index(location, vouched.shards[0]) is None  # not trusted again by this process
+
+
+def test_a_checked_indexed_read_of_a_sound_index_gives_every_range_its_own_samples(tmp_path):
+    from pipeline.data.plan import Segment
+
+    manifest = _indexed_split(tmp_path, [7])
+    location = str(tmp_path / "train" / manifest.shards[0].name)
+    index = shard_reader.shard_index(location, manifest.shards[0])
+    for start, stop in [(0, 7), (0, 1), (3, 4), (2, 6), (6, 7)]:
+        with storage.open_range(location, *sample_index.segment_range(index, start, stop)) as stream:
+            keys = [raw["__key__"] for raw in shard_reader.indexed_tar_samples(stream, location, index, start, stop)]
+        assert keys == [f"s{number:06d}" for number in range(start, stop)]

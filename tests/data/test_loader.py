@@ -308,3 +308,72 @@ def test_a_resumed_pass_joins_nearby_wanted_samples_into_one_ranged_read():
     # Samples 0, 2-3 and 5 are 1-2 kB apart: one read; 8 sits 2 MiB past 5 (samples 6 and 7): its own read.
     assert _coalesced([(0, 1), (2, 4), (5, 6), (8, 9)], index) == [(0, 6), (8, 9)]
     assert _coalesced([], index) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 23, decompression bombs: a sample declaring more than data.max_image_pixels is refused from its header
+# and masked as a corrupt sample on both decode routes, never decoded (in-process loaders, so the spies see all).
+
+def _split_with_bombs(root, split):
+    from tests.data.test_image_header import bomb_jpeg, bomb_png
+
+    write_split(root / split, [5, 5], split=split)
+    with wds.TarWriter(str(root / split / f"{split}-000001.tar")) as writer:
+        for i in range(5):
+            image = {1: bomb_png(), 3: bomb_jpeg()}.get(i) or jpeg_bytes(i % 4, 200 + i)
+            writer.write({"__key__": f"b{i:06d}", "jpg": image, "cls": str(i % 4).encode()})
+
+
+def _refuse_large_decodes(monkeypatch):
+    """Every decode (PIL's, torchvision's) fails the test before it starts when the image is over 1 MP."""
+    from PIL import ImageFile
+
+    from pipeline.data import transforms
+    from pipeline.data.image_header import declared_size
+
+    def small(size):
+        assert size is not None and size[0] * size[1] < 1_000_000, f"a {size} image was decoded"
+
+    real_load, real_decode = ImageFile.ImageFile.load, transforms.decode_jpeg
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: small(image.size) or real_load(image))
+
+    def decode(data, **keywords):
+        for jpeg in data if isinstance(data, list) else [data]:
+            small(declared_size(memoryview(jpeg.numpy())))
+        return real_decode(data, **keywords)
+
+    monkeypatch.setattr(transforms, "decode_jpeg", decode)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_decompression_bombs_are_masked_as_corrupt_samples_without_being_decoded(tmp_path, monkeypatch, split,
+                                                                                 decode):
+    _split_with_bombs(tmp_path, split)
+    _refuse_large_decodes(monkeypatch)
+    # Batches of 5: a train epoch of 10 samples then takes them all (it drops a remainder to keep steps equal).
+    loader = build_loader(_data(tmp_path, 0, decode=decode), split, rank=0, world_size=1, batch_size=5, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2  # step counts as planned
+    assert sum(batch.corrupt for batch in batches) == 2 and loader.corrupt_counts.tolist() == [0.0, 2.0]
+    keys = {key for batch in batches for key in batch.keys if key}
+    assert len(keys) == 8 and not keys & {"b000001", "b000003"}
+
+
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
+def test_max_image_pixels_flows_from_the_config_to_the_decoders(tiny_shards, decode):
+    # The fixture's images are 40 x 30 = 1200 pixels: a limit of 1200 admits all 22 val samples, 1199 none.
+    for limit, corrupt in ((1200, 0), (1199, 22)):
+        data = _data(tiny_shards, 0, decode=decode, max_image_pixels=limit)
+        loader = build_loader(data, "val", rank=0, world_size=1, batch_size=4, seed=0)
+        assert sum(batch.corrupt for batch in loader) == corrupt
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "89478486", "1.5", "many"])
+def test_max_image_pixels_is_validated_at_config_load(value):
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data\.max_image_pixels") as caught:
+        load_config(overrides=[f"data.max_image_pixels={value}"])
+    assert "\n" not in str(caught.value)
+    assert load_config(overrides=["data.max_image_pixels=89478485"]).data.max_image_pixels == 89_478_485

@@ -8,14 +8,14 @@ import torch
 from pipeline.train.checkpoints import STATE_FILE, TrainingState, load_weights, local_checkpoint, read_meta, save_checkpoint
 
 
-def write_checkpoint(directory, seed: int = 0):
+def write_checkpoint(directory, seed: int = 0, epoch: int = 2, exist_ok: bool = False):
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=exist_ok)
     save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
-                    state=TrainingState(epoch=2), meta={"model": "linear", "num_classes": 2})
+                    state=TrainingState(epoch=epoch), meta={"model": "linear", "num_classes": 2})
     return model
 
 
@@ -175,3 +175,192 @@ def test_a_malformed_progress_record_is_refused_naming_the_file(tmp_path, text):
     (directory / PROGRESS_FILE).write_text(text)
     with pytest.raises(CheckpointError, match=r"checkpoint .*progress\.json: not a progress record"):
         read_run_record(str(tmp_path), "s-t4")
+
+
+def test_a_checkpoint_is_written_file_by_file_whole_with_meta_json_last(tmp_path, monkeypatch):
+    import os
+
+    from pipeline import storage
+    from pipeline.train.checkpoints import META_FILE, PROGRESS_FILE, latest_run_checkpoint
+
+    renamed = []
+    original = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: renamed.append(os.path.basename(target))
+                        or original(source, target))
+    directory = tmp_path / "r" / "checkpoint_epoch_0002"
+    write_checkpoint(directory)
+    assert renamed == [STATE_FILE, PROGRESS_FILE, META_FILE]  # each written whole, meta.json (completeness) last
+    good = (directory / STATE_FILE).read_bytes()
+
+    # Local mode rewrites an epoch's folder: killed while writing state.pt, it leaves the old state.pt whole and
+    # no meta.json, so the folder no longer counts as a checkpoint rather than pairing old and new files.
+    def killed(payload, handle):
+        handle.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint(directory, exist_ok=True)
+    assert (directory / STATE_FILE).read_bytes() == good and not (directory / META_FILE).exists()
+    assert not list(directory.glob("*.partial")) and latest_run_checkpoint(str(tmp_path), "r") is None
+    assert storage.checkpoint_names(str(tmp_path), "r") == ["checkpoint_epoch_0002"]
+
+
+def _resume(directory, steps_per_epoch=None):
+    """What a resuming worker does with a checkpoint folder: its meta.json, then everything in state.pt."""
+    from pipeline.train.checkpoints import load_checkpoint
+
+    read_meta(directory)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return load_checkpoint(directory, model=model, optimizer=optimizer,
+                           scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), steps_per_epoch=steps_per_epoch)
+
+
+def _edit_state(directory, **changes):
+    payload = torch.load(directory / STATE_FILE, weights_only=True)
+    for key, value in changes.items():
+        if key in payload["training_state"]:
+            payload["training_state"][key] = value
+        elif value is None:
+            del payload[key]
+        else:
+            payload[key] = value
+    torch.save(payload, directory / STATE_FILE)
+
+
+_DAMAGE = {
+    "truncated state.pt": (lambda d: (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:700]),
+                           "state.pt is truncated or damaged, not a readable torch checkpoint"),
+    "empty state.pt": (lambda d: (d / STATE_FILE).write_bytes(b""), "state.pt is truncated or damaged"),
+    "garbage state.pt": (lambda d: (d / STATE_FILE).write_bytes(b"\x80\x02" + bytes(range(256)) * 4),
+                         "state.pt is truncated or damaged"),
+    "missing state.pt": (lambda d: (d / STATE_FILE).unlink(), "state.pt is missing"),
+    "missing meta.json": (lambda d: (d / "meta.json").unlink(), "meta.json is missing"),
+    "meta.json not JSON": (lambda d: (d / "meta.json").write_text('{"model": "linear", '), "meta.json is not JSON"),
+    "meta.json not an object": (lambda d: (d / "meta.json").write_text("[1, 2]"),
+                                "meta.json holds a JSON list, not an object"),
+    "meta.json without a key": (lambda d: (d / "meta.json").write_text('{"model": "linear"}'),
+                                "meta.json has no 'num_classes'"),
+    "meta.json wrong type": (lambda d: (d / "meta.json").write_text('{"model": "linear", "num_classes": "2"}'),
+                             r"meta.json has num_classes = '2', not a class count >= 1"),
+    "negative step_in_epoch": (lambda d: _edit_state(d, step_in_epoch=-4),
+                               r"state.pt's training state has step_in_epoch = -4, not a count >= 0"),
+    "negative epoch": (lambda d: _edit_state(d, epoch=-1),
+                       r"state.pt's training state has epoch = -1, not a count >= 0"),
+    "epoch as text": (lambda d: _edit_state(d, epoch="2"), r"state.pt's training state has epoch = '2', not a count"),
+    "history not metrics": (lambda d: _edit_state(d, history=[{"epoch": "x"}]),
+                            "state.pt's training state has history = .*, not a list of per-epoch metrics"),
+    "no optimizer": (lambda d: _edit_state(d, optimizer=None), r"state.pt has no optimizer \(each a mapping\)"),
+    "wrong weights": (lambda d: _edit_state(d, model={"weight": torch.zeros(5, 5), "bias": torch.zeros(5)}),
+                      r"state.pt does not load into this run \(RuntimeError: Error\(s\) in loading state_dict"),
+    "broken random streams": (lambda d: _edit_state(d, rng={"python": 3}, rng_by_rank=[]),
+                              r"state.pt does not load into this run \((TypeError|KeyError): "),
+}
+
+
+@pytest.mark.parametrize("damage", list(_DAMAGE))
+def test_every_damaged_checkpoint_is_one_checkpoint_error_line_naming_the_folder_and_the_problem(tmp_path, damage):
+    from pipeline.errors import CheckpointError
+
+    directory = tmp_path / "checkpoint_000003"
+    write_checkpoint(directory)
+    plant, problem = _DAMAGE[damage]
+    plant(directory)
+    with pytest.raises(CheckpointError, match=f"^checkpoint {directory}: {problem}") as caught:
+        _resume(directory)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_checkpoint_within_an_epoch_must_be_at_one_of_this_runs_steps(tmp_path):
+    from pipeline.errors import CheckpointError
+
+    directory = tmp_path / "checkpoint_000004"
+    write_checkpoint(directory)
+    _edit_state(directory, step_in_epoch=7, global_step=7, partial_epoch=[1.0, 2.0, 0.0])
+    assert _resume(directory, steps_per_epoch=8).step_in_epoch == 7
+    with pytest.raises(CheckpointError, match=f"checkpoint {directory}: taken at step 7 of an epoch, but this "
+                                              "run's epochs have 5 steps"):
+        _resume(directory, steps_per_epoch=5)
+    _edit_state(directory, step_in_epoch=9, global_step=7)
+    with pytest.raises(CheckpointError, match="step_in_epoch = 9, past global_step = 7"):
+        _resume(directory, steps_per_epoch=10)
+
+
+def _run_of_three(tmp_path):
+    """A run folder with the checkpoints of epochs 1, 2 and 3 (Ray's names: by the time they were written)."""
+    models = {}
+    for epoch in (1, 2, 3):
+        directory = tmp_path / "r" / f"checkpoint_2026-12-04_01-00-0{epoch}.000000"
+        models[epoch] = write_checkpoint(directory, seed=epoch, epoch=epoch)
+    return [tmp_path / "r" / f"checkpoint_2026-12-04_01-00-0{epoch}.000000" for epoch in (1, 2, 3)], models
+
+
+def test_a_resume_whose_latest_checkpoint_is_damaged_continues_from_the_newest_sound_one(tmp_path):
+    from pipeline.train.checkpoints import load_checkpoint, restore_newest_sound
+
+    (first, second, latest), models = _run_of_three(tmp_path)
+    (latest / STATE_FILE).write_bytes((latest / STATE_FILE).read_bytes()[:500])  # a copy cut short
+    (tmp_path / "r" / "checkpoint_2026-12-04_01-00-09.000000").mkdir()  # newer, never completed: not a candidate
+    model = torch.nn.Linear(3, 2)
+
+    def restore(directory):
+        read_meta(directory)
+        return load_checkpoint(directory, model=model)
+
+    state, used, problem = restore_newest_sound(str(latest), str(tmp_path), restore)
+    assert used == str(second) and state.epoch == 2 and torch.equal(model.weight, models[2].weight)
+    assert problem.startswith(f"checkpoint {latest}: state.pt is truncated or damaged") and "\n" not in problem
+
+    (second / "meta.json").write_text("{")  # the one before is damaged too: the next older one
+    state, used, _ = restore_newest_sound(str(latest), str(tmp_path), restore)
+    assert used == str(first) and state.epoch == 1 and torch.equal(model.weight, models[1].weight)
+
+
+def test_a_resume_with_no_sound_checkpoint_left_stops_with_the_latests_problem(tmp_path):
+    from pipeline.errors import CheckpointError
+    from pipeline.train.checkpoints import load_checkpoint, restore_newest_sound
+
+    checkpoints, _ = _run_of_three(tmp_path)
+    for directory in checkpoints:
+        (directory / STATE_FILE).unlink()
+    with pytest.raises(CheckpointError, match=f"^checkpoint {checkpoints[-1]}: state.pt is missing"):
+        restore_newest_sound(str(checkpoints[-1]), str(tmp_path),
+                             lambda d: load_checkpoint(d, model=torch.nn.Linear(3, 2)))
+
+
+def test_a_workers_resume_says_once_that_it_passed_over_a_damaged_checkpoint(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from pipeline.config import load_config
+    from pipeline.train import worker
+
+    (_, second, latest), models = _run_of_three(tmp_path)
+    for directory in (second, latest):  # meta.json as a training run writes it
+        (directory / "meta.json").write_text('{"model": "resnet18", "num_classes": 2, "manifest_hash": "x"}')
+    _edit_state(latest, step_in_epoch=-1)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(latest)))
+    lines = []
+    log = SimpleNamespace(info=lambda line: lines.append(("info", line)),
+                          warning=lambda line: lines.append(("warning", line)))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = load_config(overrides=[f"tracking.storage_path={tmp_path}"])
+    state = worker.restore(config, model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1), None, 2, 10,
+                           SimpleNamespace(rank=0, world_size=1), log)
+    assert state.epoch == 2 and torch.equal(model.weight, models[2].weight)
+    assert lines == [("warning", f"checkpoint {latest}: state.pt's training state has step_in_epoch = -1, not a "
+                                 f"count >= 0; resuming from the checkpoint before it, {second}"),
+                     ("info", f"resumed from {second} after epoch 2")]
+
+
+def test_the_driver_checks_a_resume_against_the_newest_sound_checkpoint(tmp_path):
+    from pipeline.train.checkpoints import latest_run_checkpoint
+
+    (_, second, latest), _ = _run_of_three(tmp_path)
+    (latest / "meta.json").write_text('{"model": 3}')
+    assert latest_run_checkpoint(str(tmp_path), "r") == str(second)
+    (second / "progress.json").write_text('{"epoch": -2, "history": [], "stopped_early": false}')
+    assert latest_run_checkpoint(str(tmp_path), "r").endswith("checkpoint_2026-12-04_01-00-01.000000")
