@@ -27,12 +27,14 @@ gpu-wheels: | $(BIN)/python
 	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels $(GPU_WHEELS)
 
-# Debian packages the tests need, installed when absent (needs root, as in CI): headless Chromium for the
-# browser test of the MLflow UI (tests/tracking/test_ui.py), a C++ compiler for torch.compile's CPU backend.
+# Debian packages the tests need (headless Chromium for the browser test of the MLflow UI, a C++ compiler for
+# torch.compile's CPU backend), installed when absent if this runs as root (as CI does); otherwise it stops at once
+# with the one command to run.
 SYSTEM_PACKAGES := chromium:chromium g++:g++
 browser:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do command -v $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; done; \
 	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "error: the tests need Debian packages:$$missing; run: sudo apt-get install -y$$missing"; exit 2; fi; \
 		export DEBIAN_FRONTEND=noninteractive; \
 		apt-get install -y -qq $$missing >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $$missing; }; \
 	fi

@@ -69,8 +69,8 @@ def refit(
 ) -> None:
     """Train the sweep's best configuration again on train + val, for the epochs it took to score best; register it.
 
-    The configuration is the best trial's own (from its MLflow run); -c/--set say where the sweep is tracked
-    (tracking.*), and --set values also apply on top of the trial's configuration (e.g. scaling.num_workers)."""
+    The configuration is yours: pass the sweep's config files (-c) and --set values; only the searched keys' values
+    come from the best trial's MLflow run, and any other key on which that run's config.json disagrees is refused."""
     config = resolve_config(config_files, overrides, show=False)
     from pipeline.train.driver import ensure_ray
     from pipeline.tune.refit import run_refit

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
-from pipeline.config import Config
+from pipeline.config import Config, refuse_job_copy
 from pipeline.data.shard_reader import read_whole_shard
 from pipeline.data.manifest import SPLITS, Manifest, file_sha256
 from pipeline.data.transforms import CorruptImageError, EvalTransform, normalize_batch
@@ -55,12 +55,14 @@ def embed_split(config: Config, source: str, split: str, output: str | None = No
     if manifest.num_samples == 0:
         raise DataError(f"{storage.join(config.data.root, split)}: the manifest lists no samples to embed")
     pinned = pin_model_source(source, config)
+    directory = Path(output) if output else store.default_output(config.retrieval.output, pinned.source,
+                                                                       pinned.version, split)
+    refuse_job_copy("retrieval.output" if output is None else "--output", str(directory.absolute()),
+                    "the gallery would be deleted with the job")
     loaded = load_model_for_inference(pinned.source, config, split)
     if len(loaded.class_names) != manifest.num_classes:
         raise ModelSourceError(class_count_mismatch(source, len(loaded.class_names), config, split, manifest))
     spec = feature_spec(loaded.architecture, loaded.model)
-    directory = Path(output) if output else store.default_output(config.retrieval.output, pinned.source,
-                                                                       pinned.version, split)
     meta = store.EmbeddingMeta(
         model_source=pinned.source, model_version=pinned.version, model_run_id=pinned.run_id,
         architecture=spec.architecture, layer=spec.layer, dim=spec.dim, split=split,

@@ -1,7 +1,7 @@
 """Refit: a sweep's best configuration trained again on train + val, for the epochs it took to score best.
 
-    imagenet-pipeline refit --sweep s1
-    ray job submit --working-dir . -- python -m jobs.refit --sweep s1
+    imagenet-pipeline refit --sweep s1 -c jobs/configs/demo.yaml -c jobs/configs/demo_sweep.yaml
+    ray job submit --working-dir . -- python -m jobs.refit --sweep s1 -c jobs/configs/demo.yaml -c jobs/configs/demo_sweep.yaml
 
 The sweep chose the configuration on val; the final model should learn from every labelled image it may see,
 so it is trained again on train and val together (one exact plan over both splits' shards: every epoch covers

@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from pipeline.config import load_config
 from pipeline.data.manifest import file_sha256, read_manifest
 from pipeline.errors import ConfigError, DataError, ModelSourceError
 from pipeline.retrieval import store
@@ -144,3 +145,12 @@ def test_bad_inputs_are_refused_before_any_work(trained_run, galleries, tmp_path
         open_gallery(str(results["train"].directory), config, model_source=trained_run.outcome.best_checkpoint)
     with pytest.raises(ConfigError, match="split = 'holdout': choose one of"):
         embed_split(config, CHAMPION, "holdout")
+
+
+def test_a_gallery_inside_a_ray_jobs_copy_of_the_code_is_refused_before_any_work(tiny_shards, tmp_path):
+    config = load_config(overrides=[f"data.root={tiny_shards}"])
+    inside_job = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1" / "embeddings"
+    with pytest.raises(ConfigError, match=r"--output = '.*working_dir_files.*': the gallery would be deleted with "
+                                          r"the job; this Ray job runs in Ray's copy") as caught:
+        embed_split(config, "runs:/0123abcd/model", "val", output=str(inside_job), progress=False)
+    assert "\n" not in str(caught.value) and not inside_job.exists()
