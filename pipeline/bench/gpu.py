@@ -17,7 +17,7 @@ are one epoch after every loader process has delivered its first batch (the load
 most of a short benchmark epoch). Nothing here asserts a speed.
 
 Imports only torch, torchvision and the project's data path (which needs numpy, Pillow, PyYAML, pydantic,
-webdataset and braceexpand): README "Performance" says how to put those wheels on a bare GPU machine.
+webdataset and braceexpand): docs/performance.md, "GPU (`bench-gpu`)" says how to put those wheels on a bare GPU machine.
 """
 
 from __future__ import annotations
