@@ -27,7 +27,7 @@ VAL_CORRUPT_SAMPLES = "val/corrupt_samples"
 TEST_TOP1 = "test/top1"
 TEST_TOP5 = "test/top5"
 TEST_TOP5_ERROR = "test/top5_error"
-# Learned-feature quality (pipeline.retrieval.quality), percent: k-NN top-1 with the train split as gallery;
+# Learned-feature quality (pipeline.features.quality), percent: k-NN top-1 with the train split as gallery;
 # recall@k and mAP@R leave-one-out within the test split. MLflow metric names cannot hold '@'.
 VAL_KNN_TOP1 = "val/knn_top1"
 TEST_KNN_TOP1 = "test/knn_top1"

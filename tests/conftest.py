@@ -98,7 +98,7 @@ def ray_session():
 
     # Test runs last seconds, MLflow samples system metrics every 10 s by default; workers inherit this.
     os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
-    from pipeline.train.driver import WORKER_GROUP_START_TIMEOUT_S
+    from pipeline.config import WORKER_GROUP_START_TIMEOUT_S
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_GROUP_START_TIMEOUT_S)
     # 4 logical CPUs on 2 cores: room for the train controller plus 2 workers without queueing.

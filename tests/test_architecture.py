@@ -13,13 +13,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 # Lower layers never import higher ones; within a layer only a package's own modules import each other.
 LAYERS = {
     "pipeline.config": 0, "pipeline.errors": 0, "pipeline.metrics": 0, "pipeline.storage": 0, "pipeline.events": 0,
-    "pipeline.upstream": 0, "pipeline.data": 1, "pipeline.tracking": 2, "pipeline.train": 3,
-    "pipeline.inference": 4, "pipeline.tune": 4, "pipeline.cluster": 5, "pipeline.bench": 6, "pipeline.demo": 6,
-    "pipeline.cli": 7,
-    # Retrieval's pure core (features of a model, metrics, the index, the files) serves training, tracking and
-    # evaluation; its Ray Data embedding and the retrieve command sit above inference.
-    "pipeline.retrieval.features": 1.5, "pipeline.retrieval.quality": 1.5, "pipeline.retrieval.index": 1.5,
-    "pipeline.retrieval.store": 1.5, "pipeline.retrieval": 5,
+    "pipeline.upstream": 0, "pipeline.data": 1, "pipeline.features": 2, "pipeline.tracking": 3,
+    "pipeline.cluster": 4, "pipeline.train": 5, "pipeline.inference": 6, "pipeline.tune": 6, "pipeline.retrieval": 7,
+    "pipeline.bench": 8, "pipeline.demo": 8, "pipeline.cli": 9,
 }
 PURE = [
     "pipeline.config", "pipeline.errors", "pipeline.metrics", "pipeline.storage", "pipeline.events",
@@ -28,8 +24,8 @@ PURE = [
     "pipeline.data.loadcheck", "pipeline.train.models", "pipeline.train.optim", "pipeline.train.step",
     "pipeline.train.checkpoints", "pipeline.train.progress", "pipeline.tracking.uri",
     "pipeline.inference.loading", "pipeline.inference.evaluate", "pipeline.inference.predict",
-    "pipeline.retrieval.features", "pipeline.retrieval.quality", "pipeline.retrieval.index",
-    "pipeline.retrieval.store", "pipeline.retrieval.sheet", "pipeline.bench.gpu",
+    "pipeline.features.extract", "pipeline.features.quality", "pipeline.features.index",
+    "pipeline.features.store", "pipeline.retrieval.sheet", "pipeline.bench.gpu", "pipeline.data.image_header",
 ]
 
 

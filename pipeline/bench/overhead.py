@@ -148,7 +148,7 @@ def run_ours(config: Config, run_name: str) -> list[dict]:
 
     config = config.model_copy(deep=True)
     config.tracking.run_name = run_name
-    # As trainer.ensure_ray does for the CLI, but always a new local instance, never a cluster in RAY_ADDRESS.
+    # As cluster.session.ensure_ray does for the CLI, but always a new local instance, never a cluster in RAY_ADDRESS.
     ray.init(address="local", log_to_driver=True)
     try:
         return run_training(config).history

@@ -6,7 +6,7 @@
 
 - embed: the same untrained ResNet-18 checkpoint over the same generated shards, by `embed` (Ray Data: shard
   reading and decoding tasks, `retrieval.embed_workers` model replicas) and by one process running the project's
-  loader and the model (`pipeline.retrieval.features.embed_pass`). Rounds alternate the two paths; images/s is
+  loader and the model (`pipeline.features.extract.embed_pass`). Rounds alternate the two paths; images/s is
   reported as median and spread (min-max), with the ratio of the medians.
 - knn: what `tracking.knn_every: 1` adds to an epoch, in one process on the same shards: a training epoch, the
   plain val pass and the val pass with k-NN (the val pass plus a forward-only pass over train and an exact
@@ -33,7 +33,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import BenchmarkError
-from pipeline.retrieval.index import INDEX_KINDS, IndexSettings, build_index, search
+from pipeline.features.index import INDEX_KINDS, IndexSettings, build_index, search
 
 QUERIES = 1000
 CENTRES = 1000
@@ -59,7 +59,7 @@ def run_retrieval_benchmark(work_dir: Path, only: str | None, images: int, round
 def embed_benchmark(work_dir: Path, images: int, rounds: int) -> None:
     from pipeline.data.loader import build_loader
     from pipeline.retrieval.embed import embed_split
-    from pipeline.retrieval.features import embed_pass, with_features
+    from pipeline.features.extract import embed_pass, with_features
 
     config, checkpoint = _prepare(work_dir, images)
     ray_rates, plain_rates = [], []

@@ -17,7 +17,8 @@ def train(config_files: ConfigFiles = None, overrides: Overrides = None) -> None
     """Train with Ray Train (data parallel), track in MLflow, register the best model."""
     config = resolve_config(config_files, overrides)
     require_shards(config, ("train", "val"))  # before the slow imports and Ray's start
-    from pipeline.train.driver import ensure_ray, run_training
+    from pipeline.cluster.session import ensure_ray
+    from pipeline.train.driver import run_training
 
     ensure_ray()
     outcome = run_training(config)
@@ -72,7 +73,7 @@ def refit(
     The configuration is yours: pass the sweep's config files (-c) and --set values; only the searched keys' values
     come from the best trial's MLflow run, and any other key on which that run's config.json disagrees is refused."""
     config = resolve_config(config_files, overrides, show=False)
-    from pipeline.train.driver import ensure_ray
+    from pipeline.cluster.session import ensure_ray
     from pipeline.tune.refit import run_refit
 
     ensure_ray()

@@ -34,7 +34,8 @@ def run_demo(config: Config, data_dir: Path) -> bool:
         return False
 
     _step(f"train {config.model.name} with {config.scaling.num_workers} Ray Train workers")
-    from pipeline.train.driver import ensure_ray, run_training
+    from pipeline.cluster.session import ensure_ray
+    from pipeline.train.driver import run_training
 
     ensure_ray()
     outcome = run_training(config)

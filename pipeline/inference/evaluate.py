@@ -25,8 +25,8 @@ from pipeline.errors import ConfigError, DataError, ModelSourceError
 from pipeline.inference.loading import class_count_mismatch, load_model_for_inference, source_run_id, split_manifest
 from pipeline.tracking.uri import resolve_tracking_uri
 from pipeline.train.models import HUMAN_TOP5_ERROR, PUBLISHED_TOP1_TOP5
-from pipeline.retrieval.features import embed_pass, feature_spec, with_features
-from pipeline.retrieval.quality import RECALL_AT, knn_top1, nearest, retrieval_metrics
+from pipeline.features.extract import embed_pass, feature_spec, with_features
+from pipeline.features.quality import RECALL_AT, knn_top1, nearest, retrieval_metrics
 from pipeline.train.step import RankDevice, evaluate
 
 IMAGENET_NUM_CLASSES = 1000
@@ -61,7 +61,7 @@ class EvaluationReport:
 
 @dataclass
 class FeatureQuality:
-    """How well the model's features retrieve and classify without retraining (pipeline.retrieval.quality)."""
+    """How well the model's features retrieve and classify without retraining (pipeline.features.quality)."""
 
     layer: str
     dim: int
@@ -181,7 +181,7 @@ def feature_quality(config: Config, source: str, split: str, loaded, net, collec
 def train_gallery(config: Config, source: str, net, data) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The train split's features: an `embed` output of this model version and these shards, else embedded now."""
     from pipeline.inference.loading import pin_model_source
-    from pipeline.retrieval import store
+    from pipeline.features import store
 
     pinned = pin_model_source(source, config)
     directory = store.default_output(config.retrieval.output, pinned.source, pinned.version, "train")

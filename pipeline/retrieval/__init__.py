@@ -1,1 +1,1 @@
-"""Learned features at work: embeddings of any trained model, k-NN evaluation, a faiss gallery and retrieval."""
+"""Learned features at work: a split embedded on the cluster (Ray Data), its faiss gallery searched, contact sheets."""

@@ -7,7 +7,7 @@ The stages: one row per shard -> whole shards read in tasks (raw bytes, as the m
 decoding and the model's centre crop in CPU tasks -> a fixed pool of `retrieval.embed_workers` model replicas
 (actors; one GPU each when `scaling.use_gpu`) -> the driver, which places each vector at its manifest position.
 Every sample exactly once: a position filled twice or never is an error and nothing is written. The output
-(`pipeline.retrieval.store`) is complete or absent, and records the index file's sha256, which every reader checks
+(`pipeline.features.store`) is complete or absent, and records the index file's sha256, which every reader checks
 before faiss parses the file; the same model version, split and data reuse an output that passes the reader's
 checks, and anything else (an older format, a damaged folder) is embedded again in its place.
 """
@@ -30,9 +30,9 @@ from pipeline.errors import ConfigError, DataError, ModelSourceError
 from pipeline.inference.loading import (
     PinnedSource, class_count_mismatch, load_model_for_inference, pin_model_source, split_manifest,
 )
-from pipeline.retrieval import store
-from pipeline.retrieval.features import feature_spec, with_features
-from pipeline.retrieval.index import INDEX_FILE, IndexSettings, build_index, save_index
+from pipeline.features import store
+from pipeline.features.extract import feature_spec, with_features
+from pipeline.features.index import INDEX_FILE, IndexSettings, build_index, save_index
 
 ROW_BLOCK = 256  # rows per batch the driver takes from Ray Data
 
@@ -113,7 +113,7 @@ def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifes
     import ray.data
     from tqdm import tqdm
 
-    from pipeline.train.driver import ensure_ray
+    from pipeline.cluster.session import ensure_ray
 
     ensure_ray()
     counts = manifest.shard_counts

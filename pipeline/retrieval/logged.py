@@ -11,8 +11,8 @@ from mlflow.tracking import MlflowClient
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import DataError
-from pipeline.retrieval import store
-from pipeline.retrieval.index import INDEX_FILE
+from pipeline.features import store
+from pipeline.features.index import INDEX_FILE
 from pipeline.tracking.runs import FINISHED, end_run, start_or_resume_run
 from pipeline.tracking.uri import redact, resolve_tracking_uri
 

@@ -31,9 +31,9 @@ from pipeline.data.transforms import CorruptImageError, EvalTransform, normalize
 from pipeline.errors import DataError, ModelSourceError
 from pipeline.inference.loading import load_model_for_inference, pin_model_source
 from pipeline.inference.predict import PREDICT_BATCH_SIZE, find_images
-from pipeline.retrieval import store
-from pipeline.retrieval.features import feature_spec, with_features
-from pipeline.retrieval.index import INDEX_FILE, load_index, search
+from pipeline.features import store
+from pipeline.features.extract import feature_spec, with_features
+from pipeline.features.index import INDEX_FILE, load_index, search
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _WNID = re.compile(r"^n\d{8}$")

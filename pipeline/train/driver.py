@@ -10,7 +10,6 @@ writing to the same MLflow run.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,11 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import events, storage
 from pipeline import metrics as m
-from pipeline.config import WORKER_GROUP_START_TIMEOUT_S, Config, refuse_job_copy, require_shards
+from pipeline.config import Config, refuse_job_copy, require_shards
 from pipeline.data.manifest import Manifest, combine_manifests, read_manifest
 from pipeline.data.plan import train_steps_per_epoch
 from pipeline.errors import ConfigError, DataError, StorageError
-from pipeline.retrieval.features import feature_spec
+from pipeline.features.extract import feature_spec
 from pipeline.tracking.datasets import split_input
 from pipeline.tracking.registry import Gate, Published, register_model
 from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run, training_note
@@ -294,11 +293,3 @@ def read_history(checkpoint: Checkpoint | None) -> list[dict[str, Any]]:
         return []
     with checkpoint.as_directory() as directory:
         return read_state(directory)["training_state"]["history"]
-
-
-def ensure_ray() -> None:
-    """Join the cluster when run as a Ray job (RAY_ADDRESS); otherwise start Ray in-process."""
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", WORKER_GROUP_START_TIMEOUT_S)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-        events.record("ray_started")

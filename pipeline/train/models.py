@@ -4,7 +4,7 @@
     from pipeline.train.models import build_model
     model = build_model(ModelConfig(name="resnet50", dropout=0.2), num_classes=1000)
 
-Features for retrieval (the input of the final linear layer) come from `pipeline.retrieval.features`.
+Features for retrieval (the input of the final linear layer) come from `pipeline.features.extract`.
 
 Parameter counts at 1000 classes (checked in tests/test_models.py):
     alexnet     62,378,344  (single tower; the paper's two-GPU grouped net has 60,965,224, "60 million")

@@ -156,7 +156,7 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, pref
              features: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
     """Exact top-1/top-5: counts from every rank are summed before dividing.
 
-    A model that also returns features (`pipeline.retrieval.features.with_features`) has the valid samples'
+    A model that also returns features (`pipeline.features.extract.with_features`) has the valid samples'
     (features, labels) appended to `features`, so scoring and embedding share one pass.
     """
     model.eval()

@@ -37,8 +37,8 @@ from pipeline.train.step import (
     train_one_epoch, unwrap,
     update_early_stopping,
 )
-from pipeline.retrieval.features import embed_pass, with_features
-from pipeline.retrieval.quality import distributed_knn_top1
+from pipeline.features.extract import embed_pass, with_features
+from pipeline.features.quality import distributed_knn_top1
 from pipeline.upstream import ray_54305, ray_train_report_log
 
 

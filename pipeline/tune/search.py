@@ -37,7 +37,8 @@ from pipeline.tracking.runs import (
 )
 from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import read_run_record
-from pipeline.train.driver import TrainingOutcome, TrialOptions, ensure_ray, publish, run_training, storage_path
+from pipeline.cluster.session import ensure_ray
+from pipeline.train.driver import TrainingOutcome, TrialOptions, publish, run_training, storage_path
 from pipeline.tune.report import (
     COMPLETED, FAILED_STATUS, NO_RESULT, STOP_DECIDED_TAG, STOPPED, TrialSummary, log_sweep_summary,
     print_trial_table, tag_stop_decision,

@@ -12,9 +12,9 @@ from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.data.manifest import file_sha256, read_manifest
 from pipeline.errors import ConfigError, DataError, ModelSourceError
-from pipeline.retrieval import store
+from pipeline.features import store
 from pipeline.retrieval.embed import embed_split
-from pipeline.retrieval.index import INDEX_FILE
+from pipeline.features.index import INDEX_FILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CHAMPION = "models:/test-model@champion"
@@ -77,7 +77,7 @@ def test_an_output_of_the_format_without_index_checksums_is_embedded_again(galle
 def test_the_trained_features_retrieve_well_above_chance_and_untrained_ones_do_not(trained_run, galleries):
     import torch
 
-    from pipeline.retrieval.quality import knn_top1, nearest, retrieval_metrics
+    from pipeline.features.quality import knn_top1, nearest, retrieval_metrics
 
     config, results = galleries
     train, test = (store.read_embeddings(results[split].directory) for split in ("train", "test"))

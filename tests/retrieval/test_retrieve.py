@@ -12,10 +12,10 @@ from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.data.synthetic import make_jpeg_bytes
 from pipeline.errors import DataError, ModelSourceError
-from pipeline.retrieval import store
-from pipeline.retrieval.index import INDEX_FILE, IndexSettings, build_index, save_index
+from pipeline.features import store
+from pipeline.features.index import INDEX_FILE, IndexSettings, build_index, save_index
 from pipeline.retrieval.retrieve import open_gallery
-from tests.retrieval.test_store import sample
+from tests.features.test_store import sample
 
 OURS = "models:/imagenet-classifier/3"  # a pinned version of the default tracking.registered_model
 RESNET18_DIM = 512

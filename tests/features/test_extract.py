@@ -5,7 +5,7 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.inference.loading import FrozenEvalModule
-from pipeline.retrieval.features import FEATURE_LAYERS, feature_spec, with_features
+from pipeline.features.extract import FEATURE_LAYERS, feature_spec, with_features
 from pipeline.train.models import build_model
 
 

@@ -6,7 +6,7 @@
     DIR/labels.npy       int64 (samples,): an index into meta.json's class_names, -1 where unreadable
     DIR/positions.npy    int64 (samples, 2): (manifest shard index, sample index in that shard)
     DIR/keys.json        webdataset __key__ per sample
-    DIR/index.faiss      the gallery index over the readable rows (`pipeline.retrieval.index`)
+    DIR/index.faiss      the gallery index over the readable rows (`pipeline.features.index`)
 
 Rows follow the manifest order (shard by shard), so row i is the same sample on every re-run. A folder is written
 next to its destination and renamed into place, so a reader sees a complete output or none.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DataError
-from pipeline.retrieval import store
+from pipeline.features import store
 
 
 def sample(count: int = 4, dim: int = 3, model_source: str = "models:/m/1") -> store.Embeddings:

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.data.manifest import file_sha256
 from pipeline.errors import DataError
-from pipeline.retrieval.index import IndexSettings, build_index, load_index, save_index, search
+from pipeline.features.index import IndexSettings, build_index, load_index, save_index, search
 
 
 def vectors(count: int, dim: int = 16, seed: int = 0) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import DataError
-from pipeline.retrieval.quality import distributed_knn_top1, knn_top1, nearest, retrieval_metrics
+from pipeline.features.quality import distributed_knn_top1, knn_top1, nearest, retrieval_metrics
 
 
 def unit(rows) -> torch.Tensor:
