@@ -7,7 +7,7 @@ STAMP := $(VENV)/.install-stamp
 # pytest's own -x/-k etc. can be passed with: make test PYTEST_ARGS="-k loader"
 PYTEST_ARGS ?=
 
-.PHONY: demo test install browser gpu-wheels bench-data bench-train clean-data cluster-demo cluster-up cluster-down
+.PHONY: demo test lint format install browser gpu-wheels bench-data bench-train clean-data cluster-demo cluster-up cluster-down
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 2; }
@@ -42,8 +42,18 @@ browser:
 demo: $(STAMP)
 	$(BIN)/imagenet-pipeline demo
 
-test: $(STAMP) browser
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml: lint and formatting checked by `make test`; `make format` applies both.
+LINTED := pipeline tests jobs
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
 
 # A real 2-node Ray cluster on this machine (token auth, MLflow server), the training job submitted with
 # `ray job submit`, checks, then the dashboard and MLflow UI addresses. The cluster keeps running until

@@ -1,6 +1,7 @@
-"""Cluster entrypoint for `imagenet-pipeline evaluate`.
+r"""Cluster entrypoint for `imagenet-pipeline evaluate`.
 
-    ray job submit --working-dir . -- python -m jobs.evaluate -c jobs/configs/demo.yaml --model models:/demo-resnet18@champion --split test
+    ray job submit --working-dir . -- python -m jobs.evaluate -c jobs/configs/demo.yaml \
+        --model models:/demo-resnet18@champion --split test
 
 Takes exactly the options of `imagenet-pipeline evaluate` (see --help).
 """

@@ -43,32 +43,53 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    root: str = Field("data/shards", description="holds train/, val/, test/ shard splits: a local or NFS path, "
-                      "or a URL (s3://, gs://, any fsspec protocol)")
-    shard_command: str | None = Field(None, description="command streaming {url} to stdout, e.g. 'aws s3 cp {url} -' "
-                                      "(run as an argument vector, no shell); null: open local paths directly, URLs "
-                                      "via fsspec")
-    shard_url_schemes: list[str] = Field(default_factory=list, description="URL schemes a manifest may list shards "
-                                         "under (e.g. [s3, gs]); empty: shard entries must be plain file names")
+    root: str = Field(
+        "data/shards",
+        description="holds train/, val/, test/ shard splits: a local or NFS path, "
+        "or a URL (s3://, gs://, any fsspec protocol)",
+    )
+    shard_command: str | None = Field(
+        None,
+        description="command streaming {url} to stdout, e.g. 'aws s3 cp {url} -' "
+        "(run as an argument vector, no shell); null: open local paths directly, URLs "
+        "via fsspec",
+    )
+    shard_url_schemes: list[str] = Field(
+        default_factory=list,
+        description="URL schemes a manifest may list shards "
+        "under (e.g. [s3, gs]); empty: shard entries must be plain file names",
+    )
     train_image_size: int = Field(224, ge=16, le=1024, description="RandomResizedCrop output side, pixels")
     eval_image_size: int = Field(224, ge=16, le=1024, description="centre-crop side for val/test, pixels")
     eval_crop_ratio: float = Field(0.875, gt=0.0, le=1.0, description="crop side / resize side (224/256)")
     min_crop_scale: float = Field(0.08, gt=0.0, le=1.0, description="RandomResizedCrop smallest area share")
-    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, le=PIL_MAX_IMAGE_PIXELS,
-                                  description="largest width x height decoded (loader, verify, predict, sheets); "
-                                  "an image declaring more is refused from its header, as a corrupt sample")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS,
+        ge=1,
+        le=PIL_MAX_IMAGE_PIXELS,
+        description="largest width x height decoded (loader, verify, predict, sheets); "
+        "an image declaring more is refused from its header, as a corrupt sample",
+    )
     # 0.001: ImageNet's train set holds a few dozen odd files in 1.28 M (converted or skipped by `shard`); more than
     # one in a thousand masked in an epoch means unreadable shards, and then the epoch's numbers are not the data's.
-    max_corrupt_fraction: float = Field(0.001, ge=0.0, le=1.0, description="stop when an epoch's masked "
-                                        "(corrupt or unreadable) share of train or val samples exceeds this")
+    max_corrupt_fraction: float = Field(
+        0.001,
+        ge=0.0,
+        le=1.0,
+        description="stop when an epoch's masked (corrupt or unreadable) share of train or val samples exceeds this",
+    )
     loader_workers: int = Field(2, ge=0, le=64, description="DataLoader processes per training worker")
     shuffle_buffer: int = Field(1000, ge=1, description="samples held for the in-worker shuffle")
     prefetch_batches: int = Field(2, ge=1, description="batches prefetched per DataLoader process")
-    decode: Literal["cpu", "gpu"] = Field("cpu", description="where JPEGs are decoded: cpu (DataLoader "
-                                           "processes) or gpu (nvJPEG in the training process; needs "
-                                           "scaling.use_gpu)")
-    fit_splits: list[Literal["train", "val"]] = Field(["train"], description="splits trained on: [train], or "
-                                                       "[train, val] for a refit (then nothing is validated)")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="where JPEGs are decoded: cpu (DataLoader "
+        "processes) or gpu (nvJPEG in the training process; needs "
+        "scaling.use_gpu)",
+    )
+    fit_splits: list[Literal["train", "val"]] = Field(
+        ["train"], description="splits trained on: [train], or [train, val] for a refit (then nothing is validated)"
+    )
 
     @field_validator("fit_splits")
     @classmethod
@@ -121,9 +142,11 @@ class ModelConfig(_Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="AlexNet FC dropout / ResNet pre-classifier dropout")
     local_response_norm: bool = Field(True, description="AlexNet only: LRN after conv1 and conv2 as in 2012")
     init: Literal[ALEXNET_INITS] | None = Field(  # type: ignore[valid-type]
-        None, description="AlexNets only; None: the model's own. alexnet: paper (N(0, 0.01), biases 1) or reference "
+        None,
+        description="AlexNets only; None: the model's own. alexnet: paper (N(0, 0.01), biases 1) or reference "
         "(Caffe's bvlc_alexnet: fc6/fc7 N(0, 0.005), biases 0.1); alexnet_tv: torchvision (PyTorch's layer "
-        "defaults) or kaiming (He et al. 2015 for convs, N(0, 0.01) for FC: torchvision's VGG init)")
+        "defaults) or kaiming (He et al. 2015 for convs, N(0, 0.01) for FC: torchvision's VGG init)",
+    )
 
     @model_validator(mode="after")
     def _init_fits_the_model(self) -> "ModelConfig":
@@ -165,8 +188,10 @@ class OptimConfig(_Section):
         if self.min_lr >= self.lr:
             raise ValueError(f"optim.min_lr = {self.min_lr} is not below optim.lr = {self.lr}: lr could never drop")
         if self.patience is not None and self.patience <= self.plateau_patience:
-            raise ValueError(f"optim.patience = {self.patience} must exceed optim.plateau_patience = "
-                             f"{self.plateau_patience}: the run would stop before the lr is divided")
+            raise ValueError(
+                f"optim.patience = {self.patience} must exceed optim.plateau_patience = "
+                f"{self.plateau_patience}: the run would stop before the lr is divided"
+            )
         return self
 
 
@@ -197,31 +222,55 @@ class TrackingConfig(_Section):
         if value is not None and not RUN_NAME.fullmatch(value):
             raise ValueError("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return value
+
     storage_path: str = Field("ray_results", description="checkpoints: a local path, NFS, s3:// or gs:// URI")
     registered_model: str = "imagenet-classifier"
-    min_champion_top1: float | None = Field(None, ge=0.0, le=100.0, description="val top-1 (%) a version must "
-                                            "exceed to become champion; None: twice chance (200 / classes)")
+    min_champion_top1: float | None = Field(
+        None,
+        ge=0.0,
+        le=100.0,
+        description="val top-1 (%) a version must exceed to become champion; None: twice chance (200 / classes)",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="best checkpoints kept by val top-1, plus the latest")
-    checkpoint_every_steps: int | None = Field(None, ge=1, description="also checkpoint every N steps within an "
-                                               "epoch, so a killed run resumes at its next step; None: at epoch "
-                                               "ends only")
-    allow_changed_resume: bool = Field(False, description="resume a run although its data (manifest hash) or "
-                                       "optimisation settings changed since its checkpoints were written")
-    knn_every: int | None = Field(None, ge=1, description="log val k-NN top-1 (train gallery) every N epochs; "
-                                  "None: never (it costs an extra pass over train)")
-    log_every_n_steps: int | None = Field(None, ge=0, description="log train loss, lr and images/s every N steps "
-                                          "within an epoch; None: about 100 points per epoch; 0: per epoch only")
+    checkpoint_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="also checkpoint every N steps within an "
+        "epoch, so a killed run resumes at its next step; None: at epoch "
+        "ends only",
+    )
+    allow_changed_resume: bool = Field(
+        False,
+        description="resume a run although its data (manifest hash) or "
+        "optimisation settings changed since its checkpoints were written",
+    )
+    knn_every: int | None = Field(
+        None,
+        ge=1,
+        description="log val k-NN top-1 (train gallery) every N epochs; "
+        "None: never (it costs an extra pass over train)",
+    )
+    log_every_n_steps: int | None = Field(
+        None,
+        ge=0,
+        description="log train loss, lr and images/s every N steps "
+        "within an epoch; None: about 100 points per epoch; 0: per epoch only",
+    )
 
 
 class RetrievalConfig(_Section):
-    output: str = Field("embeddings", description="embed writes <output>/<model>-v<version>/<split> here (local "
-                        "or a shared volume)")
+    output: str = Field(
+        "embeddings", description="embed writes <output>/<model>-v<version>/<split> here (local or a shared volume)"
+    )
     embed_workers: int = Field(2, ge=1, description="Ray Data model replicas (actors) embedding in parallel")
     embed_batch_size: int = Field(64, ge=1, description="images per forward pass in each replica")
     decode_cpus: float = Field(1.0, gt=0.0, description="CPUs per Ray Data decoding task")
-    index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="flat: exact; ivf, hnsw: approximate, for "
-                                                  "galleries of ImageNet-train size")
-    ivf_nlist: int | None = Field(None, ge=1, description="ivf clusters; None: 4 * sqrt(gallery size), at most size / 39")
+    index: Literal["flat", "ivf", "hnsw"] = Field(
+        "flat", description="flat: exact; ivf, hnsw: approximate, for galleries of ImageNet-train size"
+    )
+    ivf_nlist: int | None = Field(
+        None, ge=1, description="ivf clusters; None: 4 * sqrt(gallery size), at most size / 39"
+    )
     ivf_nprobe: int = Field(16, ge=1)
     hnsw_m: int = Field(32, ge=2)
     knn_k: int = Field(20, ge=1, description="neighbours voting in k-NN classification")
@@ -273,27 +322,36 @@ class Config(_Section):
         smallest = MIN_IMAGE_SIZE.get(self.model.name, 1)
         for key in ("train_image_size", "eval_image_size"):
             if getattr(self.data, key) < smallest:
-                raise ValueError(f"data.{key} = {getattr(self.data, key)}: {self.model.name} needs inputs of at "
-                                 f"least {smallest} px (its strides and pools leave no map below that)")
+                raise ValueError(
+                    f"data.{key} = {getattr(self.data, key)}: {self.model.name} needs inputs of at "
+                    f"least {smallest} px (its strides and pools leave no map below that)"
+                )
         return self
 
     @model_validator(mode="after")
     def _check_decode(self) -> "Config":
         if self.data.decode == "gpu" and not self.scaling.use_gpu:
-            raise ValueError("data.decode = 'gpu' decodes JPEGs on the training workers' GPUs, and scaling.use_gpu "
-                             "is false; set scaling.use_gpu: true on a GPU cluster, or data.decode: cpu")
+            raise ValueError(
+                "data.decode = 'gpu' decodes JPEGs on the training workers' GPUs, and scaling.use_gpu "
+                "is false; set scaling.use_gpu: true on a GPU cluster, or data.decode: cpu"
+            )
         return self
 
     @model_validator(mode="after")
     def _check_refit(self) -> "Config":
         if self.data.validates:
             return self
-        needs_val = {"optim.schedule": self.optim.schedule if self.optim.schedule == "plateau" else None,
-                     "optim.patience": self.optim.patience, "tracking.knn_every": self.tracking.knn_every}
+        needs_val = {
+            "optim.schedule": self.optim.schedule if self.optim.schedule == "plateau" else None,
+            "optim.patience": self.optim.patience,
+            "tracking.knn_every": self.tracking.knn_every,
+        }
         for key, value in needs_val.items():
             if value is not None:
-                raise ValueError(f"{key} = {value!r} needs a val split, and data.fit_splits = {self.data.fit_splits} "
-                                 "trains on val (a refit); use the cosine or step schedule, no patience, no knn_every")
+                raise ValueError(
+                    f"{key} = {value!r} needs a val split, and data.fit_splits = {self.data.fit_splits} "
+                    "trains on val (a refit); use the cosine or step schedule, no patience, no knn_every"
+                )
         return self
 
     @model_validator(mode="after")
@@ -437,8 +495,10 @@ def _one_line(error: ValidationError) -> str:
 # Under `ray job submit --working-dir`, the job runs in Ray's copy of the working directory, which holds
 # neither data/ (.gitignore) nor anything else the relative path was meant to reach.
 RAY_WORKING_DIR_MARK = "/runtime_resources/working_dir_files/"
-RAY_JOB_COPY_HINT = ("this Ray job runs in Ray's copy of the working directory, where relative paths land and data/ "
-                     "is not uploaded; give an absolute path every node reaches (NFS) or a URL (s3://, gs://)")
+RAY_JOB_COPY_HINT = (
+    "this Ray job runs in Ray's copy of the working directory, where relative paths land and data/ "
+    "is not uploaded; give an absolute path every node reaches (NFS) or a URL (s3://, gs://)"
+)
 
 
 def refuse_job_copy(key: str, value: str, problem: str) -> None:

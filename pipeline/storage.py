@@ -82,11 +82,14 @@ def check_readable_protocol(url: str) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError:
-        raise StorageError(f"reading {protocol}:// needs the {_backend_package(protocol)} package: "
-                           f"{_install_hint(protocol)}") from None
+        raise StorageError(
+            f"reading {protocol}:// needs the {_backend_package(protocol)} package: {_install_hint(protocol)}"
+        ) from None
     except ValueError:
-        raise StorageError(f"fsspec knows no {protocol}:// protocol; use a local or NFS path, or a URL such as "
-                           "s3://, gs://, file:// (see fsspec's known_implementations)") from None
+        raise StorageError(
+            f"fsspec knows no {protocol}:// protocol; use a local or NFS path, or a URL such as "
+            "s3://, gs://, file:// (see fsspec's known_implementations)"
+        ) from None
 
 
 @contextmanager
@@ -96,7 +99,7 @@ def _on(action: str, location: str) -> Iterator[tuple[Any, str]]:
         filesystem, path = _filesystem(location)
     except StorageError:
         raise
-    except Exception as error:  # noqa: BLE001 - an unknown scheme or a backend's own error: the user's to fix
+    except Exception as error:  # an unknown scheme or a backend's own error: the user's to fix
         raise StorageError(f"cannot use {location}: {first_line(error)}") from None
     try:
         yield filesystem, path
@@ -258,6 +261,7 @@ def open_range(location: str, offset: int, length: int) -> Iterator[IO[bytes]]:
             yield _Window(lambda start, size: filesystem.cat_file(path, start=start, end=start + size), offset, length)
         return
     with open(Path(location).expanduser(), "rb") as handle:
+
         def fetch(start: int, size: int) -> bytes:
             handle.seek(start)
             return handle.read(size)
@@ -285,14 +289,14 @@ class _Window(io.RawIOBase):
         if self.used < len(self.buffer):
             count = len(self.buffer) - self.used if size < 0 else min(size, len(self.buffer) - self.used)
             self.used += count
-            return bytes(self.buffer[self.used - count:self.used])
+            return bytes(self.buffer[self.used - count : self.used])
         count = self.tail if size < 0 else min(size, self.tail)
         self.tail -= count
         return b"\0" * count
 
     def readinto(self, buffer) -> int:
         chunk = self.read(len(buffer))
-        buffer[:len(chunk)] = chunk
+        buffer[: len(chunk)] = chunk
         return len(chunk)
 
 
@@ -305,8 +309,10 @@ def check_shard_command(command: str) -> list[str]:
         raise StorageError(f"cannot be split into arguments ({error})") from None
     example = "e.g. 'aws s3 cp {url} -' or 'gsutil cat {url}'"
     if argv.count(URL_PLACEHOLDER) != 1 or sum(URL_PLACEHOLDER in arg for arg in argv) != 1:
-        raise StorageError(f"must contain {URL_PLACEHOLDER} exactly once, as a whole argument of its own (it is "
-                           f"replaced by the shard's location and run without a shell), {example}")
+        raise StorageError(
+            f"must contain {URL_PLACEHOLDER} exactly once, as a whole argument of its own (it is "
+            f"replaced by the shard's location and run without a shell), {example}"
+        )
     if argv[0] == URL_PLACEHOLDER:
         raise StorageError(f"{URL_PLACEHOLDER} cannot be the program to run; {example}")
     return argv

@@ -28,8 +28,14 @@ def jpeg_bytes(label: int, index: int, size: tuple[int, int] = (40, 30)) -> byte
     return buffer.getvalue()
 
 
-def write_split(split_dir: Path, shard_sizes: list[int], num_classes: int = 4, split: str = "val",
-                key_prefix: str = "s", indexed: bool = False) -> Manifest:
+def write_split(
+    split_dir: Path,
+    shard_sizes: list[int],
+    num_classes: int = 4,
+    split: str = "val",
+    key_prefix: str = "s",
+    indexed: bool = False,
+) -> Manifest:
     """Shards with the given sample counts; keys are 'sNNNNNN' (`key_prefix`) so tests can audit exactly-once.
     `indexed`: with sample indexes, as `shard` writes them (without: as older versions did)."""
     from pipeline.data.index import write_index
@@ -41,11 +47,18 @@ def write_split(split_dir: Path, shard_sizes: list[int], num_classes: int = 4, s
         with wds.TarWriter(str(split_dir / name)) as writer:
             for _ in range(size):
                 label = serial % num_classes
-                writer.write({"__key__": f"{key_prefix}{serial:06d}", "jpg": jpeg_bytes(label, serial), "cls": str(label).encode()})
+                writer.write(
+                    {
+                        "__key__": f"{key_prefix}{serial:06d}",
+                        "jpg": jpeg_bytes(label, serial),
+                        "cls": str(label).encode(),
+                    }
+                )
                 serial += 1
         index_sha256 = write_index(split_dir / name)[0] if indexed else None
-        shards.append(ShardInfo(name, size, file_sha256(split_dir / name), (split_dir / name).stat().st_size,
-                                index_sha256))
+        shards.append(
+            ShardInfo(name, size, file_sha256(split_dir / name), (split_dir / name).stat().st_size, index_sha256)
+        )
     classes = [ClassInfo(i, f"n{i:08d}", f"class {i}") for i in range(num_classes)]
     manifest = Manifest(split=split, classes=classes, shards=shards)
     write_manifest(manifest, split_dir)
@@ -90,6 +103,7 @@ def memory_shards(tiny_shards):
 # Ray and training fixtures: Ray starts once per test session; one real 2-worker run is shared by
 # every test that only reads its results (MLflow contents, evaluate, predict).
 
+
 @pytest.fixture(scope="session")
 def ray_session():
     import os
@@ -114,8 +128,9 @@ def learnable_shards(tmp_path_factory) -> Path:
     from pipeline.data.synthetic import generate_imagenet_folder
 
     base = tmp_path_factory.mktemp("learnable")
-    generate_imagenet_folder(base / "source", num_classes=4, train_per_class=24, val_per_class=6,
-                             width=64, height=48, seed=3)
+    generate_imagenet_folder(
+        base / "source", num_classes=4, train_per_class=24, val_per_class=6, width=64, height=48, seed=3
+    )
     shard_imagenet(base / "source", base / "shards", val_per_class=4, samples_per_shard=16, seed=3, progress=False)
     return base / "shards"
 
@@ -123,14 +138,28 @@ def learnable_shards(tmp_path_factory) -> Path:
 def training_config(shards: Path, workdir: Path, run_name: str, *extra: str):
     from pipeline.config import load_config
 
-    return load_config(overrides=[
-        f"data.root={shards}", "data.train_image_size=32", "data.eval_image_size=32", "data.loader_workers=0",
-        "data.shuffle_buffer=64", "model.name=resnet18", "optim.batch_size=16", "optim.lr=0.4", "optim.epochs=3",
-        "optim.warmup_epochs=0.3", "scaling.num_workers=2", "scaling.max_failures=1",
-        f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}", f"tracking.storage_path={workdir / 'ray'}",
-        f"tracking.run_name={run_name}", "tracking.experiment=tests", "tracking.registered_model=test-model",
-        *extra,
-    ])
+    return load_config(
+        overrides=[
+            f"data.root={shards}",
+            "data.train_image_size=32",
+            "data.eval_image_size=32",
+            "data.loader_workers=0",
+            "data.shuffle_buffer=64",
+            "model.name=resnet18",
+            "optim.batch_size=16",
+            "optim.lr=0.4",
+            "optim.epochs=3",
+            "optim.warmup_epochs=0.3",
+            "scaling.num_workers=2",
+            "scaling.max_failures=1",
+            f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+            f"tracking.storage_path={workdir / 'ray'}",
+            f"tracking.run_name={run_name}",
+            "tracking.experiment=tests",
+            "tracking.registered_model=test-model",
+            *extra,
+        ]
+    )
 
 
 class TrainedRun:
@@ -159,10 +188,24 @@ def mlflow_server(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -173,7 +216,7 @@ def mlflow_server(tmp_path):
                 break
             except OSError:
                 if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("mlflow server did not start")
+                    raise RuntimeError("mlflow server did not start") from None
                 time.sleep(0.5)
         yield url
     finally:

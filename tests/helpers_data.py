@@ -12,10 +12,24 @@ from pipeline.data.synthetic import generate_imagenet_folder, make_jpeg_bytes
 SMALL = {"width": 64, "height": 48}
 
 
-def small_imagenet(root: Path, *, val_layout: str = "folders", num_classes: int = 3, train_per_class: int = 8,
-                   val_per_class: int = 2, seed: int = 0) -> Path:
-    return generate_imagenet_folder(root, num_classes=num_classes, train_per_class=train_per_class,
-                                    val_per_class=val_per_class, seed=seed, val_layout=val_layout, **SMALL)
+def small_imagenet(
+    root: Path,
+    *,
+    val_layout: str = "folders",
+    num_classes: int = 3,
+    train_per_class: int = 8,
+    val_per_class: int = 2,
+    seed: int = 0,
+) -> Path:
+    return generate_imagenet_folder(
+        root,
+        num_classes=num_classes,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        seed=seed,
+        val_layout=val_layout,
+        **SMALL,
+    )
 
 
 def add_bad_files(class_dir: Path) -> dict[str, str]:

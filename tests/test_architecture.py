@@ -12,20 +12,56 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 # Lower layers never import higher ones; within a layer only a package's own modules import each other.
 LAYERS = {
-    "pipeline.config": 0, "pipeline.errors": 0, "pipeline.metrics": 0, "pipeline.storage": 0, "pipeline.events": 0,
-    "pipeline.upstream": 0, "pipeline.data": 1, "pipeline.features": 2, "pipeline.tracking": 3,
-    "pipeline.cluster": 4, "pipeline.train": 5, "pipeline.inference": 6, "pipeline.tune": 6, "pipeline.retrieval": 7,
-    "pipeline.bench": 8, "pipeline.demo": 8, "pipeline.cli": 9,
+    "pipeline.config": 0,
+    "pipeline.errors": 0,
+    "pipeline.metrics": 0,
+    "pipeline.storage": 0,
+    "pipeline.events": 0,
+    "pipeline.upstream": 0,
+    "pipeline.data": 1,
+    "pipeline.features": 2,
+    "pipeline.tracking": 3,
+    "pipeline.cluster": 4,
+    "pipeline.train": 5,
+    "pipeline.inference": 6,
+    "pipeline.tune": 6,
+    "pipeline.retrieval": 7,
+    "pipeline.bench": 8,
+    "pipeline.demo": 8,
+    "pipeline.cli": 9,
 }
 PURE = [
-    "pipeline.config", "pipeline.errors", "pipeline.metrics", "pipeline.storage", "pipeline.events",
-    "pipeline.data.loader", "pipeline.data.shard_reader", "pipeline.data.plan", "pipeline.data.transforms",
-    "pipeline.data.manifest", "pipeline.data.verify", "pipeline.data.sharding", "pipeline.data.synthetic", "pipeline.data.source",
-    "pipeline.data.loadcheck", "pipeline.train.models", "pipeline.train.optim", "pipeline.train.step",
-    "pipeline.train.checkpoints", "pipeline.train.progress", "pipeline.tracking.uri",
-    "pipeline.inference.loading", "pipeline.inference.evaluate", "pipeline.inference.predict",
-    "pipeline.features.extract", "pipeline.features.quality", "pipeline.features.index",
-    "pipeline.features.store", "pipeline.retrieval.sheet", "pipeline.bench.gpu", "pipeline.data.image_header",
+    "pipeline.config",
+    "pipeline.errors",
+    "pipeline.metrics",
+    "pipeline.storage",
+    "pipeline.events",
+    "pipeline.data.loader",
+    "pipeline.data.shard_reader",
+    "pipeline.data.plan",
+    "pipeline.data.transforms",
+    "pipeline.data.manifest",
+    "pipeline.data.verify",
+    "pipeline.data.sharding",
+    "pipeline.data.synthetic",
+    "pipeline.data.source",
+    "pipeline.data.loadcheck",
+    "pipeline.train.models",
+    "pipeline.train.optim",
+    "pipeline.train.step",
+    "pipeline.train.checkpoints",
+    "pipeline.train.progress",
+    "pipeline.tracking.uri",
+    "pipeline.inference.loading",
+    "pipeline.inference.evaluate",
+    "pipeline.inference.predict",
+    "pipeline.features.extract",
+    "pipeline.features.quality",
+    "pipeline.features.index",
+    "pipeline.features.store",
+    "pipeline.retrieval.sheet",
+    "pipeline.bench.gpu",
+    "pipeline.data.image_header",
 ]
 
 
@@ -81,7 +117,7 @@ def test_there_are_no_import_cycles():
         state[name] = "open"
         for target in sorted(graph[name]):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(path[path.index(target):] + [target]) if target in path else target)
+                cycles.append(" -> ".join(path[path.index(target) :] + [target]) if target in path else target)
             elif target not in state:
                 visit(target, [*path, target])
         state[name] = "done"
@@ -105,6 +141,9 @@ def test_the_pure_core_imports_neither_ray_nor_mlflow():
 
 
 def test_private_ray_apis_are_touched_only_by_the_ray_54305_workaround():
-    users = sorted(name for name, path in MODULES.items()
-                   if "ray._raylet" in path.read_text() or "ray.train.v2._internal" in path.read_text())
+    users = sorted(
+        name
+        for name, path in MODULES.items()
+        if "ray._raylet" in path.read_text() or "ray.train.v2._internal" in path.read_text()
+    )
     assert users == ["pipeline.upstream.ray_54305"]

@@ -4,7 +4,13 @@ import pytest
 import yaml
 
 from pipeline.config import (
-    DEFAULT_CONFIG, PROJECT_ROOT, Config, ConfigError, load_config, require_shards, validate_config,
+    DEFAULT_CONFIG,
+    PROJECT_ROOT,
+    Config,
+    ConfigError,
+    load_config,
+    require_shards,
+    validate_config,
 )
 
 
@@ -74,10 +80,16 @@ def test_malformed_override_and_files_are_clear_errors(tmp_path):
 
 
 def test_search_space_is_validated():
-    ok = validate_config({"search": {"space": {
-        "optim.lr": {"kind": "loguniform", "low": 1e-3, "high": 1.0},
-        "optim.batch_size": {"kind": "choice", "values": [64, 128]},
-    }}})
+    ok = validate_config(
+        {
+            "search": {
+                "space": {
+                    "optim.lr": {"kind": "loguniform", "low": 1e-3, "high": 1.0},
+                    "optim.batch_size": {"kind": "choice", "values": [64, 128]},
+                }
+            }
+        }
+    )
     assert ok.search.space["optim.lr"].kind == "loguniform"
     with pytest.raises(ConfigError, match="needs low < high"):
         validate_config({"search": {"space": {"model.dropout": {"kind": "uniform", "low": 0.5, "high": 0.1}}}})
@@ -112,7 +124,8 @@ def test_relative_paths_are_pinned_to_the_launch_directory_before_workers_start(
     assert remote.tracking.storage_path == "s3://bucket/ray"
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert load_config(overrides=["data.root=~/shards"]).with_absolute_paths().data.root == str(
-        tmp_path / "home" / "shards")
+        tmp_path / "home" / "shards"
+    )
 
 
 @pytest.mark.parametrize("url", ["memory://bucket/imagenet", "file:///data/imagenet"])
@@ -131,7 +144,8 @@ def test_a_url_whose_backend_is_missing_names_the_package_to_install(monkeypatch
     with pytest.raises(ConfigError) as caught:
         load_config(overrides=["data.root=s3://b/x"])
     assert str(caught.value) == (
-        "data.root = 's3://b/x': reading s3:// needs the s3fs package: pip install 'imagenet-ray-pipeline[cloud]'")
+        "data.root = 's3://b/x': reading s3:// needs the s3fs package: pip install 'imagenet-ray-pipeline[cloud]'"
+    )
 
 
 def test_a_url_root_needs_the_manifests_of_its_splits(memory_shards):
@@ -162,19 +176,24 @@ def test_a_relative_data_root_inside_a_ray_jobs_working_dir_copy_says_why(tmp_pa
 
     copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12" / "data" / "shards"
     config = load_config(overrides=[f"data.root={copy}"])
-    with pytest.raises(ConfigError, match="runs in Ray's copy of the working directory.*absolute path every node reaches"):
+    with pytest.raises(
+        ConfigError, match="runs in Ray's copy of the working directory.*absolute path every node reaches"
+    ):
         require_shards(config)
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("tracking.run_name=it's", r"tracking\.run_name = \"it's\": use 1-128 letters, digits"),
-    ("tracking.run_name=../escape", r"tracking\.run_name = '\.\./escape': use 1-128 letters"),
-    ("seed=-1", r"seed = -1: Input should be greater than or equal to 0"),
-    ("seed=4294967296", r"seed = 4294967296: Input should be less than 4294967296"),
-    ("data.train_image_size=32", r"data\.train_image_size = 32: alexnet needs inputs of at least 63 px"),
-    ("search.space={optim.lr: {low: 1}}", r"search\.space\.optim\.lr\.kind: this key is required here and missing"),
-    ("data.shard_url_schemes=[pipe]", r"'pipe' is not a URL scheme"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("tracking.run_name=it's", r"tracking\.run_name = \"it's\": use 1-128 letters, digits"),
+        ("tracking.run_name=../escape", r"tracking\.run_name = '\.\./escape': use 1-128 letters"),
+        ("seed=-1", r"seed = -1: Input should be greater than or equal to 0"),
+        ("seed=4294967296", r"seed = 4294967296: Input should be less than 4294967296"),
+        ("data.train_image_size=32", r"data\.train_image_size = 32: alexnet needs inputs of at least 63 px"),
+        ("search.space={optim.lr: {low: 1}}", r"search\.space\.optim\.lr\.kind: this key is required here and missing"),
+        ("data.shard_url_schemes=[pipe]", r"'pipe' is not a URL scheme"),
+    ],
+)
 def test_unsafe_or_impossible_values_are_refused_at_load(override, expected):
     with pytest.raises(ConfigError, match=expected) as caught:
         load_config(overrides=["model.name=alexnet", "data.eval_image_size=64", "data.train_image_size=64", override])

@@ -34,20 +34,35 @@ PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 RAY_KINDS = ("RayCluster", "RayJob")
 SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
 LITERAL_SECRETS = [  # (pattern, a sample it must catch)
-    (re.compile(r"(?i)[\w.-]*(password|passwd|token|secret|access_key|api_key)[\w.-]*\s*=\s*['\"]?"
-                r"[A-Za-z0-9+_-][A-Za-z0-9+/_=-]{3,}"), "MLFLOW_TRACKING_PASSWORD='hunter2hunter2'"),
+    (
+        re.compile(
+            r"(?i)[\w.-]*(password|passwd|token|secret|access_key|api_key)[\w.-]*\s*=\s*['\"]?"
+            r"[A-Za-z0-9+_-][A-Za-z0-9+/_=-]{3,}"
+        ),
+        "MLFLOW_TRACKING_PASSWORD='hunter2hunter2'",
+    ),
     (re.compile(r"\b[a-z][a-z0-9+.-]*://[^/\s:@$]+:(?!\$)[^/\s@]+@"), "postgresql://mlflow:hunter2@db:5432/x"),
     (re.compile(r"\bAKIA[0-9A-Z]{16}\b"), "AKIAIOSFODNN7EXAMPLE"),
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "-----BEGIN RSA PRIVATE KEY-----"),
 ]
 # Pod Security "restricted": the volume types it admits, and the pod securityContext fields a container inherits.
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
-                      "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 INHERITED_SECURITY = ("runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile", "seLinuxOptions", "appArmorProfile")
 # Where each image's processes write outside their data volumes; the root filesystem is read-only.
-WRITABLE_PATHS = {"imagenet-pipeline": ("/tmp", "/tmp/ray", "/home/ray"),  # scratch, Ray's session dir, caches
-                  "mlflow-server": ("/tmp", "/home/mlflow"),
-                  "postgres": ("/tmp", "/var/run/postgresql")}  # the socket and its lock file
+WRITABLE_PATHS = {
+    "imagenet-pipeline": ("/tmp", "/tmp/ray", "/home/ray"),  # scratch, Ray's session dir, caches
+    "mlflow-server": ("/tmp", "/home/mlflow"),
+    "postgres": ("/tmp", "/var/run/postgresql"),
+}  # the socket and its lock file
 POSTGRES_UID = 999  # user `postgres` of the official image
 GENERATED = "-x7k2q"  # KubeRay names a RayJob's own cluster <job name>-<5 random characters>
 RAY_ROLES = ("ray-head", "ray-worker")
@@ -121,8 +136,16 @@ def limits(group: dict) -> dict:
 
 
 def test_every_yaml_under_infra_parses_and_names_its_kind():
-    expected = {"kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml",
-                "kuberay/rayjob-refit.yaml", "kuberay/storage.yaml", "mlflow/mlflow.yaml", "mlflow/postgres.yaml", "cluster-launcher/aws-gpu.yaml"}
+    expected = {
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob-train.yaml",
+        "kuberay/rayjob-tune.yaml",
+        "kuberay/rayjob-refit.yaml",
+        "kuberay/storage.yaml",
+        "mlflow/mlflow.yaml",
+        "mlflow/postgres.yaml",
+        "cluster-launcher/aws-gpu.yaml",
+    }
     found = {str(path.relative_to(INFRA)): documents(path) for path in INFRA.rglob("*.yaml")}
     assert expected <= found.keys(), f"missing: {sorted(expected - found.keys())}"
     for relative, docs in found.items():
@@ -151,17 +174,22 @@ def test_ray_clusters_set_auth_options_a_cpu_free_head_gpu_workers_and_the_share
         for spec in cluster_specs(doc):
             name = doc["metadata"]["name"]
             assert spec.get("authOptions", {}).get("mode") == "token", f"{name}: authOptions.mode is not token"
-            token_secrets = {entry["valueFrom"]["secretKeyRef"]["name"] for _, pod in ray_pods(doc)
-                             for container in containers(pod) for entry in container["env"]
-                             if entry["name"] == "RAY_AUTH_TOKEN"}
+            token_secrets = {
+                entry["valueFrom"]["secretKeyRef"]["name"]
+                for _, pod in ray_pods(doc)
+                for container in containers(pod)
+                for entry in container["env"]
+                if entry["name"] == "RAY_AUTH_TOKEN"
+            }
             assert token_secrets == {spec["authOptions"]["secretName"]}, f"{name}: two different tokens"
             assert spec["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", f"{name}: training on the head"
             assert any(limits(group).get("nvidia.com/gpu") for group in spec["workerGroupSpecs"]), f"{name}: no GPUs"
         for label, pod in ray_pods(doc):
             if label.endswith("/submitter"):
                 continue
-            volumes = {volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName")
-                       for volume in pod["volumes"]}
+            volumes = {
+                volume["name"]: volume.get("persistentVolumeClaim", {}).get("claimName") for volume in pod["volumes"]
+            }
             mounts = {mount["mountPath"]: mount["name"] for mount in pod["containers"][0]["volumeMounts"]}
             claim = claims.get(volumes.get(mounts.get(SHARED_MOUNT)))
             assert claim and claim["spec"]["accessModes"] == ["ReadWriteMany"], f"{label}: {SHARED_MOUNT} not RWX"
@@ -179,8 +207,11 @@ def test_nothing_exposes_ray_or_mlflow_outside_the_cluster():
             assert not node.get("hostNetwork") and "hostPort" not in node, f"{name} binds a host port"
     launcher = documents("cluster-launcher/aws-gpu.yaml")[0]
     for rule in launcher["provider"].get("security_group", {}).get("IpPermissions", []):
-        public = [r for r in rule.get("IpRanges", []) + rule.get("Ipv6Ranges", [])
-                  if r.get("CidrIp") == "0.0.0.0/0" or r.get("CidrIpv6") == "::/0"]
+        public = [
+            r
+            for r in rule.get("IpRanges", []) + rule.get("Ipv6Ranges", [])
+            if r.get("CidrIp") == "0.0.0.0/0" or r.get("CidrIpv6") == "::/0"
+        ]
         assert not public, f"security group opens ports {rule.get('FromPort')}-{rule.get('ToPort')} to the internet"
 
 
@@ -256,8 +287,10 @@ def test_rayjobs_fit_the_cluster_they_run_on():
         spec = doc["spec"].get("rayClusterSpec") or clusters[doc["spec"]["clusterSelector"]["ray.io/cluster"]]
         nodes = []
         for group in spec["workerGroupSpecs"]:  # Ray reads a pod's CPUs and GPUs from its limits unless told
-            advertised = {"CPU": float(group["rayStartParams"].get("num-cpus", limits(group)["cpu"])),
-                          "GPU": float(limits(group).get("nvidia.com/gpu", 0))}
+            advertised = {
+                "CPU": float(group["rayStartParams"].get("num-cpus", limits(group)["cpu"])),
+                "GPU": float(limits(group).get("nvidia.com/gpu", 0)),
+            }
             nodes += [advertised] * group["replicas"]
         if module != "jobs.tune":
             config = config.model_copy(update={"search": config.search.model_copy(update={"max_concurrent_trials": 1})})
@@ -270,8 +303,14 @@ def test_mlflow_server_uses_basic_auth_allowed_hosts_and_secrets():
     container = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     args = dict(arg.removeprefix("--").partition("=")[::2] for arg in container["args"])
     assert args["app-name"] == "basic-auth" and "serve-artifacts" in args
-    uris = {entry["value"] for doc in manifests(RAY_KINDS) for _, pod in ray_pods(doc) for c in containers(pod)
-            for entry in c.get("env", []) if entry["name"] == "MLFLOW_TRACKING_URI"}
+    uris = {
+        entry["value"]
+        for doc in manifests(RAY_KINDS)
+        for _, pod in ray_pods(doc)
+        for c in containers(pod)
+        for entry in c.get("env", [])
+        if entry["name"] == "MLFLOW_TRACKING_URI"
+    }
     assert uris and {uri.split("://")[1].rstrip("/") for uri in uris} <= set(args["allowed-hosts"].split(",")), uris
     env = {entry["name"]: entry for entry in container["env"]}
     assert "secretKeyRef" in env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]
@@ -298,6 +337,7 @@ def test_cluster_launcher_starts_every_node_with_token_auth_and_the_token_file()
 @dataclass
 class Endpoint:
     """One end of a connection: a pod, labelled as Kubernetes will label it, or an address outside the cluster."""
+
     name: str
     role: str  # ray-head, ray-worker, submitter, mlflow, postgres; operator, stranger, dns, internet, metadata
     namespace: str = "imagenet"
@@ -314,8 +354,10 @@ def workload_pods() -> list[Endpoint]:
         kind, name, namespace = doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace", "default")
         if kind in ("Deployment", "StatefulSet"):
             template = doc["spec"]["template"]
-            claims = [{"name": claim["metadata"]["name"], "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
-                      for claim in doc["spec"].get("volumeClaimTemplates", [])]  # the StatefulSet controller adds these
+            claims = [
+                {"name": claim["metadata"]["name"], "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+                for claim in doc["spec"].get("volumeClaimTemplates", [])
+            ]  # the StatefulSet controller adds these
             spec = {**template["spec"], "volumes": template["spec"].get("volumes", []) + claims}
             role = {"mlflow-postgres": "postgres"}.get(name, name)
             pods.append(Endpoint(f"{kind}/{name}", role, namespace, template["metadata"].get("labels", {}), spec=spec))
@@ -325,27 +367,46 @@ def workload_pods() -> list[Endpoint]:
             groups += [("worker", group["groupName"], group) for group in cluster_spec["workerGroupSpecs"]]
             for node_type, group_name, group in groups:
                 template = group["template"]
-                labels = {**template.get("metadata", {}).get("labels", {}), "ray.io/is-ray-node": "yes",
-                          "ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/group": group_name,
-                          "app.kubernetes.io/name": "kuberay", "app.kubernetes.io/created-by": "kuberay-operator"}
-                pods.append(Endpoint(f"{kind}/{name}/{group_name}", f"ray-{node_type}", namespace, labels, cluster,
-                                     spec=template["spec"]))
+                labels = {
+                    **template.get("metadata", {}).get("labels", {}),
+                    "ray.io/is-ray-node": "yes",
+                    "ray.io/cluster": cluster,
+                    "ray.io/node-type": node_type,
+                    "ray.io/group": group_name,
+                    "app.kubernetes.io/name": "kuberay",
+                    "app.kubernetes.io/created-by": "kuberay-operator",
+                }
+                pods.append(
+                    Endpoint(
+                        f"{kind}/{name}/{group_name}",
+                        f"ray-{node_type}",
+                        namespace,
+                        labels,
+                        cluster,
+                        spec=template["spec"],
+                    )
+                )
         if kind == "RayJob":  # KubeRay 1.6 keeps the template's labels; the Job adds its own
             template = doc["spec"]["submitterPodTemplate"]
             target = doc["spec"].get("clusterSelector", {}).get("ray.io/cluster", name + GENERATED)
             labels = {**template.get("metadata", {}).get("labels", {}), "batch.kubernetes.io/job-name": name}
-            pods.append(Endpoint(f"{kind}/{name}/submitter", "submitter", namespace, labels, target,
-                                 spec=template["spec"]))
+            pods.append(
+                Endpoint(f"{kind}/{name}/submitter", "submitter", namespace, labels, target, spec=template["spec"])
+            )
     return pods
 
 
 def selects(selector: dict, labels: dict) -> bool:
     """Kubernetes label-selector semantics: every matchLabels pair and matchExpressions entry holds ({} selects all)."""
-    operators = {"In": lambda e: labels.get(e["key"]) in e["values"],
-                 "NotIn": lambda e: labels.get(e["key"]) not in e["values"],
-                 "Exists": lambda e: e["key"] in labels, "DoesNotExist": lambda e: e["key"] not in labels}
-    return (all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
-            and all(operators[e["operator"]](e) for e in selector.get("matchExpressions", [])))
+    operators = {
+        "In": lambda e: labels.get(e["key"]) in e["values"],
+        "NotIn": lambda e: labels.get(e["key"]) not in e["values"],
+        "Exists": lambda e: e["key"] in labels,
+        "DoesNotExist": lambda e: e["key"] not in labels,
+    }
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items()) and all(
+        operators[e["operator"]](e) for e in selector.get("matchExpressions", [])
+    )
 
 
 def policy_types(policy: dict) -> list[str]:
@@ -360,39 +421,57 @@ class Network:
 
     def __init__(self):
         self.policies = manifests(("NetworkPolicy",))
-        self.namespaces = {doc["metadata"]["name"]: doc["metadata"].get("labels", {}) for doc in manifests(("Namespace",))}
+        self.namespaces = {
+            doc["metadata"]["name"]: doc["metadata"].get("labels", {}) for doc in manifests(("Namespace",))
+        }
 
     def connects(self, source: Endpoint, destination: Endpoint, port: int, protocol: str) -> bool:
-        return (self.admits("Egress", source, destination, port, protocol)
-                and (bool(destination.ip) or self.admits("Ingress", destination, source, port, protocol)))
+        return self.admits("Egress", source, destination, port, protocol) and (
+            bool(destination.ip) or self.admits("Ingress", destination, source, port, protocol)
+        )
 
     def admits(self, direction: str, pod: Endpoint, peer: Endpoint, port: int, protocol: str) -> bool:
         """Whether `pod`'s policies of `direction` let it receive from / send to `peer`."""
-        isolating = [policy for policy in self.policies if policy["metadata"]["namespace"] == pod.namespace
-                     and direction in policy_types(policy) and selects(policy["spec"]["podSelector"], pod.labels)]
+        isolating = [
+            policy
+            for policy in self.policies
+            if policy["metadata"]["namespace"] == pod.namespace
+            and direction in policy_types(policy)
+            and selects(policy["spec"]["podSelector"], pod.labels)
+        ]
         rules, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
         return not isolating or any(
             self._port_matches(rule, port, protocol)
             and (not rule.get(peers) or any(self._peer_matches(entry, pod.namespace, peer) for entry in rule[peers]))
-            for policy in isolating for rule in policy["spec"].get(rules) or [])
+            for policy in isolating
+            for rule in policy["spec"].get(rules) or []
+        )
 
     @staticmethod
     def _port_matches(rule: dict, port: int, protocol: str) -> bool:
         return not rule.get("ports") or any(
             entry.get("protocol", "TCP") == protocol
             and ("port" not in entry or entry["port"] <= port <= entry.get("endPort", entry["port"]))
-            for entry in rule["ports"] if isinstance(entry.get("port", 0), int))
+            for entry in rule["ports"]
+            if isinstance(entry.get("port", 0), int)
+        )
 
     def _peer_matches(self, peer: dict, namespace: str, endpoint: Endpoint) -> bool:
         if "ipBlock" in peer:  # counted for outside addresses only: CNIs differ on whether it covers pod IPs
             address, block = endpoint.ip and ipaddress.ip_address(endpoint.ip), peer["ipBlock"]
-            return bool(address) and address in ipaddress.ip_network(block["cidr"]) and not any(
-                address in ipaddress.ip_network(excluded) for excluded in block.get("except", []))
+            return (
+                bool(address)
+                and address in ipaddress.ip_network(block["cidr"])
+                and not any(address in ipaddress.ip_network(excluded) for excluded in block.get("except", []))
+            )
         if endpoint.ip:
             return False
         labels = {**self.namespaces.get(endpoint.namespace, {}), "kubernetes.io/metadata.name": endpoint.namespace}
-        in_namespace = (selects(peer["namespaceSelector"], labels) if "namespaceSelector" in peer
-                        else endpoint.namespace == namespace)
+        in_namespace = (
+            selects(peer["namespaceSelector"], labels)
+            if "namespaceSelector" in peer
+            else endpoint.namespace == namespace
+        )
         return in_namespace and selects(peer.get("podSelector", {}), endpoint.labels)
 
 
@@ -403,25 +482,32 @@ def should_connect(source: Endpoint, destination: Endpoint, port: int, shared_cl
             return True  # GCS, object transfer and Ray's worker ports: every port
         # `ray job submit` and the operator's status polls use the job API. Any RayJob of the namespace may select
         # a standalone RayCluster by name; a RayJob's own cluster serves that job alone.
-        submitter = source.role == "submitter" and (source.cluster == destination.cluster
-                                                    or destination.cluster in shared_clusters)
+        submitter = source.role == "submitter" and (
+            source.cluster == destination.cluster or destination.cluster in shared_clusters
+        )
         return destination.role == "ray-head" and port == 8265 and (submitter or source.role == "operator")
-    return {"mlflow": source.role in RAY_ROLES and port == 5000,
-            "postgres": source.role == "mlflow" and port == 5432,
-            "dns": source.role in (*RAY_ROLES, "submitter", "mlflow"),
-            "internet": source.role in (*RAY_ROLES, "mlflow")}.get(destination.role, False)  # metadata: nobody
+    return {
+        "mlflow": source.role in RAY_ROLES and port == 5000,
+        "postgres": source.role == "mlflow" and port == 5432,
+        "dns": source.role in (*RAY_ROLES, "submitter", "mlflow"),
+        "internet": source.role in (*RAY_ROLES, "mlflow"),
+    }.get(destination.role, False)  # metadata: nobody
 
 
 @pytest.mark.parametrize("role", [*RAY_ROLES, "mlflow", "postgres", "submitter", "dns", "internet", "metadata"])
 def test_network_policies_admit_exactly_the_connections_the_pipeline_makes(role):
     network, pods = Network(), workload_pods()
     shared_clusters = {doc["metadata"]["name"] for doc in manifests(("RayCluster",))}
-    others = [Endpoint("kuberay-operator", "operator", "kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"}),
-              Endpoint("another pod of the namespace", "stranger", labels={"app": "debug"}),
-              Endpoint("a pod of another namespace", "stranger", "default")]
-    beyond = {"dns": Endpoint("kube-dns", "dns", "kube-system", {"k8s-app": "kube-dns"}),
-              "internet": Endpoint("an object store", "internet", ip="203.0.113.10"),
-              "metadata": Endpoint("the cloud metadata service", "metadata", ip="169.254.169.254")}
+    others = [
+        Endpoint("kuberay-operator", "operator", "kuberay-system", {"app.kubernetes.io/name": "kuberay-operator"}),
+        Endpoint("another pod of the namespace", "stranger", labels={"app": "debug"}),
+        Endpoint("a pod of another namespace", "stranger", "default"),
+    ]
+    beyond = {
+        "dns": Endpoint("kube-dns", "dns", "kube-system", {"k8s-app": "kube-dns"}),
+        "internet": Endpoint("an object store", "internet", ip="203.0.113.10"),
+        "metadata": Endpoint("the cloud metadata service", "metadata", ip="169.254.169.254"),
+    }
     probes = {"dns": [(53, "UDP"), (53, "TCP")], "internet": [(443, "TCP")], "metadata": [(80, "TCP")]}
     destinations = [beyond[role]] if role in beyond else [pod for pod in pods if pod.role == role]
     # Only this namespace's egress is ours to restrict: other namespaces may reach DNS and the internet.
@@ -435,8 +521,11 @@ def test_network_policies_admit_exactly_the_connections_the_pipeline_makes(role)
             verdicts = {"connection": network.connects(source, destination, port, protocol)}
             if role not in beyond:
                 verdicts["its ingress"] = network.admits("Ingress", destination, source, port, protocol)
-            wrong += [f"{source.name} -> {destination.name} {port}/{protocol}: {what} {'open' if allowed else 'blocked'}"
-                      for what, allowed in verdicts.items() if allowed != expected]
+            wrong += [
+                f"{source.name} -> {destination.name} {port}/{protocol}: {what} {'open' if allowed else 'blocked'}"
+                for what, allowed in verdicts.items()
+                if allowed != expected
+            ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -446,7 +535,9 @@ def test_a_default_deny_isolates_the_namespace_and_every_other_policy_names_its_
     for namespace in namespaces:
         deny = [p for p in policies if p["metadata"]["namespace"] == namespace and not p["spec"]["podSelector"]]
         assert len(deny) == 1, f"{namespace}: {len(deny)} namespace-wide policies, expected one default-deny"
-        assert set(policy_types(deny[0])) == {"Ingress", "Egress"}, f"{namespace}: the default-deny leaves a direction open"
+        assert set(policy_types(deny[0])) == {"Ingress", "Egress"}, (
+            f"{namespace}: the default-deny leaves a direction open"
+        )
         assert not deny[0]["spec"].get("ingress") and not deny[0]["spec"].get("egress"), "the default-deny allows"
     for policy in policies:
         name = policy["metadata"]["name"]
@@ -458,8 +549,9 @@ def test_a_default_deny_isolates_the_namespace_and_every_other_policy_names_its_
             assert rule.get("from"), f"{name}: an ingress rule without `from` admits every source"
             for peer in rule["from"]:
                 pods = peer.get("podSelector", {})
-                assert "ipBlock" not in peer and (pods.get("matchLabels") or pods.get("matchExpressions")), \
+                assert "ipBlock" not in peer and (pods.get("matchLabels") or pods.get("matchExpressions")), (
                     f"{name}: peer {peer} admits whole namespaces or address ranges"
+                )
 
 
 def effective_security_context(pod: dict, container: dict) -> dict:
@@ -479,8 +571,11 @@ def dockerfile_user(path: str) -> int:
 
 
 def test_every_container_meets_pod_security_restricted_as_its_images_own_user():
-    uids = {"imagenet-pipeline": dockerfile_user("docker/Dockerfile"), "mlflow-server": dockerfile_user("mlflow/Dockerfile"),
-            "postgres": POSTGRES_UID}
+    uids = {
+        "imagenet-pipeline": dockerfile_user("docker/Dockerfile"),
+        "mlflow-server": dockerfile_user("mlflow/Dockerfile"),
+        "postgres": POSTGRES_UID,
+    }
     checked = 0
     for pod in workload_pods():
         spec = pod.spec
@@ -494,13 +589,19 @@ def test_every_container_meets_pod_security_restricted_as_its_images_own_user():
             assert not context.get("privileged"), f"{where} is privileged"
             assert "ALL" in capabilities.get("drop", []), f"{where} keeps the default capabilities"
             assert set(capabilities.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{where} adds capabilities"
-            assert context.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), f"{where}: no seccomp"
+            assert context.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), (
+                f"{where}: no seccomp"
+            )
             assert context.get("runAsNonRoot") is True, f"{where}: runAsNonRoot is not true"
-            assert context.get("runAsUser") == uids[image_name(container)], f"{where}: runAsUser is not the image's user"
+            assert context.get("runAsUser") == uids[image_name(container)], (
+                f"{where}: runAsUser is not the image's user"
+            )
             assert context.get("readOnlyRootFilesystem") is True, f"{where}: the image is writable"
             if any("persistentVolumeClaim" in volume for volume in spec.get("volumes", [])):
                 group = spec.get("securityContext", {}).get("fsGroup")
-                assert group == context.get("runAsGroup", context["runAsUser"]), f"{where}: its volumes are not its group's"
+                assert group == context.get("runAsGroup", context["runAsUser"]), (
+                    f"{where}: its volumes are not its group's"
+                )
             checked += 1
     assert checked >= 9  # 5 Ray pods, 2 submitters, MLflow, Postgres
 
@@ -512,15 +613,21 @@ def test_writable_paths_are_empty_dirs_and_postgres_keeps_its_data_on_its_claim(
             mounts = container.get("volumeMounts", [])
             env = {entry["name"]: entry.get("value") for entry in container.get("env", [])}
 
-            def volume_at(path: str) -> dict:  # the deepest mount holding the path, as the kernel resolves it
-                holders = [m for m in mounts if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")]
+            def volume_at(path: str, mounts=mounts, volumes=volumes) -> dict:  # the deepest mount holding the path
+                holders = [
+                    m for m in mounts if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+                ]
                 deepest = max(holders, key=lambda mount: len(mount["mountPath"]), default=None)
                 return {} if deepest is None or deepest.get("readOnly") else volumes[deepest["name"]]
 
             for path in WRITABLE_PATHS[image_name(container)]:
-                assert "emptyDir" in volume_at(path), f"{pod.name}/{container['name']}: {path} is not a writable emptyDir"
+                assert "emptyDir" in volume_at(path), (
+                    f"{pod.name}/{container['name']}: {path} is not a writable emptyDir"
+                )
             if "PGDATA" in env:
-                assert "persistentVolumeClaim" in volume_at(env["PGDATA"]), f"{pod.name}: the database is not on its claim"
+                assert "persistentVolumeClaim" in volume_at(env["PGDATA"]), (
+                    f"{pod.name}: the database is not on its claim"
+                )
 
 
 def test_the_namespace_enforces_pod_security_restricted_from_its_creation():
@@ -551,8 +658,9 @@ def test_training_pods_mount_the_shards_read_only_and_only_the_sharding_group_ma
             mounts = {mount["mountPath"]: mount for mount in pod["containers"][0]["volumeMounts"]}
             shards = mounts.get(f"{SHARED_MOUNT}/imagenet-shards")
             writes_shards = label.endswith("/cpu")
-            assert writes_shards or (shards and shards.get("readOnly") is True
-                                     and shards["subPath"] == "imagenet-shards"), f"{label}: shards writable"
+            assert writes_shards or (
+                shards and shards.get("readOnly") is True and shards["subPath"] == "imagenet-shards"
+            ), f"{label}: shards writable"
 
 
 def test_every_rayjob_has_a_deadline():
@@ -568,7 +676,9 @@ def test_mlflow_reaches_postgres_as_its_own_role_with_an_explicit_sslmode():
     ini = configparser.ConfigParser()
     ini.read_string(next(iter(docs["ConfigMap"]["data"].values())))
     postgres = {doc["kind"]: doc for doc in documents("mlflow/postgres.yaml")}
-    server_env = {entry["name"]: entry for entry in postgres["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    server_env = {
+        entry["name"]: entry for entry in postgres["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     superuser = server_env.get("POSTGRES_USER", {}).get("value", "postgres")
     init_sql = "\n".join(postgres["ConfigMap"]["data"].values())
     service = postgres["Service"]["metadata"]["name"]
@@ -580,12 +690,15 @@ def test_mlflow_reaches_postgres_as_its_own_role_with_an_explicit_sslmode():
         # libpq's default `prefer` falls back to plain text silently; a database beyond the cluster must refuse that.
         accepted = {"require", "verify-ca", "verify-full"} | ({"prefer"} if uri.hostname in in_cluster else set())
         assert sslmode in accepted, f"{uri.geturl()}: sslmode {sslmode or 'unset'}"
-        assert re.search(rf"CREATE DATABASE {database} OWNER {user}\b", init_sql, re.IGNORECASE), f"{database} not {user}'s"
+        assert re.search(rf"CREATE DATABASE {database} OWNER {user}\b", init_sql, re.IGNORECASE), (
+            f"{database} not {user}'s"
+        )
     role = re.search(rf"CREATE ROLE {user}\b([^;]*);", init_sql, re.IGNORECASE)
     assert role and not re.search(r"\b(SUPERUSER|CREATEROLE|CREATEDB|REPLICATION|BYPASSRLS)\b", role[1], re.IGNORECASE)
     mlflow_password = {entry["name"]: entry for entry in container["env"]}["PGPASSWORD"]["valueFrom"]["secretKeyRef"]
-    assert server_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] != mlflow_password["name"], \
+    assert server_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] != mlflow_password["name"], (
         "MLflow's pod can read the superuser password"
+    )
 
 
 def test_cluster_launcher_nodes_have_their_own_instance_profiles_and_require_imdsv2():
@@ -602,7 +715,9 @@ def test_cluster_launcher_nodes_have_their_own_instance_profiles_and_require_imd
         assert metadata.get("HttpTokens") == "required", f"{name}: IMDSv1 answers anyone who can make a GET"
         assert metadata.get("HttpPutResponseHopLimit") in (1, 2), f"{name}: IMDS tokens reach beyond the node"
     head = launcher["head_node_type"]
-    assert all(profiles[name] != profiles[head] for name in profiles if name != head), "workers get the head's EC2 rights"
+    assert all(profiles[name] != profiles[head] for name in profiles if name != head), (
+        "workers get the head's EC2 rights"
+    )
 
 
 def test_cluster_launcher_nodes_use_a_security_group_made_for_them():
@@ -615,20 +730,35 @@ def test_cluster_launcher_nodes_use_a_security_group_made_for_them():
 
 def test_the_mlflow_env_file_keeps_hostile_values_literal_when_the_nodes_source_it(tmp_path):
     canary = tmp_path / "payload-ran"
-    values = {"MLFLOW_TRACKING_URI": "https://mlflow.example.com/a b",
-              "MLFLOW_TRACKING_USERNAME": f"ray`touch {canary}`",
-              "MLFLOW_TRACKING_PASSWORD": f"x'\"$(touch {canary}); touch {canary}\n$HOME \\ %s"}
+    values = {
+        "MLFLOW_TRACKING_URI": "https://mlflow.example.com/a b",
+        "MLFLOW_TRACKING_USERNAME": f"ray`touch {canary}`",
+        "MLFLOW_TRACKING_PASSWORD": f"x'\"$(touch {canary}); touch {canary}\n$HOME \\ %s",
+    }
     env_file, clean = tmp_path / "mlflow.env", {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
     writer = INFRA / "cluster-launcher" / "write-mlflow-env.sh"
     subprocess.run(["bash", str(writer), str(env_file)], env={**clean, **values}, check=True, timeout=30)
     launcher = documents("cluster-launcher/aws-gpu.yaml")[0]
     sourcing = "set -a; . $HOME/.config/imagenet-pipeline/mlflow.env; set +a;"
-    assert all(sourcing in command for command in launcher["head_start_ray_commands"][1:]
-               + launcher["worker_start_ray_commands"][1:]), "the start commands read the file some other way"
+    assert all(
+        sourcing in command
+        for command in launcher["head_start_ray_commands"][1:] + launcher["worker_start_ray_commands"][1:]
+    ), "the start commands read the file some other way"
     read_back = subprocess.run(
-        ["bash", "-c", sourcing.replace("$HOME/.config/imagenet-pipeline/mlflow.env", '"$1"') + ' printf "%s\\0" '
-         + " ".join(f'"${name}"' for name in values), "bash", str(env_file)],
-        env=clean, capture_output=True, check=True, timeout=30).stdout
+        [
+            "bash",
+            "-c",
+            sourcing.replace("$HOME/.config/imagenet-pipeline/mlflow.env", '"$1"')
+            + ' printf "%s\\0" '
+            + " ".join(f'"${name}"' for name in values),
+            "bash",
+            str(env_file),
+        ],
+        env=clean,
+        capture_output=True,
+        check=True,
+        timeout=30,
+    ).stdout
     assert not canary.exists(), "a value ran as a command"
     assert read_back.split(b"\0")[:-1] == [value.encode() for value in values.values()]
     assert env_file.stat().st_mode & 0o077 == 0, "the credentials are readable by other users"

@@ -35,7 +35,9 @@ def test_a_shard_command_gets_the_shard_location_as_one_argument_without_a_shell
     assert storage.shard_argv("cat '{url}'", "/a b/x.tar") == ["cat", "/a b/x.tar"]  # quotes are the template's
 
 
-@pytest.mark.parametrize("template", ["sh -c 'cat {url}'", "cat {url} {url}", "cat {url}.tar", "{url} -", "cat", "cat 'x"])
+@pytest.mark.parametrize(
+    "template", ["sh -c 'cat {url}'", "cat {url} {url}", "cat {url}.tar", "{url} -", "cat", "cat 'x"]
+)
 def test_a_shard_command_that_could_splice_the_location_into_a_shell_is_refused(template):
     with pytest.raises(StorageError):
         storage.check_shard_command(template)
@@ -112,6 +114,7 @@ def test_shard_index_and_verify_refuse_urls_before_touching_anything(tmp_path):
 
 # Run bookkeeping files beside the checkpoints (local paths and file:// URIs).
 
+
 @pytest.fixture(params=["local", "file-uri"])
 def storage_root(request, tmp_path):
     # Glob characters in a local path are taken literally; a URI cannot hold them unencoded (pyarrow, like Ray,
@@ -136,7 +139,9 @@ def test_checkpoint_names_are_listed_literally_and_sorted(storage_root):
         storage.write_text(storage.join(storage_root, run, name, "meta.json"), "{}")
     storage.write_text(storage.join(storage_root, "a1", "checkpoint_2026-12-01_00-00-00", "meta.json"), "{}")
     assert storage.checkpoint_names(storage_root, run) == [
-        "checkpoint_2026-11-30_05-36-54", "checkpoint_2026-11-30_05-37-03"]  # not "a1"'s, not "other"
+        "checkpoint_2026-11-30_05-36-54",
+        "checkpoint_2026-11-30_05-37-03",
+    ]  # not "a1"'s, not "other"
 
 
 def test_an_unusable_uri_is_one_line():

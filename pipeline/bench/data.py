@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import datasets
 from torchvision import transforms as tv_transforms
 
-from pipeline.errors import BenchmarkError
 from pipeline.data.sharding import prepare_image
 from pipeline.data.synthetic import generate_imagenet_folder
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
+from pipeline.errors import BenchmarkError
 
 # ImageNet-like files: the most common ILSVRC2012 train size, at the quality of typical web photos.
 IMAGE_WIDTH, IMAGE_HEIGHT, JPEG_QUALITY = 500, 375, 90
@@ -65,7 +65,10 @@ class Throughput:
 
 
 def run_data_benchmark(
-    work_dir: Path, num_images: int = 400, image_size: int = 224, repeats: int = 2,
+    work_dir: Path,
+    num_images: int = 400,
+    image_size: int = 224,
+    repeats: int = 2,
     reduced_image_sizes: Sequence[int] = REDUCED_IMAGE_SIZES,
 ) -> dict:
     """Make the JPEGs and shards under `work_dir`, time both paths at each size, print a table, return figures."""
@@ -76,7 +79,8 @@ def run_data_benchmark(
     image_folder = make_benchmark_images(Path(work_dir) / "jpeg_folder", num_images)
     shards = write_benchmark_shards(image_folder, Path(work_dir) / "shards", num_images)
     resized_shards = write_benchmark_shards(
-        image_folder, Path(work_dir) / "shards_resized", num_images, max_side=PRE_RESIZED_MAX_SIDE)
+        image_folder, Path(work_dir) / "shards_resized", num_images, max_side=PRE_RESIZED_MAX_SIDE
+    )
     # Reading every shard once also puts them in the page cache, as the JPEG folder already is.
     images_in_memory = list(read_shard_images(shards))
     mean_jpeg_kilobytes = sum(len(image) for image in images_in_memory) / num_images / 1000
@@ -92,7 +96,9 @@ def run_data_benchmark(
             ours_best = _faster(ours_best, measure_train_transform(read_shard_images(shards), size, repeat))
             # The transform alone, bytes already in memory: what is left once shard reading is free.
             transform_best = _faster(transform_best, measure_train_transform(images_in_memory, size, repeat))
-            resized_best = _faster(resized_best, measure_train_transform(read_shard_images(resized_shards), size, repeat))
+            resized_best = _faster(
+                resized_best, measure_train_transform(read_shard_images(resized_shards), size, repeat)
+            )
         by_image_size[size] = {
             "reference": asdict(reference_best),
             "ours": asdict(ours_best),
@@ -106,9 +112,14 @@ def run_data_benchmark(
             "pre_resized_speedup": resized_best.images_per_second_per_core / reference_best.images_per_second_per_core,
         }
     result = {
-        "num_images": num_images, "repeats": repeats, "image_width": IMAGE_WIDTH, "image_height": IMAGE_HEIGHT,
-        "jpeg_quality": JPEG_QUALITY, "mean_jpeg_kilobytes": mean_jpeg_kilobytes,
-        "target_speedup": TARGET_SPEEDUP, "by_image_size": by_image_size,
+        "num_images": num_images,
+        "repeats": repeats,
+        "image_width": IMAGE_WIDTH,
+        "image_height": IMAGE_HEIGHT,
+        "jpeg_quality": JPEG_QUALITY,
+        "mean_jpeg_kilobytes": mean_jpeg_kilobytes,
+        "target_speedup": TARGET_SPEEDUP,
+        "by_image_size": by_image_size,
     }
     print(format_table(result))
     return result
@@ -129,12 +140,14 @@ def measure_train_transform(images: Iterable[bytes], image_size: int, seed: int 
 
 def measure_reference(image_folder: Path, image_size: int, num_images: int, seed: int = 0) -> Throughput:
     """torchvision's reference path: ImageFolder + PIL loader + float normalise, num_workers=0."""
-    transform = tv_transforms.Compose([
-        tv_transforms.RandomResizedCrop(image_size),
-        tv_transforms.RandomHorizontalFlip(),
-        tv_transforms.ToTensor(),
-        tv_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    transform = tv_transforms.Compose(
+        [
+            tv_transforms.RandomResizedCrop(image_size),
+            tv_transforms.RandomHorizontalFlip(),
+            tv_transforms.ToTensor(),
+            tv_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     dataset = Subset(datasets.ImageFolder(str(image_folder / "train"), transform=transform), range(num_images))
     loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
     count = 0
@@ -154,12 +167,21 @@ def make_benchmark_images(output: Path, num_images: int) -> Path:
     per_class = -(-num_images // BENCHMARK_CLASSES)  # ceiling division
     # ~30 ms per image: worth a process pool for the default 400, not for a test's dozen (spawn costs ~1 s).
     processes = min(4, os.cpu_count() or 1) if num_images >= 100 else 1
-    return generate_imagenet_folder(output, num_classes=BENCHMARK_CLASSES, train_per_class=per_class,
-                                    val_per_class=0, width=IMAGE_WIDTH, height=IMAGE_HEIGHT,
-                                    quality=JPEG_QUALITY, processes=processes)
+    return generate_imagenet_folder(
+        output,
+        num_classes=BENCHMARK_CLASSES,
+        train_per_class=per_class,
+        val_per_class=0,
+        width=IMAGE_WIDTH,
+        height=IMAGE_HEIGHT,
+        quality=JPEG_QUALITY,
+        processes=processes,
+    )
 
 
-def write_benchmark_shards(image_folder: Path, output: Path, num_images: int, max_side: int | None = None) -> list[Path]:
+def write_benchmark_shards(
+    image_folder: Path, output: Path, num_images: int, max_side: int | None = None
+) -> list[Path]:
     """The first `num_images` training JPEGs (ImageFolder order) in webdataset tar shards: the original
     bytes, or with `max_side` the bytes the sharder stores for `shard --max-side`."""
     if output.exists():
@@ -170,8 +192,12 @@ def write_benchmark_shards(image_folder: Path, output: Path, num_images: int, ma
     for start in range(0, len(samples), IMAGES_PER_SHARD):
         shards.append(output / f"train-{start // IMAGES_PER_SHARD:06d}.tar")
         with wds.TarWriter(str(shards[-1])) as writer:
-            for index, (path, label) in enumerate(samples[start:start + IMAGES_PER_SHARD], start=start):
-                data = Path(path).read_bytes() if max_side is None else prepare_image(Path(path), max_side, JPEG_QUALITY).data
+            for index, (path, label) in enumerate(samples[start : start + IMAGES_PER_SHARD], start=start):
+                data = (
+                    Path(path).read_bytes()
+                    if max_side is None
+                    else prepare_image(Path(path), max_side, JPEG_QUALITY).data
+                )
                 writer.write({"__key__": f"{index:08d}", "jpg": data, "cls": str(label).encode()})
     return shards
 
@@ -191,14 +217,18 @@ def format_table(result: dict) -> str:
         f" {'ours, pre-resized':>18} {'speedup':>8}",
     ]
     for size, figures in result["by_image_size"].items():
-        lines.append(f"{size:>5} {figures['reference_images_per_second_per_core']:>16.1f}"
-                     f" {figures['ours_transform_only_images_per_second_per_core']:>15.1f}"
-                     f" {figures['ours_images_per_second_per_core']:>11.1f} {figures['speedup']:>7.2f}x"
-                     f" {figures['ours_pre_resized_images_per_second_per_core']:>18.1f}"
-                     f" {figures['pre_resized_speedup']:>7.2f}x")
-    lines.append(f"(target speedup: {result['target_speedup']:.0f}x; img/s = images per CPU-second of one process;"
-                 " 'transform only' = ours without reading the shards;"
-                 f" 'pre-resized' = shards made with `shard --max-side {PRE_RESIZED_MAX_SIDE}`)")
+        lines.append(
+            f"{size:>5} {figures['reference_images_per_second_per_core']:>16.1f}"
+            f" {figures['ours_transform_only_images_per_second_per_core']:>15.1f}"
+            f" {figures['ours_images_per_second_per_core']:>11.1f} {figures['speedup']:>7.2f}x"
+            f" {figures['ours_pre_resized_images_per_second_per_core']:>18.1f}"
+            f" {figures['pre_resized_speedup']:>7.2f}x"
+        )
+    lines.append(
+        f"(target speedup: {result['target_speedup']:.0f}x; img/s = images per CPU-second of one process;"
+        " 'transform only' = ours without reading the shards;"
+        f" 'pre-resized' = shards made with `shard --max-side {PRE_RESIZED_MAX_SIDE}`)"
+    )
     return "\n".join(lines)
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import BenchmarkError
 from pipeline.config import Config, load_config
 from pipeline.data.loader import IGNORE_LABEL, build_loader
+from pipeline.data.transforms import normalize_batch
+from pipeline.errors import BenchmarkError
 from pipeline.train.models import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, step_after_iteration
-from pipeline.data.transforms import normalize_batch
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,8 +79,14 @@ def check_reference_config(config: Config, world_size: int) -> None:
 
 def train(config: Config, rank: int, world_size: int) -> dict:
     torch.manual_seed(config.seed + rank)  # as train_loop.setup_worker
-    loader = build_loader(config.data, "train", rank=rank, world_size=world_size,
-                          batch_size=config.per_worker_batch_size, seed=config.seed)
+    loader = build_loader(
+        config.data,
+        "train",
+        rank=rank,
+        world_size=world_size,
+        batch_size=config.per_worker_batch_size,
+        seed=config.seed,
+    )
     model = build_model(config.model, loader.manifest.num_classes)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, len(loader))
@@ -114,19 +120,30 @@ def train(config: Config, rank: int, world_size: int) -> dict:
         if world_size > 1:
             dist.all_reduce(totals)
         images_total, loss_sum = totals.tolist()
-        epochs.append({
-            "epoch": epoch + 1, "images": int(images_total), "seconds": elapsed,
-            "images_per_second": images_total / elapsed, "data_wait_share": waiting / elapsed,
-            "loss": loss_sum / max(images_total, 1),
-        })
+        epochs.append(
+            {
+                "epoch": epoch + 1,
+                "images": int(images_total),
+                "seconds": elapsed,
+                "images_per_second": images_total / elapsed,
+                "data_wait_share": waiting / elapsed,
+                "loss": loss_sum / max(images_total, 1),
+            }
+        )
         if rank == 0:
             row = epochs[-1]
-            print(f"[reference] epoch {epoch + 1}: {row['images_per_second']:.1f} images/s, loss {row['loss']:.4f}, "
-                  f"data wait {row['data_wait_share']:.0%}", flush=True)
+            print(
+                f"[reference] epoch {epoch + 1}: {row['images_per_second']:.1f} images/s, loss {row['loss']:.4f}, "
+                f"data wait {row['data_wait_share']:.0%}",
+                flush=True,
+            )
     return {
-        "world_size": world_size, "per_worker_batch_size": config.per_worker_batch_size,
-        "steps_per_epoch": len(loader), "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "epochs": epochs,
+        "world_size": world_size,
+        "per_worker_batch_size": config.per_worker_batch_size,
+        "steps_per_epoch": len(loader),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "epochs": epochs,
     }
 
 

@@ -17,7 +17,7 @@ are one epoch after every loader process has delivered its first batch (the load
 most of a short benchmark epoch). Nothing here asserts a speed.
 
 Imports only torch, torchvision and the project's data path (which needs numpy, Pillow, PyYAML, pydantic,
-webdataset and braceexpand): docs/performance.md, "GPU (`bench-gpu`)" says how to put those wheels on a bare GPU machine.
+webdataset and braceexpand): docs/performance.md, "GPU (`bench-gpu`)", says how to put them on a bare GPU machine.
 """
 
 from __future__ import annotations
@@ -74,8 +74,15 @@ class Sizes:
         return cls(image_size=224, batch=256, synthetic_steps=30, images=8192, width=500, height=375)
 
 
-def run_gpu_benchmark(work_dir: Path, device_name: str, smoke: bool, models: tuple[str, ...],
-                      loader_processes: tuple[int, ...] | None, compile_resnet50: bool, out: Path | None) -> list[Figure]:
+def run_gpu_benchmark(
+    work_dir: Path,
+    device_name: str,
+    smoke: bool,
+    models: tuple[str, ...],
+    loader_processes: tuple[int, ...] | None,
+    compile_resnet50: bool,
+    out: Path | None,
+) -> list[Figure]:
     device = torch.device(device_name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchmarkError("--device cuda: no CUDA device here; pass --device cpu for the smoke run")
@@ -90,8 +97,9 @@ def run_gpu_benchmark(work_dir: Path, device_name: str, smoke: bool, models: tup
             figure = _synthetic(name, compiled, device, sizes)
         else:
             figure = _from_shards(name, feed, count, device, sizes, shards)
-        ceiling = next((f.images_per_second for f in figures
-                        if f.model == name and f.feed == "synthetic" and not f.compiled), None)
+        ceiling = next(
+            (f.images_per_second for f in figures if f.model == name and f.feed == "synthetic" and not f.compiled), None
+        )
         if feed != "synthetic" and ceiling:
             figure.share_of_ceiling = figure.images_per_second / ceiling
         figures.append(figure)
@@ -102,8 +110,9 @@ def run_gpu_benchmark(work_dir: Path, device_name: str, smoke: bool, models: tup
     return figures
 
 
-def _plan(models: tuple[str, ...], processes: tuple[int, ...],
-          compile_resnet50: bool) -> list[tuple[str, str, int, bool]]:
+def _plan(
+    models: tuple[str, ...], processes: tuple[int, ...], compile_resnet50: bool
+) -> list[tuple[str, str, int, bool]]:
     """(model, synthetic | cpu | gpu, loader processes, compiled) in the order they run. GPU decoding uses the
     most loader processes (they only read bytes and draw crops then); on a CPU the same route decodes on the CPU
     device, which is what the smoke run checks end to end."""
@@ -122,8 +131,16 @@ def _write(out: Path | None, device: torch.device, sizes: Sizes, figures: list[F
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps({"device": _device_label(device), "sizes": asdict(sizes),
-                                   "figures": [asdict(figure) for figure in figures]}, indent=2))
+    partial.write_text(
+        json.dumps(
+            {
+                "device": _device_label(device),
+                "sizes": asdict(sizes),
+                "figures": [asdict(figure) for figure in figures],
+            },
+            indent=2,
+        )
+    )
     partial.replace(out)
 
 
@@ -133,16 +150,30 @@ def _default_processes() -> tuple[int, ...]:
 
 
 def _config(name: str, sizes: Sizes, shards: Path, processes: int = 0) -> Config:
-    return load_config(overrides=[
-        f"model.name={name}", f"data.root={shards}", f"data.train_image_size={sizes.image_size}",
-        f"data.eval_image_size={sizes.image_size}", f"data.loader_workers={processes}", "data.shuffle_buffer=64",
-        f"optim.batch_size={sizes.batch}", "optim.lr=0.1", "optim.epochs=2", "scaling.num_workers=0",
-    ])
+    return load_config(
+        overrides=[
+            f"model.name={name}",
+            f"data.root={shards}",
+            f"data.train_image_size={sizes.image_size}",
+            f"data.eval_image_size={sizes.image_size}",
+            f"data.loader_workers={processes}",
+            "data.shuffle_buffer=64",
+            f"optim.batch_size={sizes.batch}",
+            "optim.lr=0.1",
+            "optim.epochs=2",
+            "scaling.num_workers=0",
+        ]
+    )
 
 
 def _rank(device: torch.device) -> RankDevice:
-    return RankDevice(rank=0, world_size=1, device=device, autocast_dtype=autocast_dtype("auto", device),
-                      channels_last=device.type == "cuda")
+    return RankDevice(
+        rank=0,
+        world_size=1,
+        device=device,
+        autocast_dtype=autocast_dtype("auto", device),
+        channels_last=device.type == "cuda",
+    )
 
 
 class _SyntheticLoader:
@@ -163,27 +194,46 @@ class _SyntheticLoader:
 
 def _synthetic(name: str, compiled: bool, device: torch.device, sizes: Sizes) -> Figure:
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (sizes.batch, 3, sizes.image_size, sizes.image_size), dtype=torch.uint8,
-                           generator=generator).to(device)
+    images = torch.randint(
+        0, 256, (sizes.batch, 3, sizes.image_size, sizes.image_size), dtype=torch.uint8, generator=generator
+    ).to(device)
     labels = torch.randint(0, 1000, (sizes.batch,), generator=generator)
     loader = _SyntheticLoader(Batch(images, labels, [""] * sizes.batch), sizes.synthetic_steps)
     return _measure(name, "synthetic", compiled, device, sizes, loader, num_classes=1000)
 
 
-def _from_shards(name: str, decode: str, processes: int, device: torch.device, sizes: Sizes,
-                 shards: Path) -> Figure:
+def _from_shards(name: str, decode: str, processes: int, device: torch.device, sizes: Sizes, shards: Path) -> Figure:
     config = _config(name, sizes, shards, processes)
     # The data section alone: the whole config would (rightly) refuse gpu decoding without scaling.use_gpu,
     # and this process is the training process, with no Ray around it.
     data = config.data.model_copy(update={"decode": decode})
-    loader = _TimedLoader(build_loader(data, "train", rank=0, world_size=1, batch_size=sizes.batch, seed=0,
-                                       pin_memory=device.type == "cuda",
-                                       decode_device=device if decode == "gpu" else None))
+    loader = _TimedLoader(
+        build_loader(
+            data,
+            "train",
+            rank=0,
+            world_size=1,
+            batch_size=sizes.batch,
+            seed=0,
+            pin_memory=device.type == "cuda",
+            decode_device=device if decode == "gpu" else None,
+        )
+    )
     feed = f"{decode} decode, {processes} loader processes"
     # One epoch, measured after every loader process has delivered its first batch (the loader's start is a
     # per-epoch cost the job pays, but on a short benchmark epoch it would be most of the figure).
-    return _measure(name, feed, False, device, sizes, loader, loader.manifest.num_classes, config,
-                    epochs=1, skip_batches=min(processes + 2, len(loader) // 2))
+    return _measure(
+        name,
+        feed,
+        False,
+        device,
+        sizes,
+        loader,
+        loader.manifest.num_classes,
+        config,
+        epochs=1,
+        skip_batches=min(processes + 2, len(loader) // 2),
+    )
 
 
 class _TimedLoader:
@@ -222,11 +272,21 @@ class _TimedLoader:
     def steady(self, ended: float, skip: int) -> tuple[float, float]:
         """images/s and data-wait share from the arrival of batch `skip` to `ended` (the device done)."""
         elapsed = ended - self.arrivals[skip]
-        return sum(self.images[skip:]) / elapsed, sum(self.waits[skip + 1:]) / elapsed
+        return sum(self.images[skip:]) / elapsed, sum(self.waits[skip + 1 :]) / elapsed
 
 
-def _measure(name: str, feed: str, compiled: bool, device: torch.device, sizes: Sizes, loader, num_classes: int,
-             config: Config | None = None, epochs: int = 2, skip_batches: int = 0) -> Figure:
+def _measure(
+    name: str,
+    feed: str,
+    compiled: bool,
+    device: torch.device,
+    sizes: Sizes,
+    loader,
+    num_classes: int,
+    config: Config | None = None,
+    epochs: int = 2,
+    skip_batches: int = 0,
+) -> Figure:
     """`epochs` 2: the figure is the second (the first pays for autotuning and compilation); 1: the window
     after `skip_batches` of a timed loader's one epoch."""
     config = config or _config(name, sizes, Path("."))
@@ -250,8 +310,10 @@ def _measure(name: str, feed: str, compiled: bool, device: torch.device, sizes: 
         rate, wait = loader.steady(ended, skip_batches)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     figure = Figure(name, feed, compiled, rate, wait, peak)
-    print(f"  {name:9s} {feed:34s} {'compiled' if compiled else 'eager':8s} {figure.images_per_second:9.1f} "
-          f"images/s", flush=True)
+    print(
+        f"  {name:9s} {feed:34s} {'compiled' if compiled else 'eager':8s} {figure.images_per_second:9.1f} images/s",
+        flush=True,
+    )
     return figure
 
 
@@ -286,8 +348,9 @@ def decode_breakdown(work_dir: Path, device_name: str, smoke: bool, rounds: int 
                 torch.cuda.synchronize(device)
             samples.append(time.perf_counter() - started)
         timings[label] = 1000 * sorted(samples)[len(samples) // 2]
-    timings["crops and resizes (route minus batched decode)"] = \
+    timings["crops and resizes (route minus batched decode)"] = (
         timings["device route (decode, crop, resize)"] - timings["nvjpeg batched"]
+    )
     print(f"decode breakdown, one batch of {len(jpegs)} {sizes.width}x{sizes.height} JPEGs on {_device_label(device)}:")
     for label, ms in timings.items():
         print(f"  {label:48s} {ms:8.1f} ms  {len(jpegs) / ms * 1000:9.0f} images/s")
@@ -304,8 +367,16 @@ def _shards(work_dir: Path, sizes: Sizes) -> Path:
     source = work_dir / f"source-{sizes.images}-{sizes.width}x{sizes.height}"
     classes = 8 if sizes.images >= 64 else 4
     cores = os.cpu_count() or 1
-    generate_imagenet_folder(source, num_classes=classes, train_per_class=sizes.images // classes,
-                             val_per_class=1, width=sizes.width, height=sizes.height, seed=0, processes=cores)
+    generate_imagenet_folder(
+        source,
+        num_classes=classes,
+        train_per_class=sizes.images // classes,
+        val_per_class=1,
+        width=sizes.width,
+        height=sizes.height,
+        seed=0,
+        processes=cores,
+    )
     # 64 samples a shard: enough shards that every loader process gets a near-equal share of the epoch.
     shard_imagenet(source, root, val_per_class=1, samples_per_shard=64, seed=0, progress=False, processes=cores)
     shutil.rmtree(source)
@@ -321,17 +392,27 @@ def _device_label(device: torch.device) -> str:
 def format_table(figures: list[Figure], device: torch.device) -> str:
     rows = [("model", "feed", "mode", "images/s", "of ceiling", "data wait", "peak GiB")]
     for f in figures:
-        rows.append((f.model, f.feed, "compiled" if f.compiled else "eager", f"{f.images_per_second:.1f}",
-                     "-" if f.share_of_ceiling is None else f"{f.share_of_ceiling:.0%}", f"{f.data_wait_share:.0%}",
-                     f"{f.peak_memory_gib:.1f}"))
+        rows.append(
+            (
+                f.model,
+                f.feed,
+                "compiled" if f.compiled else "eager",
+                f"{f.images_per_second:.1f}",
+                "-" if f.share_of_ceiling is None else f"{f.share_of_ceiling:.0%}",
+                f"{f.data_wait_share:.0%}",
+                f"{f.peak_memory_gib:.1f}",
+            )
+        )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = [f"bench-gpu on {_device_label(device)}"]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     resnet50 = [f for f in figures if f.model == "resnet50" and f.feed == "synthetic"]
     if resnet50 and device.type == "cuda":
         best = max(f.images_per_second for f in resnet50)
-        lines.append(f"target: ResNet-50 synthetic >= {TARGET_RESNET50:.0f} images/s: {best:.0f} "
-                     f"({'met' if best >= TARGET_RESNET50 else 'not met'})")
+        lines.append(
+            f"target: ResNet-50 synthetic >= {TARGET_RESNET50:.0f} images/s: {best:.0f} "
+            f"({'met' if best >= TARGET_RESNET50 else 'not met'})"
+        )
     return "\n".join(lines)
 
 
@@ -344,15 +425,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loader-processes", default=None, help="comma-separated counts (default: 4, 8, cores-2)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled ResNet-50 run")
     parser.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
-    parser.add_argument("--decode-breakdown", action="store_true",
-                        help="only time GPU decoding's parts for one batch (see decode_breakdown)")
+    parser.add_argument(
+        "--decode-breakdown",
+        action="store_true",
+        help="only time GPU decoding's parts for one batch (see decode_breakdown)",
+    )
     args = parser.parse_args(argv)
     if args.decode_breakdown:
         decode_breakdown(args.work_dir, args.device, args.smoke)
         return
     processes = tuple(int(n) for n in args.loader_processes.split(",")) if args.loader_processes else None
-    run_gpu_benchmark(args.work_dir, args.device, args.smoke, tuple(args.models.split(",")), processes,
-                      not args.no_compile, args.out)
+    run_gpu_benchmark(
+        args.work_dir, args.device, args.smoke, tuple(args.models.split(",")), processes, not args.no_compile, args.out
+    )
 
 
 if __name__ == "__main__":

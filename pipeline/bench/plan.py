@@ -68,26 +68,51 @@ def measure(dataset: str, world_size: int, loaders: int) -> PlanFigure:
     for rank in range(world_size):
         started = time.perf_counter()
         for worker in range(loaders):
-            train_plans.append(plan_train_worker(train, world_size=world_size, rank=rank, batch_size=BATCH_PER_RANK,
-                                                 seed=0, epoch=1, worker=worker, num_workers=loaders))
+            train_plans.append(
+                plan_train_worker(
+                    train,
+                    world_size=world_size,
+                    rank=rank,
+                    batch_size=BATCH_PER_RANK,
+                    seed=0,
+                    epoch=1,
+                    worker=worker,
+                    num_workers=loaders,
+                )
+            )
         if rank in timed:
             timings.append(time.perf_counter() - started)
         for worker in range(loaders):
-            val_plans.append(plan_eval_worker(val, world_size=world_size, rank=rank, batch_size=BATCH_PER_RANK,
-                                              worker=worker, num_workers=loaders))
+            val_plans.append(
+                plan_eval_worker(
+                    val, world_size=world_size, rank=rank, batch_size=BATCH_PER_RANK, worker=worker, num_workers=loaders
+                )
+            )
     train_sequential, train_indexed = read_ratios(train_plans)
     val_sequential, val_indexed = read_ratios(val_plans)
-    return PlanFigure(dataset, world_size, loaders, train_sequential, train_indexed, val_sequential, val_indexed,
-                      1000 * statistics.median(timings))
+    return PlanFigure(
+        dataset,
+        world_size,
+        loaders,
+        train_sequential,
+        train_indexed,
+        val_sequential,
+        val_indexed,
+        1000 * statistics.median(timings),
+    )
 
 
 def manifest_figures(dataset: str, rounds: int = 3) -> tuple[int, float]:
     """(bytes, median load ms) of the dataset's train manifest as `shard` writes it (with sample indexes)."""
     samples, _, classes = DATASETS[dataset]
     manifest = Manifest(
-        split="train", classes=[ClassInfo(i, f"n{i:08d}", f"class {i}") for i in range(classes)],
-        shards=[ShardInfo(f"train-{i:06d}.tar", count, "0" * 64, count * 110_000, "1" * 64)
-                for i, count in enumerate(shard_counts(samples))])
+        split="train",
+        classes=[ClassInfo(i, f"n{i:08d}", f"class {i}") for i in range(classes)],
+        shards=[
+            ShardInfo(f"train-{i:06d}.tar", count, "0" * 64, count * 110_000, "1" * 64)
+            for i, count in enumerate(shard_counts(samples))
+        ],
+    )
     with tempfile.TemporaryDirectory() as scratch:
         path = write_manifest(manifest, scratch)
         timings = []
@@ -98,26 +123,33 @@ def manifest_figures(dataset: str, rounds: int = 3) -> tuple[int, float]:
         return path.stat().st_size, 1000 * statistics.median(timings)
 
 
-def run_plan_benchmark(datasets: tuple[str, ...], worlds: tuple[int, ...], loaders: tuple[int, ...],
-                       out: Path | None = None) -> list[PlanFigure]:
+def run_plan_benchmark(
+    datasets: tuple[str, ...], worlds: tuple[int, ...], loaders: tuple[int, ...], out: Path | None = None
+) -> list[PlanFigure]:
     figures = []
-    print(f"{'dataset':13s} {'world':>5s} {'loaders':>7s}  {'train read/planned':>21s}  {'val read/planned':>21s}  "
-          f"{'plan ms/rank':>12s}")
+    print(
+        f"{'dataset':13s} {'world':>5s} {'loaders':>7s}  {'train read/planned':>21s}  {'val read/planned':>21s}  "
+        f"{'plan ms/rank':>12s}"
+    )
     print(f"{'':13s} {'':>5s} {'':>7s}  {'no index':>10s} {'index':>10s}  {'no index':>10s} {'index':>10s}")
     for dataset in datasets:
         for world in worlds:
             for count in loaders:
                 figure = measure(dataset, world, count)
                 figures.append(figure)
-                print(f"{dataset:13s} {world:5d} {count:7d}  {figure.train_read_ratio_sequential:10.3f} "
-                      f"{figure.train_read_ratio_indexed:10.3f}  {figure.val_read_ratio_sequential:10.3f} "
-                      f"{figure.val_read_ratio_indexed:10.3f}  {figure.plan_ms_per_rank:12.1f}", flush=True)
+                print(
+                    f"{dataset:13s} {world:5d} {count:7d}  {figure.train_read_ratio_sequential:10.3f} "
+                    f"{figure.train_read_ratio_indexed:10.3f}  {figure.val_read_ratio_sequential:10.3f} "
+                    f"{figure.val_read_ratio_indexed:10.3f}  {figure.plan_ms_per_rank:12.1f}",
+                    flush=True,
+                )
     manifests = {}
     for dataset in datasets:
         size, load_ms = manifest_figures(dataset)
         manifests[dataset] = {"bytes": size, "load_ms": load_ms}
         print(f"{dataset} train manifest: {size / 1e6:.2f} MB, read_manifest {load_ms:.0f} ms (median of 3)")
     if out is not None:
-        out.write_text(json.dumps({"figures": [figure.__dict__ for figure in figures], "manifests": manifests},
-                                  indent=1))
+        out.write_text(
+            json.dumps({"figures": [figure.__dict__ for figure in figures], "manifests": manifests}, indent=1)
+        )
     return figures

@@ -40,8 +40,14 @@ CENTRES = 1000
 TOP_K = 10
 
 
-def run_retrieval_benchmark(work_dir: Path, only: str | None, images: int, rounds: int,
-                            galleries: list[tuple[int, int]], kinds: tuple[str, ...] = INDEX_KINDS) -> None:
+def run_retrieval_benchmark(
+    work_dir: Path,
+    only: str | None,
+    images: int,
+    rounds: int,
+    galleries: list[tuple[int, int]],
+    kinds: tuple[str, ...] = INDEX_KINDS,
+) -> None:
     if only not in (None, "embed", "knn", "index"):
         raise BenchmarkError(f"--only {only!r}: choose embed, knn or index")
     unknown = [kind for kind in kinds if kind not in INDEX_KINDS]
@@ -58,8 +64,8 @@ def run_retrieval_benchmark(work_dir: Path, only: str | None, images: int, round
 
 def embed_benchmark(work_dir: Path, images: int, rounds: int) -> None:
     from pipeline.data.loader import build_loader
-    from pipeline.retrieval.embed import embed_split
     from pipeline.features.extract import embed_pass, with_features
+    from pipeline.retrieval.embed import embed_split
 
     config, checkpoint = _prepare(work_dir, images)
     ray_rates, plain_rates = [], []
@@ -72,8 +78,15 @@ def embed_benchmark(work_dir: Path, images: int, rounds: int) -> None:
 
         loaded = load_model_for_inference(str(checkpoint), config, "train")
         started = time.perf_counter()
-        loader = build_loader(config.data, "train", rank=0, world_size=1, batch_size=config.retrieval.embed_batch_size,
-                              seed=0, exactly_once=True)
+        loader = build_loader(
+            config.data,
+            "train",
+            rank=0,
+            world_size=1,
+            batch_size=config.retrieval.embed_batch_size,
+            seed=0,
+            exactly_once=True,
+        )
         features, _ = embed_pass(with_features(loaded.model), loader, torch.device("cpu"))
         plain_rates.append(features.shape[0] / (time.perf_counter() - started))
     print(f"embed {images} images, ResNet-18 @ {config.data.eval_image_size} px, {rounds} interleaved rounds")
@@ -103,21 +116,31 @@ def knn_benchmark(work_dir: Path, images: int, rounds: int) -> None:
     scaler, state = grad_scaler(rank), TrainingState()
     seconds: dict[str, list[float]] = {"train": [], "val": [], "val_knn": []}
     for epoch in range(rounds):
-        for name, run in (("train", lambda: train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config,
-                                                            rank, epoch, state)),
-                          ("val", lambda: evaluate(model, val_loader, rank, prefix="val")),
-                          ("val_knn", lambda: evaluate_with_knn(model, val_loader, config, rank, num_classes))):
+        for name, run in (
+            (
+                "train",
+                lambda epoch=epoch: train_one_epoch(
+                    model, train_loader, optimizer, scheduler, scaler, config, rank, epoch, state
+                ),
+            ),
+            ("val", lambda: evaluate(model, val_loader, rank, prefix="val")),
+            ("val_knn", lambda: evaluate_with_knn(model, val_loader, config, rank, num_classes)),
+        ):
             started = time.perf_counter()
             run()
             seconds[name].append(time.perf_counter() - started)
     train, val, knn = (statistics.median(seconds[name]) for name in ("train", "val", "val_knn"))
-    print(f"knn_every: {train_loader.manifest.num_samples} train / {val_loader.manifest.num_samples} val images, "
-          f"{config.model.name} @ {config.data.train_image_size} px, {rounds} interleaved rounds, seconds")
+    print(
+        f"knn_every: {train_loader.manifest.num_samples} train / {val_loader.manifest.num_samples} val images, "
+        f"{config.model.name} @ {config.data.train_image_size} px, {rounds} interleaved rounds, seconds"
+    )
     print(f"  training epoch:       {_spread(seconds['train'], '.2f')}")
     print(f"  val pass:             {_spread(seconds['val'], '.2f')}")
     print(f"  val pass with k-NN:   {_spread(seconds['val_knn'], '.2f')}")
-    print(f"  knn_every: 1 adds {knn - val:.2f} s to an epoch of {train + val:.2f} s "
-          f"({100 * (knn - val) / (train + val):.0f} %)")
+    print(
+        f"  knn_every: 1 adds {knn - val:.2f} s to an epoch of {train + val:.2f} s "
+        f"({100 * (knn - val) / (train + val):.0f} %)"
+    )
 
 
 def _prepare(work_dir: Path, images: int):
@@ -129,22 +152,44 @@ def _prepare(work_dir: Path, images: int):
 
     work_dir.mkdir(parents=True, exist_ok=True)
     shards = work_dir / f"shards-{images}"
-    config = load_config(overrides=[f"data.root={shards}", "data.eval_image_size=112", "data.train_image_size=112",
-                                    "model.name=resnet18",
-                                    "data.loader_workers=1", f"retrieval.output={work_dir / 'embeddings'}"])
+    config = load_config(
+        overrides=[
+            f"data.root={shards}",
+            "data.eval_image_size=112",
+            "data.train_image_size=112",
+            "model.name=resnet18",
+            "data.loader_workers=1",
+            f"retrieval.output={work_dir / 'embeddings'}",
+        ]
+    )
     if not (shards / "train" / "manifest.json").is_file():
         per_class = max(1, images // 4)
-        generate_imagenet_folder(work_dir / f"source-{images}", num_classes=4, train_per_class=per_class,
-                                 val_per_class=2, width=500, height=375, seed=0)
-        shard_imagenet(work_dir / f"source-{images}", shards, val_per_class=1, samples_per_shard=64, seed=0,
-                       progress=False)
+        generate_imagenet_folder(
+            work_dir / f"source-{images}",
+            num_classes=4,
+            train_per_class=per_class,
+            val_per_class=2,
+            width=500,
+            height=375,
+            seed=0,
+        )
+        shard_imagenet(
+            work_dir / f"source-{images}", shards, val_per_class=1, samples_per_shard=64, seed=0, progress=False
+        )
     checkpoint = work_dir / "checkpoint"
     checkpoint.mkdir(exist_ok=True)
     model = build_model(config.model, 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    save_checkpoint(checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
-                    state=TrainingState(), meta=checkpoint_meta(config, 4, "bench"))
+    save_checkpoint(
+        checkpoint,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=None,
+        state=TrainingState(),
+        meta=checkpoint_meta(config, 4, "bench"),
+    )
     return config, checkpoint
 
 
@@ -154,9 +199,15 @@ def index_benchmark(rows: int, dim: int, rounds: int, kinds: tuple[str, ...]) ->
 
     gallery, queries = _clustered(rows, dim)
     together = len(kinds) * gallery.nbytes * 1.1 < psutil.virtual_memory().available
-    print(f"faiss, {rows:,} x {dim} gallery, {QUERIES} queries, k = {TOP_K}, {rounds} rounds"
-          + ("" if together else f"; one kind at a time: {len(kinds)} indexes of "
-             f"{gallery.nbytes / 2**30:.1f} GiB do not fit in memory together"))
+    print(
+        f"faiss, {rows:,} x {dim} gallery, {QUERIES} queries, k = {TOP_K}, {rounds} rounds"
+        + (
+            ""
+            if together
+            else f"; one kind at a time: {len(kinds)} indexes of "
+            f"{gallery.nbytes / 2**30:.1f} GiB do not fit in memory together"
+        )
+    )
     groups = [kinds] if together else [(kind,) for kind in kinds]
     latencies: dict[str, list[float]] = {kind: [] for kind in kinds}
     found: dict[str, np.ndarray] = {}

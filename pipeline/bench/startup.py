@@ -25,24 +25,44 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.errors import BenchmarkError
 from pipeline import events
 from pipeline import metrics as m
 from pipeline.bench.overhead import (
-    CLASSES, EXPERIMENT, benchmark_overrides, check_benchmark_arguments, check_positive,
-    images_per_epoch, make_benchmark_shards,
+    CLASSES,
+    EXPERIMENT,
+    benchmark_overrides,
+    check_benchmark_arguments,
+    check_positive,
+    images_per_epoch,
+    make_benchmark_shards,
 )
+from pipeline.errors import BenchmarkError
 
 TARGET_STARTUP_SECONDS = 30.0  # one-epoch tiny job, command start to exit, on 2 cores
 
 # Events the job records (pipeline.events) that mark a phase's end.
-JOB_EVENTS = ("config_resolved", "ray_started", "mlflow_run_ready", "loop_ready", "first_step",
-              "publish_started", "model_registered", "run_finished")
+JOB_EVENTS = (
+    "config_resolved",
+    "ray_started",
+    "mlflow_run_ready",
+    "loop_ready",
+    "first_step",
+    "publish_started",
+    "model_registered",
+    "run_finished",
+)
 
 
 def run_startup_benchmark(
-    work_dir: Path, model: str = "resnet18", image_size: int = 32, global_batch: int = 16, train_images: int = 64,
-    num_workers: int = 2, loader_workers: int = 1, timeout_seconds: float = 600.0, echo: bool = False,
+    work_dir: Path,
+    model: str = "resnet18",
+    image_size: int = 32,
+    global_batch: int = 16,
+    train_images: int = 64,
+    num_workers: int = 2,
+    loader_workers: int = 1,
+    timeout_seconds: float = 600.0,
+    echo: bool = False,
 ) -> dict:
     """Wall time of a 1-epoch `imagenet-pipeline train` job from command start to exit, split into phases; print
     a table. `echo` also prints the job's output lines with their arrival times."""
@@ -56,14 +76,25 @@ def run_startup_benchmark(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     store = work_dir / f"startup-{stamp}"  # a fresh MLflow store: the first job's cost, migrations included
     run_name = f"startup-{stamp}"
-    overrides = benchmark_overrides(shards, store, model=model, image_size=image_size, global_batch=global_batch,
-                                    epochs=1, num_workers=num_workers, loader_workers=loader_workers, run_name=run_name)
+    overrides = benchmark_overrides(
+        shards,
+        store,
+        model=model,
+        image_size=image_size,
+        global_batch=global_batch,
+        epochs=1,
+        num_workers=num_workers,
+        loader_workers=loader_workers,
+        run_name=run_name,
+    )
     command = [str(script), "train", *[part for override in overrides for part in ("--set", override)]]
     # Ray workers inherit the environment: unbuffered output gives honest line times. A fresh local Ray, as on
     # a laptop: the job must not join a cluster named in RAY_ADDRESS.
     events_file = work_dir / f"startup-{stamp}.events.jsonl"
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"} | {
-        "PYTHONUNBUFFERED": "1", events.ENV_VAR: str(events_file)}
+        "PYTHONUNBUFFERED": "1",
+        events.ENV_VAR: str(events_file),
+    }
 
     started = time.time()
     lines, exit_code = _run_timed(command, env, work_dir, timeout_seconds, echo)
@@ -78,13 +109,20 @@ def run_startup_benchmark(
     train_seconds = images_per_epoch(shards, global_batch) / timeline.pop("epoch1_images_per_second")
     timeline["exit"] = exit_seconds
     result = {
-        "command": shlex.join(command), "wall_seconds": exit_seconds, "target_seconds": TARGET_STARTUP_SECONDS,
-        "meets_target": exit_seconds <= TARGET_STARTUP_SECONDS, "events": timeline,
-        "phases": startup_phases(timeline), "epoch1_train_seconds": train_seconds,
+        "command": shlex.join(command),
+        "wall_seconds": exit_seconds,
+        "target_seconds": TARGET_STARTUP_SECONDS,
+        "meets_target": exit_seconds <= TARGET_STARTUP_SECONDS,
+        "events": timeline,
+        "phases": startup_phases(timeline),
+        "epoch1_train_seconds": train_seconds,
         # Without the first-step event: the loop starts after `loop_ready`, and epoch 1's training ends before its
         # metrics are logged, so it started at most its training time before then.
-        "first_step_window": ((timeline["first_step"],) * 2 if "first_step" in timeline
-                              else (timeline.get("loop_ready"), timeline["epoch1_logged"] - train_seconds)),
+        "first_step_window": (
+            (timeline["first_step"],) * 2
+            if "first_step" in timeline
+            else (timeline.get("loop_ready"), timeline["epoch1_logged"] - train_seconds)
+        ),
         "model_build_seconds": _time_model_build(model),
         "output": [f"{at:7.2f}  {text}" for at, text in lines],
     }
@@ -112,7 +150,11 @@ CONTROLLER_EVENTS = (
 PHASE_ORDER = (
     ("config_resolved", "interpreter start, imports (pipeline.cli: typer, pydantic), config"),
     ("ray_started", "Ray start (ray.init: GCS, raylet, dashboard)"),
-    ("mlflow_run_ready", "imports (pipeline.train.driver: torch, ray.train, mlflow), driver checks, MLflow store (created, migrated) and run"),
+    (
+        "mlflow_run_ready",
+        "imports (pipeline.train.driver: torch, ray.train, mlflow), driver checks, "
+        "MLflow store (created, migrated) and run",
+    ),
     ("controller_started", "TorchTrainer + Ray Train controller actor start"),
     ("workers_created", "worker actors created (placement group, processes)"),
     ("context_ready", "train context and gloo process group on the workers"),
@@ -135,8 +177,13 @@ def startup_phases(events: dict[str, float]) -> list[dict]:
             skipped.append(label)
             continue
         # Worker lines reach the driver through Ray's log monitor, a fraction of a second late: clamp at 0.
-        phases.append({"phase": " + ".join([*skipped, label]), "ends_at": events[name],
-                       "seconds": max(0.0, events[name] - previous)})
+        phases.append(
+            {
+                "phase": " + ".join([*skipped, label]),
+                "ends_at": events[name],
+                "seconds": max(0.0, events[name] - previous),
+            }
+        )
         previous, skipped = max(previous, events[name]), []
     return phases
 
@@ -167,12 +214,14 @@ def _ray_train_events(run_name: str, started: float) -> dict[str, float]:
     return {}
 
 
-def _run_timed(command: list[str], env: dict, cwd: Path, timeout_seconds: float,
-               echo: bool) -> tuple[list[tuple[float, str]], int]:
+def _run_timed(
+    command: list[str], env: dict, cwd: Path, timeout_seconds: float, echo: bool
+) -> tuple[list[tuple[float, str]], int]:
     cwd.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                               env=env, cwd=cwd)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env, cwd=cwd
+    )
     watchdog = threading.Timer(timeout_seconds, process.kill)
     watchdog.start()
     lines = []
@@ -215,9 +264,11 @@ def format_startup_table(result: dict) -> str:
     if low == high:
         first_step = f"first training step finished at {high:.1f} s (rank 0's own clock)"
     else:
-        first_step = (f"first training step: begins between {'?' if low is None else f'{low:.1f}'} s (loop ready) "
-                      f"and {high:.1f} s (epoch-1 metrics logged minus its {result['epoch1_train_seconds']:.1f} s "
-                      "of training)")
+        first_step = (
+            f"first training step: begins between {'?' if low is None else f'{low:.1f}'} s (loop ready) "
+            f"and {high:.1f} s (epoch-1 metrics logged minus its {result['epoch1_train_seconds']:.1f} s "
+            "of training)"
+        )
     lines += [
         f"{'':>9}  {result['wall_seconds']:>7.1f}  total, command start to exit "
         f"(target <= {result['target_seconds']:.0f} s: {'met' if result['meets_target'] else 'NOT met'})",

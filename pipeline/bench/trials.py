@@ -18,13 +18,25 @@ import time
 from pathlib import Path
 
 from pipeline import events
-from pipeline.bench.overhead import benchmark_overrides, check_benchmark_arguments, check_positive, make_benchmark_shards
+from pipeline.bench.overhead import (
+    benchmark_overrides,
+    check_benchmark_arguments,
+    check_positive,
+    make_benchmark_shards,
+)
 from pipeline.config import load_config
 from pipeline.errors import BenchmarkError
 
 
-def run_trial_gap_benchmark(work_dir: Path, trials: int = 3, model: str = "resnet18", image_size: int = 32,
-                            global_batch: int = 16, train_images: int = 64, num_workers: int = 1) -> dict:
+def run_trial_gap_benchmark(
+    work_dir: Path,
+    trials: int = 3,
+    model: str = "resnet18",
+    image_size: int = 32,
+    global_batch: int = 16,
+    train_images: int = 64,
+    num_workers: int = 1,
+) -> dict:
     check_benchmark_arguments(model, image_size, global_batch, train_images, num_workers, 0)
     check_positive(trials=trials)
     if trials < 2:
@@ -40,12 +52,25 @@ def run_trial_gap_benchmark(work_dir: Path, trials: int = 3, model: str = "resne
     stamp = time.strftime("%Y%m%d-%H%M%S")
     store = work_dir / f"trials-{stamp}"
     events_file = work_dir / f"trials-{stamp}.events.jsonl"
-    config = load_config(overrides=[
-        *benchmark_overrides(shards, store, model=model, image_size=image_size, global_batch=global_batch,
-                             epochs=1, num_workers=num_workers, loader_workers=0, run_name=f"trials-{stamp}"),
-        f"search.num_samples={trials}", "search.max_concurrent_trials=1", "search.grace_period=1",
-        "search.space={optim.lr: {kind: choice, values: [0.1]}}",
-    ])
+    config = load_config(
+        overrides=[
+            *benchmark_overrides(
+                shards,
+                store,
+                model=model,
+                image_size=image_size,
+                global_batch=global_batch,
+                epochs=1,
+                num_workers=num_workers,
+                loader_workers=0,
+                run_name=f"trials-{stamp}",
+            ),
+            f"search.num_samples={trials}",
+            "search.max_concurrent_trials=1",
+            "search.grace_period=1",
+            "search.space={optim.lr: {kind: choice, values: [0.1]}}",
+        ]
+    )
     events.use_file(str(events_file))
     ray.init(address="local", runtime_env={"env_vars": {events.ENV_VAR: str(events_file)}})
     try:
@@ -62,8 +87,11 @@ def run_trial_gap_benchmark(work_dir: Path, trials: int = 3, model: str = "resne
 
 def trial_gaps(records: list[dict]) -> dict:
     """Rank 0's epoch ends and first steps, in time order, paired into the gaps between consecutive trials."""
-    marks = sorted((entry["unix_time"], entry["event"]) for entry in records
-                   if entry.get("rank") == 0 and entry["event"] in ("first_step", "epoch_end"))
+    marks = sorted(
+        (entry["unix_time"], entry["event"])
+        for entry in records
+        if entry.get("rank") == 0 and entry["event"] in ("first_step", "epoch_end")
+    )
     gaps, last_end = [], None
     for at, name in marks:
         if name == "epoch_end":
@@ -73,12 +101,18 @@ def trial_gaps(records: list[dict]) -> dict:
             last_end = None
     if not gaps:
         raise BenchmarkError("no trial followed another in the event timeline: did every trial run?")
-    return {"gaps_seconds": gaps, "median_gap_seconds": statistics.median(gaps), "min_gap_seconds": min(gaps),
-            "max_gap_seconds": max(gaps)}
+    return {
+        "gaps_seconds": gaps,
+        "median_gap_seconds": statistics.median(gaps),
+        "min_gap_seconds": min(gaps),
+        "max_gap_seconds": max(gaps),
+    }
 
 
 def format_trial_gaps(result: dict) -> str:
-    return (f"sweep of {result['trials']} one-epoch trials, one at a time, {result['sweep_seconds']:.0f} s: "
-            f"last epoch of a trial to the next trial's first step: median {result['median_gap_seconds']:.1f} s "
-            f"(min {result['min_gap_seconds']:.1f}, max {result['max_gap_seconds']:.1f}) over "
-            f"{len(result['gaps_seconds'])} gaps; timeline: {result['events_file']}")
+    return (
+        f"sweep of {result['trials']} one-epoch trials, one at a time, {result['sweep_seconds']:.0f} s: "
+        f"last epoch of a trial to the next trial's first step: median {result['median_gap_seconds']:.1f} s "
+        f"(min {result['min_gap_seconds']:.1f}, max {result['max_gap_seconds']:.1f}) over "
+        f"{len(result['gaps_seconds'])} gaps; timeline: {result['events_file']}"
+    )

@@ -12,7 +12,9 @@ from pipeline.cli.common import app, fail
 
 @app.command(name="bench-data")
 def bench_data(
-    work_dir: Annotated[Path, typer.Option(help="scratch folder for the benchmark images and shards")] = Path("data/bench"),
+    work_dir: Annotated[Path, typer.Option(help="scratch folder for the benchmark images and shards")] = Path(
+        "data/bench"
+    ),
     images: Annotated[int, typer.Option(min=8, help="ImageNet-sized JPEGs (500x375, q90) to decode")] = 400,
     repeats: Annotated[int, typer.Option(min=1, help="passes per path; the best is reported")] = 2,
 ) -> None:
@@ -24,7 +26,9 @@ def bench_data(
 
 @app.command(name="bench-train")
 def bench_train(
-    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated shards, throw-away MLflow store and Ray storage")] = Path("data/bench_train"),
+    work_dir: Annotated[
+        Path, typer.Option(help="scratch folder: generated shards, throw-away MLflow store and Ray storage")
+    ] = Path("data/bench_train"),
     only: Annotated[Optional[str], typer.Option(help="overhead | startup | trial-gap (default: all)")] = None,
     model: Annotated[str, typer.Option(help="architecture for both paths")] = "resnet18",
     image_size: Annotated[int, typer.Option(min=16, help="overhead: training crop side, pixels")] = 64,
@@ -35,15 +39,22 @@ def bench_train(
 ) -> None:
     """Benchmark: Ray Train vs plain torchrun DDP images/s, a 1-epoch train job's start-up time, and a sweep's
     fixed cost per trial."""
-    from pipeline.bench.startup import run_startup_benchmark
     from pipeline.bench.overhead import run_overhead_benchmark
+    from pipeline.bench.startup import run_startup_benchmark
     from pipeline.bench.trials import run_trial_gap_benchmark
 
     if only not in (None, "overhead", "startup", "trial-gap"):
         fail(f"--only {only!r} is not one of overhead, startup, trial-gap")
     if only in (None, "overhead"):
-        run_overhead_benchmark(work_dir, model=model, image_size=image_size, global_batch=global_batch,
-                               epochs=epochs, train_images=train_images, rounds=rounds)
+        run_overhead_benchmark(
+            work_dir,
+            model=model,
+            image_size=image_size,
+            global_batch=global_batch,
+            epochs=epochs,
+            train_images=train_images,
+            rounds=rounds,
+        )
     if only in (None, "startup"):
         run_startup_benchmark(work_dir, model=model)
     if only in (None, "trial-gap"):
@@ -52,7 +63,9 @@ def bench_train(
 
 @app.command(name="bench-plan")
 def bench_plan(
-    datasets: Annotated[str, typer.Option(help="comma-separated: imagenet-1k, imagenet-22k")] = "imagenet-1k,imagenet-22k",
+    datasets: Annotated[
+        str, typer.Option(help="comma-separated: imagenet-1k, imagenet-22k")
+    ] = "imagenet-1k,imagenet-22k",
     worlds: Annotated[str, typer.Option(help="comma-separated world sizes (ranks)")] = "8,64,512",
     loaders: Annotated[str, typer.Option(help="comma-separated DataLoader processes per rank")] = "2,8",
     out: Annotated[Optional[Path], typer.Option(help="also write the figures as JSON here")] = None,
@@ -77,14 +90,21 @@ def bench_plan(
 
 @app.command(name="bench-retrieval")
 def bench_retrieval(
-    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated shards, a checkpoint, embeddings")] = Path("data/bench_retrieval"),
+    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated shards, a checkpoint, embeddings")] = Path(
+        "data/bench_retrieval"
+    ),
     only: Annotated[Optional[str], typer.Option(help="embed | knn | index (default: all three)")] = None,
     images: Annotated[int, typer.Option(min=8, help="embed: generated 500x375 JPEGs to embed")] = 256,
     rounds: Annotated[int, typer.Option(min=1, help="interleaved rounds per path")] = 3,
-    gallery: Annotated[Optional[list[str]], typer.Option(help="index: ROWSxDIM synthetic galleries, repeatable "
-                                                         "(default: 100000x512)")] = None,
-    kinds: Annotated[str, typer.Option(help="index: comma-separated kinds to measure; flat (exact) always runs, "
-                                       "as the reference for recall")] = "flat,ivf,hnsw",
+    gallery: Annotated[
+        Optional[list[str]], typer.Option(help="index: ROWSxDIM synthetic galleries, repeatable (default: 100000x512)")
+    ] = None,
+    kinds: Annotated[
+        str,
+        typer.Option(
+            help="index: comma-separated kinds to measure; flat (exact) always runs, as the reference for recall"
+        ),
+    ] = "flat,ivf,hnsw",
 ) -> None:
     """Benchmark: embed images/s (Ray Data vs a plain forward pass), the cost of tracking.knn_every, and faiss
     latency, exact vs approximate."""
@@ -96,22 +116,28 @@ def bench_retrieval(
         if not (rows.isdigit() and dim.isdigit() and int(rows) > 0 and int(dim) > 0):
             fail(f"--gallery {text!r}: expected ROWSxDIM, e.g. 100000x512")
         sizes.append((int(rows), int(dim)))
-    run_retrieval_benchmark(work_dir, only, images, rounds, sizes, tuple(k.strip() for k in kinds.split(",") if k.strip()))
+    run_retrieval_benchmark(
+        work_dir, only, images, rounds, sizes, tuple(k.strip() for k in kinds.split(",") if k.strip())
+    )
 
 
 @app.command(name="bench-gpu")
 def bench_gpu(
-    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated ImageNet-sized shards")] = Path("data/bench_gpu"),
+    work_dir: Annotated[Path, typer.Option(help="scratch folder: generated ImageNet-sized shards")] = Path(
+        "data/bench_gpu"
+    ),
     device: Annotated[str, typer.Option(help="cuda, or cpu for the smoke run")] = "cuda",
     smoke: Annotated[bool, typer.Option(help="tiny sizes (the test suite's end-to-end run)")] = False,
     models: Annotated[str, typer.Option(help="comma-separated architectures")] = "resnet50,alexnet,resnet18,resnet152",
-    loader_processes: Annotated[Optional[str], typer.Option(help="comma-separated loader process counts "
-                                                            "(default: 4, 8 and all cores but 2)")] = None,
-    compile_resnet50: Annotated[bool, typer.Option("--compile/--no-compile", help="also ResNet-50 under "
-                                                   "torch.compile")] = True,
+    loader_processes: Annotated[
+        Optional[str], typer.Option(help="comma-separated loader process counts (default: 4, 8 and all cores but 2)")
+    ] = None,
+    compile_resnet50: Annotated[
+        bool, typer.Option("--compile/--no-compile", help="also ResNet-50 under torch.compile")
+    ] = True,
     out: Annotated[Optional[Path], typer.Option(help="also write the table as JSON here (default: none)")] = None,
 ) -> None:
-    """Benchmark on one GPU: the compute ceiling, then real shards with CPU and GPU JPEG decoding (no Ray, no MLflow)."""
+    """Benchmark on one GPU: the compute ceiling, then real shards with CPU and GPU JPEG decoding (no Ray or MLflow)."""
     from pipeline.bench.gpu import run_gpu_benchmark
 
     counts = None
@@ -120,5 +146,6 @@ def bench_gpu(
             counts = tuple(int(count) for count in loader_processes.split(","))
         except ValueError:
             fail(f"--loader-processes {loader_processes!r}: expected counts such as 4,8,14")
-    run_gpu_benchmark(work_dir, device, smoke, tuple(m.strip() for m in models.split(",") if m.strip()), counts,
-                      compile_resnet50, out)
+    run_gpu_benchmark(
+        work_dir, device, smoke, tuple(m.strip() for m in models.split(",") if m.strip()), counts, compile_resnet50, out
+    )

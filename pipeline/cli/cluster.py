@@ -1,10 +1,10 @@
 """`imagenet-pipeline job ...` (any Ray cluster) and `imagenet-pipeline cluster ...` (a local one).
 
-    imagenet-pipeline job submit -- python -m jobs.train -c jobs/configs/resnet50_imagenet.yaml
-    imagenet-pipeline job logs raysubmit_XYZ --follow
-    imagenet-pipeline cluster up --nodes 2      # token auth on, MLflow server beside it
-    imagenet-pipeline cluster demo              # make cluster-demo
-    imagenet-pipeline cluster down
+imagenet-pipeline job submit -- python -m jobs.train -c jobs/configs/resnet50_imagenet.yaml
+imagenet-pipeline job logs raysubmit_XYZ --follow
+imagenet-pipeline cluster up --nodes 2      # token auth on, MLflow server beside it
+imagenet-pipeline cluster demo              # make cluster-demo
+imagenet-pipeline cluster down
 """
 
 from __future__ import annotations
@@ -19,13 +19,23 @@ import typer
 from pipeline.cli.common import PipelineTyper, fail
 from pipeline.config import PROJECT_ROOT
 
-job_app = PipelineTyper(no_args_is_help=True, help="Submit, follow, stop and list jobs on a Ray cluster (token auth aware).")
-cluster_app = PipelineTyper(no_args_is_help=True, help="A real multi-node Ray cluster on this machine, for trying cluster jobs.")
+job_app = PipelineTyper(
+    no_args_is_help=True, help="Submit, follow, stop and list jobs on a Ray cluster (token auth aware)."
+)
+cluster_app = PipelineTyper(
+    no_args_is_help=True, help="A real multi-node Ray cluster on this machine, for trying cluster jobs."
+)
 
-Address = Annotated[Optional[str], typer.Option(
-    help="job server: http://<head>:8265 (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, else http://127.0.0.1:8265)")]
-TokenFile = Annotated[Optional[Path], typer.Option(
-    help="Ray auth token file (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)")]
+Address = Annotated[
+    Optional[str],
+    typer.Option(
+        help="job server: http://<head>:8265 (default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, else http://127.0.0.1:8265)"
+    ),
+]
+TokenFile = Annotated[
+    Optional[Path],
+    typer.Option(help="Ray auth token file (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token)"),
+]
 StateDir = Annotated[Path, typer.Option(help="the local cluster's token, MLflow store and checkpoints")]
 DEFAULT_STATE_DIR = Path(".cluster")
 
@@ -56,13 +66,20 @@ def job_submit(
     context: typer.Context,
     address: Address = None,
     token_file: TokenFile = None,
-    mlflow_uri: Annotated[Optional[str], typer.Option(
-        help="MLflow tracking URI for the job (default: the cluster's own MLFLOW_TRACKING_URI)")] = None,
-    entrypoint_num_cpus: Annotated[float, typer.Option(
-        min=0, help="CPUs reserved for the driver: > 0 places it on a worker node, e.g. for `jobs.shard`")] = 0,
-    entrypoint_num_gpus: Annotated[float, typer.Option(
-        min=0, help="GPUs reserved for the driver, e.g. for `jobs.evaluate` on a GPU node")] = 0,
-    working_dir: Annotated[Path, typer.Option(help="uploaded as the job's working directory (.gitignore and .rayignore apply)")] = PROJECT_ROOT,
+    mlflow_uri: Annotated[
+        Optional[str],
+        typer.Option(help="MLflow tracking URI for the job (default: the cluster's own MLFLOW_TRACKING_URI)"),
+    ] = None,
+    entrypoint_num_cpus: Annotated[
+        float,
+        typer.Option(min=0, help="CPUs reserved for the driver: > 0 places it on a worker node, e.g. for `jobs.shard`"),
+    ] = 0,
+    entrypoint_num_gpus: Annotated[
+        float, typer.Option(min=0, help="GPUs reserved for the driver, e.g. for `jobs.evaluate` on a GPU node")
+    ] = 0,
+    working_dir: Annotated[
+        Path, typer.Option(help="uploaded as the job's working directory (.gitignore and .rayignore apply)")
+    ] = PROJECT_ROOT,
     submission_id: Annotated[Optional[str], typer.Option(help="job id to use (default: Ray picks one)")] = None,
     wait: Annotated[bool, typer.Option(help="follow the logs until the job ends; exit 1 unless it SUCCEEDED")] = True,
 ) -> None:
@@ -71,9 +88,15 @@ def job_submit(
 
     cluster = _cluster(address, token_file)
     try:
-        job_id = submit(cluster, list(context.args), working_dir=working_dir, tracking_uri=mlflow_uri,
-                        submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
-                        entrypoint_num_gpus=entrypoint_num_gpus)
+        job_id = submit(
+            cluster,
+            list(context.args),
+            working_dir=working_dir,
+            tracking_uri=mlflow_uri,
+            submission_id=submission_id,
+            entrypoint_num_cpus=entrypoint_num_cpus,
+            entrypoint_num_gpus=entrypoint_num_gpus,
+        )
     except JobClientError as error:
         fail(str(error))
     typer.echo(f"submitted {job_id} to {cluster.dashboard_url}")
@@ -91,8 +114,12 @@ def job_submit(
 
 @job_app.command("logs")
 def job_logs(
-    job_id: str, address: Address = None, token_file: TokenFile = None,
-    follow_logs: Annotated[bool, typer.Option("--follow", "-f", help="stream until the job ends (default: print and exit)")] = False,
+    job_id: str,
+    address: Address = None,
+    token_file: TokenFile = None,
+    follow_logs: Annotated[
+        bool, typer.Option("--follow", "-f", help="stream until the job ends (default: print and exit)")
+    ] = False,
 ) -> None:
     """Print a job's driver logs."""
     from pipeline.cluster.jobs import follow
@@ -174,5 +201,3 @@ def cluster_demo(
     except TimeoutError as error:  # the job or a node did not come up in time: the user's to look into
         fail(first_line(error, with_type=False))
     raise typer.Exit(0 if ok else 1)
-
-

@@ -49,14 +49,20 @@ class PipelineTyper(typer.Typer):
 
 
 app = PipelineTyper(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Distributed AlexNet/ResNet training on ImageNet webdataset shards (Ray Train, Ray Tune, MLflow).",
 )
 
 ConfigFiles = Annotated[
     Optional[list[Path]],
-    typer.Option("--config", "-c", help=f"YAML config file(s), merged left to right (default: {DEFAULT_CONFIG.relative_to(PROJECT_ROOT)})"),
+    typer.Option(
+        "--config",
+        "-c",
+        help=f"YAML config file(s), merged left to right (default: {DEFAULT_CONFIG.relative_to(PROJECT_ROOT)})",
+    ),
 ]
 Overrides = Annotated[
     Optional[list[str]],

@@ -30,19 +30,36 @@ def generate(
     if val_layout not in ("folders", "devkit", "loc_csv"):
         fail(f"--val-layout {val_layout!r} is not one of folders, devkit, loc_csv")
     generate_imagenet_folder(
-        output, num_classes=classes, train_per_class=train_per_class, val_per_class=val_per_class,
-        width=width, height=height, quality=quality, seed=seed, val_layout=val_layout, processes=processes,
+        output,
+        num_classes=classes,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        width=width,
+        height=height,
+        quality=quality,
+        seed=seed,
+        val_layout=val_layout,
+        processes=processes,
     )
     typer.echo(f"wrote {classes} classes x {train_per_class} train + {val_per_class} val images to {output}")
 
 
 @app.command()
 def shard(
-    source: Annotated[Path, typer.Option(help="ILSVRC2012 folder: train/<wnid>/*.JPEG and val/")] = Path("data/synthetic"),
-    output: Annotated[Path, typer.Option(help="shard root; writes train/, val/, test/ with manifest.json")] = Path("data/shards"),
-    val_per_class: Annotated[int, typer.Option(min=0, help="train images per class held out as the val split (0: none)")] = 50,
+    source: Annotated[Path, typer.Option(help="ILSVRC2012 folder: train/<wnid>/*.JPEG and val/")] = Path(
+        "data/synthetic"
+    ),
+    output: Annotated[Path, typer.Option(help="shard root; writes train/, val/, test/ with manifest.json")] = Path(
+        "data/shards"
+    ),
+    val_per_class: Annotated[
+        int, typer.Option(min=0, help="train images per class held out as the val split (0: none)")
+    ] = 50,
     samples_per_shard: Annotated[int, typer.Option(min=1, help="samples per tar shard")] = 1000,
-    max_side: Annotated[Optional[int], typer.Option(min=16, help="pre-resize longer side to at most this (re-encodes) (default: keep size)")] = None,
+    max_side: Annotated[
+        Optional[int],
+        typer.Option(min=16, help="pre-resize longer side to at most this (re-encodes) (default: keep size)"),
+    ] = None,
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG quality when re-encoding")] = 90,
     processes: Annotated[int, typer.Option(min=1, help="parallel shard writers")] = 1,
     seed: Annotated[int, typer.Option(help="seed for the val hold-out and the cross-shard shuffle")] = 0,
@@ -53,22 +70,35 @@ def shard(
     from pipeline.data.sharding import shard_imagenet
 
     summary = shard_imagenet(
-        source, output, val_per_class=val_per_class, samples_per_shard=samples_per_shard,
-        max_side=max_side, quality=quality, processes=processes, seed=seed, resume=resume, progress=progress,
+        source,
+        output,
+        val_per_class=val_per_class,
+        samples_per_shard=samples_per_shard,
+        max_side=max_side,
+        quality=quality,
+        processes=processes,
+        seed=seed,
+        resume=resume,
+        progress=progress,
     )
     typer.echo(str(summary))
 
 
 @app.command()
 def verify(
-    root: Annotated[Path, typer.Argument(help="shard root (with train/ val/ test/) or one split folder")] = Path("data/shards"),
+    root: Annotated[Path, typer.Argument(help="shard root (with train/ val/ test/) or one split folder")] = Path(
+        "data/shards"
+    ),
     decode: Annotated[bool, typer.Option(help="decode every image (slower, catches corrupt JPEGs)")] = True,
 ) -> None:
     """Check shards against their manifest: files, sizes, checksums, counts, labels, decodability."""
     from pipeline.data.verify import verify_dataset, verify_split
 
-    results = {root.name: verify_split(root, decode=decode)} if (root / "manifest.json").is_file() \
+    results = (
+        {root.name: verify_split(root, decode=decode)}
+        if (root / "manifest.json").is_file()
         else verify_dataset(root, decode=decode)
+    )
     if not results:
         fail(f"{root} holds no split with a manifest.json")
     bad = False
@@ -85,7 +115,9 @@ def index(
     shard_dir: Annotated[Path, typer.Argument(help="folder of .tar shards made elsewhere (jpg/cls keys)")],
     split: Annotated[str, typer.Option(help="split these shards hold: train | val | test")] = "train",
     pattern: Annotated[str, typer.Option(help="glob of shard files inside the folder")] = "*.tar",
-    classes_file: Annotated[Optional[Path], typer.Option(help="'wnid name' per line, in class-index order (default: names = indices)")] = None,
+    classes_file: Annotated[
+        Optional[Path], typer.Option(help="'wnid name' per line, in class-index order (default: names = indices)")
+    ] = None,
 ) -> None:
     """Write manifest.json for existing shards so they can be trained on."""
     from pipeline.data.verify import index_shards

@@ -9,11 +9,14 @@ import typer
 
 from pipeline.cli.common import ConfigFiles, Overrides, app, fail, resolve_config
 
-
 ModelSource = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<id>/model or a "
-                 "checkpoint folder (default: models:/<tracking.registered_model>@champion)"),
+    typer.Option(
+        "--model",
+        "-m",
+        help="models:/<name>@<alias>, models:/<name>/<version>, runs:/<id>/model or a "
+        "checkpoint folder (default: models:/<tracking.registered_model>@champion)",
+    ),
 ]
 
 
@@ -23,11 +26,19 @@ def evaluate(
     overrides: Overrides = None,
     model: ModelSource = None,
     split: Annotated[str, typer.Option(help="split to evaluate on: test (final, once) | val | train")] = "test",
-    log: Annotated[bool, typer.Option(help="log test/top1, test/top5 to the model's MLflow run (the test-once record is kept either way)")] = True,
-    retrieval: Annotated[bool, typer.Option(help="also measure the features: k-NN top-1 (train gallery), "
-                                            "recall@1/5/10 and mAP@R")] = True,
+    log: Annotated[
+        bool,
+        typer.Option(
+            help="log test/top1, test/top5 to the model's MLflow run (the test-once record is kept either way)"
+        ),
+    ] = True,
+    retrieval: Annotated[
+        bool, typer.Option(help="also measure the features: k-NN top-1 (train gallery), recall@1/5/10 and mAP@R")
+    ] = True,
     again: Annotated[bool, typer.Option(help="evaluate a model on test a second time (needs --reason)")] = False,
-    reason: Annotated[Optional[str], typer.Option(help="why test is read again; recorded on the model (default: none)")] = None,
+    reason: Annotated[
+        Optional[str], typer.Option(help="why test is read again; recorded on the model (default: none)")
+    ] = None,
 ) -> None:
     """Top-1 / top-5 of a registered model, run or checkpoint on the test split, beside published figures.
 
@@ -36,11 +47,17 @@ def evaluate(
     from pipeline.inference.evaluate import evaluate_model
 
     if again != bool(reason and reason.strip()):
-        fail("--again and --reason go together: --again --reason \"why test is read again\"")
+        fail('--again and --reason go together: --again --reason "why test is read again"')
     config = resolve_config(config_files, overrides, show=False)
     source = model or f"models:/{config.tracking.registered_model}@champion"
-    evaluate_model(config, source, split=split, log_to_mlflow=log, retrieval=retrieval,
-                   again_reason=reason.strip() if again and reason else None)
+    evaluate_model(
+        config,
+        source,
+        split=split,
+        log_to_mlflow=log,
+        retrieval=retrieval,
+        again_reason=reason.strip() if again and reason else None,
+    )
 
 
 @app.command()

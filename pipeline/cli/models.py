@@ -14,8 +14,9 @@ champion_app = PipelineTyper(no_args_is_help=True, help="The @champion alias: it
 
 @champion_app.command()
 def history(
-    registered_model: Annotated[Optional[str], typer.Argument(help="registered model name (default: "
-                                                              "tracking.registered_model)")] = None,
+    registered_model: Annotated[
+        Optional[str], typer.Argument(help="registered model name (default: tracking.registered_model)")
+    ] = None,
     config_files: ConfigFiles = None,
     overrides: Overrides = None,
 ) -> None:

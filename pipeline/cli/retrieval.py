@@ -17,8 +17,9 @@ def embed(
     overrides: Overrides = None,
     model: ModelSource = None,
     split: Annotated[str, typer.Option(help="shard split to embed: train (the gallery) | val | test")] = "train",
-    output: Annotated[Optional[Path], typer.Option(help="output folder (default: <retrieval.output>/<model>-v"
-                                                   "<version>/<split>)")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option(help="output folder (default: <retrieval.output>/<model>-v<version>/<split>)")
+    ] = None,
     log: Annotated[bool, typer.Option(help="log the index to an MLflow run and tag the model version with it")] = True,
 ) -> None:
     """Embed a shard split with Ray Data (model replicas on the cluster) and build its faiss index."""
@@ -28,10 +29,11 @@ def embed(
     source = model or f"models:/{config.tracking.registered_model}@champion"
     result = embed_split(config, source, split, str(output) if output else None)
     meta = result.meta
-    how = "reused (same model version, split and data)" if result.reused else \
-        f"{result.images_per_second:.1f} images/s"
-    typer.echo(f"{meta.num_samples} {split} images -> {meta.dim}-d {meta.layer} features of {meta.model_source}, "
-               f"{meta.unreadable} unreadable; {how}\n  {result.directory}")
+    how = "reused (same model version, split and data)" if result.reused else f"{result.images_per_second:.1f} images/s"
+    typer.echo(
+        f"{meta.num_samples} {split} images -> {meta.dim}-d {meta.layer} features of {meta.model_source}, "
+        f"{meta.unreadable} unreadable; {how}\n  {result.directory}"
+    )
     if log:
         from pipeline.retrieval.logged import log_index
         from pipeline.tracking.runs import prepare_tracking
@@ -47,9 +49,16 @@ def retrieve(
     index: Annotated[str, typer.Option(help="an embed output folder, or the MLflow run id `embed` printed")],
     config_files: ConfigFiles = None,
     overrides: Overrides = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="must be the model the gallery was "
-                                                 "embedded with (default: that model, when it is a version of "
-                                                 "tracking.registered_model)")] = None,
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            "-m",
+            help="must be the model the gallery was "
+            "embedded with (default: that model, when it is a version of "
+            "tracking.registered_model)",
+        ),
+    ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="neighbours per query")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table (default: table)")] = False,
     sheet: Annotated[Optional[Path], typer.Option(help="also draw a contact sheet PNG here (default: none)")] = None,

@@ -36,8 +36,10 @@ def print_outcome(outcome, config: Config) -> None:
         f"val top-1 {best.get(m.VAL_TOP1, float('nan')):.2f} %, top-5 {best.get(m.VAL_TOP5, float('nan')):.2f} %"
     )
     if outcome.model_version:
-        typer.echo(f"registered model version {outcome.model_version}"
-                   f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}")
+        typer.echo(
+            f"registered model version {outcome.model_version}"
+            f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}"
+        )
     typer.echo(f"open the MLflow UI: {mlflow_ui_command(config)}")
 
 
@@ -45,7 +47,9 @@ def print_outcome(outcome, config: Config) -> None:
 def tune(
     config_files: ConfigFiles = None,
     overrides: Overrides = None,
-    resume: Annotated[bool, typer.Option(help="continue the sweep named tracking.run_name after an interruption")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue the sweep named tracking.run_name after an interruption")
+    ] = False,
 ) -> None:
     """Search learning rate, batch size and dropout with Ray Tune + ASHA; register the best trial's model."""
     config = resolve_config(config_files, overrides)
@@ -56,10 +60,14 @@ def tune(
 
     outcome = run_search(config, resume=resume)
     if outcome.best is not None:
-        typer.echo(f"\nbest trial {outcome.best.trial_id}: val top-1 {outcome.best.best_top1:.2f} % with {outcome.best.params}")
+        typer.echo(
+            f"\nbest trial {outcome.best.trial_id}: val top-1 {outcome.best.best_top1:.2f} % with {outcome.best.params}"
+        )
     if outcome.model_version:
-        typer.echo(f"registered model '{config.tracking.registered_model}' version {outcome.model_version}"
-                   f"{' -> @champion' if outcome.promoted else ' (champion unchanged)'}")
+        typer.echo(
+            f"registered model '{config.tracking.registered_model}' version {outcome.model_version}"
+            f"{' -> @champion' if outcome.promoted else ' (champion unchanged)'}"
+        )
 
 
 @app.command()
@@ -80,8 +88,10 @@ def refit(
     outcome = run_refit(config, sweep, list(overrides or []))
     typer.echo(f"\nrefit run '{outcome.run_name}' finished in {outcome.seconds:.0f} s")
     if outcome.model_version:
-        typer.echo(f"registered model version {outcome.model_version} (refit)"
-                   f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}")
+        typer.echo(
+            f"registered model version {outcome.model_version} (refit)"
+            f"{' (now champion)' if outcome.promoted else ' (champion unchanged)'}"
+        )
 
 
 @app.command()

@@ -57,10 +57,13 @@ class ClusterAddress:
         try:
             return JobSubmissionClient(self.dashboard_url, headers=headers)
         except ConnectionError as error:
-            raise JobClientError(f"cannot reach the Ray job server at {self.dashboard_url}: "
-                                 f"{first_line(error, with_type=False)}") from None
+            raise JobClientError(
+                f"cannot reach the Ray job server at {self.dashboard_url}: {first_line(error, with_type=False)}"
+            ) from None
         except Exception as error:  # Ray raises AuthenticationError/RuntimeError with long, multi-line texts
-            raise JobClientError(f"Ray job server at {self.dashboard_url}: {first_line(error, with_type=False)}") from None
+            raise JobClientError(
+                f"Ray job server at {self.dashboard_url}: {first_line(error, with_type=False)}"
+            ) from None
 
 
 def resolve_address(address: str | None = None, token_file: Path | None = None) -> ClusterAddress:
@@ -70,19 +73,27 @@ def resolve_address(address: str | None = None, token_file: Path | None = None) 
     usable = from_ray_address if from_ray_address.startswith(("http://", "https://")) else None
     url = address or os.environ.get("RAY_API_SERVER_ADDRESS") or usable or DEFAULT_ADDRESS
     if from_ray_address and not usable and not address and not os.environ.get("RAY_API_SERVER_ADDRESS"):
-        log.warning("RAY_ADDRESS=%s is not a job server (http://<head>:8265); using %s — set "
-                    "RAY_API_SERVER_ADDRESS or --address", from_ray_address, url)
+        log.warning(
+            "RAY_ADDRESS=%s is not a job server (http://<head>:8265); using %s — set "
+            "RAY_API_SERVER_ADDRESS or --address",
+            from_ray_address,
+            url,
+        )
     if "://" not in url:
         url = f"http://{url}"
     if urlparse(url).scheme not in {"http", "https"}:
         raise JobClientError(
             f"address '{url}': jobs are submitted to the dashboard's HTTP address (http://<head>:8265), not a GCS or "
-            "ray:// address")
+            "ray:// address"
+        )
     cluster = ClusterAddress(url.rstrip("/"), read_token(token_file))
     if cluster.token and url.startswith("http://") and not cluster.is_local:
         # The token lets its holder run any code on the cluster; plain http shows it to the network.
-        log.warning("sending the Ray auth token to %s over plain http; reach the head through `kubectl "
-                    "port-forward` or an SSH tunnel (`ray dashboard`), or use https", cluster.dashboard_url)
+        log.warning(
+            "sending the Ray auth token to %s over plain http; reach the head through `kubectl "
+            "port-forward` or an SSH tunnel (`ray dashboard`), or use https",
+            cluster.dashboard_url,
+        )
     return cluster
 
 
@@ -90,7 +101,9 @@ def read_token(token_file: Path | None = None) -> str | None:
     """Ray's own lookup order: a given file, $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
     if token_file is not None:
         if not token_file.is_file():
-            raise JobClientError(f"--token-file '{token_file}': no such file (create one with `ray get-auth-token --generate`)")
+            raise JobClientError(
+                f"--token-file '{token_file}': no such file (create one with `ray get-auth-token --generate`)"
+            )
         return token_file.read_text().strip()
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
@@ -110,17 +123,27 @@ def job_tracking_uri(cluster: ClusterAddress, tracking_uri: str | None) -> str |
     if not cluster.is_local and not uri.startswith(("http://", "https://", "databricks")):
         raise JobClientError(
             f"--mlflow-uri '{uri}' is a file on this machine, which the cluster at {cluster.dashboard_url} cannot "
-            "reach; pass an MLflow server (--mlflow-uri http://mlflow:5000) or leave it to the cluster's MLFLOW_TRACKING_URI")
+            "reach; pass an MLflow server (--mlflow-uri http://mlflow:5000) or leave it to the cluster's "
+            "MLFLOW_TRACKING_URI"
+        )
     return uri
 
 
 def submit(
-    cluster: ClusterAddress, entrypoint: list[str], *, working_dir: Path = PROJECT_ROOT, tracking_uri: str | None = None,
-    submission_id: str | None = None, entrypoint_num_cpus: float = 0, entrypoint_num_gpus: float = 0,
+    cluster: ClusterAddress,
+    entrypoint: list[str],
+    *,
+    working_dir: Path = PROJECT_ROOT,
+    tracking_uri: str | None = None,
+    submission_id: str | None = None,
+    entrypoint_num_cpus: float = 0,
+    entrypoint_num_gpus: float = 0,
 ) -> str:
     """Upload `working_dir` (minus .gitignore/.rayignore entries) and start `entrypoint`; returns the job id."""
     if not entrypoint:
-        raise JobClientError("no entrypoint: put the command after `--`, e.g. -- python -m jobs.train -c jobs/configs/demo.yaml")
+        raise JobClientError(
+            "no entrypoint: put the command after `--`, e.g. -- python -m jobs.train -c jobs/configs/demo.yaml"
+        )
     if not working_dir.is_dir():
         raise JobClientError(f"--working-dir '{working_dir}': no such directory")
     env_vars = job_environment()
@@ -130,11 +153,16 @@ def submit(
     runtime_env = {"working_dir": str(working_dir), "env_vars": env_vars}
     try:
         return cluster.client().submit_job(
-            entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
-            submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
+            entrypoint=shlex.join(entrypoint),
+            runtime_env=runtime_env,
+            submission_id=submission_id,
+            entrypoint_num_cpus=entrypoint_num_cpus,
+            entrypoint_num_gpus=entrypoint_num_gpus,
         )
     except RuntimeError as error:
-        raise JobClientError(f"submitting to {cluster.dashboard_url} failed: {first_line(error, with_type=False)}") from None
+        raise JobClientError(
+            f"submitting to {cluster.dashboard_url} failed: {first_line(error, with_type=False)}"
+        ) from None
 
 
 def follow(cluster: ClusterAddress, job_id: str, out: TextIO = sys.stdout, poll_seconds: float = 1.0) -> JobStatus:
@@ -153,7 +181,9 @@ def follow(cluster: ClusterAddress, job_id: str, out: TextIO = sys.stdout, poll_
     return wait(cluster, job_id, poll_seconds=poll_seconds)
 
 
-def wait(cluster: ClusterAddress, job_id: str, timeout_seconds: float | None = None, poll_seconds: float = 1.0) -> JobStatus:
+def wait(
+    cluster: ClusterAddress, job_id: str, timeout_seconds: float | None = None, poll_seconds: float = 1.0
+) -> JobStatus:
     client = cluster.client()
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     while (status := client.get_job_status(job_id)) not in TERMINAL:
@@ -171,6 +201,12 @@ def list_jobs(cluster: ClusterAddress) -> list[dict[str, str]]:
     rows = []
     for job in sorted(cluster.client().list_jobs(), key=lambda job: job.start_time or 0, reverse=True):
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else ""
-        rows.append({"id": job.submission_id or job.job_id or "", "status": str(job.status.value), "started": started,
-                     "entrypoint": job.entrypoint})
+        rows.append(
+            {
+                "id": job.submission_id or job.job_id or "",
+                "status": str(job.status.value),
+                "started": started,
+                "entrypoint": job.entrypoint,
+            }
+        )
     return rows

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import psutil
 
-from pipeline.errors import ClusterError
 from pipeline.config import WORKER_GROUP_START_TIMEOUT_S
+from pipeline.errors import ClusterError
 from pipeline.tracking.uri import ui_link
 
 STATE_FILE = "cluster.json"
@@ -67,15 +67,18 @@ class LocalCluster:
     def client_env(self) -> dict[str, str]:
         """What a client (`ray job submit`, `imagenet-pipeline job ...`, a test) needs to talk to this cluster."""
         return {
-            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-            "RAY_API_SERVER_ADDRESS": self.dashboard_url, "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
         }
 
     def node_env(self) -> dict[str, str]:
         """The environment every node starts with, as infra/ sets it on every pod."""
         env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "MLFLOW_"))}
         return {
-            **env, **self.client_env(),
+            **env,
+            **self.client_env(),
             # Jobs run `python`: make it this environment's interpreter, with the project installed.
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": WORKER_GROUP_START_TIMEOUT_S,
@@ -83,18 +86,27 @@ class LocalCluster:
         }
 
     @classmethod
-    def start(cls, state_dir: Path, nodes: int = 2, cpus_per_node: int = 1, timeout_seconds: float = 120) -> "LocalCluster":
+    def start(
+        cls, state_dir: Path, nodes: int = 2, cpus_per_node: int = 1, timeout_seconds: float = 120
+    ) -> "LocalCluster":
         """Start MLflow, the head and `nodes - 1` more nodes; on any failure stop what started, then raise."""
         if nodes < 1 or cpus_per_node < 1:
             raise ClusterError(f"nodes = {nodes}, cpus_per_node = {cpus_per_node}: both must be at least 1")
         state = Path(state_dir).absolute()
         if (existing := cls.load(state)) is not None:
-            raise ClusterError(f"a local cluster already runs from {state} (dashboard {existing.dashboard_url}); "
-                               "stop it first with `imagenet-pipeline cluster down`")
+            raise ClusterError(
+                f"a local cluster already runs from {state} (dashboard {existing.dashboard_url}); "
+                "stop it first with `imagenet-pipeline cluster down`"
+            )
         state.mkdir(parents=True, exist_ok=True)
         cluster = cls(
-            state_dir=str(state), temp_dir=tempfile.mkdtemp(prefix="ray-pipeline-"), gcs_port=free_port(),
-            dashboard_port=free_port(), mlflow_port=free_port(), mlflow_pid=None, nodes=nodes,
+            state_dir=str(state),
+            temp_dir=tempfile.mkdtemp(prefix="ray-pipeline-"),
+            gcs_port=free_port(),
+            dashboard_port=free_port(),
+            mlflow_port=free_port(),
+            mlflow_pid=None,
+            nodes=nodes,
             cpus_per_node=cpus_per_node,
         )
         write_token(cluster.token_path)
@@ -116,30 +128,55 @@ class LocalCluster:
         """Node 0 is the head. Each node has its own temp dir, as separate machines have separate disks: on a
         shared one, a node's runtime-env cleanup deletes the job's working directory under the other's feet."""
         head = index == 0
-        command = [str(Path(sys.executable).parent / "ray"), "start", "--node-ip-address", "127.0.0.1",
-                   "--num-cpus", str(self.cpus_per_node), "--object-store-memory", str(OBJECT_STORE_BYTES),
-                   "--disable-usage-stats", "--temp-dir", f"{self.temp_dir}/node{index}",
-                   # The default agent port (52365) is one per machine; every node here needs its own.
-                   "--dashboard-agent-listen-port", str(free_port())]
+        command = [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--num-cpus",
+            str(self.cpus_per_node),
+            "--object-store-memory",
+            str(OBJECT_STORE_BYTES),
+            "--disable-usage-stats",
+            "--temp-dir",
+            f"{self.temp_dir}/node{index}",
+            # The default agent port (52365) is one per machine; every node here needs its own.
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+        ]
         if head:
-            command += ["--head", "--port", str(self.gcs_port), "--ray-client-server-port", str(free_port()),
-                        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port)]
+            command += [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--ray-client-server-port",
+                str(free_port()),
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                str(self.dashboard_port),
+            ]
         else:
             command += ["--address", self.gcs_address]
         # A session of its own: the nodes outlive this command and its terminal's Ctrl-C.
         try:
-            done = subprocess.run(command, env=self.node_env(), capture_output=True, text=True, timeout=120,
-                                  start_new_session=True)
+            done = subprocess.run(
+                command, env=self.node_env(), capture_output=True, text=True, timeout=120, start_new_session=True
+            )
         except subprocess.TimeoutExpired:
             raise ClusterError(f"`ray start{' --head' if head else ''}` did not return within 120 s") from None
         if done.returncode != 0:
             lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-            raise ClusterError(f"`ray start{' --head' if head else ''}` failed: {lines[-1] if lines else done.returncode}")
+            raise ClusterError(
+                f"`ray start{' --head' if head else ''}` failed: {lines[-1] if lines else done.returncode}"
+            )
 
     def alive_node_ids(self) -> set[str]:
         """Ray node ids of the ALIVE nodes, from the dashboard's state API (authenticated like any client)."""
-        request = urllib.request.Request(f"{self.dashboard_url}/api/v0/nodes?limit=100",
-                                         headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"})
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/api/v0/nodes?limit=100",
+            headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
                 rows = json.load(response)["data"]["result"]["result"]
@@ -149,8 +186,11 @@ class LocalCluster:
 
     def stop(self) -> None:
         """Kill this cluster's Ray processes (and their workers) and its MLflow server; keep state_dir."""
-        roots = [process for process in psutil.process_iter(["cmdline"])
-                 if any(self.temp_dir in part for part in process.info["cmdline"] or [])]
+        roots = [
+            process
+            for process in psutil.process_iter(["cmdline"])
+            if any(self.temp_dir in part for part in process.info["cmdline"] or [])
+        ]
         if (server := self.mlflow_server()) is not None:
             roots.append(server)
         terminate_trees(roots)
@@ -192,10 +232,13 @@ class LocalCluster:
             known = {field.name for field in fields(cls)}
             cluster = cls(**{key: value for key, value in json.loads(path.read_text()).items() if key in known})
         except (TypeError, ValueError) as error:
-            raise ClusterError(f"{path} is not a cluster record this version reads ({error}); stop that cluster's "
-                               "processes and remove the file") from None
-        if not any(cluster.temp_dir in " ".join(process.info["cmdline"] or [])
-                   for process in psutil.process_iter(["cmdline"])):
+            raise ClusterError(
+                f"{path} is not a cluster record this version reads ({error}); stop that cluster's "
+                "processes and remove the file"
+            ) from None
+        if not any(
+            cluster.temp_dir in " ".join(process.info["cmdline"] or []) for process in psutil.process_iter(["cmdline"])
+        ):
             cluster.stop()  # a stale record (machine rebooted, processes killed): clean up what is left
             return None
         return cluster
@@ -203,12 +246,27 @@ class LocalCluster:
 
 def start_mlflow_server(state: Path, port: int, env: dict[str, str]) -> int:
     """A tracking server with a SQLite store and proxied artifacts: workers on any node log over HTTP."""
-    log = open(state / "mlflow-server.log", "ab")  # noqa: SIM115 - the server outlives this call
+    log = open(state / "mlflow-server.log", "ab")  # the server outlives this call
     process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
-         "--artifacts-destination", str(state / "mlartifacts"), "--serve-artifacts"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{state / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(state / "mlartifacts"),
+            "--serve-artifacts",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     return process.pid
 

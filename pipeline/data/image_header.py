@@ -61,8 +61,10 @@ def declared_size(data: bytes | memoryview) -> tuple[int, int] | None:
 def check_pixels(width: int, height: int, max_image_pixels: int) -> None:
     """Refuse a declared size above the limit, in one line naming both."""
     if width * height > max_image_pixels:
-        raise CorruptImageError(f"declares {width}x{height} = {width * height:,} pixels, more than "
-                                f"data.max_image_pixels = {max_image_pixels:,}; refused before decoding")
+        raise CorruptImageError(
+            f"declares {width}x{height} = {width * height:,} pixels, more than "
+            f"data.max_image_pixels = {max_image_pixels:,}; refused before decoding"
+        )
 
 
 def checked_size(data: bytes | memoryview, max_image_pixels: int) -> tuple[int, int]:
@@ -100,10 +102,10 @@ def _jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
             break
         if marker in _JPEG_STANDALONE_MARKERS or position + 2 > len(data):
             continue
-        length = int.from_bytes(data[position:position + 2], "big")  # counts itself, not the marker
+        length = int.from_bytes(data[position : position + 2], "big")  # counts itself, not the marker
         if marker in _JPEG_FRAME_MARKERS and length >= 7 and position + 7 <= len(data):
-            height = int.from_bytes(data[position + 3:position + 5], "big")
-            width = int.from_bytes(data[position + 5:position + 7], "big")
+            height = int.from_bytes(data[position + 3 : position + 5], "big")
+            width = int.from_bytes(data[position + 5 : position + 7], "big")
             sizes.append((width, height))
         position += max(length, 2)
     return max(sizes, key=lambda size: size[0] * size[1]) if sizes else None

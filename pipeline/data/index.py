@@ -102,20 +102,26 @@ def decode(data: bytes, where: str, shard_bytes: int | None = None) -> np.ndarra
     """The entries of an index file's bytes; a DataError naming `where` for anything malformed. With the shard's
     size (`shard_bytes`), the last entry must also end where the shard's end-of-archive blocks can begin (the
     bytes after it are at most two blocks and a record's padding); `check_trailer` then checks those bytes."""
-    if len(data) < _HEADER or data[:len(MAGIC)] != MAGIC:
+    if len(data) < _HEADER or data[: len(MAGIC)] != MAGIC:
         raise DataError(f"{where}: not a sample index (no {MAGIC.decode()} header)")
     count = int(np.frombuffer(data, dtype="<u8", count=1, offset=len(MAGIC))[0])
     if len(data) != index_bytes(count):
         raise DataError(f"{where}: sample index says {count} samples but holds {(len(data) - _HEADER) // _ENTRY}")
     entries = np.frombuffer(data, dtype="<u8", offset=_HEADER).reshape(count, 2).astype(np.uint64)
     ends = entries[:, 0] + entries[:, 1]
-    if count and ((entries[:, 1] == 0).any() or entries[0, 0] != 0 or (entries[1:, 0] != ends[:-1]).any()
-                  or (ends < entries[:, 0]).any()):  # a size that wraps past 2**64
+    if count and (
+        (entries[:, 1] == 0).any()
+        or entries[0, 0] != 0
+        or (entries[1:, 0] != ends[:-1]).any()
+        or (ends < entries[:, 0]).any()
+    ):  # a size that wraps past 2**64
         raise DataError(f"{where}: sample index entries do not tile the shard from its start")
     end = end_of_samples(entries)
     if shard_bytes is not None and shard_bytes not in (end + _END_BLOCKS, -(-(end + _END_BLOCKS) // _RECORD) * _RECORD):
-        raise DataError(f"{where}: sample index ends at byte {end}, not where the shard's end-of-archive blocks "
-                        f"begin (the shard has {shard_bytes} bytes)")
+        raise DataError(
+            f"{where}: sample index ends at byte {end}, not where the shard's end-of-archive blocks "
+            f"begin (the shard has {shard_bytes} bytes)"
+        )
     return entries
 
 

@@ -10,9 +10,9 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from pipeline.errors import DataError
 from pipeline.config import Config
 from pipeline.data.loader import IGNORE_LABEL, build_loader
+from pipeline.errors import DataError
 
 
 @dataclass

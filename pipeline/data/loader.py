@@ -26,16 +26,26 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import storage
-from pipeline.errors import DataError
 from pipeline.config import DataConfig
 from pipeline.data.manifest import Manifest, combine_manifests, read_manifest
 from pipeline.data.plan import (
-    Segment, WorkerPlan, eval_steps_per_pass, plan_eval_worker, plan_train_worker, train_steps_per_epoch,
+    Segment,
+    WorkerPlan,
+    eval_steps_per_pass,
+    plan_eval_worker,
+    plan_train_worker,
+    train_steps_per_epoch,
 )
 from pipeline.data.shard_reader import UNREADABLE, Sample, read_positions
 from pipeline.data.transforms import (
-    CorruptImageError, EncodedImage, EvalTransform, TrainTransform, decode_on_device, prepare_for_device,
+    CorruptImageError,
+    EncodedImage,
+    EvalTransform,
+    TrainTransform,
+    decode_on_device,
+    prepare_for_device,
 )
+from pipeline.errors import DataError
 
 # CrossEntropyLoss(ignore_index=IGNORE_LABEL) skips masked slots; accuracy counts skip labels < 0.
 IGNORE_LABEL = -100
@@ -60,8 +70,16 @@ class ShardStream(IterableDataset):
     """One rank's view of a split. DataLoader processes each take their block of the rank's plan."""
 
     def __init__(
-        self, locations: list[str], manifest: Manifest, *, train: bool, rank: int, world_size: int,
-        batch_size: int, seed: int, data: DataConfig,
+        self,
+        locations: list[str],
+        manifest: Manifest,
+        *,
+        train: bool,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        seed: int,
+        data: DataConfig,
     ) -> None:
         self.locations = locations  # each manifest shard's local path or URL (pipeline.storage)
         self.shard_command = data.shard_command
@@ -75,7 +93,8 @@ class ShardStream(IterableDataset):
         self.decode_on_device = data.decode == "gpu"
         self.image_size = data.train_image_size if train else data.eval_image_size
         self.transform = (
-            TrainTransform(data.train_image_size, data.min_crop_scale, data.max_image_pixels) if train
+            TrainTransform(data.train_image_size, data.min_crop_scale, data.max_image_pixels)
+            if train
             else EvalTransform(data.eval_image_size, data.eval_crop_ratio, data.max_image_pixels)
         )
         self.epoch = 0
@@ -91,12 +110,22 @@ class ShardStream(IterableDataset):
         counts = self.manifest.shard_counts
         if self.train:
             return plan_train_worker(
-                counts, world_size=self.world_size, rank=self.rank, batch_size=self.batch_size,
-                seed=self.seed, epoch=self.epoch, worker=worker, num_workers=num_workers,
+                counts,
+                world_size=self.world_size,
+                rank=self.rank,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                epoch=self.epoch,
+                worker=worker,
+                num_workers=num_workers,
             )
         return plan_eval_worker(
-            counts, world_size=self.world_size, rank=self.rank, batch_size=self.batch_size,
-            worker=worker, num_workers=num_workers,
+            counts,
+            world_size=self.world_size,
+            rank=self.rank,
+            batch_size=self.batch_size,
+            worker=worker,
+            num_workers=num_workers,
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -109,15 +138,21 @@ class ShardStream(IterableDataset):
         given = self.start_step // num_workers + int(worker < self.start_step % num_workers)
         plan = self.plan(worker, num_workers)
         if given > len(plan.batch_sizes):
-            raise DataError(f"start_step = {self.start_step}: past the end of the epoch "
-                            f"({len(plan.batch_sizes) * num_workers}+ steps)")
+            raise DataError(
+                f"start_step = {self.start_step}: past the end of the epoch "
+                f"({len(plan.batch_sizes) * num_workers}+ steps)"
+            )
         order: list[int] | range = range(plan.num_samples)
         if self.train:  # the shuffle buffer's order, drawn on positions: no sample is read to know it
-            order = list(_shuffled(iter(order), self.shuffle_buffer,
-                                   random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")))
-        order = order[sum(plan.batch_sizes[:given]):]
-        samples = _in_order(read_positions(self.locations, self.manifest, self.shard_command, plan.segments, order),
-                            order)
+            order = list(
+                _shuffled(
+                    iter(order), self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}")
+                )
+            )
+        order = order[sum(plan.batch_sizes[:given]) :]
+        samples = _in_order(
+            read_positions(self.locations, self.manifest, self.shard_command, plan.segments, order), order
+        )
         padding = (Sample(None, IGNORE_LABEL) for _ in range(plan.num_padding))
         stream = _chain(samples, padding)
         for batch in range(given, len(plan.batch_sizes)):
@@ -127,8 +162,10 @@ class ShardStream(IterableDataset):
     def _read(self, segments: tuple[Segment, ...]) -> Iterator[Sample]:
         """Every sample of `segments`, in order."""
         count = sum(segment.length for segment in segments)
-        return (sample for _, sample in read_positions(self.locations, self.manifest, self.shard_command, segments,
-                                                        range(count)))
+        return (
+            sample
+            for _, sample in read_positions(self.locations, self.manifest, self.shard_command, segments, range(count))
+        )
 
     def _decode_batch(self, samples: list[Sample], rng: random.Random) -> Batch:
         if self.decode_on_device:
@@ -143,16 +180,13 @@ class ShardStream(IterableDataset):
                     corrupt.append(sample.shard)
                 continue
             try:
-                images[slot] = (
-                    self.transform(sample.image, rng) if self.train else self.transform(sample.image)
-                )
+                images[slot] = self.transform(sample.image, rng) if self.train else self.transform(sample.image)
             except CorruptImageError:
                 corrupt.append(sample.shard)
                 continue
             labels[slot] = sample.label
             keys[slot] = sample.key
         return Batch(images, labels, keys, tuple(corrupt))
-
 
     def _prepare_batch(self, samples: list[Sample], rng: random.Random) -> Batch:
         """data.decode = gpu: headers read and geometry drawn here; the pixels are decoded on the device."""
@@ -172,8 +206,14 @@ class ShardStream(IterableDataset):
                 continue
             labels[slot] = sample.label
             keys[slot] = sample.key
-        return Batch(None, labels, keys, tuple(corrupt), encoded=tuple(slots),
-                     slot_shards=tuple(sample.shard for sample in samples))
+        return Batch(
+            None,
+            labels,
+            keys,
+            tuple(corrupt),
+            encoded=tuple(slots),
+            slot_shards=tuple(sample.shard for sample in samples),
+        )
 
 
 def on_device(batch: Batch, device: torch.device, train: bool, image_size: int, max_image_pixels: int) -> Batch:
@@ -227,8 +267,9 @@ def _chain(*iterators: Iterator[Sample]) -> Iterator[Sample]:
 class EpochLoader:
     """A DataLoader per epoch: workers are re-created so each sees the epoch number (no hidden state)."""
 
-    def __init__(self, dataset: ShardStream, data: DataConfig, pin_memory: bool,
-                 decode_device: torch.device | None = None) -> None:
+    def __init__(
+        self, dataset: ShardStream, data: DataConfig, pin_memory: bool, decode_device: torch.device | None = None
+    ) -> None:
         self.dataset = dataset
         # data.decode = gpu: where this (the training) process decodes the loader processes' encoded batches.
         self.decode_device = decode_device or torch.device("cpu")
@@ -248,8 +289,10 @@ class EpochLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """The next pass is `epoch`'s, from batch `start_step` on (0: the whole epoch)."""
         if start_step and start_step >= len(self):  # said here, not inside a loader process (a multi-line trace)
-            raise DataError(f"start_step = {start_step}: this pass has only {len(self)} steps per rank; was the "
-                            "checkpoint written with another world size, batch or data?")
+            raise DataError(
+                f"start_step = {start_step}: this pass has only {len(self)} steps per rank; was the "
+                "checkpoint written with another world size, batch or data?"
+            )
         self.dataset.set_epoch(epoch, start_step)
 
     def __len__(self) -> int:
@@ -261,7 +304,10 @@ class EpochLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         loader = DataLoader(
-            self.dataset, batch_size=None, num_workers=self.loader_workers, pin_memory=self.pin_memory,
+            self.dataset,
+            batch_size=None,
+            num_workers=self.loader_workers,
+            pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_batches if self.loader_workers else None,
             # Each new iterator draws its processes' base seed from this generator: from the global one it would
             # shift the training process's dropout masks whenever a pass starts (a resume within an epoch starts
@@ -270,16 +316,29 @@ class EpochLoader:
         )
         self.corrupt_counts.zero_()
         for batch in loader:
-            batch = on_device(batch, self.decode_device, self.dataset.train, self.dataset.image_size,
-                              self.dataset.transform.max_image_pixels)
+            batch = on_device(
+                batch,
+                self.decode_device,
+                self.dataset.train,
+                self.dataset.image_size,
+                self.dataset.transform.max_image_pixels,
+            )
             for shard in batch.corrupt_shards:
                 self.corrupt_counts[shard] += 1
             yield batch
 
 
 def build_loader(
-    data: DataConfig, split: str | list[str], *, rank: int, world_size: int, batch_size: int, seed: int,
-    pin_memory: bool = False, exactly_once: bool = False, decode_device: torch.device | None = None,
+    data: DataConfig,
+    split: str | list[str],
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    pin_memory: bool = False,
+    exactly_once: bool = False,
+    decode_device: torch.device | None = None,
 ) -> EpochLoader:
     """`batch_size` is per rank. `split` is train (shuffled, augmented, equal steps) or val/test (every sample
     exactly once, centre crops); `exactly_once` reads the train split that way too (to embed it).
@@ -292,10 +351,19 @@ def build_loader(
     splits = [split] if isinstance(split, str) else list(split)
     manifests = [read_manifest(storage.join(data.root, name), data.shard_url_schemes) for name in splits]
     manifest = manifests[0] if len(manifests) == 1 else combine_manifests(manifests)
-    locations = [storage.shard_location(storage.join(data.root, name), shard.name)
-                 for name, one in zip(splits, manifests) for shard in one.shards]
+    locations = [
+        storage.shard_location(storage.join(data.root, name), shard.name)
+        for name, one in zip(splits, manifests)
+        for shard in one.shards
+    ]
     dataset = ShardStream(
-        locations, manifest, train=splits[0] == "train" and not exactly_once, rank=rank, world_size=world_size,
-        batch_size=batch_size, seed=seed, data=data,
+        locations,
+        manifest,
+        train=splits[0] == "train" and not exactly_once,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        seed=seed,
+        data=data,
     )
     return EpochLoader(dataset, data, pin_memory, decode_device)

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
 from pipeline import storage
+from pipeline.errors import DataError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -123,11 +123,17 @@ def combine_manifests(manifests: list[Manifest]) -> Manifest:
     first = manifests[0]
     for other in manifests[1:]:
         if other.classes != first.classes or (other.image_key, other.label_key) != (first.image_key, first.label_key):
-            raise DataError(f"the {first.split} and {other.split} splits have different classes or sample keys; "
-                            "they cannot be trained on together: shard both from the same source")
-    return Manifest(split="+".join(m.split for m in manifests), classes=first.classes,
-                    shards=[shard for m in manifests for shard in m.shards],
-                    image_key=first.image_key, label_key=first.label_key)
+            raise DataError(
+                f"the {first.split} and {other.split} splits have different classes or sample keys; "
+                "they cannot be trained on together: shard both from the same source"
+            )
+    return Manifest(
+        split="+".join(m.split for m in manifests),
+        classes=first.classes,
+        shards=[shard for m in manifests for shard in m.shards],
+        image_key=first.image_key,
+        label_key=first.label_key,
+    )
 
 
 def manifest_path(split_dir: str | Path) -> Path:
@@ -169,19 +175,25 @@ def read_manifest(split_dir: str | Path, shard_url_schemes: tuple[str, ...] | li
     try:
         manifest = Manifest.from_dict(data)
     except KeyError as error:
-        raise DataError(f"{location}: the manifest has no {error.args[0]!r} entry; re-run `imagenet-pipeline "
-                        "index` on the shard directory") from None
+        raise DataError(
+            f"{location}: the manifest has no {error.args[0]!r} entry; re-run `imagenet-pipeline "
+            "index` on the shard directory"
+        ) from None
     except (TypeError, AttributeError, ValueError) as error:
         if isinstance(error, DataError):
             raise DataError(f"{location}: {error}") from None
-        raise DataError(f"{location}: an entry has the wrong JSON type ({str(error).splitlines()[0]}); re-run "
-                        "`imagenet-pipeline index` on the shard directory") from None
+        raise DataError(
+            f"{location}: an entry has the wrong JSON type ({str(error).splitlines()[0]}); re-run "
+            "`imagenet-pipeline index` on the shard directory"
+        ) from None
     for shard in manifest.shards:
         check_shard_name(shard.name, location, shard_url_schemes)
-        if shard.index_sha256 is not None and not (isinstance(shard.index_sha256, str)
-                                                   and _SHA256.fullmatch(shard.index_sha256)):
-            raise DataError(f"{location}: shard {shard.name!r} has index_sha256 {shard.index_sha256!r}, "
-                            "not a sha256 hex digest")
+        if shard.index_sha256 is not None and not (
+            isinstance(shard.index_sha256, str) and _SHA256.fullmatch(shard.index_sha256)
+        ):
+            raise DataError(
+                f"{location}: shard {shard.name!r} has index_sha256 {shard.index_sha256!r}, not a sha256 hex digest"
+            )
     return manifest
 
 
@@ -196,15 +208,19 @@ def check_shard_name(name: Any, manifest_location: str, shard_url_schemes: tuple
     if not isinstance(name, str) or not name:
         raise DataError(f"{manifest_location}: shard entry {name!r} is not {allowed}")
     if storage.is_pipe(name):
-        raise DataError(f"{manifest_location}: shard entry {name!r} is a pipe: command, which is never run; "
-                        f"a shard entry must be {allowed}")
+        raise DataError(
+            f"{manifest_location}: shard entry {name!r} is a pipe: command, which is never run; "
+            f"a shard entry must be {allowed}"
+        )
     if storage.is_url(name):
         scheme = name.split("://", 1)[0].lower()
         if scheme in shard_url_schemes:
             return
-        raise DataError(f"{manifest_location}: shard entry {name!r} is a {scheme}:// URL, and data.shard_url_schemes "
-                        f"= {list(shard_url_schemes)} does not allow it; a shard entry must be {allowed}, or list "
-                        f"'{scheme}' in data.shard_url_schemes if you trust this manifest's writers")
+        raise DataError(
+            f"{manifest_location}: shard entry {name!r} is a {scheme}:// URL, and data.shard_url_schemes "
+            f"= {list(shard_url_schemes)} does not allow it; a shard entry must be {allowed}, or list "
+            f"'{scheme}' in data.shard_url_schemes if you trust this manifest's writers"
+        )
     if "/" in name or "\\" in name or name in (".", "..") or name.startswith("~") or "\x00" in name:
         raise DataError(f"{manifest_location}: shard entry {name!r} is not {allowed}")
 

@@ -15,11 +15,11 @@ padding sample so all ranks run the same number of steps and the summed counts s
 
 from __future__ import annotations
 
-from pipeline.errors import DataError
-
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,15 @@ def eval_steps_per_pass(num_samples: int, world_size: int, batch_size: int) -> i
 
 
 def plan_train_worker(
-    shard_counts: list[int], *, world_size: int, rank: int, batch_size: int, seed: int, epoch: int,
-    worker: int = 0, num_workers: int = 1,
+    shard_counts: list[int],
+    *,
+    world_size: int,
+    rank: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    worker: int = 0,
+    num_workers: int = 1,
 ) -> WorkerPlan:
     _check_position(world_size, rank, worker, num_workers)
     total = sum(shard_counts)
@@ -86,8 +93,13 @@ def plan_train_worker(
 
 
 def plan_eval_worker(
-    shard_counts: list[int], *, world_size: int, rank: int, batch_size: int,
-    worker: int = 0, num_workers: int = 1,
+    shard_counts: list[int],
+    *,
+    world_size: int,
+    rank: int,
+    batch_size: int,
+    worker: int = 0,
+    num_workers: int = 1,
 ) -> WorkerPlan:
     _check_position(world_size, rank, worker, num_workers)
     total = sum(shard_counts)
@@ -99,15 +111,16 @@ def plan_eval_worker(
         sizes[-1] = padded_per_rank - (steps - 1) * batch_size
     first_batch, worker_batches = _worker_batch_block(steps, worker, num_workers)
     begin = sum(sizes[:first_batch])
-    end = begin + sum(sizes[first_batch:first_batch + worker_batches])
+    end = begin + sum(sizes[first_batch : first_batch + worker_batches])
     real_count = rank_stop - rank_start
     real_end = min(end, real_count)
     stream = _stream_without_window(shard_counts, np.arange(len(shard_counts)), 0, 0)
     segments = _slice_stream(stream, rank_start + begin, max(0, real_end - begin))
     padding = (end - begin) - max(0, real_end - begin)
     return WorkerPlan(
-        segments=segments, num_padding=padding,
-        batch_sizes=tuple(sizes[first_batch:first_batch + worker_batches]),
+        segments=segments,
+        num_padding=padding,
+        batch_sizes=tuple(sizes[first_batch : first_batch + worker_batches]),
     )
 
 
@@ -127,7 +140,10 @@ def _worker_batch_block(num_batches: int, worker: int, num_workers: int) -> tupl
 
 
 def _stream_without_window(
-    shard_counts: list[int], shard_order: np.ndarray, skip_start: int, skip_length: int,
+    shard_counts: list[int],
+    shard_order: np.ndarray,
+    skip_start: int,
+    skip_length: int,
 ) -> list[Segment]:
     """Segments of all shards in `shard_order`, minus the circular canonical window being skipped."""
     total = sum(shard_counts)

@@ -38,8 +38,9 @@ class Sample(NamedTuple):
 UNREADABLE = -1  # label of a sample whose bytes could not be read (counted as corrupt)
 
 
-def read_whole_shard(split_dir: str, manifest: Manifest, shard: int,
-                     shard_command: str | None = None) -> Iterator[tuple[bytes | None, int, str]]:
+def read_whole_shard(
+    split_dir: str, manifest: Manifest, shard: int, shard_command: str | None = None
+) -> Iterator[tuple[bytes | None, int, str]]:
     """(image bytes, label, key) for each of the shard's manifest-counted samples, in order; what cannot be read
     comes as (None, -1, ""). Exactly `num_samples` items, like every pass of the loader."""
     url = storage.shard_location(split_dir, manifest.shards[shard].name)
@@ -63,8 +64,10 @@ _INDEXES: dict[tuple[str, str | None], np.ndarray | None] = {}
 
 def _load_index(location: str, shard: ShardInfo) -> np.ndarray | None:
     if shard.index_sha256 is None:
-        _say_once("shards without a sample index (written before indexes existed): a loader reads each from its "
-                  "start and skips to its samples; re-run `imagenet-pipeline index` on the split to add them")
+        _say_once(
+            "shards without a sample index (written before indexes existed): a loader reads each from its "
+            "start and skips to its samples; re-run `imagenet-pipeline index` on the split to add them"
+        )
         return None
     where = sample_index.index_location(location)
     try:
@@ -94,8 +97,9 @@ def _say_once(message: str) -> None:
 _SAID: set[str] = set()
 
 
-def read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: str | None,
-                 index: np.ndarray | None = None) -> Iterator[Sample]:
+def read_segment(
+    url: str, segment: Segment, manifest: Manifest, shard_command: str | None, index: np.ndarray | None = None
+) -> Iterator[Sample]:
     """Yield exactly `segment.length` samples; what cannot be read becomes an unreadable sample. With the shard's
     `index`, only the segment's own bytes are read (a seek, or a ranged read); if that read fails partway, the
     rest of the segment is read from the shard's start, so no sample is lost, repeated or wrong."""
@@ -109,12 +113,16 @@ def read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: 
                         break
                     yield _parse(raw, manifest, segment.shard)
                     produced += 1
-        except Exception as error:  # noqa: BLE001 - tar and storage errors alike: the sequential read takes over
+        except Exception as error:  # tar and storage errors alike: the sequential read takes over
             if isinstance(error, DataError):  # the index is not the tar's layout: not used again by this process
                 _INDEXES.update({key: None for key in _INDEXES if key[0] == url})
-            logging.getLogger(__name__).warning("%s: indexed read stopped after %d of %d samples (%s); reading "
-                                                "the rest from the shard's start", url, produced, segment.length,
-                                                first_line(error))
+            logging.getLogger(__name__).warning(
+                "%s: indexed read stopped after %d of %d samples (%s); reading the rest from the shard's start",
+                url,
+                produced,
+                segment.length,
+                first_line(error),
+            )
         if produced == segment.length:
             return
         segment = Segment(segment.shard, segment.start + produced, segment.stop)
@@ -128,12 +136,13 @@ def read_segment(url: str, segment: Segment, manifest: Manifest, shard_command: 
                     break
                 yield _parse(raw, manifest, segment.shard)
                 produced += 1
-    except Exception as error:  # noqa: BLE001 - a damaged shard must not change this rank's step count
+    except Exception as error:  # a damaged shard must not change this rank's step count
         # Stopping early closes a `pipe:` mid-stream and its command may then exit with an error: harmless
         # once every sample of the segment is in hand, so only a shortfall is worth a warning.
         if produced < segment.length:
             logging.getLogger(__name__).warning(
-                "%s on %s: %s; %d samples masked", url, socket.gethostname(), error, segment.length - produced)
+                "%s on %s: %s; %d samples masked", url, socket.gethostname(), error, segment.length - produced
+            )
     for _ in range(segment.length - produced):
         yield Sample(None, UNREADABLE, shard=segment.shard)
 
@@ -162,7 +171,7 @@ _WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
 def _checked_members(stream: IO[bytes], url: str, index: np.ndarray, start: int, stop: int) -> Iterator[dict]:
     offset = int(index[start, 0])
     first_ends = offset + int(index[start, 1])
-    boundaries = {int(value) for value in index[start + 1:stop, 0]}
+    boundaries = {int(value) for value in index[start + 1 : stop, 0]}
     grouping, begun = sample_index.SampleStarts(), 0
     with tarfile.open(fileobj=stream, mode="r|") as archive:
         for member in archive:
@@ -173,18 +182,24 @@ def _checked_members(stream: IO[bytes], url: str, index: np.ndarray, start: int,
             else:  # every later sample begins exactly at a boundary, and only there
                 placed = begins is None or begins == (at in boundaries)
             if not placed:
-                raise DataError(f"{sample_index.index_location(url)}: a tar member ({member.name!r} at byte {at}) "
-                                "is not where the sample index puts sample boundaries")
+                raise DataError(
+                    f"{sample_index.index_location(url)}: a tar member ({member.name!r} at byte {at}) "
+                    "is not where the sample index puts sample boundaries"
+                )
             begun += bool(begins)
             name = member.name
-            if not member.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")) \
-                    or _WEBDATASET_META.match(name):
+            if (
+                not member.isreg()
+                or ("/" not in name and name.startswith("__") and name.endswith("__"))
+                or _WEBDATASET_META.match(name)
+            ):
                 continue
             yield {"fname": name, "data": archive.extractfile(member).read(), "__url__": url}
             archive.members = []  # a stream read keeps no list of the members it passed (as webdataset does)
     if begun != stop - start:
-        raise DataError(f"{sample_index.index_location(url)}: {begun} samples where the sample index puts "
-                        f"{stop - start}")
+        raise DataError(
+            f"{sample_index.index_location(url)}: {begun} samples where the sample index puts {stop - start}"
+        )
 
 
 def _parse(raw: dict, manifest: Manifest, shard: int) -> Sample:
@@ -198,18 +213,22 @@ def _parse(raw: dict, manifest: Manifest, shard: int) -> Sample:
     return Sample(image, label, raw.get("__key__", ""), shard)
 
 
-def read_positions(locations: list[str], manifest: Manifest, shard_command: str | None,
-                   segments: tuple[Segment, ...], wanted: list[int] | range) -> Iterator[tuple[int, Sample]]:
+def read_positions(
+    locations: list[str],
+    manifest: Manifest,
+    shard_command: str | None,
+    segments: tuple[Segment, ...],
+    wanted: list[int] | range,
+) -> Iterator[tuple[int, Sample]]:
     """(position, sample) for each wanted position of a stream of `segments`, in increasing position order.
     Indexed shards are read run by run (only wanted bytes); others once from the first wanted sample."""
     needed = np.zeros(sum(segment.length for segment in segments), dtype=bool)
     needed[np.asarray(wanted, dtype=np.int64)] = True
     position = 0
     for segment in segments:
-        mask = needed[position:position + segment.length]
+        mask = needed[position : position + segment.length]
         location = locations[segment.shard]
-        index = None if shard_command or not mask.any() else \
-            shard_index(location, manifest.shards[segment.shard])
+        index = None if shard_command or not mask.any() else shard_index(location, manifest.shards[segment.shard])
         runs = _coalesced(_runs(mask), index) if index is not None else _span(mask)
         for lo, hi in runs:
             part = Segment(segment.shard, segment.start + lo, segment.start + hi)

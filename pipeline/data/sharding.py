@@ -14,10 +14,10 @@ that the plan (which file goes into which shard) is unchanged.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
-import fcntl
 import multiprocessing
 import os
 import re
@@ -34,12 +34,20 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.errors import DataError
 from pipeline.data.image_header import CorruptImageError, check_pixels, declared_size
-from pipeline.data.source import ImageNetSource, LabeledFile, discover_source, hold_out_validation
-from pipeline.storage import require_local
 from pipeline.data.index import index_location, write_index
-from pipeline.data.manifest import SPLITS, Manifest, ShardInfo, file_sha256, manifest_path, write_json_atomic, write_manifest
+from pipeline.data.manifest import (
+    SPLITS,
+    Manifest,
+    ShardInfo,
+    file_sha256,
+    manifest_path,
+    write_json_atomic,
+    write_manifest,
+)
+from pipeline.data.source import ImageNetSource, LabeledFile, discover_source, hold_out_validation
+from pipeline.errors import DataError
+from pipeline.storage import require_local
 
 PLAN_FILE = "plan.json"
 LOCK_FILE = ".shard.lock"  # in the output root: the pid of the run holding the folder's flock
@@ -103,11 +111,14 @@ class ShardingSummary:
         return sum(split.shards_kept for split in self.splits.values())
 
     def __str__(self) -> str:
-        counts = ", ".join(f"{name} {split.num_samples} samples in {split.num_shards} shards"
-                           for name, split in self.splits.items())
-        return (f"{self.output}: {counts}; {self.shards_written} shards written, {self.shards_kept} kept; "
-                f"{len(self.skipped)} files skipped, {len(self.converted)} converted "
-                f"(see {REPORT_FILE}); {self.elapsed_seconds:.1f} s")
+        counts = ", ".join(
+            f"{name} {split.num_samples} samples in {split.num_shards} shards" for name, split in self.splits.items()
+        )
+        return (
+            f"{self.output}: {counts}; {self.shards_written} shards written, {self.shards_kept} kept; "
+            f"{len(self.skipped)} files skipped, {len(self.converted)} converted "
+            f"(see {REPORT_FILE}); {self.elapsed_seconds:.1f} s"
+        )
 
 
 def shard_imagenet(
@@ -133,8 +144,13 @@ def shard_imagenet(
     if output.exists() and not output.is_dir():
         raise DataError(f"shard --output {output} is a file; give a folder (new or holding train/ val/ test/)")
     found = discover_source(source)
-    options = {"seed": seed, "val_per_class": val_per_class, "samples_per_shard": samples_per_shard,
-               "max_side": max_side, "quality": quality}
+    options = {
+        "seed": seed,
+        "val_per_class": val_per_class,
+        "samples_per_shard": samples_per_shard,
+        "max_side": max_side,
+        "quality": quality,
+    }
     plans = _plan(found, output, options, max_image_pixels)
     fingerprints = {split: _fingerprint(split, tasks, options) for split, tasks in plans.items()}
     # Check every split before touching any, so a refused run leaves the output exactly as it was.
@@ -158,8 +174,10 @@ def exclusive_writer(output: Path) -> Iterator[None]:
     except BlockingIOError:
         os.close(folder)
         holder = (output / LOCK_FILE).read_text().strip() if (output / LOCK_FILE).is_file() else "unknown"
-        raise DataError(f"shard --output {output} is being written by another `shard` (pid {holder}); wait for it "
-                        "or stop it, then run again with --resume") from None
+        raise DataError(
+            f"shard --output {output} is being written by another `shard` (pid {holder}); wait for it "
+            "or stop it, then run again with --resume"
+        ) from None
     try:
         (output / LOCK_FILE).write_text(str(os.getpid()))
         yield
@@ -167,8 +185,17 @@ def exclusive_writer(output: Path) -> Iterator[None]:
         os.close(folder)  # releases the lock
 
 
-def _write_planned(source: Path, found: ImageNetSource, output: Path, plans: dict, fingerprints: dict, options: dict,
-                   processes: int, progress: bool, started: float) -> "ShardingSummary":
+def _write_planned(
+    source: Path,
+    found: ImageNetSource,
+    output: Path,
+    plans: dict,
+    fingerprints: dict,
+    options: dict,
+    processes: int,
+    progress: bool,
+    started: float,
+) -> "ShardingSummary":
     for split, tasks in plans.items():
         _start_split(output / split, fingerprints[split], options, len(tasks))
 
@@ -178,8 +205,11 @@ def _write_planned(source: Path, found: ImageNetSource, output: Path, plans: dic
     summary = ShardingSummary(output=output, splits={})
     rewritten = {(task.split_dir, task.name) for task in pending}
     for split, tasks in plans.items():
-        strays = [{"file": str(stray.path.relative_to(source)), "reason": stray.reason}
-                  for stray in found.stray_files if _split_of_folder(stray.folder) == split]
+        strays = [
+            {"file": str(stray.path.relative_to(source)), "reason": stray.reason}
+            for stray in found.stray_files
+            if _split_of_folder(stray.folder) == split
+        ]
         recorded_options = {**options, "plan_fingerprint": fingerprints[split]}
         manifest = _write_split_manifest(split, tasks, found, strays, recorded_options)
         written = sum((task.split_dir, task.name) in rewritten for task in tasks)
@@ -188,16 +218,24 @@ def _write_planned(source: Path, found: ImageNetSource, output: Path, plans: dic
         summary.skipped += [{"split": split, **entry} for entry in skipped]
         summary.converted += [{"split": split, **entry} for entry in converted]
     # Stray files of a folder that yields no split (e.g. a val/ without images) are still reported.
-    summary.skipped += [{"split": _split_of_folder(stray.folder), "file": str(stray.path.relative_to(source)),
-                         "reason": stray.reason}
-                        for stray in found.stray_files if _split_of_folder(stray.folder) not in plans]
+    summary.skipped += [
+        {"split": _split_of_folder(stray.folder), "file": str(stray.path.relative_to(source)), "reason": stray.reason}
+        for stray in found.stray_files
+        if _split_of_folder(stray.folder) not in plans
+    ]
     summary.elapsed_seconds = time.perf_counter() - started
-    write_json_atomic(output / REPORT_FILE, {
-        "source": str(source), "splits": {name: vars(split) for name, split in summary.splits.items()},
-        "shards_written": summary.shards_written, "shards_kept": summary.shards_kept,
-        "elapsed_seconds": round(summary.elapsed_seconds, 3),
-        "skipped": summary.skipped, "converted": summary.converted,
-    })
+    write_json_atomic(
+        output / REPORT_FILE,
+        {
+            "source": str(source),
+            "splits": {name: vars(split) for name, split in summary.splits.items()},
+            "shards_written": summary.shards_written,
+            "shards_kept": summary.shards_kept,
+            "elapsed_seconds": round(summary.elapsed_seconds, 3),
+            "skipped": summary.skipped,
+            "converted": summary.converted,
+        },
+    )
     return summary
 
 
@@ -206,8 +244,9 @@ def _write_planned(source: Path, found: ImageNetSource, output: Path, plans: dic
 SOURCE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG covers MPO: its opener returns one
 
 
-def prepare_image(path: Path, max_side: int | None, quality: int,
-                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PreparedImage:
+def prepare_image(
+    path: Path, max_side: int | None, quality: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> PreparedImage:
     """The bytes to store for one source file: the original when possible, else an RGB JPEG re-encoding.
 
     The raster formats cameras, scanners and the web write are accepted (`SOURCE_FORMATS`; re-encoded), never
@@ -228,8 +267,11 @@ def prepare_image(path: Path, max_side: int | None, quality: int,
             # MPO is a camera JPEG with extra frames appended; its bytes decode as a plain JPEG.
             if image.format not in ("JPEG", "MPO"):
                 disguised = path.suffix.lower() in (".jpeg", ".jpg")
-                reasons.append(f"{image.format} data in a {path.suffix} file re-encoded as JPEG" if disguised
-                               else f"{image.format} re-encoded as JPEG")
+                reasons.append(
+                    f"{image.format} data in a {path.suffix} file re-encoded as JPEG"
+                    if disguised
+                    else f"{image.format} re-encoded as JPEG"
+                )
             if image.mode != "RGB":
                 reasons.append(f"{image.mode} image converted to RGB")
             size = image.size
@@ -250,12 +292,13 @@ def prepare_image(path: Path, max_side: int | None, quality: int,
         return PreparedImage(None, None, "cannot be decoded: not a known image format")
     except CorruptImageError as error:
         return PreparedImage(None, None, f"too large: {error}")
-    except Exception as error:  # noqa: BLE001 - damaged files raise many kinds of errors; each is a skip, not a crash
+    except Exception as error:  # damaged files raise many kinds of errors; each is a skip, not a crash
         return PreparedImage(None, None, f"cannot be decoded: {type(error).__name__}: {error}")
 
 
-def _plan(found: ImageNetSource, output: Path, options: dict[str, Any],
-          max_image_pixels: int) -> dict[str, list[ShardTask]]:
+def _plan(
+    found: ImageNetSource, output: Path, options: dict[str, Any], max_image_pixels: int
+) -> dict[str, list[ShardTask]]:
     """Which file goes into which shard, for every split that has files; a pure function of source and options."""
     train, held_out = hold_out_validation(found, options["val_per_class"], options["seed"])
     split_files = {"train": train, "val": held_out, "test": found.official_val_files}
@@ -268,12 +311,14 @@ def _plan(found: ImageNetSource, output: Path, options: dict[str, Any],
 
 
 def _write_shards(tasks: list[ShardTask], processes: int, progress: bool) -> None:
-    with tqdm(total=sum(len(task.samples) for task in tasks), unit="image", desc="sharding",
-              disable=not progress) as bar:
+    with tqdm(
+        total=sum(len(task.samples) for task in tasks), unit="image", desc="sharding", disable=not progress
+    ) as bar:
         if processes > 1 and len(tasks) > 1:
             # spawn, not fork: the caller may hold threads (Ray, torch) that a forked child would inherit mid-lock.
-            with multiprocessing.get_context("spawn").Pool(min(processes, len(tasks)), initializer=_die_with_parent,
-                                                           initargs=(os.getpid(),)) as pool:
+            with multiprocessing.get_context("spawn").Pool(
+                min(processes, len(tasks)), initializer=_die_with_parent, initargs=(os.getpid(),)
+            ) as pool:
                 for handled in pool.imap_unordered(_write_shard_task, tasks):
                     bar.update(handled)
         else:
@@ -289,7 +334,10 @@ def _write_split_manifest(
     manifest = Manifest(
         split=split,
         classes=found.classes,
-        shards=[ShardInfo(info["name"], info["num_samples"], info["sha256"], info["bytes"], info.get("index_sha256")) for info in infos],
+        shards=[
+            ShardInfo(info["name"], info["num_samples"], info["sha256"], info["bytes"], info.get("index_sha256"))
+            for info in infos
+        ],
         source={**found.describe(), **options, "split_origin": SPLIT_ORIGINS[split]},
         skipped_files=len(strays) + sum(len(info["skipped"]) for info in infos),
         converted_files=sum(len(info["converted"]) for info in infos),
@@ -302,8 +350,10 @@ def _file_records(tasks: list[ShardTask], strays: list[dict[str, str]]) -> tuple
     """The split's skipped and converted files, each with its reason, from the shards' info files: for the
     report, not the manifest."""
     infos = [_completed_info(task) for task in tasks]
-    return (strays + [entry for info in infos for entry in info["skipped"]],
-            [entry for info in infos for entry in info["converted"]])
+    return (
+        strays + [entry for info in infos for entry in info["skipped"]],
+        [entry for info in infos for entry in info["converted"]],
+    )
 
 
 def _plan_samples(files: list[LabeledFile], class_index: dict[str, int], source: Path) -> list[PlannedSample]:
@@ -318,8 +368,7 @@ def _plan_samples(files: list[LabeledFile], class_index: dict[str, int], source:
             number += 1
             key = f"{base}_{number}"
         used.add(key)
-        samples.append(PlannedSample(str(item.path), str(item.path.relative_to(source)), key,
-                                     class_index[item.wnid]))
+        samples.append(PlannedSample(str(item.path), str(item.path.relative_to(source)), key, class_index[item.wnid]))
     return samples
 
 
@@ -334,8 +383,17 @@ def _plan_shards(
     groups = np.array_split(np.arange(len(shuffled)), num_shards)
     # max_image_pixels stays out of `options`, the plan's fingerprint: no `shard` flag sets it yet, and leaving it
     # out lets a run interrupted before it existed resume.
-    return [ShardTask(str(split_dir), f"{split}-{number:06d}.tar", tuple(shuffled[i] for i in group),
-                      options["max_side"], options["quality"], max_image_pixels) for number, group in enumerate(groups)]
+    return [
+        ShardTask(
+            str(split_dir),
+            f"{split}-{number:06d}.tar",
+            tuple(shuffled[i] for i in group),
+            options["max_side"],
+            options["quality"],
+            max_image_pixels,
+        )
+        for number, group in enumerate(groups)
+    ]
 
 
 def _fingerprint(split: str, tasks: list[ShardTask], options: dict[str, Any]) -> str:
@@ -353,20 +411,29 @@ def _fingerprint(split: str, tasks: list[ShardTask], options: dict[str, Any]) ->
 
 
 def _check_split_dir(split_dir: Path, fingerprint: str, resume: bool) -> None:
-    leftovers = [path for path in split_dir.iterdir() if path.name.endswith((".tar", ".partial", ".json"))] \
-        if split_dir.is_dir() else []
+    leftovers = (
+        [path for path in split_dir.iterdir() if path.name.endswith((".tar", ".partial", ".json"))]
+        if split_dir.is_dir()
+        else []
+    )
     if not leftovers:
         return
     if not resume:
-        raise DataError(f"{split_dir} already holds shards; pass --resume to finish an interrupted run "
-                         "or choose an empty output directory")
+        raise DataError(
+            f"{split_dir} already holds shards; pass --resume to finish an interrupted run "
+            "or choose an empty output directory"
+        )
     plan_file = split_dir / PLAN_FILE
     if not plan_file.is_file():
-        raise DataError(f"cannot resume in {split_dir}: it has no {PLAN_FILE}, so its shards were not written by "
-                         "this tool or are from an older run; use an empty output directory")
+        raise DataError(
+            f"cannot resume in {split_dir}: it has no {PLAN_FILE}, so its shards were not written by "
+            "this tool or are from an older run; use an empty output directory"
+        )
     if json.loads(plan_file.read_text()).get("fingerprint") != fingerprint:
-        raise DataError(f"cannot resume in {split_dir}: its shards were planned from different source files or "
-                         "options (seed, val_per_class, samples_per_shard, max_side, quality); use an empty directory")
+        raise DataError(
+            f"cannot resume in {split_dir}: its shards were planned from different source files or "
+            "options (seed, val_per_class, samples_per_shard, max_side, quality); use an empty directory"
+        )
 
 
 def _start_split(split_dir: Path, fingerprint: str, options: dict[str, Any], num_shards: int) -> None:
@@ -429,8 +496,15 @@ def _write_shard_task(task: ShardTask) -> int:
         handle.flush()
         os.fsync(handle.fileno())
     index_sha256, _ = write_index(partial, Path(index_location(str(final))))
-    info = {"name": task.name, "num_samples": count, "sha256": file_sha256(partial), "bytes": partial.stat().st_size,
-            "index_sha256": index_sha256, "skipped": skipped, "converted": converted}
+    info = {
+        "name": task.name,
+        "num_samples": count,
+        "sha256": file_sha256(partial),
+        "bytes": partial.stat().st_size,
+        "index_sha256": index_sha256,
+        "skipped": skipped,
+        "converted": converted,
+    }
     write_json_atomic(final.with_name(final.name + ".json"), info)
     os.replace(partial, final)
     _fsync_directory(final.parent)
@@ -451,7 +525,11 @@ def _split_of_folder(folder: str) -> str:
 
 
 def _check_options(
-    val_per_class: int, samples_per_shard: int, max_side: int | None, quality: int, processes: int,
+    val_per_class: int,
+    samples_per_shard: int,
+    max_side: int | None,
+    quality: int,
+    processes: int,
     max_image_pixels: int,
 ) -> None:
     if val_per_class < 0:

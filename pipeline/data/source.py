@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import DataError
 from pipeline.data.manifest import ClassInfo
+from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,12 @@ def discover_source(root: Path) -> ImageNetSource:
     names, name_source = _class_names(wnids, metadata_dirs)
     classes = [ClassInfo(index=index, wnid=wnid, name=names[wnid]) for index, wnid in enumerate(wnids)]
     if stray_files:
-        logger.warning("skipping %d files that are not images, e.g. %s (%s)", len(stray_files), stray_files[0].path,
-                       stray_files[0].reason)
+        logger.warning(
+            "skipping %d files that are not images, e.g. %s (%s)",
+            len(stray_files),
+            stray_files[0].path,
+            stray_files[0].reason,
+        )
     return ImageNetSource(
         root=root,
         classes=classes,
@@ -207,17 +211,18 @@ def _scan_val(
             )
     for item in labeled:
         if item.wnid not in wnids:
-            raise DataError(
-                f"validation image {item.path} has class {item.wnid}, which is not among the train classes"
-            )
+            raise DataError(f"validation image {item.path} has class {item.wnid}, which is not among the train classes")
     return sorted(labeled, key=lambda item: item.path), layout
 
 
 def _label_from_loc_solution(images: list[Path], solution: Path) -> list[LabeledFile]:
     with open(solution, newline="") as handle:
         # PredictionString is "<wnid> x1 y1 x2 y2 <wnid> ...": every box of an image has the image's class.
-        labels = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(handle)
-                  if row.get("PredictionString", "").strip()}
+        labels = {
+            row["ImageId"]: row["PredictionString"].split()[0]
+            for row in csv.DictReader(handle)
+            if row.get("PredictionString", "").strip()
+        }
     labeled = []
     for path in images:
         if path.stem not in labels:
@@ -265,8 +270,9 @@ def _class_names(wnids: list[str], metadata_dirs: list[Path]) -> tuple[dict[str,
         return {wnid: wnid for wnid in wnids}, "wnid"
     missing = [wnid for wnid in wnids if wnid not in known]
     if missing:
-        logger.warning("%s has no name for %d classes (e.g. %s); they are named by wnid", name_source, len(missing),
-                       missing[0])
+        logger.warning(
+            "%s has no name for %d classes (e.g. %s); they are named by wnid", name_source, len(missing), missing[0]
+        )
     return {wnid: known.get(wnid, wnid) for wnid in wnids}, name_source
 
 

@@ -25,13 +25,20 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from pipeline.errors import DataError
 from pipeline.data.source import DEVKIT_DIR, LOC_SOLUTION_FILE, SYNSET_MAPPING_FILE
+from pipeline.errors import DataError
 
 VAL_LAYOUTS = ("folders", "devkit", "loc_csv")
 # The field order of the real devkit's meta.mat; torchvision reads num_children by position (index 4).
 META_FIELDS = (
-    "ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images",
+    "ILSVRC2012_ID",
+    "WNID",
+    "words",
+    "gloss",
+    "num_children",
+    "children",
+    "wordnet_height",
+    "num_train_images",
 )
 # Seeds of per-image generators are (seed, split, class, image), so the pixels of an image do not depend on
 # how many processes drew it or in which order.
@@ -69,8 +76,10 @@ def generate_imagenet_folder(
     output = Path(output)
     rng = np.random.default_rng(seed)
     # Real-looking wnids; two extra ones name the non-leaf synsets of the devkit's meta.mat.
-    wnids = [f"n{number:08d}" for number in sorted(rng.choice(np.arange(1_000_000, 15_000_000), num_classes + 2,
-                                                              replace=False))]
+    wnids = [
+        f"n{number:08d}"
+        for number in sorted(rng.choice(np.arange(1_000_000, 15_000_000), num_classes + 2, replace=False))
+    ]
     leaf_wnids, parent_wnids = wnids[:num_classes], wnids[num_classes:]
     names = [f"synthetic class {index}" for index in range(num_classes)]
 
@@ -87,8 +96,11 @@ def generate_imagenet_folder(
     for number, (class_index, image_index) in enumerate(val_images, start=1):
         stem = f"ILSVRC2012_val_{number:08d}"
         folder = output / "val" / leaf_wnids[class_index] if val_layout == "folders" else output / "val"
-        jobs.append(_ImageJob(folder / f"{stem}.JPEG", _VAL, class_index, image_index, num_classes, width, height,
-                              quality, seed))
+        jobs.append(
+            _ImageJob(
+                folder / f"{stem}.JPEG", _VAL, class_index, image_index, num_classes, width, height, quality, seed
+            )
+        )
         val_labels.append((stem, class_index))
 
     for directory in {job.path.parent for job in jobs} | {output / "train"}:
@@ -98,7 +110,7 @@ def generate_imagenet_folder(
             boxes = pool.map(_write_image, jobs, chunksize=max(1, len(jobs) // (processes * 8)))
     else:
         boxes = [_write_image(job) for job in jobs]
-    val_boxes = boxes[len(jobs) - len(val_labels):]
+    val_boxes = boxes[len(jobs) - len(val_labels) :]
 
     if val_layout == "devkit":
         _write_devkit(output / DEVKIT_DIR, leaf_wnids, parent_wnids, names, val_labels, rng, train_per_class)
@@ -149,8 +161,12 @@ def render_class_image(
     angle = rng.uniform(0, math.pi)
     half_x = abs(radius_x * math.cos(angle)) + abs(radius_y * math.sin(angle))
     half_y = abs(radius_x * math.sin(angle)) + abs(radius_y * math.cos(angle))
-    box = (max(0, int(centre_x - half_x)), max(0, int(centre_y - half_y)),
-           min(width - 1, int(centre_x + half_x)), min(height - 1, int(centre_y + half_y)))
+    box = (
+        max(0, int(centre_x - half_x)),
+        max(0, int(centre_y - half_y)),
+        min(width - 1, int(centre_x + half_x)),
+        min(height - 1, int(centre_y + half_y)),
+    )
     window = (slice(box[1], box[3] + 1), slice(box[0], box[2] + 1))
     dx, dy = x[:, window[1]] - centre_x, y[window[0], :] - centre_y
     along = dx * math.cos(angle) + dy * math.sin(angle)
@@ -173,8 +189,9 @@ def _smooth_noise(
     """Random values on a coarse grid, bicubically upsampled: roughly in [-1, 1], shape (height, width, channels)."""
     rows, columns = max(2, grid[0]), max(2, grid[1])
     coarse = rng.integers(0, 256, size=(rows, columns, channels), dtype=np.uint8)
-    planes = [np.asarray(Image.fromarray(coarse[..., c], "L").resize((width, height), Image.BICUBIC))
-              for c in range(channels)]
+    planes = [
+        np.asarray(Image.fromarray(coarse[..., c], "L").resize((width, height), Image.BICUBIC)) for c in range(channels)
+    ]
     return np.stack(planes, axis=-1).astype(np.float32) / 127.5 - 1.0
 
 
@@ -204,11 +221,27 @@ def _write_devkit(
     halves = np.array_split(np.array(leaf_ids, dtype=np.uint16), len(parent_wnids))
     synsets = np.zeros((len(leaf_wnids) + len(parent_wnids), 1), dtype=[(name, object) for name in META_FIELDS])
     for position, (wnid, name) in enumerate(zip(leaf_wnids, names)):
-        synsets[position, 0] = (leaf_ids[position], wnid, name, f"a {name} image", 0, np.zeros(0, np.uint16), 0,
-                                train_per_class)
+        synsets[position, 0] = (
+            leaf_ids[position],
+            wnid,
+            name,
+            f"a {name} image",
+            0,
+            np.zeros(0, np.uint16),
+            0,
+            train_per_class,
+        )
     for offset, (wnid, children) in enumerate(zip(parent_wnids, halves)):
-        synsets[len(leaf_wnids) + offset, 0] = (len(leaf_wnids) + offset + 1, wnid, f"synthetic group {offset}",
-                                                "a group of synthetic classes", len(children), children, 1, 0)
+        synsets[len(leaf_wnids) + offset, 0] = (
+            len(leaf_wnids) + offset + 1,
+            wnid,
+            f"synthetic group {offset}",
+            "a group of synthetic classes",
+            len(children),
+            children,
+            1,
+            0,
+        )
     savemat(devkit / "data" / "meta.mat", {"synsets": synsets})
     ground_truth = "".join(f"{leaf_ids[class_index]}\n" for _, class_index in val_labels)
     (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text(ground_truth)
@@ -222,8 +255,10 @@ def _write_loc_solution(
     rng: np.random.Generator,
 ) -> None:
     """Kaggle's localisation solution: one row per image, in no particular order (as in the real file)."""
-    rows = [(stem, " ".join([leaf_wnids[class_index], *map(str, box)]) + " ")
-            for (stem, class_index), box in zip(val_labels, boxes)]
+    rows = [
+        (stem, " ".join([leaf_wnids[class_index], *map(str, box)]) + " ")
+        for (stem, class_index), box in zip(val_labels, boxes)
+    ]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["ImageId", "PredictionString"])
@@ -231,8 +266,14 @@ def _write_loc_solution(
 
 
 def _check_arguments(
-    num_classes: int, train_per_class: int, val_per_class: int, width: int, height: int, quality: int,
-    val_layout: str, processes: int,
+    num_classes: int,
+    train_per_class: int,
+    val_per_class: int,
+    width: int,
+    height: int,
+    quality: int,
+    val_layout: str,
+    processes: int,
 ) -> None:
     if num_classes < 1:
         raise DataError(f"num_classes = {num_classes} must be at least 1")

@@ -52,7 +52,10 @@ JPEG_FORMATS = ("JPEG", "MPO")
 
 
 def sample_crop(
-    width: int, height: int, rng: random.Random, min_scale: float = 0.08,
+    width: int,
+    height: int,
+    rng: random.Random,
+    min_scale: float = 0.08,
     aspect_ratios: tuple[float, float] = CROP_ASPECT_RATIOS,
 ) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box (top, left, crop_height, crop_width), drawn from `rng` instead of torch's RNG.
@@ -102,8 +105,9 @@ class TrainTransform:
     Images declaring more than `max_image_pixels` are refused from their header (`pipeline.data.image_header`).
     """
 
-    def __init__(self, image_size: int, min_scale: float = 0.08,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self, image_size: int, min_scale: float = 0.08, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
         self.image_size = _check_image_size(image_size)
         if not 0.0 < min_scale <= 1.0:
             raise ConfigError(f"min_scale = {min_scale} must be in (0, 1]: the smallest crop area share")
@@ -127,14 +131,16 @@ class TrainTransform:
             output = _decode_reduced_and_resize(image, scale, box, size)
         else:
             pixels = _decode_full_size(image_bytes, image)
-            output = _resize(pixels[:, top:top + crop_height, left:left + crop_width], size, size)  # crop: a view
+            output = _resize(pixels[:, top : top + crop_height, left : left + crop_width], size, size)  # crop: a view
         if flip:
             output = output.flip(-1)  # on the small output: 3*S*S bytes
         return output.contiguous()
 
     def __repr__(self) -> str:
-        return (f"TrainTransform(image_size={self.image_size}, min_scale={self.min_scale}, "
-                f"max_image_pixels={self.max_image_pixels})")
+        return (
+            f"TrainTransform(image_size={self.image_size}, min_scale={self.min_scale}, "
+            f"max_image_pixels={self.max_image_pixels})"
+        )
 
 
 class EvalTransform:
@@ -145,8 +151,9 @@ class EvalTransform:
     `max_image_pixels` are refused from their header.
     """
 
-    def __init__(self, image_size: int, crop_ratio: float = 0.875,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+    def __init__(
+        self, image_size: int, crop_ratio: float = 0.875, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    ) -> None:
         self.image_size = _check_image_size(image_size)
         if not 0.0 < crop_ratio <= 1.0:
             raise ConfigError(f"crop_ratio = {crop_ratio} must be in (0, 1]: crop side / resized shorter side")
@@ -181,11 +188,13 @@ class EvalTransform:
             return _decode_reduced_and_resize(image, scale, box, size).contiguous()
         # Resize whole, then cut: torchvision's exact geometry; the margin costs little next to decoding.
         resized = _resize(_decode_full_size(image_bytes, image), resized_height, resized_width)
-        return resized[:, top:top + size, left:left + size].contiguous()
+        return resized[:, top : top + size, left : left + size].contiguous()
 
     def __repr__(self) -> str:
-        return (f"EvalTransform(image_size={self.image_size}, crop_ratio={self.crop_ratio}, "
-                f"max_image_pixels={self.max_image_pixels})")
+        return (
+            f"EvalTransform(image_size={self.image_size}, crop_ratio={self.crop_ratio}, "
+            f"max_image_pixels={self.max_image_pixels})"
+        )
 
 
 def normalize_batch(
@@ -294,21 +303,30 @@ class EncodedImage(NamedTuple):
     ready: bool = False
 
 
-def prepare_for_device(image_bytes: bytes, transform: "TrainTransform | EvalTransform",
-                       rng: random.Random) -> EncodedImage:
+def prepare_for_device(
+    image_bytes: bytes, transform: "TrainTransform | EvalTransform", rng: random.Random
+) -> EncodedImage:
     """What a loader process does for a slot when the device decodes: read the header (refused above the
     transform's max_image_pixels), draw the geometry."""
     image = open_header(image_bytes, transform.max_image_pixels)
     if image.format not in JPEG_FORMATS or image.mode == "CMYK":
         return EncodedImage(transform(image_bytes, rng), (), ready=True)
     width, height = image.size
-    geometry = transform.geometry(width, height, rng) if isinstance(transform, TrainTransform) \
+    geometry = (
+        transform.geometry(width, height, rng)
+        if isinstance(transform, TrainTransform)
         else transform.geometry(width, height)
+    )
     return EncodedImage(torch.frombuffer(bytearray(image_bytes), dtype=torch.uint8), geometry)
 
 
-def decode_on_device(slots: list[EncodedImage], train: bool, size: int, device: torch.device,
-                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[torch.Tensor | None]:
+def decode_on_device(
+    slots: list[EncodedImage],
+    train: bool,
+    size: int,
+    device: torch.device,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> list[torch.Tensor | None]:
     """uint8 (3, size, size) images on `device` for `slots` (None where the bytes do not decode, or declare more
     than `max_image_pixels`): one batched nvJPEG call on a GPU (torchvision.io.decode_jpeg), then crop, resize
     and flip there."""
@@ -347,11 +365,11 @@ def decode_on_device(slots: list[EncodedImage], train: bool, size: int, device: 
             outputs.append(None)  # undecodable, or not the size its geometry was drawn for
         elif train:
             top, left, crop_height, crop_width, flip = slot.geometry
-            output = _resize_on(pixels[:, top:top + crop_height, left:left + crop_width], size, size)
+            output = _resize_on(pixels[:, top : top + crop_height, left : left + crop_width], size, size)
             outputs.append(output.flip(-1) if flip else output)
         else:
             resized_height, resized_width, top, left = slot.geometry
-            outputs.append(_resize_on(pixels, resized_height, resized_width)[:, top:top + size, left:left + size])
+            outputs.append(_resize_on(pixels, resized_height, resized_width)[:, top : top + size, left : left + size])
     return outputs
 
 
@@ -392,6 +410,7 @@ def _resize_on(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return _resize(pixels, height, width)
     if pixels.shape[1] == height and pixels.shape[2] == width:
         return pixels
-    resized = F.interpolate(pixels.unsqueeze(0).float(), size=(height, width), mode="bilinear", antialias=True,
-                            align_corners=False)[0]
+    resized = F.interpolate(
+        pixels.unsqueeze(0).float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )[0]
     return resized.round_().clamp_(0, 255).to(torch.uint8)

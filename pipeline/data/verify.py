@@ -15,8 +15,8 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 from typing import BinaryIO, Iterator
+from urllib.parse import unquote, urlsplit
 
 from braceexpand import braceexpand
 from tqdm import tqdm
@@ -24,11 +24,11 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline import storage
 from pipeline.config import DEFAULT_MAX_IMAGE_PIXELS
-from pipeline.errors import DataError, StorageError
-from pipeline.storage import require_local
 from pipeline.data.image_header import open_header
 from pipeline.data.index import build_index, decode, index_location, write_index
 from pipeline.data.manifest import SPLITS, ClassInfo, Manifest, ShardInfo, read_manifest, write_manifest
+from pipeline.errors import DataError, StorageError
+from pipeline.storage import require_local
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ class ShardScan:
         return self.problems + extra
 
 
-def verify_split(split_dir: Path, decode: bool = True,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[str]:
+def verify_split(split_dir: Path, decode: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[str]:
     """Problems with one split's shards, each a readable sentence naming the shard; an empty list means OK.
 
     With `decode`, an image is a problem where the loader would mask it: not JPEG, PNG or WebP, declaring more
@@ -87,8 +86,7 @@ def verify_split(split_dir: Path, decode: bool = True,
         size = path.stat().st_size
         if shard.bytes is not None and size != shard.bytes:
             problems.append(f"{shard.name}: {size} bytes, the manifest says {shard.bytes}")
-        scan = scan_shard(path, manifest.image_key, manifest.label_key, manifest.num_classes, decode,
-                          max_image_pixels)
+        scan = scan_shard(path, manifest.image_key, manifest.label_key, manifest.num_classes, decode, max_image_pixels)
         if shard.sha256 is not None and scan.sha256 != shard.sha256:
             problems.append(
                 f"{shard.name}: sha256 {scan.sha256[:12]}... differs from the manifest's {shard.sha256[:12]}..."
@@ -101,12 +99,16 @@ def verify_split(split_dir: Path, decode: bool = True,
     return problems
 
 
-def verify_dataset(root: Path, decode: bool = True,
-                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict[str, list[str]]:
+def verify_dataset(
+    root: Path, decode: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> dict[str, list[str]]:
     """`verify_split` for each of train/, val/ and test/ present under `root`; {} when none is."""
     root = require_local(root, "verify folder")
-    return {split: verify_split(root / split, decode=decode, max_image_pixels=max_image_pixels)
-            for split in SPLITS if (root / split).is_dir()}
+    return {
+        split: verify_split(root / split, decode=decode, max_image_pixels=max_image_pixels)
+        for split in SPLITS
+        if (root / split).is_dir()
+    }
 
 
 def index_shards(
@@ -136,8 +138,9 @@ def index_shards(
         scan = scan_shard(path, image_key=None, label_key="cls", num_classes=None, decode=False)
         if scan.problems:
             raise DataError(f"cannot index {path}: {scan.problems[0]}")
-        shards.append(ShardInfo(_shard_name(path, output), scan.num_samples, scan.sha256, scan.bytes,
-                                _index_beside(path)))
+        shards.append(
+            ShardInfo(_shard_name(path, output), scan.num_samples, scan.sha256, scan.bytes, _index_beside(path))
+        )
         image_keys += scan.image_keys
         max_label = max(max_label, scan.max_label)
     if len(image_keys) > 1:
@@ -152,8 +155,11 @@ def index_shards(
         shards=shards,
         image_key=next(iter(image_keys), "jpg"),
         label_key="cls",
-        source={"indexed_from": str(shard_dir), "pattern": pattern,
-                "classes_file": str(classes_file) if classes_file is not None else None},
+        source={
+            "indexed_from": str(shard_dir),
+            "pattern": pattern,
+            "classes_file": str(classes_file) if classes_file is not None else None,
+        },
     )
     output.mkdir(parents=True, exist_ok=True)
     write_manifest(manifest, output)
@@ -192,7 +198,11 @@ def _index_problems(path: Path, shard: ShardInfo) -> list[str]:
 
 
 def scan_shard(
-    path: Path, image_key: str | None, label_key: str, num_classes: int | None, decode: bool,
+    path: Path,
+    image_key: str | None,
+    label_key: str,
+    num_classes: int | None,
+    decode: bool,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ShardScan:
     """Read one shard: sample count, sha256, size, image keys, largest label, and what is wrong with it.
@@ -206,14 +216,19 @@ def scan_shard(
             for sample in _samples(reader, path):
                 scan.num_samples += 1
                 _check_sample(sample, scan, image_key, label_key, num_classes, decode, max_image_pixels)
-        except Exception as error:  # noqa: BLE001 - tarfile and webdataset raise many kinds on damaged data
+        except Exception as error:  # tarfile and webdataset raise many kinds on damaged data
             scan.add_problem(f"unreadable after {scan.num_samples} samples: {type(error).__name__}: {error}")
         scan.sha256, scan.bytes = reader.finish()
     return scan
 
 
 def _check_sample(
-    sample: dict, scan: ShardScan, image_key: str | None, label_key: str, num_classes: int | None, decode: bool,
+    sample: dict,
+    scan: ShardScan,
+    image_key: str | None,
+    label_key: str,
+    num_classes: int | None,
+    decode: bool,
     max_image_pixels: int,
 ) -> None:
     key = sample["__key__"]
@@ -227,7 +242,7 @@ def _check_sample(
             try:
                 with open_header(sample[found], max_image_pixels) as image:  # the loader's formats and limit
                     image.load()
-            except Exception as error:  # noqa: BLE001 - any decode failure is a problem to report
+            except Exception as error:  # any decode failure is a problem to report
                 scan.add_problem(f"sample {key}: image does not decode ({type(error).__name__}: {error})")
     if label_key not in sample:
         scan.add_problem(f"sample {key} has no label ({label_key}); it has {_data_keys(sample)}")

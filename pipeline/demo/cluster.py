@@ -21,10 +21,10 @@ from pathlib import Path
 import typer
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PROJECT_ROOT, load_config
-from pipeline.demo.local import prepare_demo_data
 from pipeline.cluster.jobs import resolve_address, wait
 from pipeline.cluster.local import LocalCluster
+from pipeline.config import PROJECT_ROOT, load_config
+from pipeline.demo.local import prepare_demo_data
 from pipeline.tracking.runs import WORKER_NODES_TAG, find_run
 
 DEMO_CONFIG = "jobs/configs/demo.yaml"
@@ -63,19 +63,30 @@ def run_cluster_demo(state_dir: Path, data_dir: Path) -> bool:
 
     run_name = f"cluster-demo-{time.strftime('%Y%m%d-%H%M%S')}"
     entrypoint = [
-        "python", "-m", "jobs.train", "-c", DEMO_CONFIG,
+        "python",
+        "-m",
+        "jobs.train",
+        "-c",
+        DEMO_CONFIG,
         # Absolute: the job runs in Ray's copy of the working directory, where data/ is not uploaded.
-        "--set", f"data.root={data_dir / 'shards'}",
-        "--set", f"tracking.storage_path={Path(cluster.state_dir) / 'ray_results'}",  # every node reaches it
-        "--set", f"tracking.run_name={run_name}", "--set", f"tracking.experiment={EXPERIMENT}",
+        "--set",
+        f"data.root={data_dir / 'shards'}",
+        "--set",
+        f"tracking.storage_path={Path(cluster.state_dir) / 'ray_results'}",  # every node reaches it
+        "--set",
+        f"tracking.run_name={run_name}",
+        "--set",
+        f"tracking.experiment={EXPERIMENT}",
     ]
     typer.echo(f"\n== ray job submit [{time.strftime('%H:%M:%S')}]")
     status = submit_with_ray_cli(cluster, entrypoint, submission_id=run_name)
     check = check_cluster_run(cluster.mlflow_uri, EXPERIMENT, run_name, config.tracking.registered_model)
     problems = ([] if status == "SUCCEEDED" else [f"job {run_name} {status}"]) + check.problems(cluster.nodes)
     typer.echo(f"\n== result [{time.strftime('%H:%M:%S')}]")
-    typer.echo(f"  job {run_name}: {status}; MLflow run {check.run_status}; model version {check.model_version}; "
-               f"workers on {len(set(check.worker_nodes))} node(s)")
+    typer.echo(
+        f"  job {run_name}: {status}; MLflow run {check.run_status}; model version {check.model_version}; "
+        f"workers on {len(set(check.worker_nodes))} node(s)"
+    )
     for problem in problems:
         typer.echo(f"  FAILED: {problem}")
     typer.echo("\n".join(cluster.describe()))
@@ -84,8 +95,19 @@ def run_cluster_demo(state_dir: Path, data_dir: Path) -> bool:
 
 def submit_with_ray_cli(cluster: LocalCluster, entrypoint: list[str], submission_id: str) -> str:
     """`ray job submit` exactly as a user types it, with the cluster's token in the environment; final status."""
-    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard_url,
-               "--submission-id", submission_id, "--working-dir", str(PROJECT_ROOT), "--", *entrypoint]
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(PROJECT_ROOT),
+        "--",
+        *entrypoint,
+    ]
     typer.echo("  " + " ".join(command[1:]))
     done = subprocess.run(command, env={**os.environ, **cluster.client_env()}, cwd=PROJECT_ROOT, check=False)
     try:  # `ray job submit` exits non-zero both when the job fails and when it never started: ask the server
@@ -103,5 +125,6 @@ def check_cluster_run(mlflow_uri: str, experiment: str, run_name: str, registere
         return ClusterRunCheck(None, None, [])
     versions = client.search_model_versions(f"name = '{registered_model}' and run_id = '{run.info.run_id}'")
     nodes = run.data.tags.get(WORKER_NODES_TAG, "")
-    return ClusterRunCheck(run.info.status, versions[0].version if versions else None,
-                           nodes.split(",") if nodes else [])
+    return ClusterRunCheck(
+        run.info.status, versions[0].version if versions else None, nodes.split(",") if nodes else []
+    )

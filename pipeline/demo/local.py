@@ -16,8 +16,8 @@ import typer
 
 from pipeline import metrics as m
 from pipeline.config import Config
-from pipeline.storage import require_local
 from pipeline.data.manifest import SPLITS, manifest_path
+from pipeline.storage import require_local
 from pipeline.tracking.uri import mlflow_ui_command
 
 # Small enough for 2 cores, large enough that 10 classes are learnable: 10 x 80 train, 10 x 10 test.
@@ -49,8 +49,10 @@ def run_demo(config: Config, data_dir: Path) -> bool:
         f"registered model '{config.tracking.registered_model}' version {outcome.model_version}"
         f"{' -> @champion' if outcome.promoted else ' (champion kept: it scored higher)'}"
     )
-    typer.echo(f"evaluate it once on test: imagenet-pipeline evaluate -c jobs/configs/demo.yaml "
-               f"--model models:/{config.tracking.registered_model}@champion")
+    typer.echo(
+        f"evaluate it once on test: imagenet-pipeline evaluate -c jobs/configs/demo.yaml "
+        f"--model models:/{config.tracking.registered_model}@champion"
+    )
     typer.echo(f"open the MLflow UI:       {mlflow_ui_command(config)}")
     return best[m.VAL_TOP1] > chance
 
@@ -68,8 +70,14 @@ def prepare_demo_data(config: Config, data_dir: Path) -> bool:
     else:
         width, height = DEMO_IMAGE_SIZE
         generate_imagenet_folder(
-            source, num_classes=DEMO_CLASSES, train_per_class=DEMO_TRAIN_PER_CLASS,
-            val_per_class=DEMO_TEST_PER_CLASS, width=width, height=height, seed=config.seed, processes=2,
+            source,
+            num_classes=DEMO_CLASSES,
+            train_per_class=DEMO_TRAIN_PER_CLASS,
+            val_per_class=DEMO_TEST_PER_CLASS,
+            width=width,
+            height=height,
+            seed=config.seed,
+            processes=2,
         )
         typer.echo(f"  wrote {DEMO_CLASSES} classes to {source}")
 
@@ -78,8 +86,14 @@ def prepare_demo_data(config: Config, data_dir: Path) -> bool:
         typer.echo(f"  {shards} complete, kept")
     else:
         summary = shard_imagenet(
-            source, shards, val_per_class=DEMO_VAL_PER_CLASS, samples_per_shard=100, processes=2,
-            seed=config.seed, resume=shards.exists(), progress=False,
+            source,
+            shards,
+            val_per_class=DEMO_VAL_PER_CLASS,
+            samples_per_shard=100,
+            processes=2,
+            seed=config.seed,
+            resume=shards.exists(),
+            progress=False,
         )
         typer.echo(f"  {summary}")
 

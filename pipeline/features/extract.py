@@ -22,8 +22,11 @@ from pipeline.errors import ModelSourceError
 
 ALEXNET_LAYER = "fc7"  # second 4096-d fully connected layer, after its ReLU
 RESNET_LAYER = "avgpool"  # global average pool over the last stage
-FEATURE_LAYERS = {"alexnet": ALEXNET_LAYER, "alexnet_tv": ALEXNET_LAYER,
-                  **{name: RESNET_LAYER for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")}}
+FEATURE_LAYERS = {
+    "alexnet": ALEXNET_LAYER,
+    "alexnet_tv": ALEXNET_LAYER,
+    **{name: RESNET_LAYER for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class WithFeatures(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._exported:
             joined = self.model(images)  # (batch, dim + classes): features first
-            features, logits = joined[:, :self.dim], joined[:, self.dim:]
+            features, logits = joined[:, : self.dim], joined[:, self.dim :]
         else:
             # Hooked for this call only: the same module may go on training, and must not keep capturing.
             captured: list[torch.Tensor] = []
@@ -137,8 +140,9 @@ def _final_linear_node(graph: torch.fx.GraphModule) -> tuple[torch.fx.Node, int]
     linears = [node for node in nodes if node.op == "call_function" and node.target == torch.ops.aten.linear.default]
     output = next(node for node in nodes if node.op == "output")
     if not linears or output.args[0] != (linears[-1],):
-        raise ModelSourceError("the exported model does not end in a linear classifier layer; features are taken "
-                               "from that layer's input")
+        raise ModelSourceError(
+            "the exported model does not end in a linear classifier layer; features are taken from that layer's input"
+        )
     last = linears[-1]
     features, weight = last.args[0], last.args[1]
     if weight.op == "get_attr":

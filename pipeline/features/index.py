@@ -96,27 +96,37 @@ def load_index(path: Path, dim: int, rows: np.ndarray, sha256: str):
         raise DataError(f"{path}: no gallery index; run `imagenet-pipeline embed` for this split")
     found = file_sha256(path)
     if found != sha256:
-        raise DataError(f"{path}: sha256 {found[:16]}..., but meta.json records {sha256[:16]}...: not the index "
-                        "embed built for these rows; embed the split again")
+        raise DataError(
+            f"{path}: sha256 {found[:16]}..., but meta.json records {sha256[:16]}...: not the index "
+            "embed built for these rows; embed the split again"
+        )
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as error:
         raise DataError(f"{path}: not a faiss index ({str(error).splitlines()[0][:200]})") from None
     ids = _stored_ids(index)
     if ids is None:
-        raise DataError(f"{path}: a faiss {type(index).__name__}, not one of the inner-product kinds "
-                        f"{', '.join(INDEX_KINDS)} that embed builds")
+        raise DataError(
+            f"{path}: a faiss {type(index).__name__}, not one of the inner-product kinds "
+            f"{', '.join(INDEX_KINDS)} that embed builds"
+        )
     if index.d != dim or index.ntotal != rows.size:
-        raise DataError(f"{path}: index of {index.ntotal} x {index.d}, but its embeddings have {rows.size} readable "
-                        f"rows of width {dim}; embed the split again")
+        raise DataError(
+            f"{path}: index of {index.ntotal} x {index.d}, but its embeddings have {rows.size} readable "
+            f"rows of width {dim}; embed the split again"
+        )
     ids.sort()
     if not np.array_equal(ids, rows):
         unknown = np.setdiff1d(ids, rows)
         if unknown.size:
-            raise DataError(f"{path}: the index answers with row {unknown[0]}, which is not one of the gallery's "
-                            f"{rows.size} readable rows (labels.npy); embed the split again")
-        raise DataError(f"{path}: readable row {np.setdiff1d(rows, ids)[0]} is not in the index (another is in "
-                        "it twice); embed the split again")
+            raise DataError(
+                f"{path}: the index answers with row {unknown[0]}, which is not one of the gallery's "
+                f"{rows.size} readable rows (labels.npy); embed the split again"
+            )
+        raise DataError(
+            f"{path}: readable row {np.setdiff1d(rows, ids)[0]} is not in the index (another is in "
+            "it twice); embed the split again"
+        )
     return index
 
 
@@ -127,15 +137,22 @@ def _stored_ids(index) -> np.ndarray | None:
     inner_product = faiss.METRIC_INNER_PRODUCT
     if type(index) is faiss.IndexIDMap:
         inner = faiss.downcast_index(index.index)
-        if type(inner) not in (faiss.IndexFlatIP, faiss.IndexHNSWFlat) or inner.metric_type != inner_product \
-                or index.metric_type != inner_product or inner.ntotal != index.ntotal:
+        if (
+            type(inner) not in (faiss.IndexFlatIP, faiss.IndexHNSWFlat)
+            or inner.metric_type != inner_product
+            or index.metric_type != inner_product
+            or inner.ntotal != index.ntotal
+        ):
             return None
         return faiss.vector_to_array(index.id_map).astype(np.int64)
     if type(index) is faiss.IndexIVFFlat and index.metric_type == inner_product:
         lists = faiss.downcast_InvertedLists(index.invlists)
         if type(lists) is not faiss.ArrayInvertedLists:  # embed keeps the lists in the file, never on disk elsewhere
             return None
-        parts = [faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
-                 for number in range(index.nlist) if lists.list_size(number)]
+        parts = [
+            faiss.rev_swig_ptr(lists.get_ids(number), lists.list_size(number)).copy()
+            for number in range(index.nlist)
+            if lists.list_size(number)
+        ]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
     return None

@@ -44,7 +44,7 @@ def nearest(queries: torch.Tensor, gallery: torch.Tensor, k: int, leave_one_out:
     k = min(k, gallery.shape[0] - (1 if leave_one_out else 0))
     similarities, indices = [], []
     for start in range(0, queries.shape[0], _CHUNK):
-        scores = queries[start:start + _CHUNK].float() @ gallery.float().T
+        scores = queries[start : start + _CHUNK].float() @ gallery.float().T
         if leave_one_out:
             rows = torch.arange(scores.shape[0])
             scores[rows, rows + start] = float("-inf")
@@ -54,22 +54,31 @@ def nearest(queries: torch.Tensor, gallery: torch.Tensor, k: int, leave_one_out:
     return Neighbours(torch.cat(similarities), torch.cat(indices))
 
 
-def knn_scores(similarity: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
-               temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+def knn_scores(
+    similarity: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float = KNN_TEMPERATURE
+) -> torch.Tensor:
     """(queries, classes) vote totals of the weighted k-NN classifier."""
     votes = torch.zeros(similarity.shape[0], num_classes, dtype=torch.float32)
     return votes.scatter_add_(1, neighbour_labels, (similarity.float() / temperature).exp())
 
 
-def knn_top1(neighbours: Neighbours, gallery_labels: torch.Tensor, query_labels: torch.Tensor, num_classes: int,
-             k: int = KNN_K, temperature: float = KNN_TEMPERATURE) -> float:
+def knn_top1(
+    neighbours: Neighbours,
+    gallery_labels: torch.Tensor,
+    query_labels: torch.Tensor,
+    num_classes: int,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+) -> float:
     """Percent of queries whose weighted k-NN vote is their own class."""
     similarity, index = neighbours.similarity[:, :k], neighbours.index[:, :k]
     predicted = knn_scores(similarity, gallery_labels[index], num_classes, temperature).argmax(dim=1)
     return 100.0 * float((predicted == query_labels).float().mean())
 
 
-def retrieval_metrics(features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = RECALL_AT) -> dict[str, float]:
+def retrieval_metrics(
+    features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = RECALL_AT
+) -> dict[str, float]:
     """recall@k (percent) for each k and mAP@R (percent), leave-one-out within one labelled set."""
     if features.shape[0] < 2:
         raise DataError(f"retrieval metrics need at least 2 samples, got {features.shape[0]}")
@@ -90,9 +99,17 @@ def retrieval_metrics(features: torch.Tensor, labels: torch.Tensor, ks: tuple[in
     return results
 
 
-def distributed_knn_top1(queries: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
-                         gallery_labels: torch.Tensor, num_classes: int, world_size: int, k: int = KNN_K,
-                         temperature: float = KNN_TEMPERATURE, device: torch.device | None = None) -> float:
+def distributed_knn_top1(
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    gallery: torch.Tensor,
+    gallery_labels: torch.Tensor,
+    num_classes: int,
+    world_size: int,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    device: torch.device | None = None,
+) -> float:
     """Exact k-NN top-1 when each rank holds a share of the gallery and of the queries.
 
     The (small) query set is gathered onto every rank; each rank finds the k best of its own gallery share; the

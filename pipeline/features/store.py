@@ -145,16 +145,17 @@ def read_meta(directory: str | os.PathLike) -> EmbeddingMeta:
     if not path.is_file():
         raise DataError(f"{directory}: no {META_FILE}; not a complete embedding (run `imagenet-pipeline embed`)")
     if path.stat().st_size > MAX_META_BYTES:
-        raise DataError(f"{path}: {path.stat().st_size} bytes, more than an embedding description's "
-                        f"{MAX_META_BYTES}")
+        raise DataError(f"{path}: {path.stat().st_size} bytes, more than an embedding description's {MAX_META_BYTES}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise DataError(f"{path}: not an embedding description ({_line(error)})") from None
     if isinstance(raw, dict) and raw.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         version = str(raw["format_version"])[:20]  # checked first: another format has other fields
-        raise DataError(f"{path}: format version {version}, this pipeline reads {FORMAT_VERSION} (which records "
-                        "the index's sha256); embed the split again")
+        raise DataError(
+            f"{path}: format version {version}, this pipeline reads {FORMAT_VERSION} (which records "
+            "the index's sha256); embed the split again"
+        )
     try:
         if not isinstance(raw, dict):
             raise TypeError("not a JSON object")
@@ -165,8 +166,10 @@ def read_meta(directory: str | os.PathLike) -> EmbeddingMeta:
     return meta
 
 
-def read_rows(directory: str | os.PathLike, meta: EmbeddingMeta | None = None,
-              ) -> tuple[EmbeddingMeta, np.ndarray, np.ndarray, list[str]]:
+def read_rows(
+    directory: str | os.PathLike,
+    meta: EmbeddingMeta | None = None,
+) -> tuple[EmbeddingMeta, np.ndarray, np.ndarray, list[str]]:
     """meta, labels, positions and keys, each checked against meta.json (read here unless given): what a gallery
     needs besides its index (an embed run in MLflow carries these and the index, not embeddings.npy)."""
     meta = meta or read_meta(directory)
@@ -181,8 +184,9 @@ def read_rows(directory: str | os.PathLike, meta: EmbeddingMeta | None = None,
 
 def read_embeddings(directory: str | os.PathLike, mmap: bool = True) -> Embeddings:
     meta, labels, positions, keys = read_rows(directory)
-    vectors = _read_array(Path(directory) / EMBEDDINGS_FILE, np.dtype(np.float32), (meta.num_samples, meta.dim),
-                          mmap=mmap)
+    vectors = _read_array(
+        Path(directory) / EMBEDDINGS_FILE, np.dtype(np.float32), (meta.num_samples, meta.dim), mmap=mmap
+    )
     return Embeddings(meta, vectors, labels, positions, keys)
 
 
@@ -202,8 +206,10 @@ def _read_array(path: Path, dtype: np.dtype, shape: tuple[int, ...], mmap: bool 
         order = ", Fortran order" if fortran_order else ""
         raise DataError(f"{path}: {found_dtype} {found_shape}{order}, but meta.json describes {dtype} {shape}")
     if size != data_offset + dtype.itemsize * math.prod(shape):
-        raise DataError(f"{path}: {size} bytes, but its header declares {dtype} {shape} "
-                        f"({data_offset + dtype.itemsize * math.prod(shape)} bytes)")
+        raise DataError(
+            f"{path}: {size} bytes, but its header declares {dtype} {shape} "
+            f"({data_offset + dtype.itemsize * math.prod(shape)} bytes)"
+        )
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -225,10 +231,22 @@ def _read_keys(path: Path, count: int) -> list[str]:
 
 def _check_meta(meta: EmbeddingMeta) -> None:
     """Types and ranges of meta.json's fields, as a TypeError or ValueError naming the field."""
-    expected: dict[str, Any] = {"model_source": str, "architecture": str, "layer": str, "dim": int, "split": str,
-                                "data_root": str, "manifest_hash": str, "num_samples": int, "unreadable": int,
-                                "class_names": list, "shard_counts": list, "index_sha256": str,
-                                "created": (int, float), "format_version": int}
+    expected: dict[str, Any] = {
+        "model_source": str,
+        "architecture": str,
+        "layer": str,
+        "dim": int,
+        "split": str,
+        "data_root": str,
+        "manifest_hash": str,
+        "num_samples": int,
+        "unreadable": int,
+        "class_names": list,
+        "shard_counts": list,
+        "index_sha256": str,
+        "created": (int, float),
+        "format_version": int,
+    }
     for key, kind in expected.items():
         if not isinstance(getattr(meta, key), kind) or isinstance(getattr(meta, key), bool):
             raise TypeError(f"{key} is not a {getattr(kind, '__name__', 'number')}")
@@ -252,8 +270,10 @@ def _check_labels(path: Path, meta: EmbeddingMeta, labels: np.ndarray) -> None:
     classes = len(meta.class_names)
     bad = np.flatnonzero((labels < -1) | (labels >= classes))
     if bad.size:
-        raise DataError(f"{path}: label {labels[bad[0]]} at row {bad[0]}; a label is -1 (unreadable) or a class "
-                        f"index below {classes} (meta.json's class_names)")
+        raise DataError(
+            f"{path}: label {labels[bad[0]]} at row {bad[0]}; a label is -1 (unreadable) or a class "
+            f"index below {classes} (meta.json's class_names)"
+        )
     unreadable = int((labels == -1).sum())
     if unreadable != meta.unreadable:
         raise DataError(f"{path}: {unreadable} rows labelled -1 (unreadable), but meta.json counts {meta.unreadable}")
@@ -265,20 +285,26 @@ def _check_positions(path: Path, meta: EmbeddingMeta, positions: np.ndarray) -> 
     shard, offset = positions[:, 0], positions[:, 1]
     bad = np.flatnonzero((shard < 0) | (shard >= counts.size))
     if bad.size:
-        raise DataError(f"{path}: shard {shard[bad[0]]} at row {bad[0]}, but the gallery has {counts.size} shards "
-                        "(meta.json's shard_counts)")
+        raise DataError(
+            f"{path}: shard {shard[bad[0]]} at row {bad[0]}, but the gallery has {counts.size} shards "
+            "(meta.json's shard_counts)"
+        )
     bad = np.flatnonzero((offset < 0) | (offset >= counts[shard]))
     if bad.size:
         row = bad[0]
-        raise DataError(f"{path}: sample {offset[row]} of shard {shard[row]} at row {row}, but that shard holds "
-                        f"{counts[shard[row]]} samples (meta.json's shard_counts)")
+        raise DataError(
+            f"{path}: sample {offset[row]} of shard {shard[row]} at row {row}, but that shard holds "
+            f"{counts[shard[row]]} samples (meta.json's shard_counts)"
+        )
     expected_shard = np.repeat(np.arange(counts.size), counts)
     expected_offset = np.arange(meta.num_samples) - np.repeat(np.cumsum(counts) - counts, counts)
     bad = np.flatnonzero((shard != expected_shard) | (offset != expected_offset))
     if bad.size:
         row = bad[0]
-        raise DataError(f"{path}: row {row} is sample {offset[row]} of shard {shard[row]}, but rows follow the "
-                        f"manifest order (sample {expected_offset[row]} of shard {expected_shard[row]} there)")
+        raise DataError(
+            f"{path}: row {row} is sample {offset[row]} of shard {shard[row]}, but rows follow the "
+            f"manifest order (sample {expected_offset[row]} of shard {expected_shard[row]} there)"
+        )
 
 
 def _line(error: BaseException) -> str:

@@ -22,11 +22,11 @@ from pipeline.config import Config
 from pipeline.data.loader import build_loader
 from pipeline.data.manifest import SPLITS
 from pipeline.errors import ConfigError, DataError, ModelSourceError
+from pipeline.features.extract import embed_pass, feature_spec, with_features
+from pipeline.features.quality import RECALL_AT, knn_top1, nearest, retrieval_metrics
 from pipeline.inference.loading import class_count_mismatch, load_model_for_inference, source_run_id, split_manifest
 from pipeline.tracking.uri import resolve_tracking_uri
 from pipeline.train.models import HUMAN_TOP5_ERROR, PUBLISHED_TOP1_TOP5
-from pipeline.features.extract import embed_pass, feature_spec, with_features
-from pipeline.features.quality import RECALL_AT, knn_top1, nearest, retrieval_metrics
 from pipeline.train.step import RankDevice, evaluate
 
 IMAGENET_NUM_CLASSES = 1000
@@ -78,8 +78,14 @@ class FeatureQuality:
         return scores
 
 
-def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlflow: bool = True,
-                   retrieval: bool = True, again_reason: str | None = None) -> EvaluationReport:
+def evaluate_model(
+    config: Config,
+    source: str,
+    split: str = "test",
+    log_to_mlflow: bool = True,
+    retrieval: bool = True,
+    again_reason: str | None = None,
+) -> EvaluationReport:
     """Score `source` on `config.data.root/<split>` once, print the comparison table, log test metrics.
 
     `retrieval`: also measure the features from the same pass: recall@k and mAP@R within the split, and k-NN
@@ -92,8 +98,10 @@ def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlfl
     if split not in SPLITS:
         raise ConfigError(f"split = {split!r}: choose one of {', '.join(SPLITS)}")
     if again_reason is not None and split != "test":
-        raise ConfigError(f"--again --reason is for the test split, which is read once per model; {split} may be "
-                          "evaluated as often as needed")
+        raise ConfigError(
+            f"--again --reason is for the test split, which is read once per model; {split} may be "
+            "evaluated as often as needed"
+        )
     manifest = split_manifest(config, split)
     loaded = load_model_for_inference(source, config, split)  # an unknown source fails here, in one line
     if len(loaded.class_names) != manifest.num_classes:
@@ -114,8 +122,9 @@ def evaluate_model(config: Config, source: str, split: str = "test", log_to_mlfl
         raise
 
 
-def _score(config: Config, source: str, split: str, manifest, loaded, log_to_mlflow: bool, retrieval: bool,
-           claim) -> EvaluationReport:
+def _score(
+    config: Config, source: str, split: str, manifest, loaded, log_to_mlflow: bool, retrieval: bool, claim
+) -> EvaluationReport:
     # The model's own crop size: a pt2 graph accepts only the spatial size it was exported with.
     data = config.data.model_copy(update={"eval_image_size": loaded.eval_image_size})
     loader = build_loader(data, split, rank=0, world_size=1, batch_size=config.optim.batch_size, seed=config.seed)
@@ -125,9 +134,16 @@ def _score(config: Config, source: str, split: str, manifest, loaded, log_to_mlf
     results = evaluate(net, loader, rank, prefix=split, features=collected)
     corrupt = int(results[f"{split}/corrupt_samples"])
     report = EvaluationReport(
-        source=source, split=split, architecture=loaded.architecture, num_classes=manifest.num_classes,
-        eval_image_size=loaded.eval_image_size, num_samples=manifest.num_samples - corrupt, corrupt_samples=corrupt,
-        loss=results[f"{split}/loss"], top1=results[f"{split}/top1"], top5=results[f"{split}/top5"],
+        source=source,
+        split=split,
+        architecture=loaded.architecture,
+        num_classes=manifest.num_classes,
+        eval_image_size=loaded.eval_image_size,
+        num_samples=manifest.num_samples - corrupt,
+        corrupt_samples=corrupt,
+        loss=results[f"{split}/loss"],
+        top1=results[f"{split}/top1"],
+        top5=results[f"{split}/top5"],
         logged_to_run=None,
     )
     if retrieval:
@@ -137,8 +153,9 @@ def _score(config: Config, source: str, split: str, manifest, loaded, log_to_mlf
     if claim is not None:
         from pipeline.tracking.heldout import record_test_evaluation
 
-        tag = record_test_evaluation(_client(config), claim, report.metrics(), manifest.content_hash(),
-                                     report.num_samples)
+        tag = record_test_evaluation(
+            _client(config), claim, report.metrics(), manifest.content_hash(), report.num_samples
+        )
         report.recorded = f"{claim.place.label} tag {tag}"
     print(format_report(report))
     return report
@@ -173,15 +190,21 @@ def feature_quality(config: Config, source: str, split: str, loaded, net, collec
     if split != "train":
         gallery, gallery_labels, gallery_source = train_gallery(config, source, net, data)
         neighbours = nearest(features, gallery, config.retrieval.knn_k)
-        knn = knn_top1(neighbours, gallery_labels, labels, len(loaded.class_names), config.retrieval.knn_k,
-                       config.retrieval.knn_temperature)
+        knn = knn_top1(
+            neighbours,
+            gallery_labels,
+            labels,
+            len(loaded.class_names),
+            config.retrieval.knn_k,
+            config.retrieval.knn_temperature,
+        )
     return FeatureQuality(spec.layer, spec.dim, within, knn, config.retrieval.knn_k, gallery_source)
 
 
 def train_gallery(config: Config, source: str, net, data) -> tuple[torch.Tensor, torch.Tensor, str]:
     """The train split's features: an `embed` output of this model version and these shards, else embedded now."""
-    from pipeline.inference.loading import pin_model_source
     from pipeline.features import store
+    from pipeline.inference.loading import pin_model_source
 
     pinned = pin_model_source(source, config)
     directory = store.default_output(config.retrieval.output, pinned.source, pinned.version, "train")
@@ -192,12 +215,16 @@ def train_gallery(config: Config, source: str, net, data) -> tuple[torch.Tensor,
             if meta.model_source == pinned.source and meta.manifest_hash == manifest.content_hash():
                 embedded = store.read_embeddings(directory)
                 readable = embedded.readable
-                return (torch.from_numpy(np.asarray(embedded.vectors[readable])),
-                        torch.from_numpy(embedded.labels[readable]), str(directory))
+                return (
+                    torch.from_numpy(np.asarray(embedded.vectors[readable])),
+                    torch.from_numpy(embedded.labels[readable]),
+                    str(directory),
+                )
         except DataError as error:  # an older format or a damaged gallery: embed now, say why once
             print(f"note: not reusing the gallery in {directory} ({error}); embedding train now")
-    loader = build_loader(data, "train", rank=0, world_size=1, batch_size=config.optim.batch_size, seed=config.seed,
-                          exactly_once=True)
+    loader = build_loader(
+        data, "train", rank=0, world_size=1, batch_size=config.optim.batch_size, seed=config.seed, exactly_once=True
+    )
     gallery, labels = embed_pass(net, loader, torch.device("cpu"))
     return gallery, labels, "embedded now (run `imagenet-pipeline embed --split train` once to reuse it)"
 
@@ -228,30 +255,43 @@ def log_test_metrics(report: EvaluationReport, tracking_uri: str, manifest, conf
 def format_report(report: EvaluationReport) -> str:
     """Our figures beside a human annotator's and the published ImageNet-1k ones for the architecture."""
     published = PUBLISHED_TOP1_TOP5.get(report.architecture)
-    rows = [("", "top-1 %", "top-5 %", "top-5 error %"),
-            (f"this model ({report.split})", f"{report.top1:.2f}", f"{report.top5:.2f}", f"{report.top5_error:.2f}"),
-            ("human annotator (ILSVRC)", "-", "-", f"{HUMAN_TOP5_ERROR:.1f}")]
+    rows = [
+        ("", "top-1 %", "top-5 %", "top-5 error %"),
+        (f"this model ({report.split})", f"{report.top1:.2f}", f"{report.top5:.2f}", f"{report.top5_error:.2f}"),
+        ("human annotator (ILSVRC)", "-", "-", f"{HUMAN_TOP5_ERROR:.1f}"),
+    ]
     if published:
         top1, top5 = published
         rows.append((f"published {report.architecture}", f"{top1:.2f}", f"{top5:.2f}", f"{100.0 - top5:.2f}"))
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     lines = [
         f"{report.source}: {report.architecture}, {report.num_classes} classes, {report.eval_image_size} px, "
-        f"{report.num_samples} {report.split} images" + (f" ({report.corrupt_samples} corrupt, skipped)"
-                                                          if report.corrupt_samples else ""),
-        *("  ".join(cell.ljust(widths[0]) if column == 0 else cell.rjust(widths[column])
-                    for column, cell in enumerate(row)) for row in rows),
+        f"{report.num_samples} {report.split} images"
+        + (f" ({report.corrupt_samples} corrupt, skipped)" if report.corrupt_samples else ""),
+        *(
+            "  ".join(
+                cell.ljust(widths[0]) if column == 0 else cell.rjust(widths[column]) for column, cell in enumerate(row)
+            )
+            for row in rows
+        ),
     ]
     if report.features is not None:
         quality, within = report.features, report.features.within_split
         recalls = "/".join(f"{within[f'recall_at_{k}']:.1f}" for k in RECALL_AT)
-        knn = (f"k-NN top-1 {quality.knn_top1:.2f} % (k = {quality.knn_k}, train gallery: {quality.gallery}); "
-               if quality.knn_top1 is not None else "")
-        lines.append(f"features ({quality.layer}, {quality.dim}-d): {knn}recall@{'/'.join(map(str, RECALL_AT))} "
-                     f"{recalls} %, mAP@R {within['map_at_r']:.2f} % (leave-one-out within {report.split})")
+        knn = (
+            f"k-NN top-1 {quality.knn_top1:.2f} % (k = {quality.knn_k}, train gallery: {quality.gallery}); "
+            if quality.knn_top1 is not None
+            else ""
+        )
+        lines.append(
+            f"features ({quality.layer}, {quality.dim}-d): {knn}recall@{'/'.join(map(str, RECALL_AT))} "
+            f"{recalls} %, mAP@R {within['map_at_r']:.2f} % (leave-one-out within {report.split})"
+        )
     if report.num_classes != IMAGENET_NUM_CLASSES:
-        lines.append(f"note: these {report.num_classes} classes are not ImageNet-1k; the reference rows are for "
-                     "scale only, not a like-for-like comparison")
+        lines.append(
+            f"note: these {report.num_classes} classes are not ImageNet-1k; the reference rows are for "
+            "scale only, not a like-for-like comparison"
+        )
     if report.logged_to_run:
         lines.append(f"logged {', '.join(report.metrics())} to MLflow run {report.logged_to_run}")
     if report.recorded:
@@ -261,5 +301,3 @@ def format_report(report: EvaluationReport) -> str:
     elif report.split != "test":
         lines.append(f"not logged to MLflow: only test-split results are (the run holds {report.split} per epoch)")
     return "\n".join(lines)
-
-

@@ -32,6 +32,7 @@ _REGISTRY_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
 _REGISTRY_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
 _RUN_ARTIFACT = re.compile(r"^runs:/(?P<run_id>[0-9a-f]+)/(?P<path>.+)$")
 
+
 class InferenceModel(NamedTuple):
     model: torch.nn.Module  # in inference mode, on the CPU
     class_names: list[str]  # index -> human-readable name
@@ -140,13 +141,23 @@ def _load_mlflow_model(source: str, config: Config) -> InferenceModel:
             raise ModelSourceError(f"{source}: cannot load the pt2 model ({first_line(error, False)})") from None
     missing = [key for key in ("classes", "architecture", "eval_image_size") if key not in metadata]
     if missing:
-        raise ModelSourceError(f"{source}: the logged model's metadata lacks {', '.join(missing)}; publish it with "
-                         "pipeline.tracking.registry (imagenet-pipeline train)")
+        raise ModelSourceError(
+            f"{source}: the logged model's metadata lacks {', '.join(missing)}; publish it with "
+            "pipeline.tracking.registry (imagenet-pipeline train)"
+        )
     classes, architecture, size = metadata["classes"], metadata["architecture"], metadata["eval_image_size"]
-    if (not isinstance(classes, list) or not classes or not all(isinstance(name, str) for name in classes)
-            or architecture not in MODEL_NAMES or not isinstance(size, int) or not 8 <= size <= 4096):
-        raise ModelSourceError(f"{source}: the logged model's metadata is malformed (classes must be a list of "
-                               "names, architecture a known model, eval_image_size a crop size in pixels)")
+    if (
+        not isinstance(classes, list)
+        or not classes
+        or not all(isinstance(name, str) for name in classes)
+        or architecture not in MODEL_NAMES
+        or not isinstance(size, int)
+        or not 8 <= size <= 4096
+    ):
+        raise ModelSourceError(
+            f"{source}: the logged model's metadata is malformed (classes must be a list of "
+            "names, architecture a known model, eval_image_size a crop size in pixels)"
+        )
     model = FrozenEvalModule(graph) if _is_exported(graph) else graph.eval()
     return InferenceModel(model, classes, architecture, size)
 
@@ -159,9 +170,12 @@ def exported_model_metadata(folder: Path, source: str) -> dict[str, Any]:
     """The metadata of a logged model folder, if it is a pt2 model that brings no code; else a one-line refusal.
 
     Reads only the MLmodel file (YAML, safe loader) and the folder listing: nothing here unpickles or imports."""
+
     def refuse(why: str) -> ModelSourceError:
-        return ModelSourceError(f"{source}: not a torch.export (pt2) model as imagenet-pipeline publishes ({why}); "
-                                "refused before loading: any other format is unpickled, which can run code")
+        return ModelSourceError(
+            f"{source}: not a torch.export (pt2) model as imagenet-pipeline publishes ({why}); "
+            "refused before loading: any other format is unpickled, which can run code"
+        )
 
     mlmodel = folder / "MLmodel"
     if not mlmodel.is_file():
@@ -172,8 +186,11 @@ def exported_model_metadata(folder: Path, source: str) -> dict[str, Any]:
         spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError):
         raise refuse("MLmodel is not YAML") from None
-    flavor = spec.get("flavors", {}).get("pytorch") if isinstance(spec, dict) and isinstance(
-        spec.get("flavors"), dict) else None
+    flavor = (
+        spec.get("flavors", {}).get("pytorch")
+        if isinstance(spec, dict) and isinstance(spec.get("flavors"), dict)
+        else None
+    )
     if not isinstance(flavor, dict):
         raise refuse("no pytorch flavor")
     if flavor.get("code") is not None:
@@ -219,18 +236,23 @@ def _model_version(source: str, client, uri: str):
 
 def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -> InferenceModel:
     if not directory.is_dir():
-        raise ModelSourceError(f"model source '{directory}': not a registered model (models:/...), a run (runs:/...) "
-                         "or an existing checkpoint directory")
+        raise ModelSourceError(
+            f"model source '{directory}': not a registered model (models:/...), a run (runs:/...) "
+            "or an existing checkpoint directory"
+        )
     if not (directory / STATE_FILE).is_file() or not (directory / META_FILE).is_file():
-        raise ModelSourceError(f"checkpoint directory '{directory}': needs {STATE_FILE} and {META_FILE}; "
-                         "point at a checkpoint_* folder of a training run")
+        raise ModelSourceError(
+            f"checkpoint directory '{directory}': needs {STATE_FILE} and {META_FILE}; "
+            "point at a checkpoint_* folder of a training run"
+        )
     meta = read_meta(directory)
     trained = validate_saved_config(meta["config"])  # the architecture and crop the weights were trained with
     model = build_model(trained.model, meta["num_classes"])
     load_weights(directory, model)
     num_classes = meta["num_classes"]
-    candidates = [split] if split else [name for name in SPLITS[::-1]
-                                        if has_manifest(storage.join(config.data.root, name))]
+    candidates = (
+        [split] if split else [name for name in SPLITS[::-1] if has_manifest(storage.join(config.data.root, name))]
+    )
     if not candidates:  # nothing to name the classes by: predictions still show the indices
         class_names = [f"class {index}" for index in range(num_classes)]
     else:
@@ -242,5 +264,7 @@ def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -
 
 
 def class_count_mismatch(source: str, num_classes: int, config: Config, split: str, manifest: Manifest) -> str:
-    return (f"{source} predicts {num_classes} classes but {storage.join(config.data.root, split)} has "
-            f"{manifest.num_classes}; use shards made from the same class list")
+    return (
+        f"{source} predicts {num_classes} classes but {storage.join(config.data.root, split)} has "
+        f"{manifest.num_classes}; use shards made from the same class list"
+    )

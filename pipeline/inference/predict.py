@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import ConfigError, DataError
 from pipeline import storage
 from pipeline.config import Config
-from pipeline.inference.loading import load_model_for_inference
 from pipeline.data.manifest import SPLITS, has_manifest, read_manifest
 from pipeline.data.transforms import CorruptImageError, EvalTransform, normalize_batch
+from pipeline.errors import ConfigError, DataError
+from pipeline.inference.loading import load_model_for_inference
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # Images decoded and scored together: bounds memory (batch x 3 x size^2 bytes before normalising).
@@ -57,7 +57,7 @@ def predict(config: Config, source: str, inputs: list[Path], top_k: int = 5) -> 
     k = min(top_k, len(loaded.class_names))
     predictions = [Prediction(path) for path in files]
     for start in range(0, len(predictions), PREDICT_BATCH_SIZE):
-        chunk = predictions[start:start + PREDICT_BATCH_SIZE]
+        chunk = predictions[start : start + PREDICT_BATCH_SIZE]
         images, readable = [], []
         for prediction in chunk:
             try:
@@ -71,8 +71,10 @@ def predict(config: Config, source: str, inputs: list[Path], top_k: int = 5) -> 
             logits = loaded.model(normalize_batch(torch.stack(images), "cpu")).float()
         probabilities, indices = logits.softmax(dim=1).topk(k, dim=1)
         for prediction, row_probabilities, row_indices in zip(readable, probabilities.tolist(), indices.tolist()):
-            prediction.top = [ClassScore(index, wnids[index], loaded.class_names[index], probability)
-                              for index, probability in zip(row_indices, row_probabilities)]
+            prediction.top = [
+                ClassScore(index, wnids[index], loaded.class_names[index], probability)
+                for index, probability in zip(row_indices, row_probabilities)
+            ]
     return predictions
 
 
@@ -81,8 +83,9 @@ def find_images(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, inputs):
         if path.is_dir():
-            files.extend(sorted(child for child in path.rglob("*")
-                                if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend(
+                sorted(child for child in path.rglob("*") if child.is_file() and child.suffix.lower() in IMAGE_SUFFIXES)
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -107,8 +110,9 @@ def class_wnids(config: Config, class_names: list[str]) -> list[str | None]:
 def format_predictions(predictions: list[Prediction], as_json: bool = False) -> str:
     """JSON (a list of {path, error, top: [{index, wnid, name, probability}]}) or one block per file."""
     if as_json:
-        return json.dumps([{**asdict(prediction), "path": str(prediction.path)} for prediction in predictions],
-                          indent=1)
+        return json.dumps(
+            [{**asdict(prediction), "path": str(prediction.path)} for prediction in predictions], indent=1
+        )
     lines = []
     for prediction in predictions:
         lines.append(str(prediction.path))

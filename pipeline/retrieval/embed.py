@@ -23,16 +23,20 @@ import torch
 
 from pipeline import storage
 from pipeline.config import Config, refuse_job_copy
-from pipeline.data.shard_reader import read_whole_shard
 from pipeline.data.manifest import SPLITS, Manifest, file_sha256
+from pipeline.data.shard_reader import read_whole_shard
 from pipeline.data.transforms import CorruptImageError, EvalTransform, normalize_batch
 from pipeline.errors import ConfigError, DataError, ModelSourceError
-from pipeline.inference.loading import (
-    PinnedSource, class_count_mismatch, load_model_for_inference, pin_model_source, split_manifest,
-)
 from pipeline.features import store
 from pipeline.features.extract import feature_spec, with_features
 from pipeline.features.index import INDEX_FILE, IndexSettings, build_index, save_index
+from pipeline.inference.loading import (
+    PinnedSource,
+    class_count_mismatch,
+    load_model_for_inference,
+    pin_model_source,
+    split_manifest,
+)
 
 ROW_BLOCK = 256  # rows per batch the driver takes from Ray Data
 
@@ -46,8 +50,9 @@ class EmbedResult:
     index_run_id: str | None = None  # the MLflow run holding the index artifacts
 
 
-def embed_split(config: Config, source: str, split: str, output: str | None = None,
-                progress: bool = True) -> EmbedResult:
+def embed_split(
+    config: Config, source: str, split: str, output: str | None = None, progress: bool = True
+) -> EmbedResult:
     """Embed every sample of `config.data.root/<split>` with the model behind `source`; build its index."""
     if split not in SPLITS:
         raise ConfigError(f"split = {split!r}: choose one of {', '.join(SPLITS)}")
@@ -55,19 +60,31 @@ def embed_split(config: Config, source: str, split: str, output: str | None = No
     if manifest.num_samples == 0:
         raise DataError(f"{storage.join(config.data.root, split)}: the manifest lists no samples to embed")
     pinned = pin_model_source(source, config)
-    directory = Path(output) if output else store.default_output(config.retrieval.output, pinned.source,
-                                                                       pinned.version, split)
-    refuse_job_copy("retrieval.output" if output is None else "--output", str(directory.absolute()),
-                    "the gallery would be deleted with the job")
+    directory = (
+        Path(output) if output else store.default_output(config.retrieval.output, pinned.source, pinned.version, split)
+    )
+    refuse_job_copy(
+        "retrieval.output" if output is None else "--output",
+        str(directory.absolute()),
+        "the gallery would be deleted with the job",
+    )
     loaded = load_model_for_inference(pinned.source, config, split)
     if len(loaded.class_names) != manifest.num_classes:
         raise ModelSourceError(class_count_mismatch(source, len(loaded.class_names), config, split, manifest))
     spec = feature_spec(loaded.architecture, loaded.model)
     meta = store.EmbeddingMeta(
-        model_source=pinned.source, model_version=pinned.version, model_run_id=pinned.run_id,
-        architecture=spec.architecture, layer=spec.layer, dim=spec.dim, split=split,
-        data_root=storage.absolute(config.data.root), manifest_hash=manifest.content_hash(),
-        num_samples=manifest.num_samples, unreadable=0, class_names=loaded.class_names,
+        model_source=pinned.source,
+        model_version=pinned.version,
+        model_run_id=pinned.run_id,
+        architecture=spec.architecture,
+        layer=spec.layer,
+        dim=spec.dim,
+        split=split,
+        data_root=storage.absolute(config.data.root),
+        manifest_hash=manifest.content_hash(),
+        num_samples=manifest.num_samples,
+        unreadable=0,
+        class_names=loaded.class_names,
         shard_counts=manifest.shard_counts,
     )
     previous = _complete_output(directory)
@@ -75,20 +92,32 @@ def embed_split(config: Config, source: str, split: str, output: str | None = No
         return EmbedResult(directory, previous, reused=True, images_per_second=None)
     started = time.perf_counter()
     with store.staged(directory) as folder:
-        vectors = np.lib.format.open_memmap(folder / store.EMBEDDINGS_FILE, mode="w+", dtype=np.float32,
-                                            shape=(manifest.num_samples, spec.dim))
+        vectors = np.lib.format.open_memmap(
+            folder / store.EMBEDDINGS_FILE, mode="w+", dtype=np.float32, shape=(manifest.num_samples, spec.dim)
+        )
         labels, positions, keys = _collect(config, pinned, split, manifest, loaded.eval_image_size, vectors, progress)
         vectors.flush()
         readable = np.flatnonzero(labels >= 0)
         if readable.size == 0:
-            raise DataError(f"{storage.join(config.data.root, split)}: no sample could be read; the gallery would "
-                            "be empty")
-        settings = IndexSettings(kind=config.retrieval.index, nlist=config.retrieval.ivf_nlist,
-                                 nprobe=config.retrieval.ivf_nprobe, hnsw_m=config.retrieval.hnsw_m)
+            raise DataError(
+                f"{storage.join(config.data.root, split)}: no sample could be read; the gallery would be empty"
+            )
+        settings = IndexSettings(
+            kind=config.retrieval.index,
+            nlist=config.retrieval.ivf_nlist,
+            nprobe=config.retrieval.ivf_nprobe,
+            hnsw_m=config.retrieval.hnsw_m,
+        )
         index_sha256 = save_index(build_index(vectors[readable], settings, readable), folder / INDEX_FILE)
         store.write_arrays(folder, labels, positions, keys)
-        meta = store.EmbeddingMeta(**{**meta.__dict__, "unreadable": int(manifest.num_samples - readable.size),
-                                      "index_sha256": index_sha256, "created": time.time()})
+        meta = store.EmbeddingMeta(
+            **{
+                **meta.__dict__,
+                "unreadable": int(manifest.num_samples - readable.size),
+                "index_sha256": index_sha256,
+                "created": time.time(),
+            }
+        )
         store.write_meta(folder, meta)
     rate = manifest.num_samples / (time.perf_counter() - started)
     return EmbedResult(directory, meta, reused=False, images_per_second=rate)
@@ -106,8 +135,15 @@ def _complete_output(directory: Path) -> store.EmbeddingMeta | None:
     return meta if file_sha256(directory / INDEX_FILE) == meta.index_sha256 else None
 
 
-def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifest, image_size: int,
-             vectors: np.ndarray, progress: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _collect(
+    config: Config,
+    pinned: PinnedSource,
+    split: str,
+    manifest: Manifest,
+    image_size: int,
+    vectors: np.ndarray,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Run the Ray Data pipeline; fill `vectors` in manifest order; return labels, positions and keys."""
     import ray
     import ray.data
@@ -128,15 +164,30 @@ def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifes
     split_dir = storage.join(config.data.root, split)
     dataset = (
         ray.data.from_items([{"shard": shard} for shard in range(len(counts))], override_num_blocks=len(counts))
-        .flat_map(_read_shard, fn_kwargs={"split_dir": split_dir, "manifest": manifest,
-                                          "shard_command": config.data.shard_command})
-        .map_batches(_decode, fn_kwargs={"image_size": image_size, "crop_ratio": config.data.eval_crop_ratio,
-                                        "max_image_pixels": config.data.max_image_pixels},
-                     batch_size=retrieval.embed_batch_size, batch_format="numpy", num_cpus=retrieval.decode_cpus)
-        .map_batches(_Replica, fn_constructor_kwargs={"source": pinned.source, "config": config, "split": split},
-                     batch_size=retrieval.embed_batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=replicas),
-                     num_gpus=1 if config.scaling.use_gpu else 0, num_cpus=config.scaling.cpus_per_worker)
+        .flat_map(
+            _read_shard,
+            fn_kwargs={"split_dir": split_dir, "manifest": manifest, "shard_command": config.data.shard_command},
+        )
+        .map_batches(
+            _decode,
+            fn_kwargs={
+                "image_size": image_size,
+                "crop_ratio": config.data.eval_crop_ratio,
+                "max_image_pixels": config.data.max_image_pixels,
+            },
+            batch_size=retrieval.embed_batch_size,
+            batch_format="numpy",
+            num_cpus=retrieval.decode_cpus,
+        )
+        .map_batches(
+            _Replica,
+            fn_constructor_kwargs={"source": pinned.source, "config": config, "split": split},
+            batch_size=retrieval.embed_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=replicas),
+            num_gpus=1 if config.scaling.use_gpu else 0,
+            num_cpus=config.scaling.cpus_per_worker,
+        )
     )
     with tqdm(total=total, unit="img", desc=f"embed {split}", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_size=ROW_BLOCK, batch_format="numpy"):
@@ -153,8 +204,10 @@ def _collect(config: Config, pinned: PinnedSource, split: str, manifest: Manifes
             bar.update(len(rows))
     if (filled != 1).any():
         twice, never = int((filled > 1).sum()), int((filled == 0).sum())
-        raise DataError(f"{split_dir}: embedding was not exactly once ({twice} samples seen more than once, "
-                        f"{never} never, of {total} in the manifest); nothing was written")
+        raise DataError(
+            f"{split_dir}: embedding was not exactly once ({twice} samples seen more than once, "
+            f"{never} never, of {total} in the manifest); nothing was written"
+        )
     return labels, positions, keys
 
 
@@ -167,20 +220,25 @@ def replicas_that_fit(config: Config, resources: dict[str, float]) -> int:
         return max(1, min(retrieval.embed_workers, int(resources.get("GPU", 0.0)) or 1))
     room = int((cpus - retrieval.decode_cpus) // scaling.cpus_per_worker)
     if room < 1:
-        raise ConfigError(f"the Ray cluster has {cpus:g} CPUs: one model replica (scaling.cpus_per_worker = "
-                          f"{scaling.cpus_per_worker:g}) plus a decoding task (retrieval.decode_cpus = "
-                          f"{retrieval.decode_cpus:g}) do not fit; lower them")
+        raise ConfigError(
+            f"the Ray cluster has {cpus:g} CPUs: one model replica (scaling.cpus_per_worker = "
+            f"{scaling.cpus_per_worker:g}) plus a decoding task (retrieval.decode_cpus = "
+            f"{retrieval.decode_cpus:g}) do not fit; lower them"
+        )
     return min(retrieval.embed_workers, room)
 
 
 def _read_shard(row: dict, split_dir: str, manifest: Manifest, shard_command: str | None) -> list[dict]:
     shard = int(row["shard"])
-    return [{"shard": shard, "index": index, "key": key, "label": label, "image": image or b""}
-            for index, (image, label, key) in enumerate(read_whole_shard(split_dir, manifest, shard, shard_command))]
+    return [
+        {"shard": shard, "index": index, "key": key, "label": label, "image": image or b""}
+        for index, (image, label, key) in enumerate(read_whole_shard(split_dir, manifest, shard, shard_command))
+    ]
 
 
-def _decode(batch: dict[str, np.ndarray], image_size: int, crop_ratio: float,
-            max_image_pixels: int) -> dict[str, np.ndarray]:
+def _decode(
+    batch: dict[str, np.ndarray], image_size: int, crop_ratio: float, max_image_pixels: int
+) -> dict[str, np.ndarray]:
     transform = EvalTransform(image_size, crop_ratio, max_image_pixels)
     labels = batch["label"].astype(np.int64).copy()
     pixels = np.zeros((len(labels), 3, image_size, image_size), dtype=np.uint8)
@@ -209,5 +267,10 @@ class _Replica:
             _, features = self.net(images)
         vectors = features.cpu().numpy()
         vectors[batch["label"] < 0] = 0.0  # unreadable: never a neighbour (left out of the index too)
-        return {"shard": batch["shard"], "index": batch["index"], "key": batch["key"], "label": batch["label"],
-                "vector": vectors}
+        return {
+            "shard": batch["shard"],
+            "index": batch["index"],
+            "key": batch["key"],
+            "label": batch["label"],
+            "vector": vectors,
+        }

@@ -26,13 +26,26 @@ def log_index(config: Config, uri: str, experiment_id: str, directory, meta, ima
     The embeddings file itself is not uploaded: the index holds the vectors, and ImageNet train's would be 10 GB.
     """
     name = f"embed-{directory.parent.name}-{meta.split}"[:128]
-    run_id, _ = start_or_resume_run(config, uri, experiment_id, name, meta.manifest_hash,
-                                    extra_tags={"pipeline.kind": "embed"})
+    run_id, _ = start_or_resume_run(
+        config, uri, experiment_id, name, meta.manifest_hash, extra_tags={"pipeline.kind": "embed"}
+    )
     client = MlflowClient(uri)
-    client.log_batch(run_id, params=[mlflow.entities.Param(f"embed.{key}", str(value)) for key, value in {
-        "model_source": meta.model_source, "model_version": meta.model_version, "split": meta.split,
-        "layer": meta.layer, "dim": meta.dim, "num_samples": meta.num_samples, "unreadable": meta.unreadable,
-        "index": config.retrieval.index}.items()])
+    client.log_batch(
+        run_id,
+        params=[
+            mlflow.entities.Param(f"embed.{key}", str(value))
+            for key, value in {
+                "model_source": meta.model_source,
+                "model_version": meta.model_version,
+                "split": meta.split,
+                "layer": meta.layer,
+                "dim": meta.dim,
+                "num_samples": meta.num_samples,
+                "unreadable": meta.unreadable,
+                "index": config.retrieval.index,
+            }.items()
+        ],
+    )
     if images_per_second is not None:
         client.log_metric(run_id, "embed/images_per_second", images_per_second)
     for file in (store.META_FILE, store.LABELS_FILE, store.POSITIONS_FILE, store.KEYS_FILE, INDEX_FILE):
@@ -56,10 +69,13 @@ def download_index(config: Config, run_id: str):
         raise DataError(f"--index {run_id}: no MLflow run with that id in {redact(uri)}") from None
     with store.staged(target) as folder:
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=INDEX_ARTIFACTS,
-                                                        dst_path=str(folder), tracking_uri=uri)
+            local = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=INDEX_ARTIFACTS, dst_path=str(folder), tracking_uri=uri
+            )
         except (mlflow.exceptions.MlflowException, OSError):
-            raise DataError(f"--index {run_id}: the run has no {INDEX_ARTIFACTS}/ artifacts; is it an embed run?") from None
+            raise DataError(
+                f"--index {run_id}: the run has no {INDEX_ARTIFACTS}/ artifacts; is it an embed run?"
+            ) from None
         for item in Path(local).iterdir():
             item.rename(folder / item.name)
         if not (folder / store.META_FILE).is_file():

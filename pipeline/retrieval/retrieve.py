@@ -29,11 +29,11 @@ import torch
 from pipeline.config import Config
 from pipeline.data.transforms import CorruptImageError, EvalTransform, normalize_batch
 from pipeline.errors import DataError, ModelSourceError
-from pipeline.inference.loading import load_model_for_inference, pin_model_source
-from pipeline.inference.predict import PREDICT_BATCH_SIZE, find_images
 from pipeline.features import store
 from pipeline.features.extract import feature_spec, with_features
 from pipeline.features.index import INDEX_FILE, load_index, search
+from pipeline.inference.loading import load_model_for_inference, pin_model_source
+from pipeline.inference.predict import PREDICT_BATCH_SIZE, find_images
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _WNID = re.compile(r"^n\d{8}$")
@@ -97,14 +97,18 @@ def query_model(meta: store.EmbeddingMeta, directory: Path, config: Config, mode
     recorded = repr(meta.model_source[:200])  # from a file: quoted, so it stays one line
     if model_source is not None:
         if pin_model_source(model_source, config).source != meta.model_source:
-            raise ModelSourceError(f"--model {model_source}: the gallery {directory} was embedded with {recorded}; "
-                                   "query with that model or embed again")
+            raise ModelSourceError(
+                f"--model {model_source}: the gallery {directory} was embedded with {recorded}; "
+                "query with that model or embed again"
+            )
         return meta.model_source
     name = config.tracking.registered_model
     pinned = re.fullmatch(rf"models:/{re.escape(name)}/([0-9]+)", meta.model_source)
     if pinned is None or meta.model_version != pinned[1]:
-        raise ModelSourceError(f"{directory / store.META_FILE}: model {recorded} is not a version of the registered "
-                               f"model '{name}' (models:/{name}/<version>); pass --model naming it to query anyway")
+        raise ModelSourceError(
+            f"{directory / store.META_FILE}: model {recorded} is not a version of the registered "
+            f"model '{name}' (models:/{name}/<version>); pass --model naming it to query anyway"
+        )
     return meta.model_source
 
 
@@ -114,11 +118,15 @@ def retrieve(config: Config, inputs: list[Path], gallery: Gallery, top_k: int = 
     loaded = load_model_for_inference(gallery.model_source, config, meta.split)
     spec = feature_spec(loaded.architecture, loaded.model)
     if spec.dim != meta.dim or spec.layer != meta.layer:
-        raise ModelSourceError(f"{gallery.model_source}: {spec.layer} features of width {spec.dim}, but the "
-                               f"gallery holds {meta.layer} features of width {meta.dim}")
+        raise ModelSourceError(
+            f"{gallery.model_source}: {spec.layer} features of width {spec.dim}, but the "
+            f"gallery holds {meta.layer} features of width {meta.dim}"
+        )
     if len(loaded.class_names) != len(meta.class_names):
-        raise ModelSourceError(f"{gallery.model_source}: predicts {len(loaded.class_names)} classes, but the gallery "
-                               f"{gallery.directory} names {len(meta.class_names)}")
+        raise ModelSourceError(
+            f"{gallery.model_source}: predicts {len(loaded.class_names)} classes, but the gallery "
+            f"{gallery.directory} names {len(meta.class_names)}"
+        )
     transform = EvalTransform(loaded.eval_image_size, config.data.eval_crop_ratio, config.data.max_image_pixels)
     images = []
     for path in files:  # all decoded before any search: a bad query is one error, not a partial answer
@@ -130,19 +138,22 @@ def retrieve(config: Config, inputs: list[Path], gallery: Gallery, top_k: int = 
     names = meta.class_names
     results = []
     for start in range(0, len(files), PREDICT_BATCH_SIZE):
-        batch = torch.stack(images[start:start + PREDICT_BATCH_SIZE])
+        batch = torch.stack(images[start : start + PREDICT_BATCH_SIZE])
         with torch.inference_mode():
             logits, features = net(normalize_batch(batch, "cpu"))
         similarity, rows = search(gallery.index, features.numpy(), top_k)
-        for offset, path in enumerate(files[start:start + PREDICT_BATCH_SIZE]):
+        for offset, path in enumerate(files[start : start + PREDICT_BATCH_SIZE]):
             result = QueryResult(path, names[int(logits[offset].argmax())], _folder_class(path, config, names))
             for rank, (score, row) in enumerate(zip(similarity[offset], rows[offset]), start=1):
                 if row < 0:  # faiss pads with -1 when the gallery holds fewer than k items
                     continue
                 label = int(gallery.labels[row])
                 shard, index_in_shard = (int(value) for value in gallery.positions[row])
-                result.neighbours.append(Neighbour(rank, int(row), gallery.keys[row], label, names[label],
-                                                   float(score), shard, index_in_shard))
+                result.neighbours.append(
+                    Neighbour(
+                        rank, int(row), gallery.keys[row], label, names[label], float(score), shard, index_in_shard
+                    )
+                )
             results.append(result)
     return results
 
@@ -167,7 +178,8 @@ def format_results(results: list[QueryResult], as_json: bool = False) -> str:
         lines.append(f"{result.path}  (model: {result.predicted}{known})")
         for neighbour in result.neighbours:
             mark = " " if neighbour.class_name == result.reference_class else "x"
-            lines.append(f"  {neighbour.rank:2d}. {neighbour.similarity:6.3f} {mark} {neighbour.class_name}  "
-                         f"[{neighbour.key}]")
+            lines.append(
+                f"  {neighbour.rank:2d}. {neighbour.similarity:6.3f} {mark} {neighbour.class_name}  [{neighbour.key}]"
+            )
     lines.append(f"{len(results)} queries; x: a neighbour of another class than the query's")
     return "\n".join(lines)

@@ -19,8 +19,8 @@ from matplotlib.figure import Figure
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.image_header import DECODE_ERRORS, open_header
-from pipeline.data.shard_reader import read_whole_shard
 from pipeline.data.manifest import read_manifest
+from pipeline.data.shard_reader import read_whole_shard
 from pipeline.retrieval.retrieve import Gallery, QueryResult
 
 THUMBNAIL = 128  # px, longer side
@@ -39,12 +39,20 @@ def contact_sheet(results: list[QueryResult], gallery: Gallery, config: Config, 
         _show(grid[row][0], query, f"query\n{named}", "black", linewidth=3)
         for column, neighbour in enumerate(result.neighbours, start=1):
             right = neighbour.class_name == result.reference_class
-            _show(grid[row][column], thumbnails.get(neighbour.row), f"{neighbour.rank}. {_short(neighbour.class_name)}"
-                  f"\n{neighbour.similarity:.3f}", RIGHT if right else WRONG, linewidth=1.5 if right else 4)
+            _show(
+                grid[row][column],
+                thumbnails.get(neighbour.row),
+                f"{neighbour.rank}. {_short(neighbour.class_name)}\n{neighbour.similarity:.3f}",
+                RIGHT if right else WRONG,
+                linewidth=1.5 if right else 4,
+            )
         for column in range(len(result.neighbours) + 1, columns):
             grid[row][column].axis("off")
-    figure.suptitle(f"nearest {gallery.meta.split} images by {gallery.meta.layer} features of "
-                    f"{gallery.meta.model_source} (red: another class than the query's)", fontsize=10)
+    figure.suptitle(
+        f"nearest {gallery.meta.split} images by {gallery.meta.layer} features of "
+        f"{gallery.meta.model_source} (red: another class than the query's)",
+        fontsize=10,
+    )
     figure.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(output, format="png", dpi=100)
@@ -56,14 +64,19 @@ def _gallery_thumbnails(results: list[QueryResult], gallery: Gallery, config: Co
     for result in results:
         for neighbour in result.neighbours:
             wanted[neighbour.shard][neighbour.index_in_shard] = neighbour.row
-    root = gallery.meta.data_root if storage.is_url(gallery.meta.data_root) or Path(gallery.meta.data_root).is_dir() \
+    root = (
+        gallery.meta.data_root
+        if storage.is_url(gallery.meta.data_root) or Path(gallery.meta.data_root).is_dir()
         else config.data.root
+    )
     split_dir = storage.join(root, gallery.meta.split)
     manifest = read_manifest(split_dir, config.data.shard_url_schemes)
     thumbnails = {}
     for shard, rows in wanted.items():
         last = max(rows)
-        for position, (image, _, _) in enumerate(read_whole_shard(split_dir, manifest, shard, config.data.shard_command)):
+        for position, (image, _, _) in enumerate(
+            read_whole_shard(split_dir, manifest, shard, config.data.shard_command)
+        ):
             if position in rows and image is not None:
                 thumbnails[rows[position]] = _thumbnail(image, config.data.max_image_pixels)
             if position >= last:
@@ -98,4 +111,4 @@ def _show(axes, pixels: np.ndarray | None, title: str, colour: str, linewidth: f
 
 
 def _short(name: str, width: int = 18) -> str:
-    return name if len(name) <= width else name[:width - 1] + "…"
+    return name if len(name) <= width else name[: width - 1] + "…"

@@ -31,8 +31,16 @@ def split_input(manifest: Manifest, location: str, context: str) -> DatasetInput
         source_type, source_json = source._get_source_type(), source.to_json()
     except MlflowException:  # a scheme MLflow has no dataset source for (e.g. a custom fsspec protocol)
         source_type, source_json = "external", json.dumps({"uri": location})
-    profile = {"num_samples": manifest.num_samples, "num_classes": manifest.num_classes,
-               "num_shards": len(manifest.shards)}
-    dataset = Dataset(name=manifest.split, digest=manifest.content_hash(), source_type=source_type,
-                      source=source_json, profile=json.dumps(profile))
+    profile = {
+        "num_samples": manifest.num_samples,
+        "num_classes": manifest.num_classes,
+        "num_shards": len(manifest.shards),
+    }
+    dataset = Dataset(
+        name=manifest.split,
+        digest=manifest.content_hash(),
+        source_type=source_type,
+        source=source_json,
+        profile=json.dumps(profile),
+    )
     return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])

@@ -124,12 +124,15 @@ def _refuse_if_taken(place: ModelRecordPlace, tags: dict[str, str]) -> None:
             f"{place.label} was already evaluated on test ({describe(previous[0])}"
             + (f"; {len(previous)} test evaluations in all" if len(previous) > 1 else "")
             + "); the test split is read once per model, or it becomes a second validation set; pass "
-            "--again --reason '...' to evaluate it again (the reason is recorded)")
+            "--again --reason '...' to evaluate it again (the reason is recorded)"
+        )
     claims = _claims(tags)
     if claims:
-        raise ConfigError(f"{place.label}: another test evaluation claimed its test split at {_claim_time(claims[0])} "
-                          "and has not recorded a result (it is still running, or it was stopped); wait for it, or "
-                          "pass --again --reason '...' if it was stopped")
+        raise ConfigError(
+            f"{place.label}: another test evaluation claimed its test split at {_claim_time(claims[0])} "
+            "and has not recorded a result (it is still running, or it was stopped); wait for it, or "
+            "pass --again --reason '...' if it was stopped"
+        )
 
 
 def _lock_name(place: ModelRecordPlace) -> str:
@@ -145,8 +148,10 @@ def _take_lock(client: MlflowClient, place: ModelRecordPlace) -> str:
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-        raise ConfigError(f"{place.label}: another test evaluation claimed its test split first (MLflow experiment "
-                          f"'{_lock_name(place)}' exists); the test split is read once per model") from None
+        raise ConfigError(
+            f"{place.label}: another test evaluation claimed its test split first (MLflow experiment "
+            f"'{_lock_name(place)}' exists); the test split is read once per model"
+        ) from None
     client.delete_experiment(lock_id)  # out of the UI's experiment list; the name stays taken
     return lock_id
 
@@ -155,16 +160,21 @@ def _claim_time(key: str) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(key.split(".")[1]) / 1e9))
 
 
-def record_test_evaluation(client: MlflowClient, claim: TestClaim, figures: dict[str, float], manifest_hash: str,
-                           num_samples: int) -> str:
+def record_test_evaluation(
+    client: MlflowClient, claim: TestClaim, figures: dict[str, float], manifest_hash: str, num_samples: int
+) -> str:
     """Record this evaluation at the next free number (never over another record), then drop the claim;
     returns the tag it was written to."""
     numbers = [number for key in claim.place.tags(client) if (number := _record_number(key)) is not None]
     key = TEST_EVALUATION_TAG if not numbers else f"{TEST_EVALUATION_TAG}.{max(numbers) + 1}"
     if _record_number(key) is None:  # someone tagged test_evaluation.999999: no number is left to read back
         raise ConfigError(f"{claim.place.label}: no free test_evaluation.<n> tag is left; remove foreign ones")
-    record: dict[str, Any] = {"time": _now(), "figures": {name: round(value, 4) for name, value in figures.items()},
-                              "manifest_hash": manifest_hash, "num_samples": num_samples}
+    record: dict[str, Any] = {
+        "time": _now(),
+        "figures": {name: round(value, 4) for name, value in figures.items()},
+        "manifest_hash": manifest_hash,
+        "num_samples": num_samples,
+    }
     if claim.again_reason:
         record["reason"] = claim.again_reason
     claim.place.set_tag(client, key, json.dumps(record))
@@ -191,8 +201,11 @@ def describe(record: dict[str, Any]) -> str:
     if "unreadable" in record:
         return "an unreadable record"
     figures = record.get("figures") if isinstance(record.get("figures"), dict) else {}
-    shown = ", ".join(f"{name} {value:.2f}" for name, value in figures.items()
-                      if name in ("test/top1", "test/top5") and isinstance(value, (int, float)))
+    shown = ", ".join(
+        f"{name} {value:.2f}"
+        for name, value in figures.items()
+        if name in ("test/top1", "test/top5") and isinstance(value, (int, float))
+    )
     return f"at {str(record.get('time', '?'))[:40]}: {shown or 'no figures'}"
 
 

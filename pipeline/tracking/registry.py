@@ -58,8 +58,14 @@ class Published:
 
 
 def register_model(
-    config: Config, uri: str, run_id: str, model: torch.nn.Module, best_metrics: dict[str, Any],
-    history: list[dict[str, Any]], manifest: Manifest, embedding: dict[str, Any] | None = None,
+    config: Config,
+    uri: str,
+    run_id: str,
+    model: torch.nn.Module,
+    best_metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    manifest: Manifest,
+    embedding: dict[str, Any] | None = None,
     gate: Gate | None = None,
 ) -> Published:
     """Learning curve, the model (pt2), its registry version and the champion decision, all in run `run_id`."""
@@ -70,54 +76,85 @@ def register_model(
         size = config.data.eval_image_size
         example = torch.zeros((2, 3, size, size), dtype=torch.float32)  # batch > 1 keeps the batch dim dynamic
         info = mlflow.pytorch.log_model(
-            model, name="model", input_example=example.numpy(),
+            model,
+            name="model",
+            input_example=example.numpy(),
             registered_model_name=config.tracking.registered_model,
             # Listing requirements skips MLflow's inference of them in a subprocess (~6 s per model).
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                              f"torchvision=={torchvision.__version__.split('+')[0]}",
-                              f"mlflow=={mlflow.__version__}"],
-            metadata={"classes": manifest.class_names(),
-                      "wnids": [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)],
-                      "manifest_hash": manifest.content_hash(),
-                      "architecture": config.model.name, "eval_image_size": size,
-                      **({"embedding": embedding} if embedding else {})},
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"torchvision=={torchvision.__version__.split('+')[0]}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+            metadata={
+                "classes": manifest.class_names(),
+                "wnids": [c.wnid for c in sorted(manifest.classes, key=lambda c: c.index)],
+                "manifest_hash": manifest.content_hash(),
+                "architecture": config.model.name,
+                "eval_image_size": size,
+                **({"embedding": embedding} if embedding else {}),
+            },
         )
         # The best epoch's score only: the UI charts every metric, and one-point charts of train figures
         # pushed the learning curves off its first screen.
-        mlflow.log_metrics({f"best/{key.replace('/', '_')}": float(value) for key, value in best_metrics.items()
-                            if key in BEST_SUMMARY and isinstance(value, (int, float))})
+        mlflow.log_metrics(
+            {
+                f"best/{key.replace('/', '_')}": float(value)
+                for key, value in best_metrics.items()
+                if key in BEST_SUMMARY and isinstance(value, (int, float))
+            }
+        )
         version = str(info.registered_model_version)
         name = config.tracking.registered_model
         score = gate.score if gate else float(best_metrics[m.SELECTION_METRIC])
         for key, value in {m.SELECTION_METRIC: str(score), **(gate.tags if gate else {})}.items():
             client.set_model_version_tag(name, version, key, value)
         describe(client, config, version, best_metrics, manifest)
-        promoted, decision = champion_gate(client, name, version, score, gate.note if gate else "",
-                                           gate.supersedes_run_id if gate else None,
-                                           champion_floor(config, manifest.num_classes))
+        promoted, decision = champion_gate(
+            client,
+            name,
+            version,
+            score,
+            gate.note if gate else "",
+            gate.supersedes_run_id if gate else None,
+            champion_floor(config, manifest.num_classes),
+        )
         client.set_model_version_tag(name, version, DECISION_TAG, decision)
         mlflow.set_tag(DECISION_TAG, decision)
     return Published(version, promoted, decision)
 
 
-def describe(client: MlflowClient, config: Config, version: str, best_metrics: dict[str, Any],
-             manifest: Manifest) -> None:
+def describe(
+    client: MlflowClient, config: Config, version: str, best_metrics: dict[str, Any], manifest: Manifest
+) -> None:
     """What the registry's pages show about the model and this version: what it is, from which data, how good,
     and the command that made it."""
     name = config.tracking.registered_model
     if not client.get_registered_model(name).description:
-        client.update_registered_model(name, description=(
-            f"ImageNet-style image classifiers trained by imagenet-pipeline (Ray Train, webdataset shards). "
-            f"@{CHAMPION_ALIAS} is the version with the best {m.SELECTION_METRIC}; every alias decision is listed "
-            f"by `imagenet-pipeline champion history {name}`."))
-    scores = ", ".join(f"{key} {float(value):.2f}" for key, value in sorted(best_metrics.items())
-                       if key.startswith(("val/", "train/loss")) and isinstance(value, (int, float)))
+        client.update_registered_model(
+            name,
+            description=(
+                f"ImageNet-style image classifiers trained by imagenet-pipeline (Ray Train, webdataset shards). "
+                f"@{CHAMPION_ALIAS} is the version with the best {m.SELECTION_METRIC}; every alias decision is listed "
+                f"by `imagenet-pipeline champion history {name}`."
+            ),
+        )
+    scores = ", ".join(
+        f"{key} {float(value):.2f}"
+        for key, value in sorted(best_metrics.items())
+        if key.startswith(("val/", "train/loss")) and isinstance(value, (int, float))
+    )
     command = redact_text(shlex.join(sys.argv)) if sys.argv else "unknown"
-    client.update_model_version(name, version, description=(
-        f"{config.model.name}, {manifest.num_classes} classes, trained on {'+'.join(config.data.fit_splits)} of "
-        f"{redact(config.data.root)} (manifest {manifest.content_hash()}, {manifest.num_samples} images), "
-        f"{config.optim.epochs} epochs max, {config.optim.optimizer} lr {config.optim.lr:g}, global batch "
-        f"{config.optim.batch_size}. Best: {scores or 'not validated (a refit)'}. Made by: {command}"))
+    client.update_model_version(
+        name,
+        version,
+        description=(
+            f"{config.model.name}, {manifest.num_classes} classes, trained on {'+'.join(config.data.fit_splits)} of "
+            f"{redact(config.data.root)} (manifest {manifest.content_hash()}, {manifest.num_samples} images), "
+            f"{config.optim.epochs} epochs max, {config.optim.optimizer} lr {config.optim.lr:g}, global batch "
+            f"{config.optim.batch_size}. Best: {scores or 'not validated (a refit)'}. Made by: {command}"
+        ),
+    )
 
 
 def champion_floor(config: Config, num_classes: int) -> tuple[float, str]:
@@ -128,9 +165,15 @@ def champion_floor(config: Config, num_classes: int) -> tuple[float, str]:
     return 2 * chance, f"twice chance for {num_classes} classes, tracking.min_champion_top1"
 
 
-def champion_gate(client: MlflowClient, name: str, version: str, score: float, note: str = "",
-                  supersedes_run_id: str | None = None,
-                  floor: tuple[float, str] = (0.0, "no floor")) -> tuple[bool, str]:
+def champion_gate(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    score: float,
+    note: str = "",
+    supersedes_run_id: str | None = None,
+    floor: tuple[float, str] = (0.0, "no floor"),
+) -> tuple[bool, str]:
     """Move `champion` to `version` only if it beats the current champion's val top-1 and the `floor` (a model
     not clearly above chance is never champion, the first version of a model included); record the decision.
 
@@ -147,22 +190,30 @@ def champion_gate(client: MlflowClient, name: str, version: str, score: float, n
         client.log_metric(run_id, m.GATE_SCORE, score)
     if not math.isfinite(score) or score <= minimum:  # a diverged run's nan is never champion
         kept = f"kept version {current.version}" if current else "no champion"
-        decision = (f"{kept}: {m.SELECTION_METRIC} {score:.2f} is not above {minimum:.2f} ({why}): "
-                    f"a model not clearly above chance is never champion{suffix}")
+        decision = (
+            f"{kept}: {m.SELECTION_METRIC} {score:.2f} is not above {minimum:.2f} ({why}): "
+            f"a model not clearly above chance is never champion{suffix}"
+        )
         record_decision(client, name, version, False, score, current.version if current else None, decision)
         return False, decision
     current_score = gate_score(client, current) if current is not None else None
     if current is None:
         promoted, decision = True, f"promoted: first champion ({m.SELECTION_METRIC} {score:.2f}){suffix}"
     elif current_score is None:
-        promoted, decision = True, (f"promoted: {score:.2f}; version {current.version} has no "
-                                    f"{m.GATE_SCORE} percentage on its run to compare with{suffix}")
+        promoted, decision = (
+            True,
+            (
+                f"promoted: {score:.2f}; version {current.version} has no "
+                f"{m.GATE_SCORE} percentage on its run to compare with{suffix}"
+            ),
+        )
     else:
         same_model = bool(supersedes_run_id) and current.run_id == supersedes_run_id and score >= current_score
         promoted = score > current_score or same_model
         if same_model:
-            decision = (f"promoted: retrains version {current.version}'s configuration on more data, at its "
-                        f"{score:.2f}{suffix}")
+            decision = (
+                f"promoted: retrains version {current.version}'s configuration on more data, at its {score:.2f}{suffix}"
+            )
         elif promoted:
             decision = f"promoted: {score:.2f} > {current_score:.2f} of version {current.version}{suffix}"
         else:
@@ -199,11 +250,18 @@ class ChampionEvent:
         return self.version if self.promoted else self.champion_before
 
 
-def record_decision(client: MlflowClient, name: str, version: str, promoted: bool, score: float,
-                    before: str | None, decision: str) -> None:
+def record_decision(
+    client: MlflowClient, name: str, version: str, promoted: bool, score: float, before: str | None, decision: str
+) -> None:
     now = int(time.time() * 1000)
-    event = {"time_ms": now, "version": version, "promoted": promoted, "score": score,
-             "champion_before": before, "decision": decision}
+    event = {
+        "time_ms": now,
+        "version": version,
+        "promoted": promoted,
+        "score": score,
+        "champion_before": before,
+        "decision": decision,
+    }
     client.set_registered_model_tag(name, f"{HISTORY_TAG_PREFIX}{now:015d}.{version}", json.dumps(event))
 
 
@@ -215,9 +273,16 @@ def champion_history(client: MlflowClient, name: str) -> list[ChampionEvent]:
             continue
         try:
             data = json.loads(value)
-            events.append(ChampionEvent(int(data["time_ms"]), str(data["version"]), bool(data["promoted"]),
-                                        float(data["score"]), None if data["champion_before"] is None
-                                        else str(data["champion_before"]), str(data["decision"])))
+            events.append(
+                ChampionEvent(
+                    int(data["time_ms"]),
+                    str(data["version"]),
+                    bool(data["promoted"]),
+                    float(data["score"]),
+                    None if data["champion_before"] is None else str(data["champion_before"]),
+                    str(data["decision"]),
+                )
+            )
         except (ValueError, KeyError, TypeError):
             events.append(ChampionEvent(0, "?", False, float("nan"), None, f"unreadable history tag {key}"))
     return events

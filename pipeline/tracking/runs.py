@@ -57,8 +57,11 @@ def prepare_tracking(config: Config) -> tuple[str, str]:
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
-        return uri, client.create_experiment(config.tracking.experiment, artifact_location=artifact_root(uri),
-                                             tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
+        return uri, client.create_experiment(
+            config.tracking.experiment,
+            artifact_location=artifact_root(uri),
+            tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND},
+        )
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag existed (or by hand): the UI would
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND)
     return uri, experiment.experiment_id
@@ -78,8 +81,13 @@ def _check_server(uri: str) -> None:
 
 
 def start_or_resume_run(
-    config: Config, uri: str, experiment_id: str, run_name: str, manifest_hash: str,
-    parent_run_id: str | None = None, extra_tags: dict[str, str] | None = None,
+    config: Config,
+    uri: str,
+    experiment_id: str,
+    run_name: str,
+    manifest_hash: str,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
     datasets: list[DatasetInput] | None = None,
 ) -> tuple[str, bool]:
     """The one MLflow run of a training job: re-found by its run name when the job is resumed.
@@ -94,9 +102,10 @@ def start_or_resume_run(
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id  # nests the run under the sweep in the MLflow UI
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    client.log_batch(run.info.run_id, params=[
-        mlflow.entities.Param(key, str(value)[:6000]) for key, value in flatten(loggable(config)).items()
-    ])
+    client.log_batch(
+        run.info.run_id,
+        params=[mlflow.entities.Param(key, str(value)[:6000]) for key, value in flatten(loggable(config)).items()],
+    )
     client.log_dict(run.info.run_id, loggable(config), CONFIG_ARTIFACT)
     if datasets:
         client.log_inputs(run.info.run_id, datasets=datasets)
@@ -106,10 +115,12 @@ def start_or_resume_run(
 def training_note(config: Config) -> dict[str, str]:
     """A training run's Description on its MLflow page, as a tag for `start_or_resume_run`'s extra_tags."""
     validated = "validated on val" if config.data.validates else "no validation split (a refit)"
-    note = (f"{config.model.name} trained on {'+'.join(config.data.fit_splits)} of {redact(config.data.root)} "
-            f"({validated}): {config.optim.optimizer} lr {config.optim.lr:g}, global batch {config.optim.batch_size}, "
-            f"up to {config.optim.epochs} epochs on {config.scaling.world_size} worker(s). Command: "
-            f"{entrypoint_name()}.")
+    note = (
+        f"{config.model.name} trained on {'+'.join(config.data.fit_splits)} of {redact(config.data.root)} "
+        f"({validated}): {config.optim.optimizer} lr {config.optim.lr:g}, global batch {config.optim.batch_size}, "
+        f"up to {config.optim.epochs} epochs on {config.scaling.world_size} worker(s). Command: "
+        f"{entrypoint_name()}."
+    )
     return {NOTE_TAG: note}
 
 
@@ -168,7 +179,9 @@ def git_state() -> tuple[str, str] | None:
         return os.environ["PIPELINE_GIT_COMMIT"], os.environ.get("PIPELINE_GIT_DIRTY", "unknown")
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -214,7 +227,8 @@ def end_run(uri_or_client: str | MlflowClient, run_id: str, status: str = FINISH
 def find_run(uri: str, experiment_id: str, run_name: str):
     """The run tagged with `run_name`, or None."""
     found = MlflowClient(uri).search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+    )
     return found[0] if found else None
 
 
@@ -239,8 +253,14 @@ class WorkerTracker:
     records that node's system metrics (CPU, memory, GPU utilisation and memory) under MLflow's node id
     `node_<rank>`, so a multi-node run shows every node, not only rank 0's. Other workers write nothing."""
 
-    def __init__(self, run_id: str | None, uri: str | None, logs_metrics: bool = False, node_id: str | None = None,
-                 every_n_steps: int = 0) -> None:
+    def __init__(
+        self,
+        run_id: str | None,
+        uri: str | None,
+        logs_metrics: bool = False,
+        node_id: str | None = None,
+        every_n_steps: int = 0,
+    ) -> None:
         self.run_id, self.uri = run_id, uri
         self.logs_metrics = bool(run_id and uri and logs_metrics)
         self.node_id = node_id if run_id and uri else None
@@ -249,18 +269,25 @@ class WorkerTracker:
         self._monitor = None
 
     @classmethod
-    def for_rank(cls, rank: int, local_rank: int, node_rank: int, run_id: str | None, uri: str | None,
-                 every_n_steps: int = 0) -> "WorkerTracker":
-        return cls(run_id, uri, logs_metrics=rank == 0, node_id=f"node_{node_rank}" if local_rank == 0 else None,
-                   every_n_steps=every_n_steps)
+    def for_rank(
+        cls, rank: int, local_rank: int, node_rank: int, run_id: str | None, uri: str | None, every_n_steps: int = 0
+    ) -> "WorkerTracker":
+        return cls(
+            run_id,
+            uri,
+            logs_metrics=rank == 0,
+            node_id=f"node_{node_rank}" if local_rank == 0 else None,
+            every_n_steps=every_n_steps,
+        )
 
     def __enter__(self) -> "WorkerTracker":
         if self.node_id:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             # resume_logging: a restarted worker group continues the node's series instead of restarting at 0.
-            self._monitor = SystemMetricsMonitor(self.run_id, node_id=self.node_id, tracking_uri=self.uri,
-                                                 resume_logging=True)
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, node_id=self.node_id, tracking_uri=self.uri, resume_logging=True
+            )
             self._monitor.start()
         if self.logs_metrics:
             self._attachment = attached(self.uri, self.run_id)
@@ -312,8 +339,9 @@ def log_missing_epochs(client: MlflowClient, run_id: str, history: list[dict[str
     missing = [row for row in history if int(row.get(m.EPOCH, 0)) > logged]
     for row in missing:
         step = int(row[m.EPOCH])
-        client.log_batch(run_id, metrics=[Metric(key, float(value), timestamp, step)
-                                          for key, value in row.items() if key != m.EPOCH])
+        client.log_batch(
+            run_id, metrics=[Metric(key, float(value), timestamp, step) for key, value in row.items() if key != m.EPOCH]
+        )
     return len(missing)
 
 
@@ -371,8 +399,14 @@ class StepLog:
         step, lr = self._last
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         stamp = int(time.time() * 1000)
-        figures = {m.STEP_LOSS: float(self._loss_sum) / self._steps, m.STEP_LR: lr,
-                   m.STEP_IMAGES_PER_SECOND: self._images / elapsed}
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), stamp, step)
-                                                    for key, value in figures.items()], synchronous=False)
+        figures = {
+            m.STEP_LOSS: float(self._loss_sum) / self._steps,
+            m.STEP_LR: lr,
+            m.STEP_IMAGES_PER_SECOND: self._images / elapsed,
+        }
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(key, float(value), stamp, step) for key, value in figures.items()],
+            synchronous=False,
+        )
         self._reset()

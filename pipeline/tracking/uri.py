@@ -20,9 +20,13 @@ def resolve_tracking_uri(config: Config) -> str:
     uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uri = pin_sqlite_uri(uri) if uri else f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
     if uri.startswith("sqlite:"):
-        refuse_job_copy("tracking.tracking_uri", uri, "that database would vanish with the job; set "
-                        "MLFLOW_TRACKING_URI on the cluster (an MLflow server) or pass --mlflow-uri to "
-                        "`imagenet-pipeline job submit`")
+        refuse_job_copy(
+            "tracking.tracking_uri",
+            uri,
+            "that database would vanish with the job; set "
+            "MLFLOW_TRACKING_URI on the cluster (an MLflow server) or pass --mlflow-uri to "
+            "`imagenet-pipeline job submit`",
+        )
     return uri
 
 
@@ -51,8 +55,10 @@ def mlflow_ui_command(config: Config, experiment_id: str | None = None) -> str:
     uri = resolve_tracking_uri(config)
     if uri.startswith(("http://", "https://")):
         return f"open {ui_link(uri, experiment_id)}"
-    return (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open "
-            f"{ui_link('http://127.0.0.1:5000', experiment_id)}")
+    return (
+        f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open "
+        f"{ui_link('http://127.0.0.1:5000', experiment_id)}"
+    )
 
 
 def artifact_root(uri: str) -> str | None:
@@ -87,9 +93,12 @@ def warn_if_credentials_cross_plain_http(uri: str) -> None:
         return
     host = urlsplit(uri).hostname or ""
     has_credentials = bool(_CREDENTIALS.match(uri)) or any(
-        os.environ.get(name) for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"))
+        os.environ.get(name) for name in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+    )
     if has_credentials and host not in _LOCAL_HOSTS:
         _warned_plain_http.add(uri)
         logging.getLogger(__name__).warning(
             "MLflow credentials would go to %s over plain http; use https, or reach the server through a "
-            "port-forward (`kubectl port-forward svc/mlflow 5000:5000`)", redact(uri))
+            "port-forward (`kubectl port-forward svc/mlflow 5000:5000`)",
+            redact(uri),
+        )

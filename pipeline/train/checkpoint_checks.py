@@ -43,7 +43,8 @@ def is_history(value: Any) -> bool:
     """One dict of metric name -> number per epoch."""
     return isinstance(value, list) and all(
         isinstance(row, dict) and all(isinstance(key, str) and is_number(number) for key, number in row.items())
-        for row in value)
+        for row in value
+    )
 
 
 def read_json(directory: str | Path, name: str) -> Any:
@@ -52,8 +53,9 @@ def read_json(directory: str | Path, name: str) -> Any:
     if not storage.is_file(location):
         raise CheckpointError(f"checkpoint {directory}: {name} is missing")
     if storage.size(location) > JSON_LIMIT:
-        raise CheckpointError(f"checkpoint {directory}: {name} is larger than {JSON_LIMIT >> 20} MiB, more than "
-                              "this project writes")
+        raise CheckpointError(
+            f"checkpoint {directory}: {name} is larger than {JSON_LIMIT >> 20} MiB, more than this project writes"
+        )
     data = storage.read_bytes(location, limit=JSON_LIMIT)  # bounded again: shared storage can change between
     try:
         return json.loads(data.decode("utf-8"))
@@ -66,10 +68,12 @@ def meta(value: Any, where: str) -> dict[str, Any]:
     where present (checkpoints of hand-made tools may lack them)."""
     if not isinstance(value, dict):
         raise CheckpointError(f"{where}: {META_FILE} holds a JSON {type(value).__name__}, not an object")
-    fields = {"model": (lambda v: isinstance(v, str) and bool(v), "a model name"),
-              "num_classes": (lambda v: is_count(v) and v >= 1, "a class count >= 1"),
-              "manifest_hash": (lambda v: isinstance(v, str), "text"),
-              "config": (lambda v: isinstance(v, dict), "an object")}
+    fields = {
+        "model": (lambda v: isinstance(v, str) and bool(v), "a model name"),
+        "num_classes": (lambda v: is_count(v) and v >= 1, "a class count >= 1"),
+        "manifest_hash": (lambda v: isinstance(v, str), "text"),
+        "config": (lambda v: isinstance(v, dict), "an object"),
+    }
     for key, (valid, allowed) in fields.items():
         if key in ("model", "num_classes") and key not in value:
             raise CheckpointError(f"{where}: {META_FILE} has no '{key}'")
@@ -79,8 +83,10 @@ def meta(value: Any, where: str) -> dict[str, Any]:
 
 
 def unreadable_state(directory: str | Path, error: BaseException) -> str:
-    return (f"checkpoint {directory}: {STATE_FILE} is truncated or damaged, not a readable torch checkpoint "
-            f"({first_line(error)[:120]})")
+    return (
+        f"checkpoint {directory}: {STATE_FILE} is truncated or damaged, not a readable torch checkpoint "
+        f"({first_line(error)[:120]})"
+    )
 
 
 def state_payload(payload: Any, where: str) -> dict[str, Any]:
@@ -97,33 +103,44 @@ def state_payload(payload: Any, where: str) -> dict[str, Any]:
 
 def training_state(saved: Any, where: str) -> dict[str, Any]:
     """The saved `TrainingState` fields, each checked (fields a checkpoint predates take their defaults)."""
-    fields = {"epoch": (is_count, "a count >= 0"), "global_step": (is_count, "a count >= 0"),
-              "history": (is_history, "a list of per-epoch metrics"),
-              "best_metric": (lambda v: v is None or is_number(v), "a number or null"),
-              "epochs_without_improvement": (is_count, "a count >= 0"),
-              "step_in_epoch": (is_count, "a count >= 0"),
-              "partial_epoch": (lambda v: isinstance(v, list) and len(v) in (0, 3) and all(map(is_number, v)),
-                                "3 numbers (loss sum, valid and corrupt samples) or none")}
+    fields = {
+        "epoch": (is_count, "a count >= 0"),
+        "global_step": (is_count, "a count >= 0"),
+        "history": (is_history, "a list of per-epoch metrics"),
+        "best_metric": (lambda v: v is None or is_number(v), "a number or null"),
+        "epochs_without_improvement": (is_count, "a count >= 0"),
+        "step_in_epoch": (is_count, "a count >= 0"),
+        "partial_epoch": (
+            lambda v: isinstance(v, list) and len(v) in (0, 3) and all(map(is_number, v)),
+            "3 numbers (loss sum, valid and corrupt samples) or none",
+        ),
+    }
     unknown = sorted(map(str, set(saved) - set(fields))) if isinstance(saved, dict) else []
     if not isinstance(saved, dict) or unknown or not {"epoch", "global_step", "history"} <= set(saved):
         extra = f"; has {', '.join(unknown)}" if unknown else ""
-        raise CheckpointError(f"{where}: {STATE_FILE}'s training state is not one this project saves (needs "
-                              f"epoch, global_step, history{extra})")
+        raise CheckpointError(
+            f"{where}: {STATE_FILE}'s training state is not one this project saves (needs "
+            f"epoch, global_step, history{extra})"
+        )
     for key, (valid, allowed) in fields.items():
         if key in saved and not valid(saved[key]):
-            raise CheckpointError(f"{where}: {STATE_FILE}'s training state has {key} = {_shown(saved[key])}, "
-                                  f"not {allowed}")
+            raise CheckpointError(
+                f"{where}: {STATE_FILE}'s training state has {key} = {_shown(saved[key])}, not {allowed}"
+            )
     if saved.get("step_in_epoch", 0) > saved["global_step"]:
-        raise CheckpointError(f"{where}: {STATE_FILE}'s training state has step_in_epoch = "
-                              f"{saved['step_in_epoch']}, past global_step = {saved['global_step']}")
+        raise CheckpointError(
+            f"{where}: {STATE_FILE}'s training state has step_in_epoch = "
+            f"{saved['step_in_epoch']}, past global_step = {saved['global_step']}"
+        )
     return saved
 
 
 def check_step_in_epoch(step_in_epoch: int, steps_per_epoch: int | None, where: str) -> None:
     """A checkpoint within an epoch resumes at its next step, which this run's epoch must have."""
     if steps_per_epoch is not None and step_in_epoch >= steps_per_epoch:
-        raise CheckpointError(f"{where}: taken at step {step_in_epoch} of an epoch, but this run's epochs have "
-                              f"{steps_per_epoch} steps")
+        raise CheckpointError(
+            f"{where}: taken at step {step_in_epoch} of an epoch, but this run's epochs have {steps_per_epoch} steps"
+        )
 
 
 @contextmanager
@@ -135,8 +152,9 @@ def loading(directory: str | Path) -> Iterator[None]:
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as error:
         if isinstance(error, CheckpointError):
             raise
-        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} does not load into this run "
-                              f"({first_line(error)[:160]})") from None
+        raise CheckpointError(
+            f"checkpoint {directory}: {STATE_FILE} does not load into this run ({first_line(error)[:160]})"
+        ) from None
 
 
 def _shown(value: Any) -> str:

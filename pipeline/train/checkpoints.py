@@ -77,9 +77,16 @@ def rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(
-    directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    scaler: torch.amp.GradScaler | None, state: TrainingState, meta: dict[str, Any],
-    rng_by_rank: list[dict[str, Any]] | None = None, stopped_early: bool = False,
+    directory: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler | None,
+    state: TrainingState,
+    meta: dict[str, Any],
+    rng_by_rank: list[dict[str, Any]] | None = None,
+    stopped_early: bool = False,
 ) -> None:
     """`rng_by_rank`: every rank's streams (gathered by the caller), so each rank continues its own on resume.
     `stopped_early`: the run ends after this epoch (early stopping), so a resume has nothing left to train."""
@@ -98,16 +105,27 @@ def save_checkpoint(
     storage.remove(directory / META_FILE)
     with storage.atomic_write(directory / STATE_FILE) as handle:
         torch.save(payload, handle)
-    progress = {"epoch": state.epoch, "step_in_epoch": state.step_in_epoch, "history": state.history,
-                "stopped_early": stopped_early}
+    progress = {
+        "epoch": state.epoch,
+        "step_in_epoch": state.step_in_epoch,
+        "history": state.history,
+        "stopped_early": stopped_early,
+    }
     storage.write_text(directory / PROGRESS_FILE, json.dumps(progress, indent=1))
     storage.write_text(directory / META_FILE, json.dumps(meta, indent=1))
 
 
 def load_checkpoint(
-    directory: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any = None, scaler: torch.amp.GradScaler | None = None, rank: int = 0, world_size: int = 1,
-    fallback_seed: int | None = None, steps_per_epoch: int | None = None,
+    directory: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    fallback_seed: int | None = None,
+    steps_per_epoch: int | None = None,
 ) -> TrainingState:
     """Restore everything, including this rank's random streams, so the run continues exactly as if never stopped.
 
@@ -136,7 +154,7 @@ def load_checkpoint(
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             # Only the devices present: a checkpoint from an 8-GPU node resumes on a 1-GPU worker.
-            for index, device_state in enumerate(rng["cuda"][:torch.cuda.device_count()]):
+            for index, device_state in enumerate(rng["cuda"][: torch.cuda.device_count()]):
                 torch.cuda.set_rng_state(device_state, index)
     if not own and fallback_seed is not None:
         torch.manual_seed(fallback_seed + 1000 * state.epoch)
@@ -188,8 +206,7 @@ def read_state(directory: str | Path) -> dict[str, Any]:
     """
     path = Path(directory) / STATE_FILE
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} is missing (its writing or copying stopped "
-                              "early)")
+        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} is missing (its writing or copying stopped early)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -199,8 +216,9 @@ def read_state(directory: str | Path) -> dict[str, Any]:
             f"checkpoint {path} refused: it needs full unpickling ({first_line(error, with_type=False)[:120]}), "
             "which can run code; this project saves only tensors and plain values (checkpoints written before that "
             "cannot be resumed or served: "
-            "retrain, or convert them where their origin is trusted)") from None
-    except Exception as error:  # noqa: BLE001 - whatever the loader makes of these bytes, they are no checkpoint
+            "retrain, or convert them where their origin is trusted)"
+        ) from None
+    except Exception as error:  # whatever the loader makes of these bytes, they are no checkpoint
         raise CheckpointError(checks.unreadable_state(directory, error)) from None
     return checks.state_payload(payload, f"checkpoint {directory}")
 
@@ -208,13 +226,23 @@ def read_state(directory: str | Path) -> dict[str, Any]:
 def _numpy_state_as_tensors() -> dict[str, Any]:
     # np.random.get_state() holds an ndarray, which weights_only loading refuses; its parts as a tensor and numbers.
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-            "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    return {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
 
 
 def _numpy_state_from_tensors(state: dict[str, Any]) -> tuple:
-    return (state["kind"], state["keys"].numpy().astype(np.uint32), state["position"], state["has_gauss"],
-            state["cached_gaussian"])
+    return (
+        state["kind"],
+        state["keys"].numpy().astype(np.uint32),
+        state["position"],
+        state["has_gauss"],
+        state["cached_gaussian"],
+    )
 
 
 def load_weights(directory: str | Path, model: torch.nn.Module) -> torch.nn.Module:
@@ -313,19 +341,29 @@ def read_progress(directory: str) -> dict[str, Any]:
     if not storage.is_file(location):
         with local_checkpoint(directory, directory) as local:
             state = read_state(local)["training_state"]
-        return {"epoch": int(state["epoch"]), "step_in_epoch": int(state.get("step_in_epoch", 0)),
-                "history": list(state["history"]), "stopped_early": False}
+        return {
+            "epoch": int(state["epoch"]),
+            "step_in_epoch": int(state.get("step_in_epoch", 0)),
+            "history": list(state["history"]),
+            "stopped_early": False,
+        }
     try:
         progress = checks.read_json(directory, PROGRESS_FILE)
         epoch, history, stopped = progress["epoch"], progress["history"], progress["stopped_early"]
         step = progress.get("step_in_epoch", 0)  # absent in records written before mid-epoch checkpoints
-        valid = (checks.is_count(epoch) and isinstance(stopped, bool) and checks.is_count(step)
-                 and checks.is_history(history))
+        valid = (
+            checks.is_count(epoch)
+            and isinstance(stopped, bool)
+            and checks.is_count(step)
+            and checks.is_history(history)
+        )
     except (CheckpointError, KeyError, TypeError, AttributeError):
         valid = False
     if not valid:
-        raise CheckpointError(f"checkpoint {location}: not a progress record (expected epoch, step_in_epoch, "
-                              "history of per-epoch metrics, stopped_early)")
+        raise CheckpointError(
+            f"checkpoint {location}: not a progress record (expected epoch, step_in_epoch, "
+            "history of per-epoch metrics, stopped_early)"
+        )
     return {"epoch": epoch, "step_in_epoch": step, "history": history, "stopped_early": stopped}
 
 
@@ -346,8 +384,10 @@ def local_checkpoint(location: str, storage_path: str) -> Iterator[Path]:
     uri = checkpoint_uri(location, storage_path)
     if not storage.is_url(uri):
         if not Path(uri).is_dir():
-            raise StorageError(f"checkpoint '{location}': no such directory; was tracking.storage_path "
-                             f"'{storage_path}' moved or cleaned?")
+            raise StorageError(
+                f"checkpoint '{location}': no such directory; was tracking.storage_path "
+                f"'{storage_path}' moved or cleaned?"
+            )
         yield Path(uri)
         return
     from ray.train import Checkpoint

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -31,8 +30,15 @@ from pipeline.tracking.datasets import split_input
 from pipeline.tracking.registry import Gate, Published, register_model
 from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run, training_note
 from pipeline.tracking.uri import redact
-from pipeline.train.checkpoints import check_compatible, latest_run_checkpoint, load_weights, local_checkpoint
-from pipeline.train.checkpoints import read_meta, read_progress, read_state
+from pipeline.train.checkpoints import (
+    check_compatible,
+    latest_run_checkpoint,
+    load_weights,
+    local_checkpoint,
+    read_meta,
+    read_progress,
+    read_state,
+)
 from pipeline.train.models import build_model
 from pipeline.train.worker import RunWiring, train_worker
 from pipeline.upstream import ray_54305
@@ -72,8 +78,9 @@ class TrialOptions:
     callbacks: tuple[Any, ...] = ()
 
 
-def run_training(config: Config, trial: TrialOptions | None = None,
-                 refit: RefitOptions | None = None) -> TrainingOutcome:
+def run_training(
+    config: Config, trial: TrialOptions | None = None, refit: RefitOptions | None = None
+) -> TrainingOutcome:
     """Train to the end (or early stop); outside a sweep, log and register the best model (a refit's: the last)."""
     started = time.perf_counter()
     config = config.with_absolute_paths()
@@ -85,14 +92,25 @@ def run_training(config: Config, trial: TrialOptions | None = None,
     check_resume_compatible(storage_root, run_name, config, manifest)
     uri, experiment_id = prepare_tracking(config)
     parent = trial.parent_run_id if trial else refit.parent_run_id if refit else None
-    run_id, resumed = start_or_resume_run(config, uri, experiment_id, run_name, manifest.content_hash(), parent,
-                                          extra_tags={**training_note(config), **(refit.tags if refit else {})},
-                                          datasets=datasets)
-    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {redact(uri)}; Ray run '{run_name}' in {storage_root}")
+    run_id, resumed = start_or_resume_run(
+        config,
+        uri,
+        experiment_id,
+        run_name,
+        manifest.content_hash(),
+        parent,
+        extra_tags={**training_note(config), **(refit.tags if refit else {})},
+        datasets=datasets,
+    )
+    print(
+        f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {redact(uri)}; "
+        f"Ray run '{run_name}' in {storage_root}"
+    )
     events.record("mlflow_run_ready")
 
     wiring = RunWiring(
-        mlflow_run_id=run_id, tracking_uri=uri,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
         local_checkpoint_root=f"{storage_root}/{run_name}" if config.scaling.num_workers == 0 else None,
         placement_group_note=ray_54305.note_location(storage_root, run_name) if trial else None,
         report_finished_run=trial is not None,
@@ -116,15 +134,27 @@ def run_training(config: Config, trial: TrialOptions | None = None,
         raise
     end_run(uri, run_id, FINISHED)
     return TrainingOutcome(
-        run_name=run_name, mlflow_run_id=run_id,
-        best_metrics=dict(best.metrics) if best else {}, best_checkpoint=best.path if best else None,
-        model_version=published.version if published else None, promoted=bool(published and published.promoted),
-        history=history, seconds=time.perf_counter() - started,
+        run_name=run_name,
+        mlflow_run_id=run_id,
+        best_metrics=dict(best.metrics) if best else {},
+        best_checkpoint=best.path if best else None,
+        model_version=published.version if published else None,
+        promoted=bool(published and published.promoted),
+        history=history,
+        seconds=time.perf_counter() - started,
     )
 
 
-def publish(config: Config, uri: str, run_id: str, checkpoint_path: str, best_metrics: dict[str, Any],
-            history: list[dict[str, Any]], manifest: Manifest, refit: RefitOptions | None = None) -> Published:
+def publish(
+    config: Config,
+    uri: str,
+    run_id: str,
+    checkpoint_path: str,
+    best_metrics: dict[str, Any],
+    history: list[dict[str, Any]],
+    manifest: Manifest,
+    refit: RefitOptions | None = None,
+) -> Published:
     """Load the best checkpoint's weights (downloaded first from object storage) and register them."""
     events.record("publish_started")
     with local_checkpoint(checkpoint_path, config.tracking.storage_path) as directory:
@@ -171,8 +201,10 @@ def storage_path(config: Config) -> str:
     """Checkpoint storage, checked writable up front (object-store URIs are left to Ray's filesystem)."""
     if storage.is_url(config.tracking.storage_path):
         if config.scaling.num_workers == 0:
-            raise ConfigError(f"tracking.storage_path = '{config.tracking.storage_path}': local mode "
-                              "(scaling.num_workers = 0) keeps its checkpoints on local disk; give a local path")
+            raise ConfigError(
+                f"tracking.storage_path = '{config.tracking.storage_path}': local mode "
+                "(scaling.num_workers = 0) keeps its checkpoints on local disk; give a local path"
+            )
         return config.tracking.storage_path
     path = Path(config.tracking.storage_path)
     refuse_job_copy("tracking.storage_path", str(path), "checkpoints there would vanish with the job")
@@ -210,9 +242,11 @@ def check_resume_compatible(storage_root: str, run_name: str, config: Config, ma
     if read_progress(latest)["step_in_epoch"]:
         changed += pass_order_changes(meta.get("config") or {}, config)
     if changed:
-        raise ConfigError(f"tracking.run_name = '{run_name}': its checkpoints were written with other settings: "
-                          f"{', '.join(changed)}; choose another run name, or set tracking.allow_changed_resume=true "
-                          "to continue anyway")
+        raise ConfigError(
+            f"tracking.run_name = '{run_name}': its checkpoints were written with other settings: "
+            f"{', '.join(changed)}; choose another run name, or set tracking.allow_changed_resume=true "
+            "to continue anyway"
+        )
 
 
 # What fixes the order of a training pass's samples besides the manifest and the batch (the plan per rank and
@@ -235,8 +269,9 @@ def pass_order_changes(saved: dict[str, Any], config: Config) -> list[str]:
     return changed
 
 
-def build_trainer(config: Config, run_name: str, storage_root: str, wiring: RunWiring,
-                  callbacks: list[Any]) -> TorchTrainer:
+def build_trainer(
+    config: Config, run_name: str, storage_root: str, wiring: RunWiring, callbacks: list[Any]
+) -> TorchTrainer:
     resources = {"CPU": config.scaling.cpus_per_worker}
     if config.scaling.use_gpu:
         resources["GPU"] = config.scaling.gpus_per_worker
@@ -244,10 +279,13 @@ def build_trainer(config: Config, run_name: str, storage_root: str, wiring: RunW
         train_worker,
         train_loop_config={"config": config, "wiring": wiring},
         scaling_config=ScalingConfig(
-            num_workers=config.scaling.num_workers, use_gpu=config.scaling.use_gpu, resources_per_worker=resources,
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=RunConfig(
-            name=run_name, storage_path=str(storage_root),
+            name=run_name,
+            storage_path=str(storage_root),
             # Kept by val score; a refit has none, so it keeps its latest checkpoints.
             checkpoint_config=CheckpointConfig(
                 num_to_keep=config.tracking.keep_checkpoints,
@@ -272,8 +310,11 @@ class BestCheckpoint:
 
 def best_checkpoint(result: Any) -> BestCheckpoint | None:
     """The best reported checkpoint by the selection metric (Ray keeps it and the latest)."""
-    scored = [(checkpoint, metrics) for checkpoint, metrics in (result.best_checkpoints or [])
-              if m.SELECTION_METRIC in metrics and m.STEP_IN_EPOCH not in metrics]  # not one taken mid-epoch
+    scored = [
+        (checkpoint, metrics)
+        for checkpoint, metrics in (result.best_checkpoints or [])
+        if m.SELECTION_METRIC in metrics and m.STEP_IN_EPOCH not in metrics
+    ]  # not one taken mid-epoch
     if not scored and result.checkpoint is not None and m.SELECTION_METRIC in (result.metrics or {}):
         scored = [(result.checkpoint, result.metrics)]  # local mode keeps only the last checkpoint
     if not scored:

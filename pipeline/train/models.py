@@ -18,10 +18,10 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.errors import ConfigError
-from pipeline.config import MIN_IMAGE_SIZE as CONFIG_MIN_IMAGE_SIZE
 from pipeline.config import INITS_BY_MODEL, MODEL_NAMES, ModelConfig
+from pipeline.config import MIN_IMAGE_SIZE as CONFIG_MIN_IMAGE_SIZE
 from pipeline.data.transforms import IMAGENET_STD
+from pipeline.errors import ConfigError
 
 _RESNET_BUILDERS = {
     "resnet18": torchvision.models.resnet18,
@@ -71,8 +71,9 @@ class AlexNet2012(nn.Module):
     The adaptive average pool is the identity at 224 px and lets smaller training sides (>= 63 px) work.
     """
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, local_response_norm: bool = True,
-                 init: str = "paper") -> None:
+    def __init__(
+        self, num_classes: int = 1000, dropout: float = 0.5, local_response_norm: bool = True, init: str = "paper"
+    ) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 96, kernel_size=11, stride=4, padding=2),
@@ -161,8 +162,9 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes = {num_classes!r}: a classifier needs an integer number of classes >= 2")
     if config.name == "alexnet":
-        return AlexNet2012(num_classes, config.dropout, config.local_response_norm,
-                           config.init or INITS_BY_MODEL["alexnet"][0])
+        return AlexNet2012(
+            num_classes, config.dropout, config.local_response_norm, config.init or INITS_BY_MODEL["alexnet"][0]
+        )
     if config.name == "alexnet_tv":
         model = torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=config.dropout)
         return kaiming_initialised(model) if config.init == "kaiming" else model

@@ -53,8 +53,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, steps_
         # threshold 0 in "abs" mode: any higher val top-1 is an improvement, the rule early stopping uses.
         # optim.min_lr is in optim.lr's units (per 256 images for SGD), so it scales by the same factor.
         return ReduceLROnPlateau(
-            optimizer, mode=m.SELECTION_MODE, factor=optim.step_gamma, patience=optim.plateau_patience - 1,
-            threshold=0.0, threshold_mode="abs", min_lr=optim.min_lr * scaled_lr(optim) / optim.lr,
+            optimizer,
+            mode=m.SELECTION_MODE,
+            factor=optim.step_gamma,
+            patience=optim.plateau_patience - 1,
+            threshold=0.0,
+            threshold_mode="abs",
+            min_lr=optim.min_lr * scaled_lr(optim) / optim.lr,
         )
     warmup_steps = round(optim.warmup_epochs * steps_per_epoch)
     total_steps = optim.epochs * steps_per_epoch

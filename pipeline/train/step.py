@@ -79,17 +79,28 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: torch.amp.GradScaler, config: Config,
-                    rank: RankDevice, epoch: int, state: TrainingState,
-                    on_step: StepHook | None = None, on_checkpoint: CheckpointHook | None = None) -> dict[str, float]:
+def train_one_epoch(
+    model,
+    loader: EpochLoader,
+    optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    config: Config,
+    rank: RankDevice,
+    epoch: int,
+    state: TrainingState,
+    on_step: StepHook | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+) -> dict[str, float]:
     """One epoch, or its rest when `state` comes from a checkpoint taken within it (`state.step_in_epoch` > 0):
     the loader then starts at that step and the epoch's sums start from the checkpoint's, so the epoch's metrics
     are those of an uninterrupted one."""
     model.train()
     resumed_at = state.step_in_epoch
     loader.set_epoch(epoch, start_step=resumed_at)
-    criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing,
-                                          reduction="sum")
+    criterion = torch.nn.CrossEntropyLoss(
+        ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing, reduction="sum"
+    )
     # The loss sum stays on the device (read once, at the end); sample counts come from the host-side labels.
     # Carried sums are all ranks' together, so rank 0 alone starts from them.
     carried = state.partial_epoch if resumed_at and state.partial_epoch else [0.0, 0.0, 0.0]
@@ -123,8 +134,9 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
             loss_sum += rank_loss_sum
             counts += torch.tensor([valid, batch.corrupt], dtype=torch.float64)
             if on_step is not None:
-                on_step(state.global_step + 1, rank_loss_sum / max(valid, 1), optimizer.param_groups[0]["lr"],
-                        global_valid)
+                on_step(
+                    state.global_step + 1, rank_loss_sum / max(valid, 1), optimizer.param_groups[0]["lr"], global_valid
+                )
         else:
             counts[1] += batch.corrupt
         step_after_iteration(scheduler)
@@ -152,8 +164,13 @@ def train_one_epoch(model, loader: EpochLoader, optimizer, scheduler, scaler: to
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, prefix: str,
-             features: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    loader: EpochLoader,
+    rank: RankDevice,
+    prefix: str,
+    features: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, float]:
     """Exact top-1/top-5: counts from every rank are summed before dividing.
 
     A model that also returns features (`pipeline.features.extract.with_features`) has the valid samples'
@@ -179,9 +196,11 @@ def evaluate(model: torch.nn.Module, loader: EpochLoader, rank: RankDevice, pref
     totals = torch.cat([scores.cpu(), counts])
     loss_sum, top1, top5, count, corrupt = all_reduce(totals, rank).tolist()
     if count == 0:  # every rank sees the same summed count, so every rank raises
-        raise DataError(f"the {prefix} pass read no valid sample ({int(corrupt)} corrupt or unreadable); a pass "
-                        "with no valid samples has no score: check that its shards are readable (see the warnings "
-                        "above, one per shard)")
+        raise DataError(
+            f"the {prefix} pass read no valid sample ({int(corrupt)} corrupt or unreadable); a pass "
+            "with no valid samples has no score: check that its shards are readable (see the warnings "
+            "above, one per shard)"
+        )
     return {
         f"{prefix}/loss": loss_sum / count,
         f"{prefix}/top1": 100.0 * top1 / count,
@@ -198,29 +217,36 @@ def broadcast_buffers_from_rank0(model: torch.nn.Module, rank: RankDevice) -> No
             dist.broadcast(buffer.data, src=0)
 
 
-def check_corrupt_share(epoch_metrics: dict[str, float], max_fraction: float, loaders: dict[str, EpochLoader],
-                        rank: RankDevice) -> None:
+def check_corrupt_share(
+    epoch_metrics: dict[str, float], max_fraction: float, loaders: dict[str, EpochLoader], rank: RankDevice
+) -> None:
     """Masked samples are counted and logged; beyond `max_fraction` of a pass they stop the run, since the epoch's
     figures would then describe whatever could be read, not the data set. The error names the shards."""
     for split, loader in loaders.items():
         corrupt = epoch_metrics[f"{split}/corrupt_samples"]
-        planned = len(loader) * loader.dataset.batch_size * rank.world_size if split == "train" \
+        planned = (
+            len(loader) * loader.dataset.batch_size * rank.world_size
+            if split == "train"
             else loader.manifest.num_samples
+        )
         share = corrupt / max(planned, 1)
         if share <= max_fraction:
             continue
         # The summed count is the same on every rank, so every rank joins this reduction or none does.
         counts = all_reduce(loader.corrupt_counts.clone(), rank)
-        worst = sorted(((int(n), loader.manifest.shards[i].name) for i, n in enumerate(counts.tolist()) if n),
-                       reverse=True)
-        named = ", ".join(f"{name} ({n})" for n, name in worst[:5]) + (f" and {len(worst) - 5} more"
-                                                                       if len(worst) > 5 else "")
+        worst = sorted(
+            ((int(n), loader.manifest.shards[i].name) for i, n in enumerate(counts.tolist()) if n), reverse=True
+        )
+        named = ", ".join(f"{name} ({n})" for n, name in worst[:5]) + (
+            f" and {len(worst) - 5} more" if len(worst) > 5 else ""
+        )
         # A pass resumed within its epoch counts by shard only what this attempt read; the sum includes before.
         named = named or "none in the steps since the resume within this epoch"
         raise DataError(
             f"epoch {int(epoch_metrics[m.EPOCH])}: {int(corrupt)} of {planned} {split} samples ({share:.2%}) could "
             f"not be read or decoded, above data.max_corrupt_fraction = {max_fraction}; bad shards: {named} "
-            "(check them with `imagenet-pipeline verify`)")
+            "(check them with `imagenet-pipeline verify`)"
+        )
 
 
 def valid_in_global_batch(valid: int, rank: RankDevice) -> int:

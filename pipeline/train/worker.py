@@ -22,23 +22,35 @@ import torch.distributed as dist
 from pipeline import events
 from pipeline import metrics as m
 from pipeline.config import Config
-from pipeline.errors import ConfigError
 from pipeline.data.loader import EpochLoader, build_loader
+from pipeline.errors import ConfigError
+from pipeline.features.extract import embed_pass, with_features
+from pipeline.features.quality import distributed_knn_top1
 from pipeline.tracking.runs import WORKER_NODES_TAG, WorkerTracker, steps_between_logs
 from pipeline.train.checkpoints import (
-    TrainingState, check_compatible, checkpoint_meta, load_checkpoint, read_meta, restore_newest_sound, rng_state,
+    TrainingState,
+    check_compatible,
+    checkpoint_meta,
+    load_checkpoint,
+    read_meta,
+    restore_newest_sound,
+    rng_state,
     save_checkpoint,
 )
 from pipeline.train.models import build_model
 from pipeline.train.optim import build_optimizer, build_scheduler, step_after_validation
 from pipeline.train.progress import EpochTable, RankLogger
 from pipeline.train.step import (
-    RankDevice, autocast_dtype, broadcast_buffers_from_rank0, check_corrupt_share, evaluate, grad_scaler,
-    train_one_epoch, unwrap,
+    RankDevice,
+    autocast_dtype,
+    broadcast_buffers_from_rank0,
+    check_corrupt_share,
+    evaluate,
+    grad_scaler,
+    train_one_epoch,
+    unwrap,
     update_early_stopping,
 )
-from pipeline.features.extract import embed_pass, with_features
-from pipeline.features.quality import distributed_knn_top1
 from pipeline.upstream import ray_54305, ray_train_report_log
 
 
@@ -80,9 +92,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             report_recorded_end(state, rank)
         return  # every rank restored the same state, so every rank returns here
     model = wrap(model, rank, config.scaling.compile)
-    tracker = WorkerTracker.for_rank(rank.rank, rank.local_rank, rank.node_rank, wiring.mlflow_run_id,
-                                     wiring.tracking_uri,
-                                     steps_between_logs(config.tracking.log_every_n_steps, len(train_loader)))
+    tracker = WorkerTracker.for_rank(
+        rank.rank,
+        rank.local_rank,
+        rank.node_rank,
+        wiring.mlflow_run_id,
+        wiring.tracking_uri,
+        steps_between_logs(config.tracking.log_every_n_steps, len(train_loader)),
+    )
     table = EpochTable(log)
     meta = checkpoint_meta(config, manifest.num_classes, manifest.content_hash())
     log.info(
@@ -103,18 +120,43 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             report_within_epoch(model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
 
         for epoch in range(state.epoch, config.optim.epochs):
-            train_metrics = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, config, rank, epoch,
-                                            state, step_log, checkpoint_within_epoch)
+            train_metrics = train_one_epoch(
+                model,
+                train_loader,
+                optimizer,
+                scheduler,
+                scaler,
+                config,
+                rank,
+                epoch,
+                state,
+                step_log,
+                checkpoint_within_epoch,
+            )
             if step_log is not None:
                 step_log.flush()
             broadcast_buffers_from_rank0(model, rank)  # the score is the saved (rank 0's) weights' score
             val_metrics = validate(model, val_loader, scheduler, config, rank, epoch, manifest.num_classes)
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
-            check_corrupt_share(epoch_metrics, config.data.max_corrupt_fraction,
-                                {"train": train_loader, **({"val": val_loader} if val_loader else {})}, rank)
+            check_corrupt_share(
+                epoch_metrics,
+                config.data.max_corrupt_fraction,
+                {"train": train_loader, **({"val": val_loader} if val_loader else {})},
+                rank,
+            )
             stop = update_early_stopping(state, epoch_metrics, config.optim.patience)
-            report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root,
-                   stopped_early=stop)
+            report(
+                epoch_metrics,
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                state,
+                meta,
+                rank,
+                wiring.local_checkpoint_root,
+                stopped_early=stop,
+            )
             tracker.log_epoch(epoch_metrics)
             table.row(epoch_metrics)
             events.record("epoch_end", rank=rank.rank, epoch=epoch + 1)
@@ -136,8 +178,9 @@ def report_recorded_end(state: TrainingState, rank: RankDevice) -> None:
     ray.train.report(dict(state.history[-1]), checkpoint=checkpoint)
 
 
-def validate(model, val_loader: EpochLoader | None, scheduler, config: Config, rank: RankDevice, epoch: int,
-             num_classes: int) -> dict[str, float]:
+def validate(
+    model, val_loader: EpochLoader | None, scheduler, config: Config, rank: RankDevice, epoch: int, num_classes: int
+) -> dict[str, float]:
     """The val pass (with k-NN when due), and the plateau schedule's step on its score; a refit has none."""
     if val_loader is None:
         return {}
@@ -154,22 +197,38 @@ def knn_due(config: Config, epoch: int) -> bool:
     return bool(every) and ((epoch + 1) % every == 0 or epoch + 1 == config.optim.epochs)
 
 
-def evaluate_with_knn(model: torch.nn.Module, val_loader: EpochLoader, config: Config, rank: RankDevice,
-                      num_classes: int) -> dict[str, float]:
+def evaluate_with_knn(
+    model: torch.nn.Module, val_loader: EpochLoader, config: Config, rank: RankDevice, num_classes: int
+) -> dict[str, float]:
     """The val pass, plus val k-NN top-1 with train as the gallery: one more pass over each rank's exactly-once
     share of train (centre crops, no augmentation), then an exact distributed search."""
     net = with_features(model)
     collected: list = []
     val_metrics = evaluate(net, val_loader, rank, prefix="val", features=collected)
-    train_share = build_loader(config.data, "train", rank=rank.rank, world_size=rank.world_size,
-                               batch_size=config.per_worker_batch_size, seed=config.seed, exactly_once=True,
-                               decode_device=decode_device(config, rank))
+    train_share = build_loader(
+        config.data,
+        "train",
+        rank=rank.rank,
+        world_size=rank.world_size,
+        batch_size=config.per_worker_batch_size,
+        seed=config.seed,
+        exactly_once=True,
+        decode_device=decode_device(config, rank),
+    )
     gallery, gallery_labels = embed_pass(net, train_share, rank.device)
     queries = torch.cat([pair[0] for pair in collected]) if collected else torch.empty(0, net.dim)
     query_labels = torch.cat([pair[1] for pair in collected]) if collected else torch.empty(0, dtype=torch.int64)
     val_metrics[m.VAL_KNN_TOP1] = distributed_knn_top1(
-        queries, query_labels, gallery, gallery_labels, num_classes, rank.world_size, config.retrieval.knn_k,
-        config.retrieval.knn_temperature, rank.device)
+        queries,
+        query_labels,
+        gallery,
+        gallery_labels,
+        num_classes,
+        rank.world_size,
+        config.retrieval.knn_k,
+        config.retrieval.knn_temperature,
+        rank.device,
+    )
     return val_metrics
 
 
@@ -186,10 +245,14 @@ def setup_rank(config: Config) -> RankDevice:
     if device.type == "cuda" and context.get_world_size() > 1 and torch.distributed.is_initialized():
         host_group = torch.distributed.new_group(backend="gloo")  # a collective: every rank creates it here
     return RankDevice(
-        rank=context.get_world_rank(), world_size=context.get_world_size(), device=device,
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=device,
         autocast_dtype=autocast_dtype(config.scaling.mixed_precision, device),
         channels_last=config.scaling.channels_last and device.type == "cuda",
-        local_rank=context.get_local_rank(), node_rank=context.get_node_rank(), host_group=host_group,
+        local_rank=context.get_local_rank(),
+        node_rank=context.get_node_rank(),
+        host_group=host_group,
     )
 
 
@@ -210,15 +273,29 @@ def decode_device(config: Config, rank: RankDevice) -> torch.device | None:
 
 def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochLoader | None]:
     """The training loader over `data.fit_splits`, and the val loader (None for a refit, which trains on val)."""
-    common = dict(rank=rank.rank, world_size=rank.world_size, batch_size=config.per_worker_batch_size,
-                  seed=config.seed, pin_memory=rank.device.type == "cuda",
-                  decode_device=decode_device(config, rank))
+    common = dict(
+        rank=rank.rank,
+        world_size=rank.world_size,
+        batch_size=config.per_worker_batch_size,
+        seed=config.seed,
+        pin_memory=rank.device.type == "cuda",
+        decode_device=decode_device(config, rank),
+    )
     train = build_loader(config.data, config.data.fit_splits, **common)
     return train, build_loader(config.data, "val", **common) if config.data.validates else None
 
 
-def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: int, steps_per_epoch: int,
-            rank: RankDevice, log: RankLogger) -> TrainingState:
+def restore(
+    config: Config,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    num_classes: int,
+    steps_per_epoch: int,
+    rank: RankDevice,
+    log: RankLogger,
+) -> TrainingState:
     """The latest checkpoint's state, or the newest sound one before it when the latest is damaged (every rank
     reads the same files, so every rank makes the same choice)."""
     checkpoint = ray.train.get_checkpoint()
@@ -227,15 +304,26 @@ def restore(config: Config, model, optimizer, scheduler, scaler, num_classes: in
 
     def apply(directory: Path) -> TrainingState:
         check_compatible(read_meta(directory), config.model.name, num_classes, f"checkpoint {directory}")
-        return load_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                               rank=rank.rank, world_size=rank.world_size, fallback_seed=config.seed + rank.rank,
-                               steps_per_epoch=steps_per_epoch)
+        return load_checkpoint(
+            directory,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            rank=rank.rank,
+            world_size=rank.world_size,
+            fallback_seed=config.seed + rank.rank,
+            steps_per_epoch=steps_per_epoch,
+        )
 
     state, used, damage = restore_newest_sound(checkpoint.path, config.tracking.storage_path, apply)
     if damage and rank.rank == 0:
         log.warning(f"{damage}; resuming from the checkpoint before it, {used}")
-    where = f"at step {state.step_in_epoch + 1} of epoch {state.epoch + 1}" if state.step_in_epoch else \
-        f"after epoch {state.epoch}"
+    where = (
+        f"at step {state.step_in_epoch + 1} of epoch {state.epoch + 1}"
+        if state.step_in_epoch
+        else f"after epoch {state.epoch}"
+    )
     log.info(f"resumed from {used} {where}")
     return state
 
@@ -259,8 +347,18 @@ def wrap(model: torch.nn.Module, rank: RankDevice, compile_model: bool) -> torch
     return torch.compile(model) if compile_model else model
 
 
-def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank: RankDevice,
-           local_checkpoint_root: str | None, stopped_early: bool = False) -> None:
+def report(
+    epoch_metrics,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    state,
+    meta,
+    rank: RankDevice,
+    local_checkpoint_root: str | None,
+    stopped_early: bool = False,
+) -> None:
     """Every rank calls report (it is a barrier); only rank 0 hands over a checkpoint.
 
     Ray copies a reported directory to storage; local mode (num_workers=0) keeps only a reference,
@@ -275,9 +373,17 @@ def report(epoch_metrics, model, optimizer, scheduler, scaler, state, meta, rank
                 within = f"_step_{state.step_in_epoch:07d}" if state.step_in_epoch else ""
                 directory = Path(local_checkpoint_root) / f"checkpoint_epoch_{state.epoch:04d}{within}"
                 directory.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(directory, model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, state=state, meta=meta, rng_by_rank=rng_by_rank,
-                            stopped_early=stopped_early)
+            save_checkpoint(
+                directory,
+                model=unwrap(model),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                state=state,
+                meta=meta,
+                rng_by_rank=rng_by_rank,
+                stopped_early=stopped_early,
+            )
             if local_checkpoint_root:
                 drop_superseded_step_checkpoints(Path(local_checkpoint_root), directory)
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
@@ -292,8 +398,9 @@ def drop_superseded_step_checkpoints(root: Path, newest: Path) -> None:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def report_within_epoch(model, optimizer, scheduler, scaler, state: TrainingState, meta, rank: RankDevice,
-                        local_checkpoint_root: str | None) -> None:
+def report_within_epoch(
+    model, optimizer, scheduler, scaler, state: TrainingState, meta, rank: RankDevice, local_checkpoint_root: str | None
+) -> None:
     """A checkpoint within an epoch: where the epoch stands, and no score. Ray ranks a report without a number for
     the score attribute below every scored one (NaN sorts lowest), so keep-best-k keeps epoch checkpoints and
     such a checkpoint lives only while it is the latest."""

@@ -1,7 +1,8 @@
-"""Refit: a sweep's best configuration trained again on train + val, for the epochs it took to score best.
+r"""Refit: a sweep's best configuration trained again on train + val, for the epochs it took to score best.
 
     imagenet-pipeline refit --sweep s1 -c jobs/configs/demo.yaml -c jobs/configs/demo_sweep.yaml
-    ray job submit --working-dir . -- python -m jobs.refit --sweep s1 -c jobs/configs/demo.yaml -c jobs/configs/demo_sweep.yaml
+    ray job submit --working-dir . -- python -m jobs.refit --sweep s1 \
+        -c jobs/configs/demo.yaml -c jobs/configs/demo_sweep.yaml
 
 The sweep chose the configuration on val; the final model should learn from every labelled image it may see,
 so it is trained again on train and val together (one exact plan over both splits' shards: every epoch covers
@@ -44,8 +45,10 @@ REFIT_EPOCHS_TAG = "pipeline.refit_epochs"
 def run_refit(locator: Config, sweep_name: str, overrides: list[str] | None = None) -> TrainingOutcome:
     """`locator` says where the sweep is (tracking.*); `overrides` (`key=value`) adjust the trial's config."""
     config, options = plan_refit(locator, sweep_name, overrides or [])
-    print(f"refit of sweep '{sweep_name}' trial {options.tags[REFIT_TRIAL_TAG]}: {config.model.name}, "
-          f"{config.optim.epochs} epochs on {'+'.join(config.data.fit_splits)} as run '{config.tracking.run_name}'")
+    print(
+        f"refit of sweep '{sweep_name}' trial {options.tags[REFIT_TRIAL_TAG]}: {config.model.name}, "
+        f"{config.optim.epochs} epochs on {'+'.join(config.data.fit_splits)} as run '{config.tracking.run_name}'"
+    )
     return run_training(config, refit=options)
 
 
@@ -55,13 +58,17 @@ def plan_refit(locator: Config, sweep_name: str, overrides: list[str]) -> tuple[
     client = MlflowClient(uri)
     parent = find_run(uri, experiment_id, sweep_name)
     if parent is None or parent.data.tags.get(SWEEP_TAG) != "parent":
-        raise ConfigError(f"--sweep {sweep_name!r}: no sweep of that name in experiment "
-                          f"'{locator.tracking.experiment}' (its MLflow parent run is named after the sweep)")
+        raise ConfigError(
+            f"--sweep {sweep_name!r}: no sweep of that name in experiment "
+            f"'{locator.tracking.experiment}' (its MLflow parent run is named after the sweep)"
+        )
     trial_id = parent.data.tags.get(BEST_TRIAL_TAG)
     trial_run = find_run(uri, experiment_id, trial_run_name(sweep_name, trial_id)) if trial_id else None
     if trial_run is None:
-        raise ConfigError(f"--sweep {sweep_name!r}: the sweep has no best trial yet (still running, interrupted, "
-                          "or every trial failed); finish it with `imagenet-pipeline tune --resume` first")
+        raise ConfigError(
+            f"--sweep {sweep_name!r}: the sweep has no best trial yet (still running, interrupted, "
+            "or every trial failed); finish it with `imagenet-pipeline tune --resume` first"
+        )
     scores = client.get_metric_history(trial_run.info.run_id, m.SELECTION_METRIC)
     if not scores:
         raise ConfigError(f"--sweep {sweep_name!r}: trial {trial_id} logged no {m.SELECTION_METRIC}")
@@ -69,8 +76,12 @@ def plan_refit(locator: Config, sweep_name: str, overrides: list[str]) -> tuple[
     what = f"refit of sweep {sweep_name!r} trial {trial_id}"
     trial_config = read_run_config(client, trial_run.info.run_id, f"sweep {sweep_name!r} trial {trial_id}")
     refit_settings = {
-        "data.fit_splits": ["train", "val"], "optim.epochs": int(best.step), "optim.patience": None,
-        "tracking.knn_every": None, "tracking.run_name": f"{sweep_name}-refit", "tracking.tracking_uri": uri,
+        "data.fit_splits": ["train", "val"],
+        "optim.epochs": int(best.step),
+        "optim.patience": None,
+        "tracking.knn_every": None,
+        "tracking.run_name": f"{sweep_name}-refit",
+        "tracking.tracking_uri": uri,
         "tracking.experiment": locator.tracking.experiment,
     }
     try:
@@ -78,12 +89,23 @@ def plan_refit(locator: Config, sweep_name: str, overrides: list[str]) -> tuple[
         config = with_text_overrides(with_overrides(locator, {**searched, **refit_settings}), overrides)
     except ConfigError as error:
         raise ConfigError(f"{what}: {error}") from None
-    tags = {REFIT_TAG: "true", REFIT_SWEEP_TAG: sweep_name, REFIT_TRIAL_TAG: str(trial_id),
-            REFIT_EPOCHS_TAG: str(config.optim.epochs)}
-    note = (f"refit of sweep {sweep_name} trial {trial_id} on train+val, gated on the sweep's {m.SELECTION_METRIC} "
-            f"{best.value:.2f} of its configuration at epoch {best.step}: a refit has no val split of its own")
-    return config, RefitOptions(parent_run_id=parent.info.run_id, tags=tags, gate_score=float(best.value),
-                                gate_note=note, trial_run_id=trial_run.info.run_id)
+    tags = {
+        REFIT_TAG: "true",
+        REFIT_SWEEP_TAG: sweep_name,
+        REFIT_TRIAL_TAG: str(trial_id),
+        REFIT_EPOCHS_TAG: str(config.optim.epochs),
+    }
+    note = (
+        f"refit of sweep {sweep_name} trial {trial_id} on train+val, gated on the sweep's {m.SELECTION_METRIC} "
+        f"{best.value:.2f} of its configuration at epoch {best.step}: a refit has no val split of its own"
+    )
+    return config, RefitOptions(
+        parent_run_id=parent.info.run_id,
+        tags=tags,
+        gate_score=float(best.value),
+        gate_note=note,
+        trial_run_id=trial_run.info.run_id,
+    )
 
 
 # Keys a sweep sets per trial or per cluster, never a user's choice: they may differ without meaning anything.
@@ -103,11 +125,16 @@ def trial_choices(user: Config, trial: Config, overrides: list[str], settled: se
             continue
         if any(key == name or key.startswith(name + ".") for name in overridden):
             continue
-        hint = ("pass the sweep's config files (-c ...) so its search.space names the keys the trial chose"
-                if not searched else "refit with the config files the sweep ran with")
-        raise ConfigError(f"the trial's {CONFIG_ARTIFACT} has {key} = {_short(theirs.get(key))} but your config has "
-                          f"{_short(mine.get(key))}; only searched keys ({', '.join(sorted(searched)) or 'none'}) "
-                          f"are taken from a run's artifact: {hint}, or --set {key} to choose")
+        hint = (
+            "pass the sweep's config files (-c ...) so its search.space names the keys the trial chose"
+            if not searched
+            else "refit with the config files the sweep ran with"
+        )
+        raise ConfigError(
+            f"the trial's {CONFIG_ARTIFACT} has {key} = {_short(theirs.get(key))} but your config has "
+            f"{_short(mine.get(key))}; only searched keys ({', '.join(sorted(searched)) or 'none'}) "
+            f"are taken from a run's artifact: {hint}, or --set {key} to choose"
+        )
     return {key: theirs[key] for key in searched if key in theirs}
 
 
@@ -121,8 +148,10 @@ def read_run_config(client: MlflowClient, run_id: str, what: str) -> Config:
         try:
             path = Path(client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch))
         except (MlflowException, OSError):
-            raise ConfigError(f"{what}: its run {run_id} has no {CONFIG_ARTIFACT} (logged since refit exists); "
-                              "run the sweep again to refit it") from None
+            raise ConfigError(
+                f"{what}: its run {run_id} has no {CONFIG_ARTIFACT} (logged since refit exists); "
+                "run the sweep again to refit it"
+            ) from None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):

@@ -47,9 +47,16 @@ class TrialSummary:
 
 def print_trial_table(trials: list[TrialSummary], keys: list[str]) -> None:
     header = ["trial", *keys, "best val top-1", "epochs", "status"]
-    rows = [[t.trial_id, *[_short(t.params.get(k)) for k in keys],
-             "-" if t.best_top1 is None else f"{t.best_top1:.2f}", str(t.epochs_run), t.status_text]
-            for t in sorted(trials, key=lambda t: -(t.best_top1 or -1))]
+    rows = [
+        [
+            t.trial_id,
+            *[_short(t.params.get(k)) for k in keys],
+            "-" if t.best_top1 is None else f"{t.best_top1:.2f}",
+            str(t.epochs_run),
+            t.status_text,
+        ]
+        for t in sorted(trials, key=lambda t: -(t.best_top1 or -1))
+    ]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     for line in [header, *rows]:
         print("  ".join(str(cell).rjust(width) for cell, width in zip(line, widths)))
@@ -59,8 +66,9 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, trials: list[TrialSummary],
-                      best: TrialSummary | None) -> None:
+def log_sweep_summary(
+    client: MlflowClient, parent_run_id: str, config: Config, trials: list[TrialSummary], best: TrialSummary | None
+) -> None:
     """Counts, compute spent against the no-early-stopping budget, best configuration, plots; child tags."""
     for trial in trials:
         if trial.mlflow_run_id is None:
@@ -97,15 +105,21 @@ def log_sweep_summary(client: MlflowClient, parent_run_id: str, config: Config, 
     if best is not None:
         client.set_tag(parent_run_id, BEST_TRIAL_TAG, best.trial_id)
         client.set_tag(parent_run_id, "best_config", json.dumps(best.params, sort_keys=True))
-    client.set_tag(parent_run_id, "scheduler", f"ASHA(time_attr={m.EPOCH}, grace_period={config.search.grace_period}, "
-                   f"reduction_factor={config.search.reduction_factor}, max_t={config.optim.epochs})")
+    client.set_tag(
+        parent_run_id,
+        "scheduler",
+        f"ASHA(time_attr={m.EPOCH}, grace_period={config.search.grace_period}, "
+        f"reduction_factor={config.search.reduction_factor}, max_t={config.optim.epochs})",
+    )
     client.log_figure(parent_run_id, sweep_learning_curves(trials), "sweep_learning_curves.png")
     client.log_figure(parent_run_id, parameter_scatter(trials, list(config.search.space)), "sweep_parameters.png")
     end_run(client, parent_run_id, FINISHED)
     late = trial_epochs - decided_epochs
-    print(f"compute: {trial_epochs} trial-epochs run of a {budget} budget without early stopping "
-          f"({metrics['sweep/compute_share']:.0%}); {decided_epochs} up to ASHA's stop decisions, {late} after "
-          f"them (a stop lands asynchronously); {counts}")
+    print(
+        f"compute: {trial_epochs} trial-epochs run of a {budget} budget without early stopping "
+        f"({metrics['sweep/compute_share']:.0%}); {decided_epochs} up to ASHA's stop decisions, {late} after "
+        f"them (a stop lands asynchronously); {counts}"
+    )
 
 
 def tag_stop_decision(client: MlflowClient, run_id: str, epoch: int) -> None:

@@ -29,19 +29,32 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline import metrics as m
 from pipeline import storage
+from pipeline.cluster.session import ensure_ray
 from pipeline.config import Config, SearchSpaceParam, require_shards, with_overrides
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import CheckpointError, ConfigError, StorageError, first_line
 from pipeline.tracking.runs import (
-    FAILED, end_run, find_run, flatten, prepare_tracking, resolve_tracking_uri, start_or_resume_run,
+    FAILED,
+    end_run,
+    find_run,
+    flatten,
+    prepare_tracking,
+    resolve_tracking_uri,
+    start_or_resume_run,
 )
 from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import read_run_record
-from pipeline.cluster.session import ensure_ray
 from pipeline.train.driver import TrainingOutcome, TrialOptions, publish, run_training, storage_path
 from pipeline.tune.report import (
-    COMPLETED, FAILED_STATUS, NO_RESULT, STOP_DECIDED_TAG, STOPPED, TrialSummary, log_sweep_summary,
-    print_trial_table, tag_stop_decision,
+    COMPLETED,
+    FAILED_STATUS,
+    NO_RESULT,
+    STOP_DECIDED_TAG,
+    STOPPED,
+    TrialSummary,
+    log_sweep_summary,
+    print_trial_table,
+    tag_stop_decision,
 )
 from pipeline.upstream import ray_54305
 
@@ -71,7 +84,12 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
     # Trial actors may run where the driver's MLFLOW_TRACKING_URI is unset: hand them the resolved URI.
     config = config.model_copy(update={"tracking": config.tracking.model_copy(update={"tracking_uri": uri})})
     parent_run_id, reused = start_or_resume_run(
-        config, uri, experiment_id, sweep_name, manifest.content_hash(), extra_tags={SWEEP_TAG: "parent"},
+        config,
+        uri,
+        experiment_id,
+        sweep_name,
+        manifest.content_hash(),
+        extra_tags={SWEEP_TAG: "parent"},
     )
     print(f"sweep '{sweep_name}': MLflow parent run {parent_run_id} ({'reused' if reused else 'new'}) in {redact(uri)}")
 
@@ -94,12 +112,17 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
                 "pass --resume to continue it or choose another name"
             )
         recorder = StopRecorder(uri, experiment_id, sweep_name)
-        tuner = tune.Tuner(trainable, param_space=param_space(config), tune_config=tune_config(config, recorder),
-                           run_config=tune.RunConfig(
-                               name=sweep_name, storage_path=storage_root,
-                               failure_config=tune.FailureConfig(max_failures=config.search.max_trial_failures),
-                               callbacks=[ray_54305.release_callback(storage_root, sweep_name)],
-                           ))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(config),
+            tune_config=tune_config(config, recorder),
+            run_config=tune.RunConfig(
+                name=sweep_name,
+                storage_path=storage_root,
+                failure_config=tune.FailureConfig(max_failures=config.search.max_trial_failures),
+                callbacks=[ray_54305.release_callback(storage_root, sweep_name)],
+            ),
+        )
     client = MlflowClient(uri)
     try:
         return finish_search(config, tuner.fit(), client, uri, experiment_id, sweep_name, parent_run_id, manifest)
@@ -108,21 +131,37 @@ def run_search(config: Config, resume: bool = False) -> SearchOutcome:
         raise
 
 
-def finish_search(config: Config, results, client: MlflowClient, uri: str, experiment_id: str, sweep_name: str,
-                  parent_run_id: str, manifest) -> SearchOutcome:
+def finish_search(
+    config: Config,
+    results,
+    client: MlflowClient,
+    uri: str,
+    experiment_id: str,
+    sweep_name: str,
+    parent_run_id: str,
+    manifest,
+) -> SearchOutcome:
     """Summarise the trials, close the runs, then register the best trial's model."""
-    trials = summarize_trials(results, client, experiment_id, sweep_name, config.optim.epochs,
-                              config.tracking.storage_path)  # absolute or a URI: run_search pinned it
+    trials = summarize_trials(
+        results, client, experiment_id, sweep_name, config.optim.epochs, config.tracking.storage_path
+    )  # absolute or a URI: run_search pinned it
     print_trial_table(trials, list(config.search.space))
     best = max((t for t in trials if t.best_top1 is not None), key=lambda t: t.best_top1, default=None)
     log_sweep_summary(client, parent_run_id, config, trials, best)
     published = None
     if best is not None and best.best_checkpoint:
         trial_config = apply_params(config, best.params, trial_run_name(sweep_name, best.trial_id))
-        published = publish(trial_config, uri, best.mlflow_run_id, best.best_checkpoint, best.best_metrics,
-                            best.history, manifest)
-    return SearchOutcome(sweep_name, parent_run_id, trials, best,
-                         published.version if published else None, bool(published and published.promoted))
+        published = publish(
+            trial_config, uri, best.mlflow_run_id, best.best_checkpoint, best.best_metrics, best.history, manifest
+        )
+    return SearchOutcome(
+        sweep_name,
+        parent_run_id,
+        trials,
+        best,
+        published.version if published else None,
+        bool(published and published.promoted),
+    )
 
 
 def trial_driver(params: dict[str, Any], base_config: Config, sweep_name: str, parent_run_id: str) -> None:
@@ -131,7 +170,8 @@ def trial_driver(params: dict[str, Any], base_config: Config, sweep_name: str, p
     config = apply_params(base_config, params, trial_run_name(sweep_name, trial_id))
     waited = wait_for_room(config, trial_id)
     outcome: TrainingOutcome = run_training(
-        config, trial=TrialOptions(parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),)))
+        config, trial=TrialOptions(parent_run_id=parent_run_id, callbacks=(TuneReportCallback(),))
+    )
     client = MlflowClient(resolve_tracking_uri(config))
     if waited >= 1:
         client.set_tag(outcome.mlflow_run_id, WAITED_TAG, f"{waited:.0f}")
@@ -161,18 +201,23 @@ def check_search(config: Config) -> None:
     require_shards(config, ("train", "val"))
     space = config.search.space
     if not space:
-        raise ConfigError("search.space is empty: add at least one parameter, e.g. optim.lr: "
-                          "{kind: loguniform, low: 0.01, high: 1.0}")
+        raise ConfigError(
+            "search.space is empty: add at least one parameter, e.g. optim.lr: {kind: loguniform, low: 0.01, high: 1.0}"
+        )
     for key, spec in space.items():
         for value in _extreme_values(spec):
             apply_params(config, {key: value})
     if config.tracking.checkpoint_every_steps:
-        raise ConfigError(f"tracking.checkpoint_every_steps = {config.tracking.checkpoint_every_steps}: a sweep's "
-                          "trials checkpoint at epoch ends (every Tune report is an ASHA result, scored by val); "
-                          "unset it for sweeps")
+        raise ConfigError(
+            f"tracking.checkpoint_every_steps = {config.tracking.checkpoint_every_steps}: a sweep's "
+            "trials checkpoint at epoch ends (every Tune report is an ASHA result, scored by val); "
+            "unset it for sweeps"
+        )
     if config.search.grace_period > config.optim.epochs:
-        raise ConfigError(f"search.grace_period = {config.search.grace_period} exceeds optim.epochs = "
-                          f"{config.optim.epochs}: ASHA could never stop a trial")
+        raise ConfigError(
+            f"search.grace_period = {config.search.grace_period} exceeds optim.epochs = "
+            f"{config.optim.epochs}: ASHA could never stop a trial"
+        )
 
 
 def _extreme_values(spec: SearchSpaceParam) -> list[Any]:
@@ -195,8 +240,10 @@ def fit_concurrency_to_cluster(config: Config) -> Config:
     room = concurrent_trials(config, nodes)
     if config.search.max_concurrent_trials <= room:
         return config
-    print(f"search.max_concurrent_trials = {config.search.max_concurrent_trials}: the cluster places {room} "
-          f"trial(s) of {config.scaling.world_size} workers at once; running {room} at a time, the others wait")
+    print(
+        f"search.max_concurrent_trials = {config.search.max_concurrent_trials}: the cluster places {room} "
+        f"trial(s) of {config.scaling.world_size} workers at once; running {room} at a time, the others wait"
+    )
     return with_overrides(config, {"search.max_concurrent_trials": room})
 
 
@@ -222,8 +269,10 @@ def cluster_fit_problem(config: Config, nodes: list[dict[str, float]]) -> str | 
         return None
     each = " + ".join(f"{amount:g} {name}" for name, amount in per_worker.items())
     totals = ", ".join(f"{sum(node.get(name, 0) for node in nodes):g} {name}" for name in per_worker)
-    return (f"scaling: one trial needs {workers} workers of {each} each, but the cluster's {len(nodes)} node(s) "
-            f"({totals}) hold {slots}; lower scaling.num_workers or the per-worker resources")
+    return (
+        f"scaling: one trial needs {workers} workers of {each} each, but the cluster's {len(nodes)} node(s) "
+        f"({totals}) hold {slots}; lower scaling.num_workers or the per-worker resources"
+    )
 
 
 def concurrent_trials(config: Config, nodes: list[dict[str, float]]) -> int:
@@ -299,27 +348,37 @@ class RecordedASHA(ASHAScheduler):
 def tune_config(config: Config, recorder: StopRecorder | None = None) -> tune.TuneConfig:
     search = config.search
     scheduler = RecordedASHA(
-        time_attr=m.EPOCH, max_t=config.optim.epochs, grace_period=search.grace_period,
-        reduction_factor=search.reduction_factor, recorder=recorder,
+        time_attr=m.EPOCH,
+        max_t=config.optim.epochs,
+        grace_period=search.grace_period,
+        reduction_factor=search.reduction_factor,
+        recorder=recorder,
     )
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return tune.TuneConfig(
-            metric=m.SELECTION_METRIC, mode=m.SELECTION_MODE, scheduler=scheduler,
-            search_alg=OptunaSearch(seed=search.seed), num_samples=search.num_samples,
+            metric=m.SELECTION_METRIC,
+            mode=m.SELECTION_MODE,
+            scheduler=scheduler,
+            search_alg=OptunaSearch(seed=search.seed),
+            num_samples=search.num_samples,
             max_concurrent_trials=search.max_concurrent_trials,
         )
     # Tune ignores max_concurrent_trials for a seeded random generator: the generator limits itself.
     algorithm = BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials)
     return tune.TuneConfig(
-        metric=m.SELECTION_METRIC, mode=m.SELECTION_MODE, scheduler=scheduler, search_alg=algorithm,
+        metric=m.SELECTION_METRIC,
+        mode=m.SELECTION_MODE,
+        scheduler=scheduler,
+        search_alg=algorithm,
         num_samples=search.num_samples,
     )
 
 
-def summarize_trials(results, client: MlflowClient, experiment_id: str, sweep_name: str,
-                     max_epochs: int, storage_root: str) -> list[TrialSummary]:
+def summarize_trials(
+    results, client: MlflowClient, experiment_id: str, sweep_name: str, max_epochs: int, storage_root: str
+) -> list[TrialSummary]:
     """Every trial from its own record, its checkpoints (what publishing loads too), never from whichever Tune
     result arrived last: a trial resumed after the sweep's driver died may have reported its end only to a
     Tune that no longer exists."""
@@ -354,11 +413,17 @@ def summarize_trial(trial_id: str, result, run, run_name: str, storage_root: str
     else:
         status = STOPPED
     return TrialSummary(
-        trial_id=trial_id, params=dict(result.config or {}), status=status,
-        epochs_run=record.epochs if record else 0, history=record.history if record else [],
-        best_top1=best[0][m.SELECTION_METRIC] if best else None, best_metrics=dict(best[0]) if best else {},
-        best_checkpoint=best[1] if best else None, mlflow_run_id=run.info.run_id if run else None,
-        stop_decided_at=int(decided) if decided.isdigit() else None, note=note,
+        trial_id=trial_id,
+        params=dict(result.config or {}),
+        status=status,
+        epochs_run=record.epochs if record else 0,
+        history=record.history if record else [],
+        best_top1=best[0][m.SELECTION_METRIC] if best else None,
+        best_metrics=dict(best[0]) if best else {},
+        best_checkpoint=best[1] if best else None,
+        mlflow_run_id=run.info.run_id if run else None,
+        stop_decided_at=int(decided) if decided.isdigit() else None,
+        note=note,
     )
 
 

@@ -8,7 +8,10 @@ import pytest
 from torchvision import datasets
 
 from pipeline.bench.data import (
-    measure_train_transform, read_shard_images, run_data_benchmark, write_benchmark_shards,
+    measure_train_transform,
+    read_shard_images,
+    run_data_benchmark,
+    write_benchmark_shards,
 )
 
 # torchvision 0.29 deprecates its image decoders on every call; pipeline.data.transforms explains why it uses one.
@@ -32,7 +35,8 @@ def test_tiny_run_reports_positive_figures_for_both_paths_on_the_same_images(tin
         assert figures["reference_images_per_second_per_core"] > 0
         assert figures["ours_images_per_second_per_core"] > 0
         assert figures["speedup"] == pytest.approx(
-            figures["ours_images_per_second_per_core"] / figures["reference_images_per_second_per_core"])
+            figures["ours_images_per_second_per_core"] / figures["reference_images_per_second_per_core"]
+        )
 
 
 def test_a_run_prints_one_table_row_per_distinct_size(tmp_path, capsys):

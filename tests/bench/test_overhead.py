@@ -15,9 +15,19 @@ from pipeline.config import load_config
 
 def write_reference_config(shards, tmp_path, num_workers: int, epochs: int = 1):
     """The benchmark's own overrides at test size: 32 px, batch 16, no DataLoader processes."""
-    config = load_config(overrides=benchmark_overrides(
-        shards, tmp_path / "store", model="resnet18", image_size=32, global_batch=16, epochs=epochs,
-        num_workers=num_workers, loader_workers=0, run_name="test"))
+    config = load_config(
+        overrides=benchmark_overrides(
+            shards,
+            tmp_path / "store",
+            model="resnet18",
+            image_size=32,
+            global_batch=16,
+            epochs=epochs,
+            num_workers=num_workers,
+            loader_workers=0,
+            run_name="test",
+        )
+    )
     path = tmp_path / "config.yaml"
     path.write_text(config.to_yaml())
     return path
@@ -50,19 +60,22 @@ def test_reference_refuses_a_process_count_other_than_the_configs_workers(learna
         ddp_reference.main(["--config", str(config_file)])
 
 
-@pytest.mark.parametrize(("arguments", "named"), [
-    ({"model": "vgg16"}, "model = 'vgg16'"),
-    ({"image_size": 8}, "image_size = 8"),
-    ({"model": "alexnet", "image_size": 32}, "image_size = 32: alexnet needs at least 63"),
-    ({"global_batch": 31}, "global_batch = 31 is not divisible by num_workers = 2"),
-    ({"global_batch": 0}, "global_batch = 0"),
-    ({"num_workers": 0}, "num_workers = 0"),
-    ({"train_images": 16}, "train_images = 16 must be at least global_batch = 32"),
-    ({"loader_workers": -1}, "loader_workers = -1"),
-    ({"rounds": 0}, "rounds = 0"),
-    ({"rounds": 2}, "--rounds 2: at least 3 interleaved rounds"),
-    ({"epochs": 2, "warmup_epochs": 2}, "warmup_epochs = 2 must be >= 0 and below epochs = 2"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"model": "vgg16"}, "model = 'vgg16'"),
+        ({"image_size": 8}, "image_size = 8"),
+        ({"model": "alexnet", "image_size": 32}, "image_size = 32: alexnet needs at least 63"),
+        ({"global_batch": 31}, "global_batch = 31 is not divisible by num_workers = 2"),
+        ({"global_batch": 0}, "global_batch = 0"),
+        ({"num_workers": 0}, "num_workers = 0"),
+        ({"train_images": 16}, "train_images = 16 must be at least global_batch = 32"),
+        ({"loader_workers": -1}, "loader_workers = -1"),
+        ({"rounds": 0}, "rounds = 0"),
+        ({"rounds": 2}, "--rounds 2: at least 3 interleaved rounds"),
+        ({"epochs": 2, "warmup_epochs": 2}, "warmup_epochs = 2 must be >= 0 and below epochs = 2"),
+    ],
+)
 def test_overhead_benchmark_rejects_bad_arguments_before_any_work(arguments, named, tmp_path):
     with pytest.raises(ValueError, match=named):
         run_overhead_benchmark(tmp_path / "work", **arguments)

@@ -25,17 +25,23 @@ def test_imagenet_1k_at_8_ranks_reads_val_114_percent_of_its_bytes_without_an_in
 
 def test_the_command_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "plan.json"
-    result = CliRunner().invoke(app, ["bench-plan", "--datasets", "imagenet-1k", "--worlds", "8", "--loaders", "2",
-                                      "--out", str(out)])
+    result = CliRunner().invoke(
+        app, ["bench-plan", "--datasets", "imagenet-1k", "--worlds", "8", "--loaders", "2", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "imagenet-1k train manifest:" in result.output
     written = json.loads(out.read_text())
     assert len(written["figures"]) == 1 and written["manifests"]["imagenet-1k"]["bytes"] > 0
 
 
-@pytest.mark.parametrize(("args", "message"), [(["--datasets", "mnist"], "mnist not among imagenet-1k"),
-                                               (["--worlds", "8,x"], "comma-separated whole numbers"),
-                                               (["--loaders", "0"], "each at least 1")])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--datasets", "mnist"], "mnist not among imagenet-1k"),
+        (["--worlds", "8,x"], "comma-separated whole numbers"),
+        (["--loaders", "0"], "each at least 1"),
+    ],
+)
 def test_bad_arguments_are_one_line_errors(args, message):
     result = CliRunner().invoke(app, ["bench-plan", *args])
     assert result.exit_code == 2 and message in result.output

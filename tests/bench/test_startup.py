@@ -6,9 +6,9 @@ full benchmark runs a real `imagenet-pipeline train` job, so it is run by hand
 
 from __future__ import annotations
 
-import pytest
-
 import time
+
+import pytest
 
 from pipeline import events
 from pipeline.bench.startup import JOB_EVENTS, controller_events, job_timeline, run_startup_benchmark, startup_phases
@@ -29,22 +29,40 @@ def test_startup_timeline_comes_from_the_jobs_recorded_events_and_orders_the_pha
     events_file = tmp_path / "job.events.jsonl"
     events.use_file(str(events_file))
     try:
-        for name, fields in [("config_resolved", {}), ("ray_started", {}), ("mlflow_run_ready", {}),
-                             ("loop_ready", {"rank": 0}), ("loop_ready", {"rank": 1}),  # rank 1's is not rank 0's
-                             ("first_step", {"rank": 0}), ("first_step", {"rank": 0}),  # only the first counts
-                             ("publish_started", {}), ("model_registered", {}), ("run_finished", {})]:
+        for name, fields in [
+            ("config_resolved", {}),
+            ("ray_started", {}),
+            ("mlflow_run_ready", {}),
+            ("loop_ready", {"rank": 0}),
+            ("loop_ready", {"rank": 1}),  # rank 1's is not rank 0's
+            ("first_step", {"rank": 0}),
+            ("first_step", {"rank": 0}),  # only the first counts
+            ("publish_started", {}),
+            ("model_registered", {}),
+            ("run_finished", {}),
+        ]:
             events.record(name, **fields)
     finally:
         monkeypatch.delenv(events.ENV_VAR)
     timeline = job_timeline(events.read(events_file), started)
-    assert timeline == pytest.approx({"config_resolved": 1.5, "ray_started": 4.0, "mlflow_run_ready": 5.0,
-                                      "loop_ready": 12.0, "first_step": 12.75, "publish_started": 15.0,
-                                      "model_registered": 19.0, "run_finished": 20.0})
+    assert timeline == pytest.approx(
+        {
+            "config_resolved": 1.5,
+            "ray_started": 4.0,
+            "mlflow_run_ready": 5.0,
+            "loop_ready": 12.0,
+            "first_step": 12.75,
+            "publish_started": 15.0,
+            "model_registered": 19.0,
+            "run_finished": 20.0,
+        }
+    )
     assert set(timeline) == set(JOB_EVENTS)
     timeline.update(epoch1_logged=14.0, exit=21.0)
     phases = startup_phases(timeline)
     assert [phase["ends_at"] for phase in phases] == pytest.approx(
-        [1.5, 4.0, 5.0, 12.0, 12.75, 14.0, 15.0, 19.0, 20.0, 21.0])
+        [1.5, 4.0, 5.0, 12.0, 12.75, 14.0, 15.0, 19.0, 20.0, 21.0]
+    )
     assert sum(phase["seconds"] for phase in phases) == pytest.approx(21.0)
 
 
@@ -78,18 +96,28 @@ def test_controller_events_read_ray_trains_json_log_in_local_time():
         record("10:00:09,000", "[Worker Group Initialization] Train function launched on workers in 1.50s."),
         record("10:00:30,125", "Shutting down 2 workers."),
     ]
-    assert controller_events(log, started) == pytest.approx({
-        "controller_started": 3.25, "workers_created": 5.0, "context_ready": 7.5, "train_fn_started": 9.0,
-        "workers_stopped": 30.125,
-    })
+    assert controller_events(log, started) == pytest.approx(
+        {
+            "controller_started": 3.25,
+            "workers_created": 5.0,
+            "context_ready": 7.5,
+            "train_fn_started": 9.0,
+            "workers_stopped": 30.125,
+        }
+    )
 
 
 def test_trial_gaps_pair_each_trials_last_epoch_with_the_next_first_step():
     from pipeline.bench.trials import trial_gaps
 
-    records = [{"event": "first_step", "unix_time": 10.0, "rank": 0}, {"event": "epoch_end", "unix_time": 12.0, "rank": 0},
-               {"event": "epoch_end", "unix_time": 12.5, "rank": 1}, {"event": "first_step", "unix_time": 20.0, "rank": 0},
-               {"event": "epoch_end", "unix_time": 22.0, "rank": 0}, {"event": "first_step", "unix_time": 26.0, "rank": 0},
-               {"event": "epoch_end", "unix_time": 27.0, "rank": 0}]
+    records = [
+        {"event": "first_step", "unix_time": 10.0, "rank": 0},
+        {"event": "epoch_end", "unix_time": 12.0, "rank": 0},
+        {"event": "epoch_end", "unix_time": 12.5, "rank": 1},
+        {"event": "first_step", "unix_time": 20.0, "rank": 0},
+        {"event": "epoch_end", "unix_time": 22.0, "rank": 0},
+        {"event": "first_step", "unix_time": 26.0, "rank": 0},
+        {"event": "epoch_end", "unix_time": 27.0, "rank": 0},
+    ]
     result = trial_gaps(records)
     assert result["gaps_seconds"] == [8.0, 4.0] and result["median_gap_seconds"] == 6.0

@@ -8,14 +8,42 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 runner = CliRunner()
-COMMANDS = ["generate", "shard", "verify", "index", "load", "train", "tune", "refit", "evaluate", "predict", "bench-data", "bench-train", "demo", "config",
-            "job submit", "job logs", "job status", "job stop", "job list", "cluster up", "cluster down", "cluster demo",
-            "champion history", "embed", "retrieve", "bench-retrieval", "bench-gpu"]
+COMMANDS = [
+    "generate",
+    "shard",
+    "verify",
+    "index",
+    "load",
+    "train",
+    "tune",
+    "refit",
+    "evaluate",
+    "predict",
+    "bench-data",
+    "bench-train",
+    "demo",
+    "config",
+    "job submit",
+    "job logs",
+    "job status",
+    "job stop",
+    "job list",
+    "cluster up",
+    "cluster down",
+    "cluster demo",
+    "champion history",
+    "embed",
+    "retrieve",
+    "bench-retrieval",
+    "bench-gpu",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_option_in_help_shows_its_default(command):
-    result = runner.invoke(app, [*command.split(), "--help"], terminal_width=200, env={"COLUMNS": "200", "NO_COLOR": "1"})
+    result = runner.invoke(
+        app, [*command.split(), "--help"], terminal_width=200, env={"COLUMNS": "200", "NO_COLOR": "1"}
+    )
     assert result.exit_code == 0, result.output
     entries: list[str] = []  # one per option: its first line plus wrapped continuation lines
     for line in result.output.splitlines():
@@ -44,9 +72,22 @@ def test_load_without_shards_fails_before_streaming(tmp_path):
 
 
 def test_load_streams_shards_from_a_url_root(memory_shards):
-    result = runner.invoke(app, ["load", "--split", "val", "--set", f"data.root={memory_shards}",
-                                 "--set", "optim.batch_size=4", "--set", "data.eval_image_size=32",
-                                 "--set", "data.loader_workers=0"])
+    result = runner.invoke(
+        app,
+        [
+            "load",
+            "--split",
+            "val",
+            "--set",
+            f"data.root={memory_shards}",
+            "--set",
+            "optim.batch_size=4",
+            "--set",
+            "data.eval_image_size=32",
+            "--set",
+            "data.loader_workers=0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "val: 22 samples" in result.output
 
@@ -62,19 +103,63 @@ def test_writing_shards_to_a_url_is_one_line_saying_to_upload(tmp_path, args):
 @pytest.mark.slow
 def test_generate_shard_verify_load_round_trip(tmp_path):
     source, shards = tmp_path / "src", tmp_path / "shards"
-    ok = runner.invoke(app, ["generate", "--output", str(source), "--classes", "3", "--train-per-class", "8",
-                             "--val-per-class", "2", "--width", "48", "--height", "36"])
+    ok = runner.invoke(
+        app,
+        [
+            "generate",
+            "--output",
+            str(source),
+            "--classes",
+            "3",
+            "--train-per-class",
+            "8",
+            "--val-per-class",
+            "2",
+            "--width",
+            "48",
+            "--height",
+            "36",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
-    ok = runner.invoke(app, ["shard", "--source", str(source), "--output", str(shards), "--val-per-class", "2",
-                             "--samples-per-shard", "5", "--no-progress"])
+    ok = runner.invoke(
+        app,
+        [
+            "shard",
+            "--source",
+            str(source),
+            "--output",
+            str(shards),
+            "--val-per-class",
+            "2",
+            "--samples-per-shard",
+            "5",
+            "--no-progress",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
     ok = runner.invoke(app, ["verify", str(shards)])
     assert ok.exit_code == 0, ok.output
     assert ok.output.count(": ok") == 3
     for split in ("train", "val", "test"):
-        ok = runner.invoke(app, ["load", "--split", split, "--set", f"data.root={shards}", "--set", "optim.batch_size=4",
-                                 "--set", "data.train_image_size=32", "--set", "data.eval_image_size=32",
-                                 "--set", "data.loader_workers=1"])
+        ok = runner.invoke(
+            app,
+            [
+                "load",
+                "--split",
+                split,
+                "--set",
+                f"data.root={shards}",
+                "--set",
+                "optim.batch_size=4",
+                "--set",
+                "data.train_image_size=32",
+                "--set",
+                "data.eval_image_size=32",
+                "--set",
+                "data.loader_workers=1",
+            ],
+        )
         assert ok.exit_code == 0, ok.output
         assert "equal steps on every rank: yes" in ok.output
     # Damage one shard: verify names the problem and exits non-zero.

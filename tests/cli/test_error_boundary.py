@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.cli import common
+from pipeline.cli import app, common
 from pipeline.errors import ConfigError, DataError
 
 runner = CliRunner()

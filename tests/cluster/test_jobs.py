@@ -7,14 +7,20 @@ import stat
 
 import pytest
 
-from pipeline.config import PROJECT_ROOT
 from pipeline.cluster.jobs import ClusterAddress, JobClientError, job_tracking_uri, read_token, resolve_address, submit
 from pipeline.cluster.local import STATE_FILE, LocalCluster, write_token
+from pipeline.config import PROJECT_ROOT
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI"):
+    for name in (
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "MLFLOW_TRACKING_URI",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     return monkeypatch
@@ -109,8 +115,17 @@ def test_the_local_clusters_token_is_private_and_fresh(tmp_path):
 
 def test_a_stale_cluster_record_is_cleaned_up_not_reused(tmp_path):
     # Written by an earlier version (its extra mlflow_started key is ignored).
-    record = {"state_dir": str(tmp_path), "temp_dir": str(tmp_path / "gone"), "gcs_port": 1, "dashboard_port": 2,
-              "mlflow_port": 3, "mlflow_pid": None, "mlflow_started": None, "nodes": 2, "cpus_per_node": 1}
+    record = {
+        "state_dir": str(tmp_path),
+        "temp_dir": str(tmp_path / "gone"),
+        "gcs_port": 1,
+        "dashboard_port": 2,
+        "mlflow_port": 3,
+        "mlflow_pid": None,
+        "mlflow_started": None,
+        "nodes": 2,
+        "cpus_per_node": 1,
+    }
     (tmp_path / STATE_FILE).write_text(json.dumps(record))
     assert LocalCluster.load(tmp_path) is None
     assert not (tmp_path / STATE_FILE).exists()

@@ -15,9 +15,9 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import PROJECT_ROOT
 from pipeline.cluster.jobs import resolve_address, wait
 from pipeline.cluster.local import LocalCluster
+from pipeline.config import PROJECT_ROOT
 from pipeline.tracking.runs import RUN_NAME_TAG, WORKER_NODES_TAG
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -44,8 +44,13 @@ def client_env(cluster: LocalCluster, with_token: bool = True) -> dict[str, str]
 
 
 def test_the_job_server_refuses_a_client_without_the_token(cluster):
-    done = subprocess.run([RAY, "job", "list", "--address", cluster.dashboard_url],
-                          env=client_env(cluster, with_token=False), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [RAY, "job", "list", "--address", cluster.dashboard_url],
+        env=client_env(cluster, with_token=False),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0
     assert "Authentication" in done.stdout + done.stderr or "Unauthorized" in done.stdout + done.stderr
 
@@ -54,16 +59,45 @@ def test_a_training_job_submitted_with_ray_job_submit_runs_on_both_nodes_and_lan
     run_name = "cluster-test-run"
     storage = Path(cluster.state_dir) / "ray_results"  # one path every node reaches, as NFS would be
     command = [
-        RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", run_name,
-        "--working-dir", str(PROJECT_ROOT), "--",
-        "python", "-m", "jobs.train", "-c", "jobs/configs/demo.yaml",
-        "--set", f"data.root={tiny_shards}", "--set", "data.train_image_size=32", "--set", "data.eval_image_size=32",
-        "--set", "data.loader_workers=0", "--set", "optim.batch_size=8", "--set", "optim.epochs=1",
-        "--set", f"tracking.storage_path={storage}", "--set", f"tracking.run_name={run_name}",
-        "--set", "tracking.experiment=cluster-test", "--set", "tracking.registered_model=cluster-test-model",
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--submission-id",
+        run_name,
+        "--working-dir",
+        str(PROJECT_ROOT),
+        "--",
+        "python",
+        "-m",
+        "jobs.train",
+        "-c",
+        "jobs/configs/demo.yaml",
+        "--set",
+        f"data.root={tiny_shards}",
+        "--set",
+        "data.train_image_size=32",
+        "--set",
+        "data.eval_image_size=32",
+        "--set",
+        "data.loader_workers=0",
+        "--set",
+        "optim.batch_size=8",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        f"tracking.storage_path={storage}",
+        "--set",
+        f"tracking.run_name={run_name}",
+        "--set",
+        "tracking.experiment=cluster-test",
+        "--set",
+        "tracking.registered_model=cluster-test-model",
     ]
-    done = subprocess.run(command, env=client_env(cluster), cwd=PROJECT_ROOT, capture_output=True, text=True,
-                          timeout=540)
+    done = subprocess.run(
+        command, env=client_env(cluster), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=540
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "succeeded" in done.stdout + done.stderr
 
@@ -83,19 +117,51 @@ def test_a_training_job_submitted_with_ray_job_submit_runs_on_both_nodes_and_lan
 def test_a_sweep_on_uri_storage_runs_its_trials_side_by_side_one_per_node(cluster, tiny_shards):
     # 2 trials x 1 worker of 1 CPU on 2 nodes of 1 CPU: they fit only if the trial drivers take no CPU.
     command = [
-        PIPELINE, "job", "submit", "--submission-id", "cluster-sweep", "--",
-        "python", "-m", "jobs.tune", "-c", "jobs/configs/demo.yaml", "-c", "jobs/configs/demo_sweep.yaml",
-        "--set", f"data.root={tiny_shards}", "--set", "data.train_image_size=32", "--set", "data.eval_image_size=32",
-        "--set", "data.loader_workers=0", "--set", "optim.epochs=1", "--set", "search.num_samples=2",
-        "--set", "search.max_concurrent_trials=2", "--set", "search.space={optim.lr: {kind: loguniform, low: 0.01, high: 1.0}}",
+        PIPELINE,
+        "job",
+        "submit",
+        "--submission-id",
+        "cluster-sweep",
+        "--",
+        "python",
+        "-m",
+        "jobs.tune",
+        "-c",
+        "jobs/configs/demo.yaml",
+        "-c",
+        "jobs/configs/demo_sweep.yaml",
+        "--set",
+        f"data.root={tiny_shards}",
+        "--set",
+        "data.train_image_size=32",
+        "--set",
+        "data.eval_image_size=32",
+        "--set",
+        "data.loader_workers=0",
+        "--set",
+        "optim.epochs=1",
+        "--set",
+        "search.num_samples=2",
+        "--set",
+        "search.max_concurrent_trials=2",
+        "--set",
+        "search.space={optim.lr: {kind: loguniform, low: 0.01, high: 1.0}}",
         # A storage URI, as s3:// or gs:// would be: Ray writes through pyarrow, the driver reads back through
         # fsspec (placement-group notes) and downloads the best checkpoint to register it.
-        "--set", "optim.batch_size=8", "--set", f"tracking.storage_path=file://{Path(cluster.state_dir) / 'uri_results'}",
-        "--set", "tracking.run_name=cluster-sweep", "--set", "tracking.experiment=cluster-sweep",
-        "--set", "tracking.registered_model=cluster-sweep-model",
+        "--set",
+        "optim.batch_size=8",
+        "--set",
+        f"tracking.storage_path=file://{Path(cluster.state_dir) / 'uri_results'}",
+        "--set",
+        "tracking.run_name=cluster-sweep",
+        "--set",
+        "tracking.experiment=cluster-sweep",
+        "--set",
+        "tracking.registered_model=cluster-sweep-model",
     ]
-    done = subprocess.run(command, env=client_env(cluster), cwd=PROJECT_ROOT, capture_output=True, text=True,
-                          timeout=540)
+    done = subprocess.run(
+        command, env=client_env(cluster), cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=540
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     client = MlflowClient(cluster.mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("cluster-sweep").experiment_id])
@@ -113,15 +179,36 @@ def test_a_sweep_on_uri_storage_runs_its_trials_side_by_side_one_per_node(cluste
 
 
 def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
-    entry = "import os; print('uri=' + os.environ['MLFLOW_TRACKING_URI'], 'commit=' + os.environ.get('PIPELINE_GIT_COMMIT', '-'))"
+    entry = (
+        "import os; print('uri=' + os.environ['MLFLOW_TRACKING_URI'], "
+        "'commit=' + os.environ.get('PIPELINE_GIT_COMMIT', '-'))"
+    )
     env = client_env(cluster)
     submit = subprocess.run(
-        [PIPELINE, "job", "submit", "--submission-id", "env-check", "--mlflow-uri", "http://mlflow.example:5000",
-         "--", "python", "-c", entry],
-        env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+        [
+            PIPELINE,
+            "job",
+            "submit",
+            "--submission-id",
+            "env-check",
+            "--mlflow-uri",
+            "http://mlflow.example:5000",
+            "--",
+            "python",
+            "-c",
+            entry,
+        ],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert submit.returncode == 0, (submit.stdout + submit.stderr)[-3000:]
     assert "uri=http://mlflow.example:5000" in submit.stdout  # the submitter's URI, not the cluster's default
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True
+    ).stdout.strip()
     assert f"commit={commit}" in submit.stdout  # the uploaded copy has no .git: the submitter passes its commit
     assert "job env-check SUCCEEDED" in submit.stdout
 
@@ -131,16 +218,36 @@ def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
     logs = subprocess.run([PIPELINE, "job", "logs", "env-check"], env=env, capture_output=True, text=True, timeout=120)
     assert logs.returncode == 0 and "uri=http://mlflow.example:5000" in logs.stdout
 
-    sleeper = subprocess.run([PIPELINE, "job", "submit", "--submission-id", "sleeper", "--no-wait", "--",
-                              "python", "-c", "import time; time.sleep(300)"],
-                             env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    sleeper = subprocess.run(
+        [
+            PIPELINE,
+            "job",
+            "submit",
+            "--submission-id",
+            "sleeper",
+            "--no-wait",
+            "--",
+            "python",
+            "-c",
+            "import time; time.sleep(300)",
+        ],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert sleeper.returncode == 0, sleeper.stderr
     stopped = subprocess.run([PIPELINE, "job", "stop", "sleeper"], env=env, capture_output=True, text=True, timeout=120)
     assert stopped.returncode == 0 and "sleeper stopping" in stopped.stdout
-    assert wait(resolve_address(cluster.dashboard_url, cluster.token_path), "sleeper", timeout_seconds=60).value == "STOPPED"
+    assert (
+        wait(resolve_address(cluster.dashboard_url, cluster.token_path), "sleeper", timeout_seconds=60).value
+        == "STOPPED"
+    )
 
-    missing = subprocess.run([PIPELINE, "job", "status", "no-such-job"], env=env, capture_output=True, text=True,
-                             timeout=120)
+    missing = subprocess.run(
+        [PIPELINE, "job", "status", "no-such-job"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no-such-job" in missing.stderr
 
 
@@ -148,7 +255,10 @@ def test_stopping_the_cluster_leaves_no_process_behind(tmp_path):
     cluster = LocalCluster.start(tmp_path / "short-lived", nodes=1, cpus_per_node=1)
     assert len(cluster.alive_node_ids()) == 1
     cluster.stop()
-    leftovers = [process.pid for process in psutil.process_iter(["cmdline"])
-                 if any(cluster.temp_dir in part for part in process.info["cmdline"] or [])]
+    leftovers = [
+        process.pid
+        for process in psutil.process_iter(["cmdline"])
+        if any(cluster.temp_dir in part for part in process.info["cmdline"] or [])
+    ]
     assert leftovers == [] and cluster.mlflow_server() is None
     assert LocalCluster.load(Path(cluster.state_dir)) is None

@@ -24,14 +24,16 @@ BOMB_SIDE = 12000  # 144 MP: over the 40 MP default, and over PIL's own warning 
 @lru_cache(maxsize=None)
 def bomb_png(side: int = BOMB_SIDE) -> bytes:
     """A real, valid greyscale PNG of side x side black pixels: ~140 KB that decode to 144 MB (576 MB as PIL's RGB)."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     compressor = zlib.compressobj(9)
     rows = b"".join(compressor.compress(bytes(side + 1)) for _ in range(side))  # filter byte 0 + the row
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)  # 8-bit greyscale, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows + compressor.flush())
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows + compressor.flush()) + chunk(b"IEND", b"")
+    )
 
 
 @lru_cache(maxsize=None)
@@ -40,7 +42,7 @@ def bomb_jpeg(side: int = BOMB_SIDE) -> bytes:
     that makes a decoder allocate 3 x side^2 bytes before it finds the data short."""
     data = bytearray(saved("JPEG", size=(16, 16)))
     frame = data.index(b"\xff\xc0")
-    data[frame + 5:frame + 9] = struct.pack(">HH", side, side)  # height, then width
+    data[frame + 5 : frame + 9] = struct.pack(">HH", side, side)  # height, then width
     return bytes(data)
 
 
@@ -76,14 +78,43 @@ def saved(format: str, mode: str | None = None, size: tuple[int, int] = (70, 50)
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("make", [
-    lambda: saved("JPEG"), lambda: saved("JPEG", "L"), lambda: saved("JPEG", "CMYK"),
-    lambda: saved("JPEG", progressive=True), lambda: saved("JPEG", size=(3000, 7)), exif_jpeg, multi_picture_jpeg,
-    lambda: saved("PNG"), lambda: saved("PNG", "P"), lambda: saved("PNG", "RGBA"), lambda: saved("PNG", "I;16"),
-    lambda: saved("WEBP"), lambda: saved("WEBP", lossless=True), lambda: saved("WEBP", "RGBA"),
-    lambda: saved("WEBP", size=(16383, 2), lossless=True),
-], ids=["jpeg", "jpeg-grey", "jpeg-cmyk", "jpeg-progressive", "jpeg-wide", "jpeg-exif", "mpo", "png", "png-palette",
-        "png-alpha", "png-16bit", "webp", "webp-lossless", "webp-alpha", "webp-widest"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: saved("JPEG"),
+        lambda: saved("JPEG", "L"),
+        lambda: saved("JPEG", "CMYK"),
+        lambda: saved("JPEG", progressive=True),
+        lambda: saved("JPEG", size=(3000, 7)),
+        exif_jpeg,
+        multi_picture_jpeg,
+        lambda: saved("PNG"),
+        lambda: saved("PNG", "P"),
+        lambda: saved("PNG", "RGBA"),
+        lambda: saved("PNG", "I;16"),
+        lambda: saved("WEBP"),
+        lambda: saved("WEBP", lossless=True),
+        lambda: saved("WEBP", "RGBA"),
+        lambda: saved("WEBP", size=(16383, 2), lossless=True),
+    ],
+    ids=[
+        "jpeg",
+        "jpeg-grey",
+        "jpeg-cmyk",
+        "jpeg-progressive",
+        "jpeg-wide",
+        "jpeg-exif",
+        "mpo",
+        "png",
+        "png-palette",
+        "png-alpha",
+        "png-16bit",
+        "webp",
+        "webp-lossless",
+        "webp-alpha",
+        "webp-widest",
+    ],
+)
 def test_the_header_gives_the_size_pil_reads(make):
     data = make()
     with Image.open(io.BytesIO(data)) as image:
@@ -117,8 +148,10 @@ def test_open_header_refuses_a_bomb_before_pil_sees_it_and_names_the_limit(recwa
     for bomb in (bomb_png(), bomb_jpeg()):
         with pytest.raises(CorruptImageError) as caught:
             open_header(bomb)
-        assert str(caught.value) == ("declares 12000x12000 = 144,000,000 pixels, more than data.max_image_pixels "
-                                     "= 40,000,000; refused before decoding")
+        assert str(caught.value) == (
+            "declares 12000x12000 = 144,000,000 pixels, more than data.max_image_pixels "
+            "= 40,000,000; refused before decoding"
+        )
     assert not [warning for warning in recwarn if issubclass(warning.category, Image.DecompressionBombWarning)]
     with open_header(saved("PNG"), max_image_pixels=70 * 50) as image:  # the limit itself is allowed
         assert image.size == (70, 50)

@@ -46,18 +46,21 @@ def test_the_index_tiles_the_tar_by_sample_and_each_range_reads_exactly_that_sam
     assert (entries[1:, 0] == entries[:-1, 0] + entries[:-1, 1]).all()
     for number in range(4):
         offset, length = sample_index.segment_range(entries, number, number + 1)
-        stream = io.BytesIO(data[offset:offset + length] + bytes(1024))
+        stream = io.BytesIO(data[offset : offset + length] + bytes(1024))
         (sample,) = shard_reader.tar_samples(stream, "t.tar")
         assert sample["__key__"].startswith(f"k{number}") and len(sample["jpg"]) == [100, 700, 3000, 5][number]
     assert sample_index.decode(sample_index.encode(entries), "t.idx").tolist() == entries.tolist()
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"NOTANIDX" + bytes(8), "not a sample index"),
-    (sample_index.MAGIC + np.uint64(3).tobytes() + bytes(16), "says 3 samples but holds 1"),
-    (sample_index.encode(np.array([[0, 512], [1024, 512]], dtype=np.uint64)), "do not tile the shard"),
-    (sample_index.encode(np.array([[512, 512]], dtype=np.uint64)), "do not tile the shard"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"NOTANIDX" + bytes(8), "not a sample index"),
+        (sample_index.MAGIC + np.uint64(3).tobytes() + bytes(16), "says 3 samples but holds 1"),
+        (sample_index.encode(np.array([[0, 512], [1024, 512]], dtype=np.uint64)), "do not tile the shard"),
+        (sample_index.encode(np.array([[512, 512]], dtype=np.uint64)), "do not tile the shard"),
+    ],
+)
 def test_a_malformed_index_is_refused_naming_it(data, message):
     with pytest.raises(DataError, match=f"t.idx: .*{message}"):
         sample_index.decode(data, "t.idx")
@@ -105,10 +108,18 @@ def test_every_loader_process_reads_exactly_its_planned_samples_bytes(tmp_path, 
     manifest = _indexed_split(tmp_path, [7, 11, 6], split="val")
     root = str(tmp_path) if where == "local" else copy_to_memory(tmp_path, f"idx-{tmp_path.name}")
     counted = _Counted(monkeypatch)
-    entries = [sample_index.decode((tmp_path / "val" / (s.name + ".idx")).read_bytes(), s.name) for s in manifest.shards]
+    entries = [
+        sample_index.decode((tmp_path / "val" / (s.name + ".idx")).read_bytes(), s.name) for s in manifest.shards
+    ]
     for rank in range(world):
-        stream = build_loader(DataConfig(root=root, loader_workers=workers, **SMALL), "val", rank=rank,
-                              world_size=world, batch_size=2, seed=0).dataset
+        stream = build_loader(
+            DataConfig(root=root, loader_workers=workers, **SMALL),
+            "val",
+            rank=rank,
+            world_size=world,
+            batch_size=2,
+            seed=0,
+        ).dataset
         for worker in range(workers):
             plan = stream.plan(worker, workers)
             before = counted.bytes
@@ -123,8 +134,14 @@ def test_without_an_index_the_same_samples_come_from_the_sequential_read_with_a_
     write_split(tmp_path / "b" / "train", [7, 11], split="train")  # as older versions wrote them: no index
     keys = {}
     for name in ("a", "b"):
-        stream = build_loader(DataConfig(root=tmp_path / name, loader_workers=0, **SMALL), "train", rank=1,
-                              world_size=2, batch_size=2, seed=0).dataset
+        stream = build_loader(
+            DataConfig(root=tmp_path / name, loader_workers=0, **SMALL),
+            "train",
+            rank=1,
+            world_size=2,
+            batch_size=2,
+            seed=0,
+        ).dataset
         keys[name] = [sample.key for sample in stream._read(stream.plan().segments)]
     assert keys["a"] == keys["b"] and keys["a"]
     assert "re-run `imagenet-pipeline index` on the split to add them" in caplog.text
@@ -156,8 +173,9 @@ def _keys_of(root):
     shard_reader._INDEXES.clear()
     keys = []
     for rank in range(3):
-        stream: ShardStream = build_loader(DataConfig(root=root, loader_workers=0, **SMALL), "train", rank=rank,
-                                           world_size=3, batch_size=2, seed=0).dataset
+        stream: ShardStream = build_loader(
+            DataConfig(root=root, loader_workers=0, **SMALL), "train", rank=rank, world_size=3, batch_size=2, seed=0
+        ).dataset
         keys += [sample.key for sample in stream._read(stream.plan().segments)]
     return keys
 
@@ -172,15 +190,18 @@ def test_index_writes_and_verify_checks_the_sample_indexes(tmp_path):
     assert verify_split(tmp_path / "val") == []
     index_file = tmp_path / "val" / (manifest.shards[0].name + ".idx")
     index_file.write_bytes(index_file.read_bytes()[:-1])
-    assert verify_split(tmp_path / "val") == [f"{manifest.shards[0].name}: sample index sha256 differs from the "
-                                               "manifest's"]
+    assert verify_split(tmp_path / "val") == [
+        f"{manifest.shards[0].name}: sample index sha256 differs from the manifest's"
+    ]
     index_file.unlink()
     assert "sample index val-000000.tar.idx is missing" in verify_split(tmp_path / "val")[0]
 
 
 def test_a_manifest_index_sha256_that_is_not_a_digest_is_refused(tmp_path):
     manifest = write_split(tmp_path / "val", [3])
-    write_manifest(replace(manifest, shards=[replace(manifest.shards[0], index_sha256="$(rm -rf /)")]), tmp_path / "val")
+    write_manifest(
+        replace(manifest, shards=[replace(manifest.shards[0], index_sha256="$(rm -rf /)")]), tmp_path / "val"
+    )
     with pytest.raises(DataError, match=r"index_sha256 '\$\(rm -rf /\)', not a sha256 hex digest"):
         read_manifest(tmp_path / "val")
 
@@ -198,10 +219,18 @@ def test_shard_writes_an_index_beside_every_shard_and_the_loader_uses_it(tmp_pat
         assert hashlib.sha256(data).hexdigest() == shard.index_sha256
         assert len(sample_index.decode(data, shard.name)) == shard.num_samples
     assert all(problems == [] for problems in verify_dataset(tmp_path / "out").values())
-    stream = build_loader(DataConfig(root=tmp_path / "out", loader_workers=0, **SMALL), "train", rank=1,
-                          world_size=2, batch_size=2, seed=0).dataset
-    assert all(shard_reader.shard_index(stream.locations[s.shard], manifest.shards[s.shard]) is not None
-               for s in stream.plan().segments)
+    stream = build_loader(
+        DataConfig(root=tmp_path / "out", loader_workers=0, **SMALL),
+        "train",
+        rank=1,
+        world_size=2,
+        batch_size=2,
+        seed=0,
+    ).dataset
+    assert all(
+        shard_reader.shard_index(stream.locations[s.shard], manifest.shards[s.shard]) is not None
+        for s in stream.plan().segments
+    )
     keys = [sample.key for sample in stream._read(stream.plan().segments)]
     assert len(keys) == sum(s.length for s in stream.plan().segments) and all(keys)
 
@@ -215,10 +244,14 @@ def test_the_index_ends_where_the_tars_end_of_archive_begins_and_a_shorter_one_i
     assert decoded.tolist() == entries.tolist()
     # Samples split so that three entries tile only the first two samples: k2 would be read by no one.
     members = [member.offset for member in tarfile.open(fileobj=io.BytesIO(data))]
-    prefix = np.array([[0, members[1]], [members[1], members[2] - members[1]], [members[2], members[4] - members[2]]],
-                      dtype=np.uint64)
-    with pytest.raises(DataError, match=rf"t.idx: sample index ends at byte {members[4]}, not where the shard's "
-                                        rf"end-of-archive blocks begin \(the shard has {len(data)} bytes\)"):
+    prefix = np.array(
+        [[0, members[1]], [members[1], members[2] - members[1]], [members[2], members[4] - members[2]]], dtype=np.uint64
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"t.idx: sample index ends at byte {members[4]}, not where the shard's "
+        rf"end-of-archive blocks begin \(the shard has {len(data)} bytes\)",
+    ):
         sample_index.decode(sample_index.encode(prefix), "t.idx", shard_bytes=len(data))
     # A member webdataset skips after the last sample still belongs to it: the index reaches the archive's end.
     buffer = io.BytesIO()
@@ -279,8 +312,7 @@ def test_an_index_larger_than_its_sample_count_implies_is_not_read(tmp_path, cap
     assert f"larger than the {16 + 16 * 4} bytes expected" in caplog.text and "reading" in caplog.text
 
 
-def test_an_index_whose_boundaries_split_samples_is_caught_as_it_is_read_never_giving_a_wrong_sample(tmp_path,
-                                                                                                      caplog):
+def test_an_index_whose_boundaries_split_samples_is_caught_as_it_is_read_never_giving_a_wrong_sample(tmp_path, caplog):
     import tarfile
 
     from pipeline.data.plan import Segment
@@ -306,7 +338,6 @@ def test_an_index_whose_boundaries_split_samples_is_caught_as_it_is_read_never_g
 
 
 def test_a_checked_indexed_read_of_a_sound_index_gives_every_range_its_own_samples(tmp_path):
-    from pipeline.data.plan import Segment
 
     manifest = _indexed_split(tmp_path, [7])
     location = str(tmp_path / "train" / manifest.shards[0].name)

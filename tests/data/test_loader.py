@@ -144,6 +144,7 @@ def test_masked_slots_use_the_ignore_label(tmp_path):
 # Shards from other places: a URL root (fsspec) and a shard command (webdataset's pipe:) must give
 # exactly the batches a local root gives, so where the data lives never changes what is trained on.
 
+
 def _batches(root, split, workers, **extra):
     """Every batch of both ranks of a 2-worker job, as (keys, labels): order, contents and masking."""
     seen = []
@@ -170,9 +171,11 @@ def test_a_shard_command_streams_the_same_batches_through_a_pipe(tiny_shards, tm
     # The command really is what reads the shards: each shard's path reaches it as one argument, no shell.
     log = tmp_path / "streamed shards.txt"
     script = tmp_path / "stream.py"
-    script.write_text("import shutil, sys\n"
-                      f"open({str(log)!r}, 'a').write(sys.argv[1] + '\\n')\n"
-                      "shutil.copyfileobj(open(sys.argv[1], 'rb'), sys.stdout.buffer)\n")
+    script.write_text(
+        "import shutil, sys\n"
+        f"open({str(log)!r}, 'a').write(sys.argv[1] + '\\n')\n"
+        "shutil.copyfileobj(open(sys.argv[1], 'rb'), sys.stdout.buffer)\n"
+    )
     command = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} {{url}}"
     assert _batches(tiny_shards, "train", workers, shard_command=command) == local
     assert set(log.read_text().split()) == {str(path) for path in (tiny_shards / "train").glob("*.tar")}
@@ -208,8 +211,9 @@ def _run_with(root, split, **extra):
 
 
 def _batches_with(root, split, decode_device=None, **extra):
-    loader = build_loader(_data(root, 2, **extra), split, rank=0, world_size=1, batch_size=4, seed=5,
-                          decode_device=decode_device)
+    loader = build_loader(
+        _data(root, 2, **extra), split, rank=0, world_size=1, batch_size=4, seed=5, decode_device=decode_device
+    )
     loader.set_epoch(1)
     return list(loader), loader
 
@@ -228,7 +232,9 @@ def _split_with_an_undecodable_jpeg(root, split):
 def _same_samples_and_masks(cpu, device, cpu_loader, device_loader, device_type):
     assert len(cpu) == len(device)
     for a, b in zip(cpu, device):
-        assert a.keys == b.keys and torch.equal(a.labels, b.labels) and tuple(a.corrupt_shards) == tuple(b.corrupt_shards)
+        assert (
+            a.keys == b.keys and torch.equal(a.labels, b.labels) and tuple(a.corrupt_shards) == tuple(b.corrupt_shards)
+        )
         assert b.encoded is None and b.images.device.type == device_type  # decoded by the time the step sees it
     assert device_loader.corrupt_counts.tolist() == cpu_loader.corrupt_counts.tolist()
     assert sum(len(batch.corrupt_shards) for batch in device) == 1
@@ -257,8 +263,10 @@ def test_nvjpeg_decoding_gives_the_cpu_routes_crops_within_rounding(tmp_path, sp
     device, device_loader = _batches_with(tmp_path, split, decode_device=torch.device("cuda"), decode="gpu")
     _same_samples_and_masks(cpu, device, cpu_loader, device_loader, "cuda")
     difference = torch.cat([(a.images.int() - b.images.cpu().int()).abs().flatten() for a, b in zip(cpu, device)])
-    print(f"nvJPEG vs CPU route ({split}): mean |diff| {difference.float().mean():.3f}, "
-          f"99th percentile {difference.float().quantile(0.99):.0f}, max {difference.max()}")
+    print(
+        f"nvJPEG vs CPU route ({split}): mean |diff| {difference.float().mean():.3f}, "
+        f"99th percentile {difference.float().quantile(0.99):.0f}, max {difference.max()}"
+    )
     assert difference.float().mean() <= 0.5 and difference.max() <= 4
 
 
@@ -274,6 +282,7 @@ def test_gpu_decoding_without_gpus_is_refused_at_config_load():
 def test_a_pass_started_mid_epoch_yields_exactly_the_rest_of_the_full_pass(tiny_shards, workers, start):
     """A resume at step k (pipeline.train.step) sees batches k, k+1, ... of the uninterrupted pass: same samples,
     same order, same augmented pixels, whatever the number of loader processes."""
+
     def batches(start_step):
         loader = build_loader(_data(tiny_shards, workers), "train", rank=1, world_size=2, batch_size=2, seed=3)
         loader.set_epoch(1, start_step=start_step)
@@ -314,6 +323,7 @@ def test_a_resumed_pass_joins_nearby_wanted_samples_into_one_ranged_read():
 # Issue 23, decompression bombs: a sample declaring more than data.max_image_pixels is refused from its header
 # and masked as a corrupt sample on both decode routes, never decoded (in-process loaders, so the spies see all).
 
+
 def _split_with_bombs(root, split):
     from tests.data.test_image_header import bomb_jpeg, bomb_png
 
@@ -347,8 +357,7 @@ def _refuse_large_decodes(monkeypatch):
 
 @pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
-def test_decompression_bombs_are_masked_as_corrupt_samples_without_being_decoded(tmp_path, monkeypatch, split,
-                                                                                 decode):
+def test_decompression_bombs_are_masked_as_corrupt_samples_without_being_decoded(tmp_path, monkeypatch, split, decode):
     _split_with_bombs(tmp_path, split)
     _refuse_large_decodes(monkeypatch)
     # Batches of 5: a train epoch of 10 samples then takes them all (it drops a remainder to keep steps equal).

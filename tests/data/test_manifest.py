@@ -51,13 +51,16 @@ def test_a_url_entry_needs_the_users_own_allowance(tmp_path):
     assert read_manifest(tmp_path / "val", ["s3"]).shards[0].name == "s3://elsewhere/val-000000.tar"
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda data: data.pop("classes"), r"has no 'classes' entry"),
-    (lambda data: data.update(classes={"a": 1}), r"'classes' must be a JSON list, not dict"),
-    (lambda data: data.update(shards="val-000000.tar"), r"'shards' must be a JSON list, not str"),
-    (lambda data: data["shards"][0].update(num_samples=None, extra=1), r"an entry has the wrong JSON type"),
-    (lambda data: data.update(converted_files="many"), r"'converted_files' must be a count of files"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda data: data.pop("classes"), r"has no 'classes' entry"),
+        (lambda data: data.update(classes={"a": 1}), r"'classes' must be a JSON list, not dict"),
+        (lambda data: data.update(shards="val-000000.tar"), r"'shards' must be a JSON list, not str"),
+        (lambda data: data["shards"][0].update(num_samples=None, extra=1), r"an entry has the wrong JSON type"),
+        (lambda data: data.update(converted_files="many"), r"'converted_files' must be a count of files"),
+    ],
+)
 def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path, change, message):
     write_split(tmp_path / "val", [4])
     rewrite(tmp_path / "val", change)
@@ -76,10 +79,13 @@ def test_a_manifest_that_is_not_an_object_is_refused(tmp_path):
 def test_a_manifest_with_per_file_records_reads_as_counts(tmp_path):
     """Manifests written before counts listed every skipped and converted file; they still load."""
     write_split(tmp_path / "val", [4])
+
     def as_before(data):
         del data["skipped_files"], data["converted_files"]
-        data.update(skipped=[{"file": "a.JPEG", "reason": "cannot be decoded"}],
-                    converted=[{"file": f"{n}.JPEG", "reason": "resized"} for n in range(3)])
+        data.update(
+            skipped=[{"file": "a.JPEG", "reason": "cannot be decoded"}],
+            converted=[{"file": f"{n}.JPEG", "reason": "resized"} for n in range(3)],
+        )
 
     rewrite(tmp_path / "val", as_before)
     manifest = read_manifest(tmp_path / "val")

@@ -21,8 +21,7 @@ def _rank_plans(counts, world, workers, kind, **kwargs):
     planner = plan_train_worker if kind == "train" else plan_eval_worker
     num = max(1, workers)
     return {
-        rank: [planner(counts, world_size=world, rank=rank, worker=w, num_workers=num, **kwargs)
-               for w in range(num)]
+        rank: [planner(counts, world_size=world, rank=rank, worker=w, num_workers=num, **kwargs) for w in range(num)]
         for rank in range(world)
     }
 

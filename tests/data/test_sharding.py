@@ -20,8 +20,9 @@ OPTIONS = {"val_per_class": VAL_PER_CLASS, "samples_per_shard": 7, "seed": 3, "p
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """4 classes x 10 good train JPEGs + 3 official val each; the first class also holds ImageNet's odd files."""
-    root = small_imagenet(tmp_path_factory.mktemp("source") / "imagenet", num_classes=4, train_per_class=10,
-                          val_per_class=3, seed=1)
+    root = small_imagenet(
+        tmp_path_factory.mktemp("source") / "imagenet", num_classes=4, train_per_class=10, val_per_class=3, seed=1
+    )
     odd_class = sorted((root / "train").iterdir())[0]
     return root, odd_class, add_bad_files(odd_class)
 
@@ -37,8 +38,7 @@ def _split_samples(output, split):
 
 
 def _source_images(root, folder):
-    return {path.stem: path for path in (root / folder).rglob("*")
-            if path.suffix.lower() in (".jpeg", ".jpg", ".png")}
+    return {path.stem: path for path in (root / folder).rglob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png")}
 
 
 def test_every_image_lands_once_with_its_label(source, sharded):
@@ -54,8 +54,9 @@ def test_every_image_lands_once_with_its_label(source, sharded):
     for sample in stored["train"] + stored["val"]:
         assert wnids[sample["cls"]] == train_images[sample["__key__"]].parent.name
     val_images = _source_images(root, "val")
-    assert {sample["__key__"]: wnids[sample["cls"]] for sample in stored["test"]} == \
-        {stem: path.parent.name for stem, path in val_images.items()}
+    assert {sample["__key__"]: wnids[sample["cls"]] for sample in stored["test"]} == {
+        stem: path.parent.name for stem, path in val_images.items()
+    }
     for split in ("train", "val", "test"):
         manifest = read_manifest(output / split)
         assert manifest.num_samples == summary.splits[split].num_samples == len(stored[split])
@@ -95,8 +96,9 @@ def test_cmyk_grayscale_and_png_are_converted_to_rgb_jpeg(source, sharded):
     assert "CMYK image converted to RGB" in converted["cmyk.JPEG"]
     assert "L image converted to RGB" in converted["gray.JPEG"]
     assert "PNG data in a .JPEG file" in converted["png_inside.JPEG"]
-    stored = {sample["__key__"]: sample["jpg"]
-              for split in ("train", "val") for sample in _split_samples(output, split)}
+    stored = {
+        sample["__key__"]: sample["jpg"] for split in ("train", "val") for sample in _split_samples(output, split)
+    }
     for name in converted:
         with Image.open(io.BytesIO(stored[name.split(".")[0]])) as image, Image.open(odd_class / name) as original:
             assert (image.format, image.mode, image.size) == ("JPEG", "RGB", original.size)
@@ -123,8 +125,9 @@ def test_damaged_and_stray_files_are_skipped_and_reported(source, sharded):
     assert "not an image file" in reasons["notes.txt"]
     report = json.loads((output / "report.json").read_text())
     assert {entry["file"].split("/")[-1] for entry in report["skipped"]} == expected
-    assert sorted(entry["file"] for entry in report["skipped"] if entry["split"] == "train") == \
-        sorted(f"train/{odd_class.name}/{name}" for name in expected)
+    assert sorted(entry["file"] for entry in report["skipped"] if entry["split"] == "train") == sorted(
+        f"train/{odd_class.name}/{name}" for name in expected
+    )
     assert sum(read_manifest(output / split).skipped_files for split in ("train", "val")) == len(expected)
 
 
@@ -147,16 +150,25 @@ def test_manifest_records_checksums_and_the_options(source, sharded):
     for shard in manifest.shards:
         path = output / "train" / shard.name
         assert (shard.sha256, shard.bytes) == (file_sha256(path), path.stat().st_size)
-    assert {key: manifest.source[key] for key in ("path", "layout", "seed", "val_per_class", "samples_per_shard",
-                                                   "max_side", "quality")} == {
-        "path": str(source[0]), "layout": "folders", "seed": 3, "val_per_class": 2, "samples_per_shard": 7,
-        "max_side": None, "quality": 90}
+    assert {
+        key: manifest.source[key]
+        for key in ("path", "layout", "seed", "val_per_class", "samples_per_shard", "max_side", "quality")
+    } == {
+        "path": str(source[0]),
+        "layout": "folders",
+        "seed": 3,
+        "val_per_class": 2,
+        "samples_per_shard": 7,
+        "max_side": None,
+        "quality": 90,
+    }
     assert not list(output.rglob("*.partial"))
 
 
 def test_max_side_resizes_keeping_the_aspect_ratio(source, tmp_path):
-    summary = shard_imagenet(source[0], tmp_path / "small", val_per_class=1, samples_per_shard=100, max_side=32,
-                             progress=False)
+    summary = shard_imagenet(
+        source[0], tmp_path / "small", val_per_class=1, samples_per_shard=100, max_side=32, progress=False
+    )
     for sample in _split_samples(tmp_path / "small", "train"):
         with Image.open(io.BytesIO(sample["jpg"])) as image:
             assert (image.format, image.mode, image.size) == ("JPEG", "RGB", (32, 24))
@@ -185,8 +197,10 @@ def test_resume_after_a_crash_rewrites_only_what_is_missing(source, sharded, tmp
 
     summary = shard_imagenet(source[0], output, resume=True, **OPTIONS)
     assert summary.splits["train"].shards_written == 2
-    assert summary.shards_kept == summary.splits["train"].num_shards - 2 + summary.splits["val"].num_shards + \
-        summary.splits["test"].num_shards
+    assert (
+        summary.shards_kept
+        == summary.splits["train"].num_shards - 2 + summary.splits["val"].num_shards + summary.splits["test"].num_shards
+    )
     assert {name: (train / name).stat().st_mtime_ns for name in untouched} == untouched
     assert (train / "manifest.json").read_text() == original
     assert not list(train.glob("*.partial"))
@@ -202,15 +216,18 @@ def test_existing_shards_are_never_silently_overwritten(source, sharded, tmp_pat
     assert {path: path.stat().st_mtime_ns for path in output.rglob("*")} == before
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"samples_per_shard": 0}, "samples_per_shard = 0 must be at least 1"),
-    ({"val_per_class": -1}, "val_per_class = -1"),
-    ({"max_side": 0}, "max_side = 0"),
-    ({"quality": 0}, "quality = 0"),
-    ({"processes": 0}, "processes = 0"),
-    ({"max_image_pixels": 0}, "max_image_pixels = 0"),
-    ({"val_per_class": 10}, "has 10 training images"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"samples_per_shard": 0}, "samples_per_shard = 0 must be at least 1"),
+        ({"val_per_class": -1}, "val_per_class = -1"),
+        ({"max_side": 0}, "max_side = 0"),
+        ({"quality": 0}, "quality = 0"),
+        ({"processes": 0}, "processes = 0"),
+        ({"max_image_pixels": 0}, "max_image_pixels = 0"),
+        ({"val_per_class": 10}, "has 10 training images"),
+    ],
+)
 def test_bad_options_are_value_errors_before_anything_is_written(source, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         shard_imagenet(source[0], tmp_path / "out", **{**OPTIONS, **options})
@@ -240,8 +257,9 @@ def test_decompression_bombs_in_the_source_are_skipped_from_their_headers(tmp_pa
         assert reason.startswith("too large: declares 12000x12000 = 144,000,000 pixels, more than")
     assert summary.splits["train"].num_samples + summary.splits["val"].num_samples == 2 * 4
     # The limit is the caller's: here it refuses the ordinary 64 x 48 images too.
-    small = shard_imagenet(root, tmp_path / "small", val_per_class=1, samples_per_shard=4, progress=False,
-                           max_image_pixels=64 * 48 - 1)
+    small = shard_imagenet(
+        root, tmp_path / "small", val_per_class=1, samples_per_shard=4, progress=False, max_image_pixels=64 * 48 - 1
+    )
     assert len(small.skipped) == 2 * 5 + 2 and all(split.num_samples == 0 for split in small.splits.values())
 
 
@@ -293,9 +311,26 @@ def test_sigkill_of_shard_stops_its_pool_and_an_immediate_resume_completes(tmp_p
 
     source = small_imagenet(tmp_path / "src")
     output = tmp_path / "shards"
-    command = [sys.executable, "-m", "pipeline.cli", "shard", "--source", str(source), "--output", str(output),
-               "--val-per-class", "1", "--samples-per-shard", "2", "--processes", "2", "--max-side", "64",
-               "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "shard",
+        "--source",
+        str(source),
+        "--output",
+        str(output),
+        "--val-per-class",
+        "1",
+        "--samples-per-shard",
+        "2",
+        "--processes",
+        "2",
+        "--max-side",
+        "64",
+        "--no-progress",
+    ]
+
     def command_line(process: psutil.Process) -> str:
         try:
             return " ".join(process.cmdline())
@@ -306,8 +341,11 @@ def test_sigkill_of_shard_stops_its_pool_and_an_immediate_resume_completes(tmp_p
     deadline = time.time() + 120
     pool = []
     while time.time() < deadline and not pool:
-        pool = [child for child in psutil.Process(parent.pid).children(recursive=True)
-                if "multiprocessing" in command_line(child)]
+        pool = [
+            child
+            for child in psutil.Process(parent.pid).children(recursive=True)
+            if "multiprocessing" in command_line(child)
+        ]
         time.sleep(0.05)
     assert pool, "the shard run never started its pool"
     os.kill(parent.pid, signal.SIGKILL)

@@ -18,8 +18,10 @@ def _labels(source):
 def trees(tmp_path_factory):
     """The same generated dataset in all three val layouts."""
     base = tmp_path_factory.mktemp("layouts")
-    return {layout: small_imagenet(base / layout, val_layout=layout, num_classes=4, val_per_class=3, seed=4)
-            for layout in ("folders", "devkit", "loc_csv")}
+    return {
+        layout: small_imagenet(base / layout, val_layout=layout, num_classes=4, val_per_class=3, seed=4)
+        for layout in ("folders", "devkit", "loc_csv")
+    }
 
 
 @pytest.mark.parametrize("layout", ["folders", "devkit", "loc_csv"])

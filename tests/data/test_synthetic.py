@@ -26,8 +26,9 @@ def test_folders_layout_has_train_and_val_class_folders_of_decodable_jpegs(tmp_p
         names = sorted(path.name for path in (root / "train" / wnid).iterdir())
         assert names == sorted(f"{wnid}_{index}.JPEG" for index in range(4))
     val_files = sorted((root / "val").glob("*/*.JPEG"))
-    assert [path.name for path in sorted(val_files, key=lambda p: p.name)] == \
-        [f"ILSVRC2012_val_{number:08d}.JPEG" for number in range(1, 7)]
+    assert [path.name for path in sorted(val_files, key=lambda p: p.name)] == [
+        f"ILSVRC2012_val_{number:08d}.JPEG" for number in range(1, 7)
+    ]
     mapping = (root / "LOC_synset_mapping.txt").read_text().splitlines()
     assert mapping == [f"{wnid} synthetic class {index}" for index, wnid in enumerate(wnids)]
     with Image.open(val_files[0]) as image:
@@ -48,7 +49,7 @@ def test_devkit_layout_reads_as_torchvision_reads_it_and_agrees_with_folders(tmp
     assert sorted(wnids) == sorted(path.name for path in (devkit / "train").iterdir())
     assert list(ids) != [1, 2, 3, 4]  # IDs are not class indices, as in the real devkit
     id_to_wnid = dict(zip(ids, wnids))
-    ground_truth = (devkit / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt")
+    ground_truth = devkit / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"
     lines = [int(line) for line in ground_truth.read_text().split()]
     flat = sorted(path.stem for path in (devkit / "val").iterdir())
     assert len(lines) == len(flat) == 12
@@ -69,14 +70,16 @@ def test_loc_csv_layout_labels_agree_with_folders(tmp_path):
         assert 0 <= x1 < x2 < 64 and 0 <= y1 < y2 < 48
     assert (kaggle / "LOC_synset_mapping.txt").is_file()
     # The images themselves do not depend on the layout.
-    assert (kaggle / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes() == \
-        next((folders / "val").glob("*/ILSVRC2012_val_00000001.JPEG")).read_bytes()
+    assert (kaggle / "val" / "ILSVRC2012_val_00000001.JPEG").read_bytes() == next(
+        (folders / "val").glob("*/ILSVRC2012_val_00000001.JPEG")
+    ).read_bytes()
 
 
 def test_same_seed_same_bytes_and_process_count_does_not_matter(tmp_path):
     first = small_imagenet(tmp_path / "a", num_classes=2, train_per_class=3, seed=7)
-    second = generate_imagenet_folder(tmp_path / "b", num_classes=2, train_per_class=3, val_per_class=2, seed=7,
-                                      processes=2, **SMALL)
+    second = generate_imagenet_folder(
+        tmp_path / "b", num_classes=2, train_per_class=3, val_per_class=2, seed=7, processes=2, **SMALL
+    )
     other = small_imagenet(tmp_path / "c", num_classes=2, train_per_class=3, seed=8)
 
     def contents(root):
@@ -108,9 +111,15 @@ def test_full_size_images_weigh_like_imagenet_photos(tmp_path):
     assert not (root / "val").exists() or not any((root / "val").rglob("*.JPEG"))
 
 
-@pytest.mark.parametrize(("mode", "format", "expected_mode"), [
-    ("RGB", "JPEG", "RGB"), ("L", "JPEG", "L"), ("CMYK", "JPEG", "CMYK"), ("RGB", "PNG", "RGB"),
-])
+@pytest.mark.parametrize(
+    ("mode", "format", "expected_mode"),
+    [
+        ("RGB", "JPEG", "RGB"),
+        ("L", "JPEG", "L"),
+        ("CMYK", "JPEG", "CMYK"),
+        ("RGB", "PNG", "RGB"),
+    ],
+)
 def test_make_jpeg_bytes_encodes_the_requested_mode_and_format(mode, format, expected_mode):
     data = make_jpeg_bytes(40, 30, seed=0, mode=mode, format=format)
     with Image.open(io.BytesIO(data)) as image:
@@ -119,13 +128,16 @@ def test_make_jpeg_bytes_encodes_the_requested_mode_and_format(mode, format, exp
     assert make_jpeg_bytes(40, 30, seed=0, mode=mode, format=format) == data
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"num_classes": 0}, "num_classes"),
-    ({"train_per_class": 0}, "train_per_class"),
-    ({"val_layout": "flat"}, "val_layout"),
-    ({"width": 4}, "too small"),
-    ({"quality": 101}, "quality"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_classes": 0}, "num_classes"),
+        ({"train_per_class": 0}, "train_per_class"),
+        ({"val_layout": "flat"}, "val_layout"),
+        ({"width": 4}, "too small"),
+        ({"quality": 101}, "quality"),
+    ],
+)
 def test_bad_arguments_are_one_line_value_errors(tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         generate_imagenet_folder(tmp_path / "src", **{**SMALL, **options})

@@ -16,8 +16,17 @@ from torchvision.transforms import functional as tv_functional
 
 from pipeline.data import transforms
 from pipeline.data.transforms import (
-    CorruptImageError, EncodedImage, EvalTransform, IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_draft_scale,
-    decode_on_device, normalize_batch, prepare_for_device, sample_crop,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CorruptImageError,
+    EncodedImage,
+    EvalTransform,
+    TrainTransform,
+    choose_draft_scale,
+    decode_on_device,
+    normalize_batch,
+    prepare_for_device,
+    sample_crop,
 )
 from tests.data.test_image_header import bomb_jpeg, bomb_png, saved
 
@@ -84,8 +93,9 @@ def test_train_matches_torchvision_random_resized_crop_on_the_same_box(photo_jpe
         ours = TrainTransform(128)(photo_jpeg, random.Random(seed))
         rng = random.Random(seed)
         top, left, height, width = sample_crop(*original.size, rng)
-        reference = tv_functional.resized_crop(original, top, left, height, width, [128, 128],
-                                               interpolation=tv_transforms.InterpolationMode.BILINEAR)
+        reference = tv_functional.resized_crop(
+            original, top, left, height, width, [128, 128], interpolation=tv_transforms.InterpolationMode.BILINEAR
+        )
         if rng.random() < 0.5:
             reference = tv_functional.hflip(reference)
         # Full-size decode (a 240 px high image has no crop of 2 x 128): torch's uint8 antialiased resize is
@@ -130,12 +140,12 @@ def test_choose_draft_scale_keeps_the_region_at_least_the_output_size():
     assert choose_draft_scale(300, 260, 128, 128) == 2
 
 
-def test_reduced_size_decode_is_used_for_large_crops_and_stays_close_to_a_full_decode(large_photo_jpeg,
-                                                                                    monkeypatch):
+def test_reduced_size_decode_is_used_for_large_crops_and_stays_close_to_a_full_decode(large_photo_jpeg, monkeypatch):
     full_size_calls = []
     decode_full_size = transforms._decode_full_size
-    monkeypatch.setattr(transforms, "_decode_full_size",
-                        lambda *arguments: full_size_calls.append(1) or decode_full_size(*arguments))
+    monkeypatch.setattr(
+        transforms, "_decode_full_size", lambda *arguments: full_size_calls.append(1) or decode_full_size(*arguments)
+    )
     # Crops of at least half of 1600 x 1200 are >= 848 px a side: decoded at 1/4 or 1/8 for 128 px.
     train = TrainTransform(128, min_scale=0.5)
     evaluate = EvalTransform(64)  # shorter side 1200 -> 73: decoded at 1/8
@@ -167,21 +177,24 @@ def test_eval_matches_torchvision_resize_and_centre_crop(photo_jpeg):
     original = Image.open(io.BytesIO(photo_jpeg)).convert("RGB")
     for size, crop_ratio in ((224, 0.875), (150, 0.875), (200, 1.0)):  # all decoded at full size
         ours = EvalTransform(size, crop_ratio)(photo_jpeg)
-        reference = tv_transforms.Compose([tv_transforms.Resize(round(size / crop_ratio)),
-                                           tv_transforms.CenterCrop(size)])(original)
+        reference = tv_transforms.Compose(
+            [tv_transforms.Resize(round(size / crop_ratio)), tv_transforms.CenterCrop(size)]
+        )(original)
         assert ours.shape == (3, size, size) and ours.is_contiguous()
         assert np.abs(as_array(ours) - np.asarray(reference)).max() <= 1
 
 
-@pytest.mark.parametrize("format, mode", [("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGBA"), ("PNG", "P"),
-                                          ("PNG", "L"), ("WEBP", None)])
+@pytest.mark.parametrize(
+    "format, mode", [("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "L"), ("WEBP", None)]
+)
 def test_other_colour_modes_and_formats_come_out_rgb(format, mode):
     data = encode(smooth_picture(160, 120), format, mode)
     train_output = TrainTransform(48)(data, random.Random(0))
     assert train_output.shape == (3, 48, 48) and train_output.dtype == torch.uint8
     eval_output = EvalTransform(48, crop_ratio=1.0)(data)
     expected = tv_transforms.Compose([tv_transforms.Resize(48), tv_transforms.CenterCrop(48)])(
-        Image.open(io.BytesIO(data)).convert("RGB"))
+        Image.open(io.BytesIO(data)).convert("RGB")
+    )
     assert mean_abs_difference(as_array(eval_output), np.asarray(expected)) < 1.0
 
 
@@ -190,7 +203,8 @@ def test_large_grey_and_cmyk_jpegs_come_out_rgb_through_the_reduced_decode():
         data = encode(smooth_picture(800, 600), "JPEG", mode)
         output = EvalTransform(64, crop_ratio=1.0)(data)  # shorter side 600 -> 64: decoded at 1/8
         expected = tv_transforms.Compose([tv_transforms.Resize(64), tv_transforms.CenterCrop(64)])(
-            Image.open(io.BytesIO(data)).convert("RGB"))
+            Image.open(io.BytesIO(data)).convert("RGB")
+        )
         assert output.shape == (3, 64, 64)
         assert mean_abs_difference(as_array(output), np.asarray(expected)) < 2.0
 
@@ -215,8 +229,9 @@ def test_truncated_jpeg_raises_corrupt_image_error_on_both_decode_paths(large_ph
 def test_normalize_batch_matches_torchvision_to_tensor_and_normalize():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (20, 24, 3), dtype=np.uint8) for _ in range(3)]
-    reference_transform = tv_transforms.Compose([tv_transforms.ToTensor(),
-                                                 tv_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    reference_transform = tv_transforms.Compose(
+        [tv_transforms.ToTensor(), tv_transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
     reference = torch.stack([reference_transform(Image.fromarray(image)) for image in images])
     batch = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images])
     normalised = normalize_batch(batch, "cpu")
@@ -245,17 +260,20 @@ def test_normalize_batch_rejects_anything_but_uint8_nchw():
         normalize_batch(torch.zeros(3, 4, 4, dtype=torch.uint8), "cpu")
 
 
-@pytest.mark.parametrize("build, name", [
-    (lambda: TrainTransform(0), "image_size"),
-    (lambda: TrainTransform(22.5), "image_size"),
-    (lambda: TrainTransform(224, min_scale=0.0), "min_scale"),
-    (lambda: TrainTransform(224, min_scale=1.5), "min_scale"),
-    (lambda: EvalTransform(-1), "image_size"),
-    (lambda: EvalTransform(224, crop_ratio=0.0), "crop_ratio"),
-    (lambda: EvalTransform(224, crop_ratio=1.2), "crop_ratio"),
-    (lambda: TrainTransform(224, max_image_pixels=0), "max_image_pixels"),
-    (lambda: EvalTransform(224, max_image_pixels=1.5e7), "max_image_pixels"),
-])
+@pytest.mark.parametrize(
+    "build, name",
+    [
+        (lambda: TrainTransform(0), "image_size"),
+        (lambda: TrainTransform(22.5), "image_size"),
+        (lambda: TrainTransform(224, min_scale=0.0), "min_scale"),
+        (lambda: TrainTransform(224, min_scale=1.5), "min_scale"),
+        (lambda: EvalTransform(-1), "image_size"),
+        (lambda: EvalTransform(224, crop_ratio=0.0), "crop_ratio"),
+        (lambda: EvalTransform(224, crop_ratio=1.2), "crop_ratio"),
+        (lambda: TrainTransform(224, max_image_pixels=0), "max_image_pixels"),
+        (lambda: EvalTransform(224, max_image_pixels=1.5e7), "max_image_pixels"),
+    ],
+)
 def test_invalid_arguments_raise_value_error_naming_the_argument(build, name):
     with pytest.raises(ValueError, match=name):
         build()
@@ -266,9 +284,11 @@ def test_invalid_arguments_raise_value_error_naming_the_argument(build, name):
 # max_image_pixels before anything is decoded, on the CPU route and the device route alike (the hostile images
 # and the header reading itself: tests/data/test_image_header.py).
 
+
 @pytest.fixture
 def nothing_is_decoded(monkeypatch):
     """Fails the test if any pixel is decoded (PIL's loaders, torchvision's decode_jpeg) or PIL warns."""
+
     def decoded(*arguments, **keywords):
         raise AssertionError("pixels were decoded")
 
@@ -286,8 +306,10 @@ def test_a_decompression_bomb_is_refused_from_its_header_by_both_transforms(bomb
     assert len(data) < 150_000
     for transform in (TrainTransform(224), EvalTransform(224)):  # the 40 MP default, as the loader builds them
         started = time.perf_counter()
-        with pytest.raises(CorruptImageError, match="declares 12000x12000 = 144,000,000 pixels, more than "
-                                                    "data.max_image_pixels = 40,000,000") as caught:
+        with pytest.raises(
+            CorruptImageError,
+            match="declares 12000x12000 = 144,000,000 pixels, more than data.max_image_pixels = 40,000,000",
+        ) as caught:
             transform(data, random.Random(0))
         assert "\n" not in str(caught.value)
         assert time.perf_counter() - started < 0.5  # decoding it took 4.5 s
@@ -313,8 +335,11 @@ def test_the_device_route_refuses_oversized_headers_before_decoding(monkeypatch)
     bomb = EncodedImage(torch.frombuffer(bytearray(bomb_jpeg()), dtype=torch.uint8), good.geometry)
     handed_to_the_decoder = []
     real_decode = transforms.decode_jpeg
-    monkeypatch.setattr(transforms, "decode_jpeg",
-                        lambda jpegs, **keywords: handed_to_the_decoder.extend(jpegs) or real_decode(jpegs, **keywords))
+    monkeypatch.setattr(
+        transforms,
+        "decode_jpeg",
+        lambda jpegs, **keywords: handed_to_the_decoder.extend(jpegs) or real_decode(jpegs, **keywords),
+    )
     outputs = decode_on_device([good, bomb, good], train=False, size=32, device=torch.device("cpu"))
     assert outputs[1] is None
     assert torch.equal(outputs[0], expected) and torch.equal(outputs[2], expected)
@@ -327,6 +352,7 @@ def test_the_device_route_refuses_oversized_headers_before_decoding(monkeypatch)
 # them from its own, unordered with the caller's. These tests queue reads behind a long GPU sleep, free their
 # memory (as a training step frees activations) and decode at once: with the decode ordered wrongly the decoder
 # is handed that memory and overwrites it before the queued reads run.
+
 
 def _device_slots(seed: int, count: int = 4) -> list[EncodedImage]:
     data = encode(smooth_picture(64, 48, seed))  # decodes to 3 x 48 x 64 = 9216 bytes

@@ -73,13 +73,16 @@ def test_missing_manifest_is_reported(shards):
 
 def test_undecodable_image_and_bad_labels_are_reported(tmp_path):
     good = make_jpeg_bytes(16, 12, seed=0)
-    _write_shard_with_manifest(tmp_path / "train", [
-        {"__key__": "fine", "jpg": good, "cls": b"2"},
-        {"__key__": "broken", "jpg": good[: len(good) // 2], "cls": b"1"},
-        {"__key__": "out_of_range", "jpg": good, "cls": b"3"},
-        {"__key__": "not_a_number", "jpg": good, "cls": b"cat"},
-        {"__key__": "no_label", "jpg": good},
-    ])
+    _write_shard_with_manifest(
+        tmp_path / "train",
+        [
+            {"__key__": "fine", "jpg": good, "cls": b"2"},
+            {"__key__": "broken", "jpg": good[: len(good) // 2], "cls": b"1"},
+            {"__key__": "out_of_range", "jpg": good, "cls": b"3"},
+            {"__key__": "not_a_number", "jpg": good, "cls": b"cat"},
+            {"__key__": "no_label", "jpg": good},
+        ],
+    )
     problems = verify_split(tmp_path / "train")
     assert problems[0].startswith("train-000000.tar: sample broken: image does not decode")
     assert problems[1:] == [
@@ -101,12 +104,15 @@ def test_decompression_bombs_and_unexpected_formats_are_reported_without_decodin
     good = make_jpeg_bytes(16, 12, seed=0)
     tiff = io.BytesIO()
     Image.new("RGB", (16, 12)).save(tiff, format="TIFF")
-    _write_shard_with_manifest(tmp_path / "train", [
-        {"__key__": "fine", "jpg": good, "cls": b"0"},
-        {"__key__": "bomb_png", "jpg": bomb_png(), "cls": b"1"},
-        {"__key__": "bomb_jpeg", "jpg": bomb_jpeg(), "cls": b"2"},
-        {"__key__": "tiff", "jpg": tiff.getvalue(), "cls": b"0"},  # PIL reads it; the loader would mask it
-    ])
+    _write_shard_with_manifest(
+        tmp_path / "train",
+        [
+            {"__key__": "fine", "jpg": good, "cls": b"0"},
+            {"__key__": "bomb_png", "jpg": bomb_png(), "cls": b"1"},
+            {"__key__": "bomb_jpeg", "jpg": bomb_jpeg(), "cls": b"2"},
+            {"__key__": "tiff", "jpg": tiff.getvalue(), "cls": b"0"},  # PIL reads it; the loader would mask it
+        ],
+    )
     real_load = ImageFile.ImageFile.load
 
     def load(image):
@@ -117,11 +123,14 @@ def test_decompression_bombs_and_unexpected_formats_are_reported_without_decodin
     problems = verify_split(tmp_path / "train")
     assert len(problems) == 3 and all("\n" not in problem for problem in problems)
     for key, problem in zip(("bomb_png", "bomb_jpeg"), problems):
-        assert problem == (f"train-000000.tar: sample {key}: image does not decode (CorruptImageError: declares "
-                           "12000x12000 = 144,000,000 pixels, more than data.max_image_pixels = 40,000,000; refused "
-                           "before decoding)")
-    assert problems[2] == ("train-000000.tar: sample tiff: image does not decode (CorruptImageError: not a JPEG, "
-                           "PNG or WEBP image)")
+        assert problem == (
+            f"train-000000.tar: sample {key}: image does not decode (CorruptImageError: declares "
+            "12000x12000 = 144,000,000 pixels, more than data.max_image_pixels = 40,000,000; refused "
+            "before decoding)"
+        )
+    assert problems[2] == (
+        "train-000000.tar: sample tiff: image does not decode (CorruptImageError: not a JPEG, PNG or WEBP image)"
+    )
     # The limit is the caller's, as the loader's is data.max_image_pixels.
     assert len(verify_split(tmp_path / "train", max_image_pixels=16 * 12 - 1)) == 4
 
@@ -134,8 +143,9 @@ def test_index_of_shardwriter_shards_makes_a_correct_manifest(tmp_path):
     manifest = index_shards(tmp_path, "train", progress=False)
     assert [shard.name for shard in manifest.shards] == [f"imagenet-train-{n:06d}.tar" for n in range(3)]
     assert manifest.shard_counts == [4, 4, 2]
-    assert [shard.sha256 for shard in manifest.shards] == \
-        [file_sha256(tmp_path / shard.name) for shard in manifest.shards]
+    assert [shard.sha256 for shard in manifest.shards] == [
+        file_sha256(tmp_path / shard.name) for shard in manifest.shards
+    ]
     assert (manifest.num_classes, manifest.image_key, manifest.label_key) == (5, "jpg", "cls")
     assert read_manifest(tmp_path) == manifest
     assert verify_split(tmp_path) == []
@@ -143,8 +153,14 @@ def test_index_of_shardwriter_shards_makes_a_correct_manifest(tmp_path):
     # A brace range as webdataset URLs use it, a classes file, and a manifest kept elsewhere.
     classes = tmp_path / "classes.txt"
     classes.write_text("".join(f"n{index:08d} thing {index}\n" for index in range(6)))
-    elsewhere = index_shards(tmp_path, "val", pattern="imagenet-train-{000000..000001}.tar", classes_file=classes,
-                             output=tmp_path / "elsewhere", progress=False)
+    elsewhere = index_shards(
+        tmp_path,
+        "val",
+        pattern="imagenet-train-{000000..000001}.tar",
+        classes_file=classes,
+        output=tmp_path / "elsewhere",
+        progress=False,
+    )
     assert elsewhere.shard_counts == [4, 4] and elsewhere.classes[5] == ClassInfo(5, "n00000005", "thing 5")
     # Outside the manifest's folder a shard is a file:// URL, read only where data.shard_url_schemes allows "file".
     assert elsewhere.shards[0].name == (tmp_path / "imagenet-train-000000.tar").resolve().as_uri()

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.inference.loading import FrozenEvalModule
 from pipeline.features.extract import FEATURE_LAYERS, feature_spec, with_features
+from pipeline.inference.loading import FrozenEvalModule
 from pipeline.train.models import build_model
 
 
@@ -13,8 +13,10 @@ def images(size: int, batch: int = 3) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize(("name", "dim", "size"), [("resnet18", 512, 32), ("resnet50", 2048, 32),
-                                                    ("alexnet", 4096, 64), ("alexnet_tv", 4096, 64)])
+@pytest.mark.parametrize(
+    ("name", "dim", "size"),
+    [("resnet18", 512, 32), ("resnet50", 2048, 32), ("alexnet", 4096, 64), ("alexnet_tv", 4096, 64)],
+)
 def test_features_are_the_unit_length_input_of_the_classifier_layer(name, dim, size):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=name, dropout=0.2), num_classes=7).eval()

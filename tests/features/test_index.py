@@ -57,8 +57,11 @@ def test_a_saved_index_loads_back_and_a_mismatched_one_is_refused(tmp_path):
 def test_an_index_whose_ids_point_past_the_gallery_rows_is_refused(tmp_path, kind):
     # 50 readable rows 0..49; the index answers with 1..50: the same count, one row that does not exist
     path, sha256 = saved(tmp_path, build_index(vectors(50), IndexSettings(kind=kind, nlist=2), np.arange(1, 51)))
-    with pytest.raises(DataError, match=r"index.faiss: the index answers with row 50, which is not one of the "
-                                        r"gallery's 50 readable rows"):
+    with pytest.raises(
+        DataError,
+        match=r"index.faiss: the index answers with row 50, which is not one of the "
+        r"gallery's 50 readable rows",
+    ):
         load_index(path, dim=16, rows=np.arange(50), sha256=sha256)
 
 
@@ -76,8 +79,11 @@ def test_an_index_file_not_matching_its_recorded_sha256_is_never_parsed(tmp_path
     other, _ = saved(tmp_path, build_index(vectors(10, seed=3), IndexSettings()), "other.faiss")
     parsed = []
     monkeypatch.setattr(faiss, "read_index", lambda *args: parsed.append(args))
-    with pytest.raises(DataError, match=r"other.faiss: sha256 [0-9a-f]{16}\.\.\., but meta.json records "
-                                        rf"{sha256[:16]}\.\.\.: not the index embed built"):
+    with pytest.raises(
+        DataError,
+        match=r"other.faiss: sha256 [0-9a-f]{16}\.\.\., but meta.json records "
+        rf"{sha256[:16]}\.\.\.: not the index embed built",
+    ):
         load_index(other, dim=16, rows=np.arange(10), sha256=sha256)
     assert parsed == []
 

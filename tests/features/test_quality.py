@@ -76,16 +76,23 @@ def _rank(rank: int, init_file: str, results) -> None:
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         features, labels = clusters(5, 20, noise=3.0)
         gallery, gallery_labels = features[::2], labels[::2]
         queries, query_labels = features[1::2], labels[1::2]
         # Uneven shares on purpose: rank 0 holds 30 gallery rows and 20 queries, rank 1 the rest.
         cut_gallery, cut_queries = (slice(0, 30), slice(0, 20)) if rank == 0 else (slice(30, None), slice(20, None))
-        top1 = distributed_knn_top1(queries[cut_queries], query_labels[cut_queries], gallery[cut_gallery],
-                                    gallery_labels[cut_gallery], 5, world_size=2)
+        top1 = distributed_knn_top1(
+            queries[cut_queries],
+            query_labels[cut_queries],
+            gallery[cut_gallery],
+            gallery_labels[cut_gallery],
+            5,
+            world_size=2,
+        )
         torch.save(top1, Path(results) / f"{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -11,14 +11,25 @@ from pipeline.features import store
 
 def sample(count: int = 4, dim: int = 3, model_source: str = "models:/m/1") -> store.Embeddings:
     """Two shards (count - 1 and 1 samples), two classes, row 2 unreadable."""
-    meta = store.EmbeddingMeta(model_source=model_source, model_version=model_source.rsplit("/", 1)[-1],
-                               model_run_id=None, architecture="resnet18", layer="avgpool", dim=dim, split="val",
-                               data_root="/d", manifest_hash="abc", num_samples=count, unreadable=1,
-                               class_names=["a", "b"], shard_counts=[count - 1, 1], index_sha256="0" * 64)
+    meta = store.EmbeddingMeta(
+        model_source=model_source,
+        model_version=model_source.rsplit("/", 1)[-1],
+        model_run_id=None,
+        architecture="resnet18",
+        layer="avgpool",
+        dim=dim,
+        split="val",
+        data_root="/d",
+        manifest_hash="abc",
+        num_samples=count,
+        unreadable=1,
+        class_names=["a", "b"],
+        shard_counts=[count - 1, 1],
+        index_sha256="0" * 64,
+    )
     vectors = np.eye(count, dim, dtype=np.float32)
     positions = np.array([(0, index) for index in range(count - 1)] + [(1, 0)], dtype=np.int64)
-    return store.Embeddings(meta, vectors, np.array([0, 1, -1, 0][:count]), positions,
-                            [f"k{i}" for i in range(count)])
+    return store.Embeddings(meta, vectors, np.array([0, 1, -1, 0][:count]), positions, [f"k{i}" for i in range(count)])
 
 
 def edit_meta(folder, **changes) -> None:
@@ -62,10 +73,15 @@ def test_a_pickled_array_is_refused_by_its_header_and_its_payload_never_runs(tmp
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(("content", "problem"), [
-    ("[1, 2]", "not an embedding description"), ('{"dim": 3}', "not an embedding description"),
-    (None, "no meta.json"), ("{" * 10, "not an embedding description"),
-])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ("[1, 2]", "not an embedding description"),
+        ('{"dim": 3}', "not an embedding description"),
+        (None, "no meta.json"),
+        ("{" * 10, "not an embedding description"),
+    ],
+)
 def test_a_bad_or_missing_meta_is_one_line(tmp_path, content, problem):
     store.write_embeddings(tmp_path / "out", sample())
     if content is None:
@@ -77,13 +93,16 @@ def test_a_bad_or_missing_meta_is_one_line(tmp_path, content, problem):
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize(("changes", "problem"), [
-    ({"shard_counts": [3, 3]}, "shard_counts are not sample counts adding up to num_samples = 4"),
-    ({"index_sha256": "abc"}, "index_sha256 is not a sha256 hex digest"),
-    ({"class_names": []}, "class_names is not a non-empty list"),
-    ({"unreadable": 4}, "unreadable = 4"),
-    ({"model_version": 7}, "model_version is neither null nor a string"),
-])
+@pytest.mark.parametrize(
+    ("changes", "problem"),
+    [
+        ({"shard_counts": [3, 3]}, "shard_counts are not sample counts adding up to num_samples = 4"),
+        ({"index_sha256": "abc"}, "index_sha256 is not a sha256 hex digest"),
+        ({"class_names": []}, "class_names is not a non-empty list"),
+        ({"unreadable": 4}, "unreadable = 4"),
+        ({"model_version": 7}, "model_version is neither null nor a string"),
+    ],
+)
 def test_a_meta_out_of_range_is_refused_naming_the_field(tmp_path, changes, problem):
     store.write_embeddings(tmp_path / "out", sample())
     edit_meta(tmp_path / "out", **changes)
@@ -128,16 +147,22 @@ def test_a_header_declaring_2_40_rows_is_refused_before_any_allocation(tmp_path)
         store.read_rows(tmp_path / "out")
     # meta.json agreeing with the header: the file's size gives it away
     edit_meta(tmp_path / "out", num_samples=2**40, shard_counts=[2**40])
-    with pytest.raises(DataError, match=rf"labels.npy: \d+ bytes, but its header declares int64 \({2**40},\) "
-                                        r"\(\d+ bytes\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"labels.npy: \d+ bytes, but its header declares int64 \({2**40},\) "
+        r"\(\d+ bytes\)",
+    ):
         store.read_rows(tmp_path / "out")
 
 
-@pytest.mark.parametrize(("labels", "problem"), [
-    ([0, 1, -1, 2], r"label 2 at row 3; a label is -1 \(unreadable\) or a class index below 2"),
-    ([0, -5, -1, 0], r"label -5 at row 1"),
-    ([0, 1, -1, -1], r"2 rows labelled -1 \(unreadable\), but meta.json counts 1"),
-])
+@pytest.mark.parametrize(
+    ("labels", "problem"),
+    [
+        ([0, 1, -1, 2], r"label 2 at row 3; a label is -1 \(unreadable\) or a class index below 2"),
+        ([0, -5, -1, 0], r"label -5 at row 1"),
+        ([0, 1, -1, -1], r"2 rows labelled -1 \(unreadable\), but meta.json counts 1"),
+    ],
+)
 def test_labels_outside_the_class_list_are_refused(tmp_path, labels, problem):
     store.write_embeddings(tmp_path / "out", sample())
     np.save(tmp_path / "out" / store.LABELS_FILE, np.array(labels, dtype=np.int64))
@@ -145,13 +170,16 @@ def test_labels_outside_the_class_list_are_refused(tmp_path, labels, problem):
         store.read_rows(tmp_path / "out")
 
 
-@pytest.mark.parametrize(("positions", "problem"), [
-    ([(0, 0), (0, 1), (0, 2), (7, 0)], r"shard 7 at row 3, but the gallery has 2 shards"),
-    ([(0, 0), (-1, 1), (0, 2), (1, 0)], r"shard -1 at row 1"),
-    ([(0, 0), (0, -1), (0, 2), (1, 0)], r"sample -1 of shard 0 at row 1, but that shard holds 3 samples"),
-    ([(0, 0), (0, 1), (0, 2), (1, 1)], r"sample 1 of shard 1 at row 3, but that shard holds 1 samples"),
-    ([(0, 1), (0, 0), (0, 2), (1, 0)], r"row 0 is sample 1 of shard 0, but rows follow the manifest order"),
-])
+@pytest.mark.parametrize(
+    ("positions", "problem"),
+    [
+        ([(0, 0), (0, 1), (0, 2), (7, 0)], r"shard 7 at row 3, but the gallery has 2 shards"),
+        ([(0, 0), (-1, 1), (0, 2), (1, 0)], r"shard -1 at row 1"),
+        ([(0, 0), (0, -1), (0, 2), (1, 0)], r"sample -1 of shard 0 at row 1, but that shard holds 3 samples"),
+        ([(0, 0), (0, 1), (0, 2), (1, 1)], r"sample 1 of shard 1 at row 3, but that shard holds 1 samples"),
+        ([(0, 1), (0, 0), (0, 2), (1, 0)], r"row 0 is sample 1 of shard 0, but rows follow the manifest order"),
+    ],
+)
 def test_positions_outside_the_gallerys_shards_or_out_of_order_are_refused(tmp_path, positions, problem):
     store.write_embeddings(tmp_path / "out", sample())
     np.save(tmp_path / "out" / store.POSITIONS_FILE, np.array(positions, dtype=np.int64))

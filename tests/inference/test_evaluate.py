@@ -6,9 +6,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
+from pipeline.data.manifest import read_manifest
 from pipeline.inference.evaluate import evaluate_model, load_model_for_inference
 from pipeline.tracking.heldout import TEST_EVALUATION_TAG
-from pipeline.data.manifest import read_manifest
 from tests.conftest import write_split
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -58,14 +58,18 @@ def test_table_shows_human_and_published_figures_and_says_this_is_not_imagenet(t
 def test_checkpoint_directory_gives_the_same_figures_and_logs_nothing(trained_run, champion_report):
     report = evaluate_model(trained_run.config, trained_run.outcome.best_checkpoint)
     assert (report.top1, report.top5, report.num_samples) == (
-        champion_report.top1, champion_report.top5, champion_report.num_samples)
+        champion_report.top1,
+        champion_report.top5,
+        champion_report.num_samples,
+    )
     assert report.loss == pytest.approx(champion_report.loss, rel=1e-4)
     assert report.logged_to_run is None
     assert report.features.knn_top1 == pytest.approx(champion_report.features.knn_top1)
 
 
 def test_a_second_test_evaluation_is_refused_with_the_first_result_unless_a_reason_is_given(
-        trained_run, champion_report):
+    trained_run, champion_report
+):
     client = MlflowClient(trained_run.tracking_uri)
     version = trained_run.outcome.model_version
     first = json.loads(client.get_model_version("test-model", version).tags[TEST_EVALUATION_TAG])
@@ -74,7 +78,9 @@ def test_a_second_test_evaluation_is_refused_with_the_first_result_unless_a_reas
     run_tags = client.get_run(trained_run.outcome.mlflow_run_id).data.tags  # runs:/ names the same model
     assert json.loads(run_tags[TEST_EVALUATION_TAG]) == first
     for source in (CHAMPION, f"runs:/{trained_run.outcome.mlflow_run_id}/model"):
-        with pytest.raises(ValueError, match=r"already evaluated on test \(at .*Z: test/top1 [0-9.]+, test/top5") as caught:
+        with pytest.raises(
+            ValueError, match=r"already evaluated on test \(at .*Z: test/top1 [0-9.]+, test/top5"
+        ) as caught:
             evaluate_model(trained_run.config, source, log_to_mlflow=False)
         assert "--again --reason" in str(caught.value) and "\n" not in str(caught.value)
     with pytest.raises(ValueError, match="--again --reason is for the test split"):
@@ -88,8 +94,10 @@ def test_a_second_test_evaluation_is_refused_with_the_first_result_unless_a_reas
 
 def test_the_test_split_is_logged_as_a_dataset_input_of_the_model_run(trained_run, champion_report):
     run = MlflowClient(trained_run.tracking_uri).get_run(trained_run.outcome.mlflow_run_id)
-    contexts = {inp.dataset.name: [tag.value for tag in inp.tags if tag.key == "mlflow.data.context"]
-                for inp in run.inputs.dataset_inputs}
+    contexts = {
+        inp.dataset.name: [tag.value for tag in inp.tags if tag.key == "mlflow.data.context"]
+        for inp in run.inputs.dataset_inputs
+    }
     assert contexts["test"] == ["test"]
     test_manifest = read_manifest(trained_run.shards / "test")
     test_input = next(inp.dataset for inp in run.inputs.dataset_inputs if inp.dataset.name == "test")
@@ -116,12 +124,15 @@ def test_mlflow_model_carries_its_class_names(trained_run):
     assert (loaded.architecture, loaded.eval_image_size) == ("resnet18", 32)
 
 
-@pytest.mark.parametrize("source, message", [
-    ("models:/test-model@no-such-alias", "has no alias 'no-such-alias'"),
-    ("models:/no-such-model@champion", "no registered model 'no-such-model'"),
-    ("models:/test-model/999", "has no version 999"),
-    ("runs:/0123456789abcdef0123456789abcdef/model", "no MLflow run"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("models:/test-model@no-such-alias", "has no alias 'no-such-alias'"),
+        ("models:/no-such-model@champion", "no registered model 'no-such-model'"),
+        ("models:/test-model/999", "has no version 999"),
+        ("runs:/0123456789abcdef0123456789abcdef/model", "no MLflow run"),
+    ],
+)
 def test_unknown_registry_entries_are_one_line_value_errors(trained_run, source, message):
     with pytest.raises(ValueError, match=message) as caught:
         evaluate_model(trained_run.config, source)

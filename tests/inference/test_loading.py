@@ -34,8 +34,10 @@ class _Payload:
 
 
 def _mlmodel(code: str | None = None) -> dict:
-    return {"flavors": {"pytorch": {"code": code, "model_data": "data", "pytorch_version": str(torch.__version__)}},
-            "metadata": {"classes": ["a", "b", "c", "d"], "architecture": "resnet18", "eval_image_size": 32}}
+    return {
+        "flavors": {"pytorch": {"code": code, "model_data": "data", "pytorch_version": str(torch.__version__)}},
+        "metadata": {"classes": ["a", "b", "c", "d"], "architecture": "resnet18", "eval_image_size": 32},
+    }
 
 
 def _plant(folder: Path, kind: str, marker: Path) -> Path:
@@ -90,8 +92,17 @@ def test_predict_evaluate_and_embed_refuse_it_in_one_line(planted, tiny_shards, 
     config = config.model_copy(update={"data": config.data.model_copy(update={"root": str(tiny_shards)})})
     image = tmp_path / "cat.jpg"
     image.write_bytes(jpeg_bytes(0, 0))
-    result = CliRunner().invoke(app, ["predict", str(image), "--model", sources[2],
-                                      "--set", f"tracking.tracking_uri={config.tracking.tracking_uri}"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(image),
+            "--model",
+            sources[2],
+            "--set",
+            f"tracking.tracking_uri={config.tracking.tracking_uri}",
+        ],
+    )
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert result.exit_code == 2 and len(errors) == 1 and "not a torch.export" in errors[0]
     assert "Traceback" not in result.output
@@ -102,10 +113,13 @@ def test_predict_evaluate_and_embed_refuse_it_in_one_line(planted, tiny_shards, 
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("pickle", "holds model.pth, pickle_module_info.txt, not model.pt2 alone"),
-    ("code", "it brings a code folder"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("pickle", "holds model.pth, pickle_module_info.txt, not model.pt2 alone"),
+        ("code", "it brings a code folder"),
+    ],
+)
 def test_the_folder_check_reads_only_the_mlmodel_and_the_listing(tmp_path, kind, message):
     marker = tmp_path / "payload-ran"
     folder = _plant(tmp_path / "model", kind, marker)

@@ -5,10 +5,10 @@ import json
 import pytest
 import webdataset as wds
 
-from pipeline.inference.evaluate import evaluate_model
 from pipeline.data.manifest import read_manifest
-from pipeline.inference.predict import find_images, format_predictions, predict
 from pipeline.data.synthetic import make_jpeg_bytes
+from pipeline.inference.evaluate import evaluate_model
+from pipeline.inference.predict import find_images, format_predictions, predict
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -122,6 +122,8 @@ def test_a_decompression_bomb_is_one_line_in_its_row_and_never_decoded(tmp_path,
     assert by_name["fine.jpg"].error is None and len(by_name["fine.jpg"].top) == 2
     for name in ("huge.png", "huge.jpg"):
         assert by_name[name].top == []
-        assert by_name[name].error == ("declares 12000x12000 = 144,000,000 pixels, more than data.max_image_pixels "
-                                       "= 40,000,000; refused before decoding")
+        assert by_name[name].error == (
+            "declares 12000x12000 = 144,000,000 pixels, more than data.max_image_pixels "
+            "= 40,000,000; refused before decoding"
+        )
     assert "1 classified, 2 unreadable" in format_predictions(list(by_name.values()))

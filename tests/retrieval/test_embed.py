@@ -13,8 +13,8 @@ from pipeline.config import load_config
 from pipeline.data.manifest import file_sha256, read_manifest
 from pipeline.errors import ConfigError, DataError, ModelSourceError
 from pipeline.features import store
-from pipeline.retrieval.embed import embed_split
 from pipeline.features.index import INDEX_FILE
+from pipeline.retrieval.embed import embed_split
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CHAMPION = "models:/test-model@champion"
@@ -86,7 +86,9 @@ def test_the_trained_features_retrieve_well_above_chance_and_untrained_ones_do_n
     knn = knn_top1(neighbours, torch.from_numpy(train.labels), torch.from_numpy(test.labels), 4)
     assert trained["recall_at_1"] > 60 and knn > 60  # 4 classes: chance is 25 %
     # The same architecture untrained: the figures must be able to fail.
-    untrained = torch.nn.functional.normalize(torch.randn(test.vectors.shape, generator=torch.Generator().manual_seed(0)), dim=1)
+    untrained = torch.nn.functional.normalize(
+        torch.randn(test.vectors.shape, generator=torch.Generator().manual_seed(0)), dim=1
+    )
     assert retrieval_metrics(untrained, torch.from_numpy(test.labels))["map_at_r"] < trained["map_at_r"] - 20
 
 
@@ -95,10 +97,15 @@ def test_retrieve_prints_json_and_draws_a_sheet_from_the_logged_index(trained_ru
 
     config, results = galleries
     runner = CliRunner()
-    overrides = [f"--set=data.root={trained_run.shards}", f"--set=tracking.tracking_uri={trained_run.tracking_uri}",
-                 f"--set=retrieval.output={tmp_path / 'cache'}", "--set=tracking.registered_model=test-model"]
-    embedded = runner.invoke(app, ["embed", "--model", CHAMPION, "--split", "train",
-                                   "--output", str(results["train"].directory), *overrides])
+    overrides = [
+        f"--set=data.root={trained_run.shards}",
+        f"--set=tracking.tracking_uri={trained_run.tracking_uri}",
+        f"--set=retrieval.output={tmp_path / 'cache'}",
+        "--set=tracking.registered_model=test-model",
+    ]
+    embedded = runner.invoke(
+        app, ["embed", "--model", CHAMPION, "--split", "train", "--output", str(results["train"].directory), *overrides]
+    )
     assert embedded.exit_code == 0, embedded.output
     assert "reused" in embedded.output
     run_id = embedded.output.strip().split("retrieve --index ")[-1].rstrip(")")
@@ -111,12 +118,13 @@ def test_retrieve_prints_json_and_draws_a_sheet_from_the_logged_index(trained_ru
     from pipeline.data.shard_reader import read_whole_shard
 
     manifest = read_manifest(trained_run.shards / "test")
-    for position, (image, label, key) in enumerate(read_whole_shard(str(trained_run.shards / "test"), manifest, 0)):
+    for position, (image, _label, key) in enumerate(read_whole_shard(str(trained_run.shards / "test"), manifest, 0)):
         if position < 3:
             (queries / f"{key}.jpg").write_bytes(image)
     sheet = tmp_path / "sheet.png"
-    answer = runner.invoke(app, ["retrieve", str(queries), "--index", run_id, "--top-k", "5", "--json",
-                                 "--sheet", str(sheet), *overrides])
+    answer = runner.invoke(
+        app, ["retrieve", str(queries), "--index", run_id, "--top-k", "5", "--json", "--sheet", str(sheet), *overrides]
+    )
     assert answer.exit_code == 0, answer.output
     found = json.loads(answer.stdout)
     assert len(found) == 3 and all(len(query["neighbours"]) == 5 for query in found)
@@ -150,7 +158,10 @@ def test_bad_inputs_are_refused_before_any_work(trained_run, galleries, tmp_path
 def test_a_gallery_inside_a_ray_jobs_copy_of_the_code_is_refused_before_any_work(tiny_shards, tmp_path):
     config = load_config(overrides=[f"data.root={tiny_shards}"])
     inside_job = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1" / "embeddings"
-    with pytest.raises(ConfigError, match=r"--output = '.*working_dir_files.*': the gallery would be deleted with "
-                                          r"the job; this Ray job runs in Ray's copy") as caught:
+    with pytest.raises(
+        ConfigError,
+        match=r"--output = '.*working_dir_files.*': the gallery would be deleted with "
+        r"the job; this Ray job runs in Ray's copy",
+    ) as caught:
         embed_split(config, "runs:/0123abcd/model", "val", output=str(inside_job), progress=False)
     assert "\n" not in str(caught.value) and not inside_job.exists()

@@ -41,18 +41,26 @@ def test_a_gallery_of_the_configured_model_opens_with_its_rows_and_index(tmp_pat
     assert gallery.labels.tolist() == [0, 1, -1, 0] and gallery.keys == ["k0", "k1", "k2", "k3"]
 
 
-@pytest.mark.parametrize("source", [
-    "runs:/0123456789abcdef0123456789abcdef/model", "/srv/checkpoints/checkpoint_000009",
-    "models:/other-model/3", "models:/imagenet-classifier@champion", "models:/imagenet-classifier/3/../7",
-])
-def test_a_gallery_naming_anything_but_a_version_of_the_configured_model_is_refused_before_reading(tmp_path,
-                                                                                                   source):
+@pytest.mark.parametrize(
+    "source",
+    [
+        "runs:/0123456789abcdef0123456789abcdef/model",
+        "/srv/checkpoints/checkpoint_000009",
+        "models:/other-model/3",
+        "models:/imagenet-classifier@champion",
+        "models:/imagenet-classifier/3/../7",
+    ],
+)
+def test_a_gallery_naming_anything_but_a_version_of_the_configured_model_is_refused_before_reading(tmp_path, source):
     folder = gallery_folder(tmp_path, model_source=source)
     (folder / store.LABELS_FILE).unlink()  # nothing past meta.json may be read: the refusal comes first
     (folder / INDEX_FILE).unlink()
-    with pytest.raises(ModelSourceError, match=r"meta.json: model '.*' is not a version of the registered model "
-                                               r"'imagenet-classifier' \(models:/imagenet-classifier/<version>\); "
-                                               "pass --model naming it") as caught:
+    with pytest.raises(
+        ModelSourceError,
+        match=r"meta.json: model '.*' is not a version of the registered model "
+        r"'imagenet-classifier' \(models:/imagenet-classifier/<version>\); "
+        "pass --model naming it",
+    ) as caught:
         open_gallery(str(folder), load_config())
     assert "\n" not in str(caught.value)
 
@@ -71,17 +79,26 @@ def test_a_checkpoint_gallery_is_queried_only_with_that_checkpoint_named(tmp_pat
     folder = gallery_folder(tmp_path, model_source=str(checkpoint.resolve()))
     config = load_config()
     assert open_gallery(str(folder), config, model_source=str(checkpoint)).model_source == str(checkpoint.resolve())
-    with pytest.raises(ModelSourceError, match=rf"--model {other}: the gallery {folder} was embedded with "
-                                               rf"'{checkpoint.resolve()}'; query with that model"):
+    with pytest.raises(
+        ModelSourceError,
+        match=rf"--model {other}: the gallery {folder} was embedded with "
+        rf"'{checkpoint.resolve()}'; query with that model",
+    ):
         open_gallery(str(folder), config, model_source=str(other))
     with pytest.raises(ModelSourceError, match="pass --model naming it"):
         open_gallery(str(folder), config)
 
 
-@pytest.mark.parametrize(("index_rows", "problem"), [
-    ([0, 1, 4], r"the index answers with row 4, which is not one of the gallery's 3 readable rows"),  # past the rows
-    ([0, 1, 2], r"the index answers with row 2, which is not one of the gallery's 3 readable rows"),  # label -1
-])
+@pytest.mark.parametrize(
+    ("index_rows", "problem"),
+    [
+        (
+            [0, 1, 4],
+            r"the index answers with row 4, which is not one of the gallery's 3 readable rows",
+        ),  # past the rows
+        ([0, 1, 2], r"the index answers with row 2, which is not one of the gallery's 3 readable rows"),  # label -1
+    ],
+)
 def test_an_index_answering_with_rows_the_gallery_lacks_is_refused(tmp_path, index_rows, problem):
     # meta.json records this index's own sha256: whoever planted it controlled both files
     with pytest.raises(DataError, match=f"index.faiss: {problem}"):
@@ -105,14 +122,17 @@ def test_the_cli_shows_a_hostile_gallery_as_one_error_line(tmp_path):
     assert planted.exit_code == 2, planted.output
     assert planted.output.startswith("error: ") and planted.output.count("\n") == 1
     assert "index.faiss: the index answers with row 4" in planted.output
-    elsewhere = runner.invoke(app, ["retrieve", str(query), "--index",
-                                    str(gallery_folder(tmp_path / "b", model_source="runs:/0123abcd/model"))])
+    elsewhere = runner.invoke(
+        app,
+        ["retrieve", str(query), "--index", str(gallery_folder(tmp_path / "b", model_source="runs:/0123abcd/model"))],
+    )
     assert elsewhere.exit_code == 2 and elsewhere.output.startswith("error: ")
     assert "model 'runs:/0123abcd/model' is not a version of the registered model" in elsewhere.output
 
 
-def test_queries_are_answered_with_the_galleries_names_and_a_model_of_another_class_count_is_refused(tmp_path,
-                                                                                                      monkeypatch):
+def test_queries_are_answered_with_the_galleries_names_and_a_model_of_another_class_count_is_refused(
+    tmp_path, monkeypatch
+):
     from pipeline.inference.loading import InferenceModel
     from pipeline.retrieval import retrieve as module
     from pipeline.train.models import build_model
@@ -133,7 +153,10 @@ def test_queries_are_answered_with_the_galleries_names_and_a_model_of_another_cl
     assert loaded == [OURS] and result.predicted in ("a", "b")
     assert sorted(n.row for n in result.neighbours) == [0, 1, 3]  # never the unreadable row 2
     assert {(n.row, n.class_name, n.shard, n.index_in_shard) for n in result.neighbours} == {
-        (0, "a", 0, 0), (1, "b", 0, 1), (3, "a", 1, 0)}
+        (0, "a", 0, 0),
+        (1, "b", 0, 1),
+        (3, "a", 1, 0),
+    }
     classes = 3
     with pytest.raises(ModelSourceError, match=f"{OURS}: predicts 3 classes, but the gallery .* names 2"):
         module.retrieve(config, [query], gallery)

@@ -20,11 +20,14 @@ def test_a_decompression_bomb_becomes_a_placeholder_tile_and_is_never_decoded(tm
             writer.write({"__key__": f"s{i:06d}", "jpg": image, "cls": str(i).encode()})
     query = tmp_path / "query.png"
     query.write_bytes(bomb_png())
-    neighbours = [Neighbour(rank, row, f"s{row:06d}", row, f"class {row}", 0.9 - rank / 10, 0, row)
-                  for rank, row in enumerate((0, 1, 2), start=1)]
+    neighbours = [
+        Neighbour(rank, row, f"s{row:06d}", row, f"class {row}", 0.9 - rank / 10, 0, row)
+        for rank, row in enumerate((0, 1, 2), start=1)
+    ]
     results = [QueryResult(query, "class 0", None, neighbours)]
-    gallery = SimpleNamespace(meta=SimpleNamespace(data_root=str(root), split="val", layer="pool",
-                                                   model_source="models:/m/1"))
+    gallery = SimpleNamespace(
+        meta=SimpleNamespace(data_root=str(root), split="val", layer="pool", model_source="models:/m/1")
+    )
     real_load = ImageFile.ImageFile.load
 
     def load(image):
@@ -34,8 +37,13 @@ def test_a_decompression_bomb_becomes_a_placeholder_tile_and_is_never_decoded(tm
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
     shown = []
     real_show = sheet._show
-    monkeypatch.setattr(sheet, "_show", lambda axes, pixels, *rest, **keywords:
-                        shown.append(pixels is not None) or real_show(axes, pixels, *rest, **keywords))
+    monkeypatch.setattr(
+        sheet,
+        "_show",
+        lambda axes, pixels, *rest, **keywords: (
+            shown.append(pixels is not None) or real_show(axes, pixels, *rest, **keywords)
+        ),
+    )
 
     output = sheet.contact_sheet(results, gallery, Config(data={"root": str(root)}), tmp_path / "sheet.png")
 

@@ -11,7 +11,11 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.errors import ConfigError
 from pipeline.tracking.heldout import (
-    CLAIM_TAG_PREFIX, TEST_EVALUATION_TAG, ModelRecordPlace, claim_test_evaluation, record_test_evaluation,
+    CLAIM_TAG_PREFIX,
+    TEST_EVALUATION_TAG,
+    ModelRecordPlace,
+    claim_test_evaluation,
+    record_test_evaluation,
     release_claim,
 )
 

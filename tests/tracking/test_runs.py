@@ -11,14 +11,29 @@ from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.data.manifest import read_manifest
 from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG, champion_gate, champion_history, champion_on
 from pipeline.tracking.runs import (
-    CONFIG_ARTIFACT, EXPERIMENT_KIND_TAG, GIT_COMMIT_TAG, GIT_DIRTY_TAG, MANIFEST_TAG, RUN_NAME_TAG, SOURCE_NAME_TAG,
-    SOURCE_TYPE_TAG, USER_TAG, resolve_tracking_uri,
+    CONFIG_ARTIFACT,
+    EXPERIMENT_KIND_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    MANIFEST_TAG,
+    RUN_NAME_TAG,
+    SOURCE_NAME_TAG,
+    SOURCE_TYPE_TAG,
+    USER_TAG,
+    resolve_tracking_uri,
 )
 from pipeline.train.driver import run_training
 from tests.conftest import training_config
 
-EPOCH_METRICS = [m.TRAIN_LOSS, m.TRAIN_LR, m.TRAIN_IMAGES_PER_SECOND, m.TRAIN_DATA_WAIT_SHARE,
-                 m.VAL_LOSS, m.VAL_TOP1, m.VAL_TOP5]
+EPOCH_METRICS = [
+    m.TRAIN_LOSS,
+    m.TRAIN_LR,
+    m.TRAIN_IMAGES_PER_SECOND,
+    m.TRAIN_DATA_WAIT_SHARE,
+    m.VAL_LOSS,
+    m.VAL_TOP1,
+    m.VAL_TOP5,
+]
 
 
 def _check_run_contents(client: MlflowClient, run_id: str, config, epochs: int) -> None:
@@ -98,7 +113,10 @@ def test_champion_moves_only_when_val_top1_beats_the_current_champion(tmp_path):
     # Two promotions and one refusal, answerable from the registered model alone.
     events = champion_history(client, "gate")
     assert [(e.version, e.promoted, e.champion_before, e.champion_after) for e in events] == [
-        ("1", True, None, "1"), ("2", False, "1", "1"), ("3", True, "1", "3")]
+        ("1", True, None, "1"),
+        ("2", False, "1", "1"),
+        ("3", True, "1", "3"),
+    ]
     assert events[1].decision == decision_2 and events[1].score == 55.0
     assert champion_on(events, events[1].time_ms) == "1" and champion_on(events, events[2].time_ms) == "3"
     assert champion_on(events, events[0].time_ms - 1) is None
@@ -141,7 +159,7 @@ def test_champion_history_prints_every_decision(tmp_path):
     result = CliRunner().invoke(app, ["champion", "history", "hist", "--set", f"tracking.tracking_uri={uri}"])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert lines[0].split() [:3] == ["time", "(UTC)", "version"]
+    assert lines[0].split()[:3] == ["time", "(UTC)", "version"]
     assert "promoted: first champion" in lines[1] and lines[1].rstrip().endswith("1")
     assert "kept version 1: 40.00 <= 50.00" in lines[2] and lines[2].rstrip().endswith("1")
     assert "promoted: 70.00 > 50.00 of version 1" in lines[3] and lines[3].rstrip().endswith("3")
@@ -163,8 +181,15 @@ def test_default_tracking_uri_is_an_absolute_sqlite_file_in_the_project(monkeypa
 @pytest.mark.ray
 def test_training_through_a_real_mlflow_server(ray_session, learnable_shards, tmp_path, mlflow_server):
     # Local mode keeps this quick; the 2-worker path is covered on SQLite above.
-    config = training_config(learnable_shards, tmp_path, "via-server", "optim.epochs=2", "scaling.num_workers=0",
-                             f"tracking.tracking_uri={mlflow_server}", "tracking.registered_model=server-model")
+    config = training_config(
+        learnable_shards,
+        tmp_path,
+        "via-server",
+        "optim.epochs=2",
+        "scaling.num_workers=0",
+        f"tracking.tracking_uri={mlflow_server}",
+        "tracking.registered_model=server-model",
+    )
     outcome = run_training(config)
     client = MlflowClient(mlflow_server)
     _check_run_contents(client, outcome.mlflow_run_id, config, epochs=2)
@@ -178,8 +203,10 @@ def test_a_ray_job_driver_tags_its_run_with_the_submission_id(monkeypatch):
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert ray_job_tags() == {}
     # What Ray's job supervisor sets for `ray job submit --submission-id nightly-r50`.
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
-                       '{"runtime_env": {}, "metadata": {"job_submission_id": "nightly-r50", "job_name": "x"}}')
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR",
+        '{"runtime_env": {}, "metadata": {"job_submission_id": "nightly-r50", "job_name": "x"}}',
+    )
     assert ray_job_tags() == {"ray.job_id": "nightly-r50"}
 
 
@@ -214,8 +241,11 @@ def test_a_sqlite_store_inside_a_ray_jobs_working_dir_copy_is_refused(monkeypatc
     from pipeline.tracking.uri import resolve_tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    config = load_config(overrides=[
-        "tracking.tracking_uri=sqlite:////tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_1/mlflow.db"])
+    config = load_config(
+        overrides=[
+            "tracking.tracking_uri=sqlite:////tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_1/mlflow.db"
+        ]
+    )
     with pytest.raises(ConfigError, match="would vanish with the job; set MLFLOW_TRACKING_URI"):
         resolve_tracking_uri(config)
 
@@ -264,8 +294,9 @@ def test_a_model_at_chance_is_registered_but_never_champion_not_even_the_first(t
     client.set_model_version_tag("floor", "2", m.VAL_TOP1, "35.0")
     own = champion_floor(load_config(overrides=["tracking.min_champion_top1=50"]), num_classes=10)
     promoted, decision = champion_gate(client, "floor", "3", 45.0, floor=own)
-    assert not promoted and decision.startswith("kept version 2: val/top1 45.00 is not above 50.00 "
-                                                "(tracking.min_champion_top1; chance is 10.00)")
+    assert not promoted and decision.startswith(
+        "kept version 2: val/top1 45.00 is not above 50.00 (tracking.min_champion_top1; chance is 10.00)"
+    )
     assert [e.promoted for e in champion_history(client, "floor")] == [False, True, False]
 
 
@@ -283,4 +314,5 @@ def test_epochs_a_kill_kept_from_mlflow_are_logged_from_the_checkpoint_record_on
     assert log_missing_epochs(client, run_id, history) == 0
     for key in (m.TRAIN_LOSS, m.VAL_TOP1):
         assert [(p.step, p.value) for p in client.get_metric_history(run_id, key)] == [
-            (row[m.EPOCH], row[key]) for row in history]
+            (row[m.EPOCH], row[key]) for row in history
+        ]

@@ -30,8 +30,17 @@ def render(url: str, screenshot: Path, height: int = 1000) -> str:
     """The page's visible text after its scripts ran (the UI is a single-page app), and a screenshot."""
     if CHROMIUM is None:
         pytest.fail("headless Chromium is missing: `apt-get install -y chromium` (.ci/run installs it)")
-    command = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", f"--window-size=1600,{height}",
-               "--virtual-time-budget=20000", f"--screenshot={screenshot}", "--dump-dom", url]
+    command = [
+        CHROMIUM,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--window-size=1600,{height}",
+        "--virtual-time-budget=20000",
+        f"--screenshot={screenshot}",
+        "--dump-dom",
+        url,
+    ]
     dom = subprocess.run(command, capture_output=True, timeout=120, check=True, text=True).stdout
     assert screenshot.stat().st_size > 10_000  # a rendered page, not a blank one
     text = re.sub(r"<script.*?</script>|<style.*?</style>|<svg.*?</svg>", " ", dom, flags=re.S)
@@ -42,13 +51,21 @@ def render(url: str, screenshot: Path, height: int = 1000) -> str:
 @pytest.fixture
 def sweep_and_refit(ray_session, learnable_shards, tmp_path, mlflow_server):
     """A training run that stands as the best trial of a sweep, and the refit of that sweep, both via the server."""
-    config = training_config(learnable_shards, tmp_path, "ui-sweep-t1", "optim.epochs=2", "scaling.num_workers=0",
-                             f"tracking.tracking_uri={mlflow_server}", "tracking.registered_model=ui-model",
-                             "tracking.experiment=ui-tests")
+    config = training_config(
+        learnable_shards,
+        tmp_path,
+        "ui-sweep-t1",
+        "optim.epochs=2",
+        "scaling.num_workers=0",
+        f"tracking.tracking_uri={mlflow_server}",
+        "tracking.registered_model=ui-model",
+        "tracking.experiment=ui-tests",
+    )
     uri, experiment_id = prepare_tracking(config)
     client = MlflowClient(uri)
-    parent = client.create_run(experiment_id, run_name="ui-sweep",
-                               tags={RUN_NAME_TAG: "ui-sweep", SWEEP_TAG: "parent", BEST_TRIAL_TAG: "t1"})
+    parent = client.create_run(
+        experiment_id, run_name="ui-sweep", tags={RUN_NAME_TAG: "ui-sweep", SWEEP_TAG: "parent", BEST_TRIAL_TAG: "t1"}
+    )
     trained = run_training(config)
     client.set_tag(trained.mlflow_run_id, "mlflow.parentRunId", parent.info.run_id)
     client.set_terminated(parent.info.run_id)
@@ -75,21 +92,31 @@ def test_the_mlflow_ui_shows_runs_charts_datasets_commit_artifacts_and_the_champ
     assert "Parent run ui-sweep" in text
 
     # The val/top1 chart: MLflow's metric page draws it (plotly renders into an SVG).
-    query = {"runs": json.dumps([trained.mlflow_run_id]), "metric": json.dumps("val/top1"),
-             "experiments": json.dumps([experiment_id]), "plot_metric_keys": json.dumps(["val/top1"]),
-             "plot_layout": "{}", "x_axis": "step", "y_axis_scale": "linear", "line_smoothness": "1",
-             "show_point": "true", "deselected_curves": "[]", "last_linear_y_axis_range": "[]"}
+    query = {
+        "runs": json.dumps([trained.mlflow_run_id]),
+        "metric": json.dumps("val/top1"),
+        "experiments": json.dumps([experiment_id]),
+        "plot_metric_keys": json.dumps(["val/top1"]),
+        "plot_layout": "{}",
+        "x_axis": "step",
+        "y_axis_scale": "linear",
+        "line_smoothness": "1",
+        "show_point": "true",
+        "deselected_curves": "[]",
+        "last_linear_y_axis_range": "[]",
+    }
     text, dom = render(f"{server}/#/metric?{urllib.parse.urlencode(query)}", tmp_path / "val_top1.png")
     assert "ui-sweep-t1 (val/top1)" in text and "(step=2)" in text and "main-svg" in dom
 
     # The learning curve among the artifacts.
-    text, _ = render(ui_link(server, experiment_id, trained.mlflow_run_id).replace(
-        "?", "/artifacts?", 1), tmp_path / "artifacts.png")
+    text, _ = render(
+        ui_link(server, experiment_id, trained.mlflow_run_id).replace("?", "/artifacts?", 1), tmp_path / "artifacts.png"
+    )
     assert "learning_curve.png" in text and "config.json" in text
 
     # The registered model: @champion on the refit's version, which is tagged as a refit.
     text, _ = render(f"{server}/#/models/ui-model", tmp_path / "model.png")
     assert f"Version {refit.model_version}" in text and refit.promoted
-    champion_row = text[text.index(f"Version {refit.model_version}"):text.index("Version 1 ")]
+    champion_row = text[text.index(f"Version {refit.model_version}") : text.index("Version 1 ")]
     assert "@ champion" in champion_row and "pipeline.refit : true" in champion_row
-    assert "Version 1 " in text and "@ champion" not in text[text.index("Version 1 "):]
+    assert "Version 1 " in text and "@ champion" not in text[text.index("Version 1 ") :]

@@ -16,8 +16,9 @@ def test_redact_hides_user_and_password_and_keeps_the_rest():
     assert tracking_uri.redact("http://mlflow:5000") == "http://mlflow:5000"
     assert tracking_uri.redact(None) is None
     command = "imagenet-pipeline train --set tracking.tracking_uri=https://ada:pw@mlflow:5000 --set data.root=s3://b/x"
-    assert tracking_uri.redact_text(command) == ("imagenet-pipeline train --set tracking.tracking_uri="
-                                                 "https://***@mlflow:5000 --set data.root=s3://b/x")
+    assert tracking_uri.redact_text(command) == (
+        "imagenet-pipeline train --set tracking.tracking_uri=https://***@mlflow:5000 --set data.root=s3://b/x"
+    )
 
 
 def test_the_tracking_uri_param_is_logged_redacted():
@@ -52,6 +53,9 @@ def test_a_job_address_never_shows_its_token():
 def test_secret_files_are_kept_out_of_job_uploads(secret):
     import fnmatch
 
-    patterns = [line.strip().rstrip("/") for line in (PROJECT_ROOT / ".rayignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip().rstrip("/")
+        for line in (PROJECT_ROOT / ".rayignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert any(fnmatch.fnmatch(secret, pattern) for pattern in patterns)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.train.checkpoints import STATE_FILE, TrainingState, load_weights, local_checkpoint, read_meta, save_checkpoint
+from pipeline.train.checkpoints import (
+    STATE_FILE,
+    TrainingState,
+    load_weights,
+    local_checkpoint,
+    read_meta,
+    save_checkpoint,
+)
 
 
 def write_checkpoint(directory, seed: int = 0, epoch: int = 2, exist_ok: bool = False):
@@ -14,8 +21,15 @@ def write_checkpoint(directory, seed: int = 0, epoch: int = 2, exist_ok: bool = 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
     directory.mkdir(parents=True, exist_ok=exist_ok)
-    save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
-                    state=TrainingState(epoch=epoch), meta={"model": "linear", "num_classes": 2})
+    save_checkpoint(
+        directory,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=None,
+        state=TrainingState(epoch=epoch),
+        meta={"model": "linear", "num_classes": 2},
+    )
     return model
 
 
@@ -96,9 +110,11 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused_and_the_payload_never_run
     payload = torch.load(tmp_path / "ckpt" / STATE_FILE, weights_only=True)
     payload["training_state"]["history"] = [_Payload(marker)]
     torch.save(payload, tmp_path / "ckpt" / STATE_FILE)
-    calls = {"read_state": lambda: checkpoints.read_state(tmp_path / "ckpt"),
-             "load_weights": lambda: checkpoints.load_weights(tmp_path / "ckpt", torch.nn.Linear(3, 2)),
-             "load_checkpoint": lambda: checkpoints.load_checkpoint(tmp_path / "ckpt", model=torch.nn.Linear(3, 2))}
+    calls = {
+        "read_state": lambda: checkpoints.read_state(tmp_path / "ckpt"),
+        "load_weights": lambda: checkpoints.load_weights(tmp_path / "ckpt", torch.nn.Linear(3, 2)),
+        "load_checkpoint": lambda: checkpoints.load_checkpoint(tmp_path / "ckpt", model=torch.nn.Linear(3, 2)),
+    }
     with pytest.raises(checkpoints.CheckpointError, match="refused: it needs full unpickling.*can run code"):
         calls[reader]()
     assert not marker.exists()
@@ -124,9 +140,16 @@ def _epoch_checkpoint(root, stamp, epoch, top1s, stopped_early=False):
     history = [{"epoch": index + 1, "val/top1": top1} for index, top1 in enumerate(top1s[:epoch])]
     directory = root / f"checkpoint_{stamp}"
     directory.mkdir(parents=True)
-    save_checkpoint(directory, model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
-                    scaler=None, state=TrainingState(epoch=epoch, history=history),
-                    meta={"model": "linear", "num_classes": 2}, stopped_early=stopped_early)
+    save_checkpoint(
+        directory,
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
+        scaler=None,
+        state=TrainingState(epoch=epoch, history=history),
+        meta={"model": "linear", "num_classes": 2},
+        stopped_early=stopped_early,
+    )
     return directory
 
 
@@ -164,9 +187,15 @@ def test_an_early_stop_is_recorded_and_an_older_checkpoint_reads_from_its_state(
     assert record.epochs == 2 and record.best_kept("val/top1")[0] == {"epoch": 2, "val/top1": 40.0}
 
 
-@pytest.mark.parametrize("text", ['{"epoch": "3", "history": [], "stopped_early": false}',
-                                  '{"epoch": 1, "history": [{"epoch": "__import__"}], "stopped_early": false}',
-                                  '[1, 2]', 'not json'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"epoch": "3", "history": [], "stopped_early": false}',
+        '{"epoch": 1, "history": [{"epoch": "__import__"}], "stopped_early": false}',
+        "[1, 2]",
+        "not json",
+    ],
+)
 def test_a_malformed_progress_record_is_refused_naming_the_file(tmp_path, text):
     from pipeline.errors import CheckpointError
     from pipeline.train.checkpoints import PROGRESS_FILE, read_run_record
@@ -185,8 +214,9 @@ def test_a_checkpoint_is_written_file_by_file_whole_with_meta_json_last(tmp_path
 
     renamed = []
     original = os.replace
-    monkeypatch.setattr(os, "replace", lambda source, target: renamed.append(os.path.basename(target))
-                        or original(source, target))
+    monkeypatch.setattr(
+        os, "replace", lambda source, target: renamed.append(os.path.basename(target)) or original(source, target)
+    )
     directory = tmp_path / "r" / "checkpoint_epoch_0002"
     write_checkpoint(directory)
     assert renamed == [STATE_FILE, PROGRESS_FILE, META_FILE]  # each written whole, meta.json (completeness) last
@@ -213,8 +243,13 @@ def _resume(directory, steps_per_epoch=None):
     read_meta(directory)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return load_checkpoint(directory, model=model, optimizer=optimizer,
-                           scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1), steps_per_epoch=steps_per_epoch)
+    return load_checkpoint(
+        directory,
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 1),
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def _edit_state(directory, **changes):
@@ -230,32 +265,52 @@ def _edit_state(directory, **changes):
 
 
 _DAMAGE = {
-    "truncated state.pt": (lambda d: (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:700]),
-                           "state.pt is truncated or damaged, not a readable torch checkpoint"),
+    "truncated state.pt": (
+        lambda d: (d / STATE_FILE).write_bytes((d / STATE_FILE).read_bytes()[:700]),
+        "state.pt is truncated or damaged, not a readable torch checkpoint",
+    ),
     "empty state.pt": (lambda d: (d / STATE_FILE).write_bytes(b""), "state.pt is truncated or damaged"),
-    "garbage state.pt": (lambda d: (d / STATE_FILE).write_bytes(b"\x80\x02" + bytes(range(256)) * 4),
-                         "state.pt is truncated or damaged"),
+    "garbage state.pt": (
+        lambda d: (d / STATE_FILE).write_bytes(b"\x80\x02" + bytes(range(256)) * 4),
+        "state.pt is truncated or damaged",
+    ),
     "missing state.pt": (lambda d: (d / STATE_FILE).unlink(), "state.pt is missing"),
     "missing meta.json": (lambda d: (d / "meta.json").unlink(), "meta.json is missing"),
     "meta.json not JSON": (lambda d: (d / "meta.json").write_text('{"model": "linear", '), "meta.json is not JSON"),
-    "meta.json not an object": (lambda d: (d / "meta.json").write_text("[1, 2]"),
-                                "meta.json holds a JSON list, not an object"),
-    "meta.json without a key": (lambda d: (d / "meta.json").write_text('{"model": "linear"}'),
-                                "meta.json has no 'num_classes'"),
-    "meta.json wrong type": (lambda d: (d / "meta.json").write_text('{"model": "linear", "num_classes": "2"}'),
-                             r"meta.json has num_classes = '2', not a class count >= 1"),
-    "negative step_in_epoch": (lambda d: _edit_state(d, step_in_epoch=-4),
-                               r"state.pt's training state has step_in_epoch = -4, not a count >= 0"),
-    "negative epoch": (lambda d: _edit_state(d, epoch=-1),
-                       r"state.pt's training state has epoch = -1, not a count >= 0"),
+    "meta.json not an object": (
+        lambda d: (d / "meta.json").write_text("[1, 2]"),
+        "meta.json holds a JSON list, not an object",
+    ),
+    "meta.json without a key": (
+        lambda d: (d / "meta.json").write_text('{"model": "linear"}'),
+        "meta.json has no 'num_classes'",
+    ),
+    "meta.json wrong type": (
+        lambda d: (d / "meta.json").write_text('{"model": "linear", "num_classes": "2"}'),
+        r"meta.json has num_classes = '2', not a class count >= 1",
+    ),
+    "negative step_in_epoch": (
+        lambda d: _edit_state(d, step_in_epoch=-4),
+        r"state.pt's training state has step_in_epoch = -4, not a count >= 0",
+    ),
+    "negative epoch": (
+        lambda d: _edit_state(d, epoch=-1),
+        r"state.pt's training state has epoch = -1, not a count >= 0",
+    ),
     "epoch as text": (lambda d: _edit_state(d, epoch="2"), r"state.pt's training state has epoch = '2', not a count"),
-    "history not metrics": (lambda d: _edit_state(d, history=[{"epoch": "x"}]),
-                            "state.pt's training state has history = .*, not a list of per-epoch metrics"),
+    "history not metrics": (
+        lambda d: _edit_state(d, history=[{"epoch": "x"}]),
+        "state.pt's training state has history = .*, not a list of per-epoch metrics",
+    ),
     "no optimizer": (lambda d: _edit_state(d, optimizer=None), r"state.pt has no optimizer \(each a mapping\)"),
-    "wrong weights": (lambda d: _edit_state(d, model={"weight": torch.zeros(5, 5), "bias": torch.zeros(5)}),
-                      r"state.pt does not load into this run \(RuntimeError: Error\(s\) in loading state_dict"),
-    "broken random streams": (lambda d: _edit_state(d, rng={"python": 3}, rng_by_rank=[]),
-                              r"state.pt does not load into this run \((TypeError|KeyError): "),
+    "wrong weights": (
+        lambda d: _edit_state(d, model={"weight": torch.zeros(5, 5), "bias": torch.zeros(5)}),
+        r"state.pt does not load into this run \(RuntimeError: Error\(s\) in loading state_dict",
+    ),
+    "broken random streams": (
+        lambda d: _edit_state(d, rng={"python": 3}, rng_by_rank=[]),
+        r"state.pt does not load into this run \((TypeError|KeyError): ",
+    ),
 }
 
 
@@ -279,8 +334,10 @@ def test_a_checkpoint_within_an_epoch_must_be_at_one_of_this_runs_steps(tmp_path
     write_checkpoint(directory)
     _edit_state(directory, step_in_epoch=7, global_step=7, partial_epoch=[1.0, 2.0, 0.0])
     assert _resume(directory, steps_per_epoch=8).step_in_epoch == 7
-    with pytest.raises(CheckpointError, match=f"checkpoint {directory}: taken at step 7 of an epoch, but this "
-                                              "run's epochs have 5 steps"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"checkpoint {directory}: taken at step 7 of an epoch, but this run's epochs have 5 steps",
+    ):
         _resume(directory, steps_per_epoch=5)
     _edit_state(directory, step_in_epoch=9, global_step=7)
     with pytest.raises(CheckpointError, match="step_in_epoch = 9, past global_step = 7"):
@@ -325,8 +382,9 @@ def test_a_resume_with_no_sound_checkpoint_left_stops_with_the_latests_problem(t
     for directory in checkpoints:
         (directory / STATE_FILE).unlink()
     with pytest.raises(CheckpointError, match=f"^checkpoint {checkpoints[-1]}: state.pt is missing"):
-        restore_newest_sound(str(checkpoints[-1]), str(tmp_path),
-                             lambda d: load_checkpoint(d, model=torch.nn.Linear(3, 2)))
+        restore_newest_sound(
+            str(checkpoints[-1]), str(tmp_path), lambda d: load_checkpoint(d, model=torch.nn.Linear(3, 2))
+        )
 
 
 def test_a_workers_resume_says_once_that_it_passed_over_a_damaged_checkpoint(tmp_path, monkeypatch):
@@ -343,17 +401,32 @@ def test_a_workers_resume_says_once_that_it_passed_over_a_damaged_checkpoint(tmp
     _edit_state(latest, step_in_epoch=-1)
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(latest)))
     lines = []
-    log = SimpleNamespace(info=lambda line: lines.append(("info", line)),
-                          warning=lambda line: lines.append(("warning", line)))
+    log = SimpleNamespace(
+        info=lambda line: lines.append(("info", line)), warning=lambda line: lines.append(("warning", line))
+    )
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     config = load_config(overrides=[f"tracking.storage_path={tmp_path}"])
-    state = worker.restore(config, model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1), None, 2, 10,
-                           SimpleNamespace(rank=0, world_size=1), log)
+    state = worker.restore(
+        config,
+        model,
+        optimizer,
+        torch.optim.lr_scheduler.StepLR(optimizer, 1),
+        None,
+        2,
+        10,
+        SimpleNamespace(rank=0, world_size=1),
+        log,
+    )
     assert state.epoch == 2 and torch.equal(model.weight, models[2].weight)
-    assert lines == [("warning", f"checkpoint {latest}: state.pt's training state has step_in_epoch = -1, not a "
-                                 f"count >= 0; resuming from the checkpoint before it, {second}"),
-                     ("info", f"resumed from {second} after epoch 2")]
+    assert lines == [
+        (
+            "warning",
+            f"checkpoint {latest}: state.pt's training state has step_in_epoch = -1, not a "
+            f"count >= 0; resuming from the checkpoint before it, {second}",
+        ),
+        ("info", f"resumed from {second} after epoch 2"),
+    ]
 
 
 def test_the_driver_checks_a_resume_against_the_newest_sound_checkpoint(tmp_path):

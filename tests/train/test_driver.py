@@ -5,7 +5,6 @@ import os
 import signal
 import threading
 import time
-
 from collections import Counter
 
 import psutil
@@ -48,8 +47,9 @@ def test_two_workers_learn_loss_falls_and_val_top1_beats_chance(trained_run):
 def test_rerun_with_the_same_name_resumes_and_keeps_one_mlflow_run(ray_session, learnable_shards, tmp_path):
     # One worker: resuming is the driver's and Ray Train's business, the same at any world size (the exact
     # multi-rank resume is tested with per-rank streams in tests/train/test_checkpoints.py).
-    first = run_training(training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=2",
-                                         "scaling.num_workers=1"))
+    first = run_training(
+        training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=2", "scaling.num_workers=1")
+    )
     assert [row[m.EPOCH] for row in first.history] == [1, 2]
     config = training_config(learnable_shards, tmp_path, "resume-me", "optim.epochs=3", "scaling.num_workers=1")
     second = run_training(config)
@@ -81,23 +81,27 @@ def _kill_a_worker_within_epoch_2(run_dir, killed: list) -> None:
 
 def _planned_keys(shards, epoch, world, batch, seed):
     """The sample keys the plan gives all ranks in `epoch`, read from the shards in file order."""
-    from pipeline.data.shard_reader import read_whole_shard
     from pipeline.data.manifest import read_manifest
     from pipeline.data.plan import plan_train_worker
+    from pipeline.data.shard_reader import read_whole_shard
 
     manifest = read_manifest(shards / "train")
-    keys = [[key for _, _, key in read_whole_shard(str(shards / "train"), manifest, shard)]
-            for shard in range(len(manifest.shards))]
+    keys = [
+        [key for _, _, key in read_whole_shard(str(shards / "train"), manifest, shard)]
+        for shard in range(len(manifest.shards))
+    ]
     planned = Counter()
     for rank in range(world):
-        plan = plan_train_worker(manifest.shard_counts, world_size=world, rank=rank, batch_size=batch, seed=seed,
-                                 epoch=epoch)
-        planned.update(key for segment in plan.segments for key in keys[segment.shard][segment.start:segment.stop])
+        plan = plan_train_worker(
+            manifest.shard_counts, world_size=world, rank=rank, batch_size=batch, seed=seed, epoch=epoch
+        )
+        planned.update(key for segment in plan.segments for key in keys[segment.shard][segment.start : segment.stop])
     return planned
 
 
 def test_a_worker_sigkilled_within_an_epoch_resumes_at_its_next_step_on_the_planned_samples(
-        ray_session, learnable_shards, tmp_path, trained_run, monkeypatch):
+    ray_session, learnable_shards, tmp_path, trained_run, monkeypatch
+):
     """tracking.checkpoint_every_steps on 2 workers: a worker SIGKILLed after a checkpoint within epoch 2; the run
     resumes at the next step of epoch 2 (not its start), epoch 2 trains every planned sample once across both
     attempts (the sample log's keys), and the final weights equal those of `trained_run`, the same run
@@ -183,13 +187,24 @@ def test_a_resume_with_other_data_or_optimisation_is_refused_unless_allowed(tiny
     manifest = read_manifest(tiny_shards / "train")
     checkpoint = tmp_path / "run" / "checkpoint_2026-12-01_00-00-00"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "meta.json").write_text(json.dumps({
-        "model": "resnet18", "num_classes": manifest.num_classes, "manifest_hash": "0123456789abcdef",
-        "config": config.model_dump(mode="json") | {"optim": {**config.optim.model_dump(mode="json"), "lr": 0.2}}}))
+    (checkpoint / "meta.json").write_text(
+        json.dumps(
+            {
+                "model": "resnet18",
+                "num_classes": manifest.num_classes,
+                "manifest_hash": "0123456789abcdef",
+                "config": config.model_dump(mode="json")
+                | {"optim": {**config.optim.model_dump(mode="json"), "lr": 0.2}},
+            }
+        )
+    )
     progress = {"epoch": 1, "step_in_epoch": 0, "history": [{"epoch": 1, "train/loss": 1.0}], "stopped_early": False}
     (checkpoint / "progress.json").write_text(json.dumps(progress))
-    with pytest.raises(ConfigError, match=r"the train manifest \(hash 0123456789abcdef -> .*optim\.lr \(0\.2 -> 0\.1\)"
-                                          r".*tracking\.allow_changed_resume=true") as caught:
+    with pytest.raises(
+        ConfigError,
+        match=r"the train manifest \(hash 0123456789abcdef -> .*optim\.lr \(0\.2 -> 0\.1\)"
+        r".*tracking\.allow_changed_resume=true",
+    ) as caught:
         check_resume_compatible(str(tmp_path), "run", config, manifest)
     assert "\n" not in str(caught.value)
     more_epochs = load_config(overrides=[*base, "optim.epochs=200", "tracking.allow_changed_resume=true"])
@@ -216,14 +231,24 @@ def test_a_resume_within_an_epoch_is_refused_when_the_order_of_its_samples_would
     manifest = read_manifest(tiny_shards / "train")
     checkpoint = tmp_path / "run" / "checkpoint_2026-12-01_00-00-00"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "meta.json").write_text(json.dumps({
-        "model": "resnet18", "num_classes": manifest.num_classes, "manifest_hash": manifest.content_hash(),
-        "config": config.model_dump(mode="json")}))
+    (checkpoint / "meta.json").write_text(
+        json.dumps(
+            {
+                "model": "resnet18",
+                "num_classes": manifest.num_classes,
+                "manifest_hash": manifest.content_hash(),
+                "config": config.model_dump(mode="json"),
+            }
+        )
+    )
     progress = {"epoch": 1, "step_in_epoch": 1, "history": [{"epoch": 1, "train/loss": 1.0}], "stopped_early": False}
     (checkpoint / "progress.json").write_text(json.dumps(progress))
     check_resume_compatible(str(tmp_path), "run", config, manifest)  # the same settings continue
     changed = load_config(overrides=[*base, "data.loader_workers=3", "seed=7"])
-    with pytest.raises(ConfigError, match=r"seed \(0 -> 7, .*data\.loader_workers \(2 -> 3, and the latest "
-                                          r"checkpoint is within an epoch\)") as caught:
+    with pytest.raises(
+        ConfigError,
+        match=r"seed \(0 -> 7, .*data\.loader_workers \(2 -> 3, and the latest "
+        r"checkpoint is within an epoch\)",
+    ) as caught:
         check_resume_compatible(str(tmp_path), "run", changed, manifest)
     assert "\n" not in str(caught.value)

@@ -1,8 +1,7 @@
 """Models: shapes, the 2012 AlexNet's published design, parameter counts, dropout, embeddings, input checks."""
 
-from functools import cache
-
 import math
+from functools import cache
 
 import pytest
 import torch
@@ -11,7 +10,11 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from pipeline.config import MODEL_NAMES, ModelConfig
 from pipeline.train.models import (
-    ALEXNET_ENSEMBLE_TOP5_ERROR, HUMAN_TOP5_ERROR, MIN_IMAGE_SIZE, PUBLISHED_TOP1_TOP5, build_model,
+    ALEXNET_ENSEMBLE_TOP5_ERROR,
+    HUMAN_TOP5_ERROR,
+    MIN_IMAGE_SIZE,
+    PUBLISHED_TOP1_TOP5,
+    build_model,
     count_parameters,
 )
 
@@ -211,8 +214,9 @@ def test_alexnet_sees_the_papers_input_scale_and_alexnet_tv_can_take_kaimings_in
     first = tv.features[0]
     assert float(first.weight.std()) == pytest.approx((2 / (64 * 11 * 11)) ** 0.5, rel=0.05)  # fan-out
     assert float(first.bias.abs().max()) == 0.0
-    with pytest.raises(ValueError, match="model.init = 'reference' does not apply to alexnet_tv, which takes "
-                                         "torchvision or kaiming"):
+    with pytest.raises(
+        ValueError, match="model.init = 'reference' does not apply to alexnet_tv, which takes torchvision or kaiming"
+    ):
         ModelConfig(name="alexnet_tv", init="reference")
 
 
@@ -222,8 +226,9 @@ def four_class_shards(tmp_path_factory):
     from pipeline.data.synthetic import generate_imagenet_folder
 
     base = tmp_path_factory.mktemp("four")
-    generate_imagenet_folder(base / "source", num_classes=4, train_per_class=30, val_per_class=2, width=80,
-                             height=64, seed=1)
+    generate_imagenet_folder(
+        base / "source", num_classes=4, train_per_class=30, val_per_class=2, width=80, height=64, seed=1
+    )
     shard_imagenet(base / "source", base / "shards", val_per_class=10, samples_per_shard=40, seed=1, progress=False)
     return base / "shards"  # train 80, val 40
 
@@ -237,10 +242,20 @@ def _recipe_run(shards, epochs, *overrides):
     from pipeline.train.optim import build_optimizer, build_scheduler
     from pipeline.train.step import RankDevice, evaluate, grad_scaler, train_one_epoch
 
-    config = load_config([PROJECT_ROOT / "jobs" / "configs" / "alexnet_imagenet.yaml"], overrides=[
-        f"data.root={shards}", "data.train_image_size=64", "data.eval_image_size=64", "data.loader_workers=0",
-        "scaling.num_workers=0", "scaling.use_gpu=false", "optim.batch_size=16", f"optim.epochs={epochs}",
-        *overrides])
+    config = load_config(
+        [PROJECT_ROOT / "jobs" / "configs" / "alexnet_imagenet.yaml"],
+        overrides=[
+            f"data.root={shards}",
+            "data.train_image_size=64",
+            "data.eval_image_size=64",
+            "data.loader_workers=0",
+            "scaling.num_workers=0",
+            "scaling.use_gpu=false",
+            "optim.batch_size=16",
+            f"optim.epochs={epochs}",
+            *overrides,
+        ],
+    )
     torch.manual_seed(0)
     rank = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
     train = build_loader(config.data, "train", rank=0, world_size=1, batch_size=16, seed=0)
@@ -250,15 +265,17 @@ def _recipe_run(shards, epochs, *overrides):
     scheduler = build_scheduler(optimizer, config.optim, len(train))
     state, curve = TrainingState(), []
     for epoch in range(epochs):
-        loss = train_one_epoch(model, train, optimizer, scheduler, grad_scaler(rank), config, rank, epoch,
-                               state)["train/loss"]
+        loss = train_one_epoch(model, train, optimizer, scheduler, grad_scaler(rank), config, rank, epoch, state)[
+            "train/loss"
+        ]
         curve.append((loss, evaluate(model, val, rank, "val")["val/top1"]))
     return curve
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["model.name=alexnet", "model.name=alexnet_tv model.init=kaiming"],
-                         ids=["alexnet", "alexnet_tv"])
+@pytest.mark.parametrize(
+    "model", ["model.name=alexnet", "model.name=alexnet_tv model.init=kaiming"], ids=["alexnet", "alexnet_tv"]
+)
 def test_both_alexnets_learn_under_the_shipped_recipe(four_class_shards, model):
     """Before: alexnet's first SGD steps overshot (paper init, 10 classes: first epoch 11.06 against ln 10) and
     then both AlexNets sat at chance (25 % here for all 12 epochs): their inits shrink the signal ~1e-3-fold by

@@ -5,9 +5,15 @@ import math
 import pytest
 import torch
 
-from pipeline.train.checkpoints import TrainingState, load_checkpoint, save_checkpoint
 from pipeline.config import OptimConfig
-from pipeline.train.optim import build_optimizer, build_scheduler, scaled_lr, step_after_iteration, step_after_validation
+from pipeline.train.checkpoints import TrainingState, load_checkpoint, save_checkpoint
+from pipeline.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    scaled_lr,
+    step_after_iteration,
+    step_after_validation,
+)
 
 
 def test_sgd_rate_scales_linearly_with_the_global_batch_adamw_does_not():
@@ -50,8 +56,9 @@ def test_warmup_then_cosine_per_iteration():
 
 
 def test_step_decay_divides_by_ten_every_step_epochs_as_in_alexnet():
-    optim = OptimConfig(lr=0.02, batch_size=128, epochs=6, schedule="step", step_epochs=2, step_gamma=0.1,
-                        weight_decay=5e-4)
+    optim = OptimConfig(
+        lr=0.02, batch_size=128, epochs=6, schedule="step", step_epochs=2, step_gamma=0.1, weight_decay=5e-4
+    )
     rates = _rates(optim, steps_per_epoch=5)
     assert rates[0] == pytest.approx(0.01)  # 0.02 per 256 images at batch 128, the paper's 0.01
     assert rates[10] == pytest.approx(0.001) and rates[29] == pytest.approx(0.0001)
@@ -59,8 +66,9 @@ def test_step_decay_divides_by_ten_every_step_epochs_as_in_alexnet():
 
 def _plateau(**changes):
     # The paper's rate: 0.02 per 256 images is 0.01 at batch 128.
-    optim = OptimConfig(**{"lr": 0.02, "batch_size": 128, "schedule": "plateau", "plateau_patience": 3,
-                           "weight_decay": 5e-4, **changes})
+    optim = OptimConfig(
+        **{"lr": 0.02, "batch_size": 128, "schedule": "plateau", "plateau_patience": 3, "weight_decay": 5e-4, **changes}
+    )
     optimizer = build_optimizer(torch.nn.Linear(2, 2), optim)
     return optimizer, build_scheduler(optimizer, optim, steps_per_epoch=5)
 
@@ -105,8 +113,15 @@ def test_plateau_state_round_trips_through_a_checkpoint(tmp_path):
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch=5)
     for top1 in [30.0, 29.0, 29.0, 31.0, 30.0]:  # divided once; best 31, one epoch without a gain since
         _epoch(optimizer, scheduler, top1)
-    save_checkpoint(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=None,
-                    state=TrainingState(epoch=5), meta={})
+    save_checkpoint(
+        tmp_path,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=None,
+        state=TrainingState(epoch=5),
+        meta={},
+    )
 
     restored_model = torch.nn.Linear(2, 2)
     restored_optimizer = build_optimizer(restored_model, optim)

@@ -30,8 +30,12 @@ class ListLoader:
 
 
 def batch(labels: list[int], corrupt: int = 0) -> Batch:
-    return Batch(torch.randint(0, 255, (len(labels), 3, 8, 8), dtype=torch.uint8), torch.tensor(labels),
-                 [""] * len(labels), (0,) * corrupt)
+    return Batch(
+        torch.randint(0, 255, (len(labels), 3, 8, 8), dtype=torch.uint8),
+        torch.tensor(labels),
+        [""] * len(labels),
+        (0,) * corrupt,
+    )
 
 
 def model(size: int = 8) -> torch.nn.Module:
@@ -51,14 +55,32 @@ def test_an_all_masked_train_batch_makes_no_step_and_no_nan():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     before = [parameter.detach().clone() for parameter in net.parameters()]
-    metrics = train_one_epoch(net, ListLoader([batch([IGNORE_LABEL] * 4, corrupt=4)]), optimizer, scheduler,
-                              grad_scaler(RANK), config, RANK, 0, TrainingState())
+    metrics = train_one_epoch(
+        net,
+        ListLoader([batch([IGNORE_LABEL] * 4, corrupt=4)]),
+        optimizer,
+        scheduler,
+        grad_scaler(RANK),
+        config,
+        RANK,
+        0,
+        TrainingState(),
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert metrics["train/corrupt_samples"] == 4 and metrics["train/loss"] == 0.0
 
     # A mixed batch still learns, and its loss is the mean over its valid samples only.
-    metrics = train_one_epoch(net, ListLoader([batch([0, IGNORE_LABEL, 1, 2])]), optimizer, scheduler,
-                              grad_scaler(RANK), config, RANK, 0, TrainingState())
+    metrics = train_one_epoch(
+        net,
+        ListLoader([batch([0, IGNORE_LABEL, 1, 2])]),
+        optimizer,
+        scheduler,
+        grad_scaler(RANK),
+        config,
+        RANK,
+        0,
+        TrainingState(),
+    )
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
@@ -74,26 +96,31 @@ def test_a_corrupt_share_above_the_limit_stops_the_run_naming_the_bad_shards(tmp
     metrics = {"epoch": 3, **evaluate(model(size=16), loader, RANK, prefix="val")}
     assert metrics["val/corrupt_samples"] == 6
     check_corrupt_share(metrics, 0.5, {"val": loader}, RANK)  # a third is within a limit of a half
-    with pytest.raises(DataError, match=r"epoch 3: 6 of 18 val samples \(33.33%\) could not be read .* "
-                                        r"bad shards: val-000001.tar \(6\)"):
+    with pytest.raises(
+        DataError,
+        match=r"epoch 3: 6 of 18 val samples \(33.33%\) could not be read .* "
+        r"bad shards: val-000001.tar \(6\)",
+    ):
         check_corrupt_share(metrics, 0.001, {"val": loader}, RANK)
 
 
 def _ddp_rank(rank: int, init_file: str, labels_by_rank: list[list[int]], results) -> None:
-    import torch.distributed as dist
-
     from datetime import timedelta
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         config = load_config(overrides=["optim.optimizer=sgd", "scaling.num_workers=0"])
         net = torch.nn.parallel.DistributedDataParallel(model())
         optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         torch.manual_seed(7 + rank)
-        worker = RankDevice(rank=rank, world_size=2, device=torch.device("cpu"), autocast_dtype=None,
-                            channels_last=False)
+        worker = RankDevice(
+            rank=rank, world_size=2, device=torch.device("cpu"), autocast_dtype=None, channels_last=False
+        )
         loader = ListLoader([batch(labels_by_rank[rank])])
         train_one_epoch(net, loader, optimizer, scheduler, grad_scaler(worker), config, worker, 0, TrainingState())
         weights = [p.detach().clone() for p in net.module.parameters()]
@@ -116,12 +143,14 @@ def test_ddp_steps_on_the_exact_mean_over_valid_samples_and_not_at_all_when_all_
     samples alone; a global batch with no valid sample leaves every weight (and momentum) untouched."""
     masked = IGNORE_LABEL
     results = _ddp_step(tmp_path / "mixed", [[masked, masked, masked, masked], [0, 1, masked, 3]])
-    (weights0, images0), (weights1, images1) = results[0], results[1]
+    (weights0, _), (weights1, images1) = results[0], results[1]
     assert all(torch.equal(a, b) for a, b in zip(weights0, weights1))
 
     single = model()  # the same initial weights, one process, the valid samples only
     optimizer = torch.optim.SGD(single.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
-    loss = torch.nn.functional.cross_entropy(single(normalize_batch(images1[[0, 1, 3]], "cpu")), torch.tensor([0, 1, 3]))
+    loss = torch.nn.functional.cross_entropy(
+        single(normalize_batch(images1[[0, 1, 3]], "cpu")), torch.tensor([0, 1, 3])
+    )
     loss.backward()
     optimizer.step()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights0, single.parameters()))
@@ -137,14 +166,16 @@ def _buffer_rank(rank: int, init_file: str, results) -> None:
 
     from pipeline.train.step import broadcast_buffers_from_rank0
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     try:
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
         net.train()(torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(rank)))  # per-rank statistics
         before = net[1].running_mean.clone()
-        worker = RankDevice(rank=rank, world_size=2, device=torch.device("cpu"), autocast_dtype=None,
-                            channels_last=False)
+        worker = RankDevice(
+            rank=rank, world_size=2, device=torch.device("cpu"), autocast_dtype=None, channels_last=False
+        )
         broadcast_buffers_from_rank0(net, worker)
         torch.save((before, net[1].running_mean.clone()), Path(results) / f"{rank}.pt")
     finally:
@@ -179,15 +210,23 @@ def _per_step_accounting(net, loader, optimizer, device="cpu"):
     return totals.tolist()
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="needs a CUDA device"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_side_sums_report_exactly_what_per_step_reads_did(device):
     torch.manual_seed(1)
-    loader = ListLoader([batch([0, 1, 2, 3]), batch([1, IGNORE_LABEL, 3, 0], corrupt=1),
-                         batch([IGNORE_LABEL] * 4, corrupt=4), batch([2, 2, 1, 0])])
+    loader = ListLoader(
+        [
+            batch([0, 1, 2, 3]),
+            batch([1, IGNORE_LABEL, 3, 0], corrupt=1),
+            batch([IGNORE_LABEL] * 4, corrupt=4),
+            batch([2, 2, 1, 0]),
+        ]
+    )
     config = load_config(overrides=["optim.weight_decay=0.0", "scaling.num_workers=0"])
     rank = RankDevice(rank=0, world_size=1, device=torch.device(device), autocast_dtype=None, channels_last=False)
     nets, optimizers = [model().to(device), model().to(device)], []
@@ -196,8 +235,18 @@ def test_device_side_sums_report_exactly_what_per_step_reads_did(device):
     loss_sum, valid, corrupt = _per_step_accounting(nets[0], loader, optimizers[0], device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizers[1], lambda step: 1.0)
     seen = []
-    metrics = train_one_epoch(nets[1], loader, optimizers[1], scheduler, grad_scaler(rank), config, rank, 0,
-                              TrainingState(), on_step=lambda step, loss, lr, images: seen.append((step, loss, images)))
+    metrics = train_one_epoch(
+        nets[1],
+        loader,
+        optimizers[1],
+        scheduler,
+        grad_scaler(rank),
+        config,
+        rank,
+        0,
+        TrainingState(),
+        on_step=lambda step, loss, lr, images: seen.append((step, loss, images)),
+    )
     assert metrics["train/loss"] == loss_sum / valid  # bit for bit: the same float64 sums in the same order
     assert metrics["train/corrupt_samples"] == corrupt == 5
     assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
@@ -208,8 +257,13 @@ def test_device_side_sums_report_exactly_what_per_step_reads_did(device):
 
 def test_the_evaluation_pass_sums_on_the_device_what_it_counted_per_batch():
     torch.manual_seed(2)
-    loader = ListLoader([batch([0, 1, 2, 3]), batch([1, IGNORE_LABEL, 3, IGNORE_LABEL], corrupt=1),
-                         batch([IGNORE_LABEL] * 2, corrupt=2)])
+    loader = ListLoader(
+        [
+            batch([0, 1, 2, 3]),
+            batch([1, IGNORE_LABEL, 3, IGNORE_LABEL], corrupt=1),
+            batch([IGNORE_LABEL] * 2, corrupt=2),
+        ]
+    )
     net = model()
     criterion = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL, reduction="sum")
     loss_sum = top1 = top5 = valid = 0
@@ -242,8 +296,9 @@ def test_a_compiled_model_trains_the_same_epoch_as_the_eager_one():
         optimizer = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         runner = torch.compile(net) if compiled else net
-        metrics = train_one_epoch(runner, loader, optimizer, scheduler, grad_scaler(RANK), config, RANK, 0,
-                                  TrainingState())
+        metrics = train_one_epoch(
+            runner, loader, optimizer, scheduler, grad_scaler(RANK), config, RANK, 0, TrainingState()
+        )
         assert unwrap(runner) is net  # checkpoints and evaluation see the plain module
         results.append((metrics["train/loss"], [p.detach().clone() for p in net.parameters()]))
     (eager_loss, eager_weights), (compiled_loss, compiled_weights) = results

@@ -14,17 +14,25 @@ from pipeline.tune.refit import REFIT_EPOCHS_TAG, REFIT_SWEEP_TAG, REFIT_TRIAL_T
 from pipeline.tune.report import BEST_TRIAL_TAG
 from pipeline.tune.search import SWEEP_TAG
 
-
 SWEEP_FILES = [PROJECT_ROOT / "jobs" / "configs" / "demo_sweep.yaml"]  # searches optim.lr, batch_size, dropout
 
 
 def _locator(tmp_path, *sets):
-    return load_config(SWEEP_FILES, [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                                     "tracking.experiment=refit-tests", *sets])
+    return load_config(
+        SWEEP_FILES,
+        [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=refit-tests", *sets],
+    )
 
 
-def _fake_sweep(tmp_path, name="s1", trial="ab12c_00001", val_top1=(40.0, 55.0, 55.0, 50.0), trial_sets=(),
-                log_config=True, best_trial=True):
+def _fake_sweep(
+    tmp_path,
+    name="s1",
+    trial="ab12c_00001",
+    val_top1=(40.0, 55.0, 55.0, 50.0),
+    trial_sets=(),
+    log_config=True,
+    best_trial=True,
+):
     locator = _locator(tmp_path)
     uri, experiment_id = prepare_tracking(locator)
     client = MlflowClient(uri)
@@ -32,15 +40,27 @@ def _fake_sweep(tmp_path, name="s1", trial="ab12c_00001", val_top1=(40.0, 55.0, 
     if best_trial:
         client.set_tag(parent.info.run_id, BEST_TRIAL_TAG, trial)
     child_name = f"{name}-{trial}"
-    child = client.create_run(experiment_id, run_name=child_name, tags={
-        RUN_NAME_TAG: child_name, "mlflow.parentRunId": parent.info.run_id})
-    trial_config = load_config(SWEEP_FILES, ["optim.lr=0.37", "model.dropout=0.2", "optim.epochs=9",
-                                             "optim.patience=5", "tracking.knn_every=2", *trial_sets])
+    child = client.create_run(
+        experiment_id, run_name=child_name, tags={RUN_NAME_TAG: child_name, "mlflow.parentRunId": parent.info.run_id}
+    )
+    trial_config = load_config(
+        SWEEP_FILES,
+        [
+            "optim.lr=0.37",
+            "model.dropout=0.2",
+            "optim.epochs=9",
+            "optim.patience=5",
+            "tracking.knn_every=2",
+            *trial_sets,
+        ],
+    )
     if log_config:
         client.log_dict(child.info.run_id, loggable(trial_config), CONFIG_ARTIFACT)
     now = int(time.time() * 1000)
-    client.log_batch(child.info.run_id, metrics=[Metric(m.VAL_TOP1, value, now, epoch)
-                                                 for epoch, value in enumerate(val_top1, start=1)])
+    client.log_batch(
+        child.info.run_id,
+        metrics=[Metric(m.VAL_TOP1, value, now, epoch) for epoch, value in enumerate(val_top1, start=1)],
+    )
     return locator, parent.info.run_id, child.info.run_id
 
 
@@ -61,17 +81,21 @@ def test_the_refit_takes_the_trials_config_and_the_first_epoch_of_its_best_score
 
 def test_a_plateau_schedule_cannot_be_refit(tmp_path):
     _fake_sweep(tmp_path, trial_sets=["optim.schedule=plateau"])
-    with pytest.raises(ConfigError, match="refit of sweep 's1' trial ab12c_00001: optim.schedule = 'plateau' "
-                                          "needs a val split") as caught:
+    with pytest.raises(
+        ConfigError, match="refit of sweep 's1' trial ab12c_00001: optim.schedule = 'plateau' needs a val split"
+    ) as caught:
         plan_refit(_locator(tmp_path, "optim.schedule=plateau"), "s1", [])
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("no-sweep", "--sweep 'nope': no sweep of that name"),
-    ("no-best", "the sweep has no best trial yet"),
-    ("no-config", "has no config.json"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("no-sweep", "--sweep 'nope': no sweep of that name"),
+        ("no-best", "the sweep has no best trial yet"),
+        ("no-config", "has no config.json"),
+    ],
+)
 def test_what_cannot_be_refit_is_refused_in_one_line(tmp_path, kind, message):
     locator, _, _ = _fake_sweep(tmp_path, best_trial=kind != "no-best", log_config=kind != "no-config")
     with pytest.raises(ConfigError, match=message):
@@ -86,12 +110,15 @@ def test_a_refit_config_refuses_what_needs_validation():
     assert load_config(overrides=["data.fit_splits=[train, val]"]).data.validates is False
 
 
-@pytest.mark.parametrize("key, value", [
-    ("data.shard_command", "sh -c 'touch {marker}' {{url}}"),
-    ("data.root", "/somewhere/else"),
-    ("data.shard_url_schemes", "[https]"),
-    ("tracking.storage_path", "/tmp/elsewhere"),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("data.shard_command", "sh -c 'touch {marker}' {{url}}"),
+        ("data.root", "/somewhere/else"),
+        ("data.shard_url_schemes", "[https]"),
+        ("tracking.storage_path", "/tmp/elsewhere"),
+    ],
+)
 def test_a_trial_artifact_cannot_choose_what_runs_or_where_data_is_read(tmp_path, key, value):
     marker = tmp_path / "payload-ran"
     _fake_sweep(tmp_path, trial_sets=[f"{key}={value.format(marker=marker)}"])
@@ -111,7 +138,8 @@ def test_only_searched_keys_come_from_the_artifact_and_a_set_key_is_the_users(tm
 
 def test_without_the_sweeps_search_space_nothing_is_taken_and_the_difference_is_named(tmp_path):
     _fake_sweep(tmp_path)
-    plain = load_config(overrides=[f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                                   "tracking.experiment=refit-tests"])
+    plain = load_config(
+        overrides=[f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=refit-tests"]
+    )
     with pytest.raises(ConfigError, match=r"only searched keys \(none\) .*pass the sweep's config files"):
         plan_refit(plain, "s1", [])

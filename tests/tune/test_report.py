@@ -10,17 +10,33 @@ from pipeline.tune.report import ENDED_AT_TAG, TrialSummary, log_sweep_summary, 
 
 
 def _trials(client, experiment):
-    runs = {status: client.create_run(experiment).info.run_id
-            for status in ("completed", "stopped early", "failed", "no result")}
+    runs = {
+        status: client.create_run(experiment).info.run_id
+        for status in ("completed", "stopped early", "failed", "no result")
+    }
     history = [{"epoch": 1, "val/top1": 40.0}, {"epoch": 2, "val/top1": 55.0}]
-    shape = {"completed": (2, 55.0, None, ""), "stopped early": (2, 55.0, 1, ""), "failed": (1, 40.0, None, ""),
-             "no result": (0, None, None, "no checkpoint in /runs/s-t3")}
+    shape = {
+        "completed": (2, 55.0, None, ""),
+        "stopped early": (2, 55.0, 1, ""),
+        "failed": (1, 40.0, None, ""),
+        "no result": (0, None, None, "no checkpoint in /runs/s-t3"),
+    }
     trials = []
     for index, (status, run_id) in enumerate(runs.items()):
         epochs, best, decided, note = shape[status]
-        trials.append(TrialSummary(trial_id=f"t{index}", params={"optim.lr": 0.1 * (index + 1)}, status=status,
-                                   epochs_run=epochs, best_top1=best, history=history[:epochs], mlflow_run_id=run_id,
-                                   stop_decided_at=decided, note=note))
+        trials.append(
+            TrialSummary(
+                trial_id=f"t{index}",
+                params={"optim.lr": 0.1 * (index + 1)},
+                status=status,
+                epochs_run=epochs,
+                best_top1=best,
+                history=history[:epochs],
+                mlflow_run_id=run_id,
+                stop_decided_at=decided,
+                note=note,
+            )
+        )
     return runs, trials
 
 
@@ -29,8 +45,13 @@ def test_each_trial_run_is_closed_with_what_happened_to_it(tmp_path, capsys):
     experiment = client.create_experiment("sweep", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment).info.run_id
     runs, trials = _trials(client, experiment)
-    config = load_config(overrides=["optim.epochs=2", "search.num_samples=4",
-                                    "search.space={optim.lr: {kind: loguniform, low: 0.01, high: 1.0}}"])
+    config = load_config(
+        overrides=[
+            "optim.epochs=2",
+            "search.num_samples=4",
+            "search.space={optim.lr: {kind: loguniform, low: 0.01, high: 1.0}}",
+        ]
+    )
 
     # The completed trial's run is still RUNNING: Tune stopped its driver at max_t before it closed the run.
     log_sweep_summary(client, parent, config, trials, best=trials[0])

@@ -17,19 +17,32 @@ from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG
 from pipeline.tracking.runs import RUN_NAME_TAG
 from pipeline.train.checkpoints import read_run_record
 from pipeline.tune.refit import REFIT_SWEEP_TAG, REFIT_TAG, REFIT_TRIAL_TAG, run_refit
-from pipeline.tune.search import (
-    SWEEP_TAG, apply_params, check_search, cluster_fit_problem, concurrent_trials, fit_concurrency_to_cluster,
-    run_search, trial_id_of,
-)
 from pipeline.tune.report import ENDED_AT_TAG, STOP_DECIDED_TAG, STOPPED_TAG
+from pipeline.tune.search import (
+    SWEEP_TAG,
+    apply_params,
+    check_search,
+    cluster_fit_problem,
+    concurrent_trials,
+    fit_concurrency_to_cluster,
+    run_search,
+    trial_id_of,
+)
 from tests.conftest import training_config
 
 # Seed 0 samples lr 1.6, 1.6, 1e-6, 1e-6: the two hopeless trials start only after a good one has set
 # ASHA's first rung (2 at a time), so ASHA must stop them after the grace epoch. Without warmup a good
 # trial is at >= 75 % val top-1 after one epoch on this data; a hopeless one stays at chance (25 %).
 SWEEP = [
-    "scaling.num_workers=1", "optim.epochs=3", "optim.batch_size=8", "optim.warmup_epochs=0", "search.num_samples=4", "search.max_concurrent_trials=2",
-    "search.grace_period=1", "search.reduction_factor=2", "search.seed=0",
+    "scaling.num_workers=1",
+    "optim.epochs=3",
+    "optim.batch_size=8",
+    "optim.warmup_epochs=0",
+    "search.num_samples=4",
+    "search.max_concurrent_trials=2",
+    "search.grace_period=1",
+    "search.reduction_factor=2",
+    "search.seed=0",
     "search.space={optim.lr: {kind: choice, values: [0.000001, 1.6]}, "
     "model.dropout: {kind: uniform, low: 0.0, high: 0.3}}",
 ]
@@ -52,8 +65,10 @@ def shards_without_test(learnable_shards, tmp_path_factory):
     ("overrides", "message"),
     [
         (["search.space={}"], "search.space is empty"),
-        (["scaling.num_workers=2", "search.space={optim.batch_size: {kind: choice, values: [16, 33]}}"],
-         r"optim\.batch_size = 33 is not divisible by scaling\.num_workers = 2"),
+        (
+            ["scaling.num_workers=2", "search.space={optim.batch_size: {kind: choice, values: [16, 33]}}"],
+            r"optim\.batch_size = 33 is not divisible by scaling\.num_workers = 2",
+        ),
         (["search.space={optim.lrr: {kind: uniform, low: 0.1, high: 0.2}}"], r"optim\.lrr: unknown config key"),
         (["search.space={optim.lr: {kind: uniform, low: -1, high: 0.2}}"], r"optim\.lr = -1.*greater than 0"),
         (["search.grace_period=5"], r"search\.grace_period = 5 exceeds optim\.epochs = 3"),
@@ -69,13 +84,16 @@ def test_invalid_search_fails_before_any_trial(learnable_shards, tmp_path, overr
 @pytest.mark.ray
 def test_trial_needing_more_than_the_cluster_is_refused(ray_session, learnable_shards, tmp_path):
     config = _sweep_config(learnable_shards, tmp_path, "big", "scaling.num_workers=8")
-    with pytest.raises(ConfigError, match=r"one trial needs 8 workers of 1 CPU each, but the cluster's 1 node\(s\) \(4 CPU\) hold 4"):
+    with pytest.raises(
+        ConfigError, match=r"one trial needs 8 workers of 1 CPU each, but the cluster's 1 node\(s\) \(4 CPU\) hold 4"
+    ):
         fit_concurrency_to_cluster(config)
 
 
 @pytest.mark.ray
-def test_more_concurrent_trials_than_fit_run_as_many_as_fit_and_the_rest_wait(ray_session, learnable_shards,
-                                                                              tmp_path, capsys):
+def test_more_concurrent_trials_than_fit_run_as_many_as_fit_and_the_rest_wait(
+    ray_session, learnable_shards, tmp_path, capsys
+):
     config = _sweep_config(learnable_shards, tmp_path, "one", "scaling.cpus_per_worker=3")  # 4 CPUs hold 1
     fitted = fit_concurrency_to_cluster(config)
     assert (config.search.max_concurrent_trials, fitted.search.max_concurrent_trials) == (2, 1)
@@ -85,12 +103,25 @@ def test_more_concurrent_trials_than_fit_run_as_many_as_fit_and_the_rest_wait(ra
 
 def test_workers_are_counted_per_node(learnable_shards, tmp_path):
     gpu_nodes = [{"CPU": 44.0, "GPU": 4.0}, {"CPU": 44.0, "GPU": 4.0}]  # infra/kuberay's gpu group
-    two_gpu_trials = _sweep_config(learnable_shards, tmp_path, "g", "scaling.use_gpu=true", "scaling.num_workers=2",
-                                   "scaling.cpus_per_worker=11", "search.max_concurrent_trials=4")
+    two_gpu_trials = _sweep_config(
+        learnable_shards,
+        tmp_path,
+        "g",
+        "scaling.use_gpu=true",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=11",
+        "search.max_concurrent_trials=4",
+    )
     assert cluster_fit_problem(two_gpu_trials, gpu_nodes) is None and concurrent_trials(two_gpu_trials, gpu_nodes) == 4
     # 8 CPUs in total, but no single node holds a 6-CPU worker.
-    wide = _sweep_config(learnable_shards, tmp_path, "w", "scaling.num_workers=1", "scaling.cpus_per_worker=6",
-                         "search.max_concurrent_trials=1")
+    wide = _sweep_config(
+        learnable_shards,
+        tmp_path,
+        "w",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=6",
+        "search.max_concurrent_trials=1",
+    )
     assert "hold 0" in cluster_fit_problem(wide, [{"CPU": 4.0}, {"CPU": 4.0}])
     assert concurrent_trials(wide, [{"CPU": 4.0}, {"CPU": 4.0}]) == 0
 
@@ -119,10 +150,12 @@ def _children(client, experiment_id, parent_id):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_asha_sweep_on_a_cluster_holding_one_trial_finishes_all_four_and_registers_the_best(
-        ray_session, shards_without_test, tmp_path, capsys):
+    ray_session, shards_without_test, tmp_path, capsys
+):
     """4 trials, 2 asked to run at once, on a cluster that holds 1 (3-CPU workers on 4 CPUs): one at a time."""
-    config = _sweep_config(shards_without_test, tmp_path, "sweep-a", "tracking.registered_model=sweep-model",
-                           "scaling.cpus_per_worker=3")
+    config = _sweep_config(
+        shards_without_test, tmp_path, "sweep-a", "tracking.registered_model=sweep-model", "scaling.cpus_per_worker=3"
+    )
     outcome = run_search(config)
 
     assert "running 1 at a time, the others wait" in capsys.readouterr().out
@@ -146,7 +179,9 @@ def test_asha_sweep_on_a_cluster_holding_one_trial_finishes_all_four_and_registe
     assert parent.data.metrics["sweep/trial_epochs_to_stop_decisions"] == decided <= trained
     assert parent.data.metrics["sweep/trial_epochs_budget"] == 4 * 3
     assert {a.path for a in client.list_artifacts(outcome.parent_run_id)} >= {
-        "sweep_learning_curves.png", "sweep_parameters.png"}
+        "sweep_learning_curves.png",
+        "sweep_parameters.png",
+    }
     children = _children(client, parent.info.experiment_id, outcome.parent_run_id)
     assert len(children) == 4
     for child in children:
@@ -180,8 +215,10 @@ def _check_refit(client, config, outcome):
     assert contexts == {"train": ["train"], "val": ["train"]}
     version = client.get_model_version("sweep-model", refit.model_version)
     assert version.tags[REFIT_TAG] == "true" and float(version.tags[m.VAL_TOP1]) == pytest.approx(best.value)
-    assert f"refit of sweep sweep-a trial {outcome.best.trial_id} on train+val, gated on the sweep's" in (
-        version.tags[DECISION_TAG])
+    assert (
+        f"refit of sweep sweep-a trial {outcome.best.trial_id} on train+val, gated on the sweep's"
+        in (version.tags[DECISION_TAG])
+    )
     # It retrains the champion's own configuration on more data: it takes the alias at the same score.
     assert refit.promoted and version.tags[DECISION_TAG].startswith("promoted: retrains version")
     assert "trained on train+val of" in version.description
@@ -205,7 +242,8 @@ def _events(path, name):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_sweep_killed_after_a_trials_last_checkpoint_resumes_with_that_trials_true_result(
-        shards_without_test, tmp_path):
+    shards_without_test, tmp_path
+):
     """The sweep's driver dies after a trial's last checkpoint and before Tune records that epoch. Made exact by
     freezing the driver (SIGSTOP) once a trial ends its first epoch: the trial's Ray Train run, in its own
     processes, trains and checkpoints its last (epoch 2) and hands the result to a Tune that cannot record it;
@@ -213,18 +251,27 @@ def test_a_sweep_killed_after_a_trials_last_checkpoint_resumes_with_that_trials_
     # The two good trials (seed 0 samples lr 1.6 twice first), running together, of 2 epochs (the last is the
     # one Tune must not miss).
     overrides = [f"--set={o}" for o in SWEEP] + [
-        "--set=search.num_samples=2", "--set=optim.epochs=2",
-        f"--set=data.root={shards_without_test}", "--set=data.train_image_size=32", "--set=data.eval_image_size=32",
+        "--set=search.num_samples=2",
+        "--set=optim.epochs=2",
+        f"--set=data.root={shards_without_test}",
+        "--set=data.train_image_size=32",
+        "--set=data.eval_image_size=32",
         "--set=data.loader_workers=0",
         f"--set=tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        f"--set=tracking.storage_path={tmp_path / 'ray'}", "--set=tracking.run_name=sweep-r",
-        "--set=tracking.experiment=tests", "--set=tracking.registered_model=resume-model",
+        f"--set=tracking.storage_path={tmp_path / 'ray'}",
+        "--set=tracking.run_name=sweep-r",
+        "--set=tracking.experiment=tests",
+        "--set=tracking.registered_model=resume-model",
     ]
     command = [sys.executable, "-m", "pipeline.cli", "tune", *overrides]
     events = tmp_path / "events.jsonl"
     # "local": a fresh Ray of its own, not the session-wide one this test process may have started.
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
-           "PIPELINE_EVENTS_FILE": str(events)}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": "local",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+        "PIPELINE_EVENTS_FILE": str(events),
+    }
     log = open(tmp_path / "driver.log", "w")
     driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -240,8 +287,11 @@ def test_a_sweep_killed_after_a_trials_last_checkpoint_resumes_with_that_trials_
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
-    finished = [path.name for path in (tmp_path / "ray").glob("sweep-r-*")
-                if (record := read_run_record(str(tmp_path / "ray"), path.name)) and record.epochs == 2]
+    finished = [
+        path.name
+        for path in (tmp_path / "ray").glob("sweep-r-*")
+        if (record := read_run_record(str(tmp_path / "ray"), path.name)) and record.epochs == 2
+    ]
     assert finished  # one trial, or both that were running: each ended epoch 2 after Tune froze
     for run_name in finished:
         trial_id = run_name.removeprefix("sweep-r-")
@@ -254,8 +304,9 @@ def test_a_sweep_killed_after_a_trials_last_checkpoint_resumes_with_that_trials_
     experiment = client.get_experiment_by_name("tests")
     parents = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get(SWEEP_TAG) == "parent"]
     assert len(parents) == 1, "the resumed sweep must reuse its MLflow parent run"
-    children = {r.data.tags[RUN_NAME_TAG]: r for r in _children(client, experiment.experiment_id,
-                                                                    parents[0].info.run_id)}
+    children = {
+        r.data.tags[RUN_NAME_TAG]: r for r in _children(client, experiment.experiment_id, parents[0].info.run_id)
+    }
     assert len(children) == 2
     for run_name in finished:
         history = client.get_metric_history(children[run_name].info.run_id, m.VAL_TOP1)
@@ -270,8 +321,10 @@ def test_a_sweep_killed_after_a_trials_last_checkpoint_resumes_with_that_trials_
     summary = client.get_run(parents[0].info.run_id).data
     assert summary.metrics["sweep/trials_failed"] == summary.metrics["sweep/trials_without_result"] == 0
     best_trial = summary.tags["best_trial"]
-    best_scores = {name: max(p.value for p in client.get_metric_history(run.info.run_id, m.VAL_TOP1))
-                   for name, run in children.items()}
+    best_scores = {
+        name: max(p.value for p in client.get_metric_history(run.info.run_id, m.VAL_TOP1))
+        for name, run in children.items()
+    }
     assert best_scores[f"sweep-r-{best_trial}"] == max(best_scores.values())
     champion = client.get_model_version_by_alias("resume-model", CHAMPION_ALIAS)
     assert champion.run_id == children[f"sweep-r-{best_trial}"].info.run_id  # this trial, if it is the best
