@@ -233,6 +233,15 @@ def _wait_for(predicate, timeout):
     return False
 
 
+def _trials_at_epoch(storage, epoch) -> list[str]:
+    """The trial runs whose last registered checkpoint is of `epoch`."""
+    return [
+        path.name
+        for path in storage.glob("sweep-r-*")
+        if (record := read_run_record(str(storage), path.name)) and record.epochs == epoch
+    ]
+
+
 def _events(path, name):
     if not path.is_file():
         return []
@@ -283,15 +292,12 @@ def test_a_sweep_killed_after_a_trials_last_checkpoint_resumes_with_that_trials_
         assert reached and driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
         os.kill(driver.pid, signal.SIGSTOP)  # Tune stops here; the trials' own processes go on
         assert _wait_for(lambda: epoch_ended(2), 300), (tmp_path / "driver.log").read_text()[-3000:]
-        time.sleep(3)  # Ray Train's controller registers the reported checkpoint just after the worker's report
+        # Ray Train's controller registers the reported checkpoint just after the worker's report.
+        assert _wait_for(lambda: _trials_at_epoch(tmp_path / "ray", 2), 60)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
         driver.wait()
-    finished = [
-        path.name
-        for path in (tmp_path / "ray").glob("sweep-r-*")
-        if (record := read_run_record(str(tmp_path / "ray"), path.name)) and record.epochs == 2
-    ]
+    finished = _trials_at_epoch(tmp_path / "ray", 2)
     assert finished  # one trial, or both that were running: each ended epoch 2 after Tune froze
     for run_name in finished:
         trial_id = run_name.removeprefix("sweep-r-")
