@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline import storage
 from pipeline.config import Config, load_config
 from pipeline.data.loader import IGNORE_LABEL, Batch, build_loader
 from pipeline.errors import BenchmarkError
@@ -129,19 +130,9 @@ def _plan(
 def _write(out: Path | None, device: torch.device, sizes: Sizes, figures: list[Figure]) -> None:
     if out is None:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(
-        json.dumps(
-            {
-                "device": _device_label(device),
-                "sizes": asdict(sizes),
-                "figures": [asdict(figure) for figure in figures],
-            },
-            indent=2,
-        )
-    )
-    partial.replace(out)
+    record = {"device": _device_label(device), "sizes": asdict(sizes), "figures": [asdict(f) for f in figures]}
+    with storage.atomic_write(out) as handle:
+        handle.write(json.dumps(record, indent=2).encode("utf-8"))
 
 
 def _default_processes() -> tuple[int, ...]:

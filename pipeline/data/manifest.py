@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -226,12 +225,8 @@ def check_shard_name(name: Any, manifest_location: str, shard_url_schemes: tuple
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with storage.atomic_write(path) as handle:
+        handle.write(json.dumps(data, indent=1).encode("utf-8"))
 
 
 def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
