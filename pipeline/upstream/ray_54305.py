@@ -50,9 +50,14 @@ def release_placement_group(note: str) -> None:
     except StorageError as error:  # bookkeeping: a storage hiccup must not end the sweep
         _log.warning("placement group not freed (%s)", error)
         return
+    try:
+        placement_group_id = PlacementGroupID(bytes.fromhex(group_id))
+    except ValueError:  # not an id this module wrote: nothing of ours to free
+        _log.warning("placement group not freed (%s holds no placement group id)", note)
+        return
     state = ray.util.placement_group_table().get(group_id, {}).get("state")
     if state not in (None, "REMOVED"):
-        ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+        ray.util.remove_placement_group(PlacementGroup(placement_group_id))
 
 
 def release_callback(storage_root: str, sweep_name: str):
