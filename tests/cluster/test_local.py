@@ -251,9 +251,9 @@ def test_job_commands_pass_the_token_and_the_tracking_uri(cluster, tmp_path):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no-such-job" in missing.stderr
 
 
-def test_stopping_the_cluster_leaves_no_process_behind(tmp_path):
-    cluster = LocalCluster.start(tmp_path / "short-lived", nodes=1, cpus_per_node=1)
-    assert len(cluster.alive_node_ids()) == 1
+def test_stopping_the_cluster_leaves_no_process_behind(cluster):
+    """Last in this module: it stops the shared 2-node cluster (the fixture's own stop then finds nothing)."""
+    assert len(cluster.alive_node_ids()) == 2
     cluster.stop()
     leftovers = [
         process.pid
