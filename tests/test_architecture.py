@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
 
 # Lower layers never import higher ones; within a layer only a package's own modules import each other.
 LAYERS = {
+    "pipeline.architectures": 0,
     "pipeline.config": 0,
     "pipeline.errors": 0,
     "pipeline.metrics": 0,
@@ -31,6 +32,7 @@ LAYERS = {
     "pipeline.cli": 9,
 }
 PURE = [
+    "pipeline.architectures",
     "pipeline.config",
     "pipeline.errors",
     "pipeline.metrics",

@@ -21,7 +21,10 @@ def test_default_yaml_lists_every_key_with_the_code_defaults():
 
 
 def test_every_shipped_config_validates():
-    for path in sorted((PROJECT_ROOT / "jobs" / "configs").glob("*.yaml")):
+    assert (PROJECT_ROOT / "pyproject.toml").is_file()  # the project's root, wherever the config code sits in it
+    shipped = sorted((PROJECT_ROOT / "jobs" / "configs").glob("*.yaml"))
+    assert DEFAULT_CONFIG in shipped and len(shipped) > 1
+    for path in shipped:
         load_config([DEFAULT_CONFIG, path])
 
 

@@ -36,10 +36,8 @@ from pipeline import storage
 from pipeline.config import Config, load_config
 from pipeline.data.loader import IGNORE_LABEL, Batch, build_loader
 from pipeline.errors import BenchmarkError
-from pipeline.train.checkpoints import TrainingState
 from pipeline.train.models import build_model
-from pipeline.train.optim import build_optimizer, build_scheduler
-from pipeline.train.step import RankDevice, autocast_dtype, grad_scaler, train_one_epoch
+from pipeline.train.step import RankDevice, Trainee, autocast_dtype, record_epoch, train_one_epoch
 
 CEILING_MODELS = ("resnet50", "alexnet", "resnet18", "resnet152")
 TARGET_RESNET50 = 3000.0  # images/s, bf16, one H200, synthetic
@@ -285,16 +283,15 @@ def _measure(
     model = build_model(config.model, num_classes).to(device)
     if rank.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, len(loader))
-    runner = torch.compile(model) if compiled else model
+    trainee = Trainee.build(model, config.optim, len(loader), rank)
+    trainee.model = torch.compile(model) if compiled else model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    state = TrainingState()
     metrics = {}
-    for epoch in range(epochs):
-        metrics = train_one_epoch(runner, loader, optimizer, scheduler, grad_scaler(rank), config, rank, epoch, state)
+    for _ in range(epochs):
+        metrics = train_one_epoch(trainee, loader, config, rank)
+        record_epoch(trainee.state, metrics)
     ended = time.perf_counter()  # train_one_epoch's last act reads its device sums: the device is done
     rate, wait = metrics["train/images_per_second"], metrics["train/data_wait_share"]
     if isinstance(loader, _TimedLoader):

@@ -34,7 +34,8 @@ from pathlib import Path
 from statistics import harmonic_mean, mean, median
 
 from pipeline import metrics as m
-from pipeline.config import MODEL_NAMES, Config, load_config
+from pipeline.architectures import MODEL_NAMES
+from pipeline.config import Config, load_config
 from pipeline.errors import BenchmarkError
 
 TARGET_RATIO = 0.97  # ours / plain DDP, steady-state images/s
@@ -350,7 +351,7 @@ def benchmark_overrides(
 def check_benchmark_arguments(
     model: str, image_size: int, global_batch: int, train_images: int, num_workers: int, loader_workers: int
 ) -> None:
-    from pipeline.train.models import MIN_IMAGE_SIZE
+    from pipeline.architectures import MIN_IMAGE_SIZE
 
     if model not in MODEL_NAMES:
         raise BenchmarkError(f"model = {model!r}: unknown model; choose one of {', '.join(MODEL_NAMES)}")

@@ -97,10 +97,8 @@ def embed_benchmark(work_dir: Path, images: int, rounds: int) -> None:
 
 def knn_benchmark(work_dir: Path, images: int, rounds: int) -> None:
     from pipeline.data.loader import build_loader
-    from pipeline.train.checkpoints import TrainingState
     from pipeline.train.models import build_model
-    from pipeline.train.optim import build_optimizer, build_scheduler
-    from pipeline.train.step import RankDevice, evaluate, grad_scaler, train_one_epoch
+    from pipeline.train.step import RankDevice, Trainee, evaluate, train_one_epoch
     from pipeline.train.worker import evaluate_with_knn
 
     config, _ = _prepare(work_dir, images)
@@ -111,18 +109,12 @@ def knn_benchmark(work_dir: Path, images: int, rounds: int) -> None:
     val_loader = build_loader(config.data, "val", **common)
     num_classes = train_loader.manifest.num_classes
     model = build_model(config.model, num_classes)
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, len(train_loader))
-    scaler, state = grad_scaler(rank), TrainingState()
+    trainee = Trainee.build(model, config.optim, len(train_loader), rank)
     seconds: dict[str, list[float]] = {"train": [], "val": [], "val_knn": []}
     for epoch in range(rounds):
+        trainee.state.epoch = epoch  # each round trains the next epoch (its own shuffle)
         for name, run in (
-            (
-                "train",
-                lambda epoch=epoch: train_one_epoch(
-                    model, train_loader, optimizer, scheduler, scaler, config, rank, epoch, state
-                ),
-            ),
+            ("train", lambda: train_one_epoch(trainee, train_loader, config, rank)),
             ("val", lambda: evaluate(model, val_loader, rank, prefix="val")),
             ("val_knn", lambda: evaluate_with_knn(model, val_loader, config, rank, num_classes)),
         ):

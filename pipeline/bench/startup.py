@@ -237,14 +237,11 @@ def _run_timed(
 
 def _mlflow_events(store: Path, run_name: str, started: float) -> dict[str, float]:
     """Epoch 1's metrics as MLflow stamped them (rank 0 logs them right after the epoch) and its images/s."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.tracking.runs import find_run
+    from pipeline.tracking.runs import find_run_in, metric_history
 
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    run = find_run(uri, client.get_experiment_by_name(EXPERIMENT).experiment_id, run_name)
-    rate = min(client.get_metric_history(run.info.run_id, m.TRAIN_IMAGES_PER_SECOND), key=lambda metric: metric.step)
+    run = find_run_in(uri, EXPERIMENT, run_name)
+    rate = min(metric_history(uri, run.info.run_id, m.TRAIN_IMAGES_PER_SECOND), key=lambda metric: metric.step)
     return {"epoch1_logged": rate.timestamp / 1000 - started, "epoch1_images_per_second": rate.value}
 
 

@@ -21,20 +21,12 @@ def history(
     overrides: Overrides = None,
 ) -> None:
     """Every @champion decision on a registered model, oldest first: when, which version, moved or kept, why."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.errors import ConfigError
     from pipeline.tracking.registry import champion_history
-    from pipeline.tracking.uri import redact, resolve_tracking_uri
+    from pipeline.tracking.uri import resolve_tracking_uri
 
     config = resolve_config(config_files, overrides, show=False)
     name = registered_model or config.tracking.registered_model
-    uri = resolve_tracking_uri(config)
-    try:
-        events = champion_history(MlflowClient(uri), name)
-    except MlflowException:
-        raise ConfigError(f"registered model {name!r}: not found in {redact(uri)}") from None
+    events = champion_history(resolve_tracking_uri(config), name)
     if not events:
         typer.echo(f"{name}: no @champion decision recorded yet")
         return

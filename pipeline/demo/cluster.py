@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import typer
-from mlflow.tracking import MlflowClient
 
 from pipeline.cluster.jobs import resolve_address, wait
 from pipeline.cluster.local import LocalCluster
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.demo.local import prepare_demo_data
-from pipeline.tracking.runs import WORKER_NODES_TAG, find_run
+from pipeline.tracking.models import versions_logged_by
+from pipeline.tracking.runs import WORKER_NODES_TAG, find_run_in
 
 DEMO_CONFIG = "jobs/configs/demo.yaml"
 EXPERIMENT = "cluster-demo"
@@ -118,13 +118,9 @@ def submit_with_ray_cli(cluster: LocalCluster, entrypoint: list[str], submission
 
 def check_cluster_run(mlflow_uri: str, experiment: str, run_name: str, registered_model: str) -> ClusterRunCheck:
     """What the job left in MLflow: its run's status, the model version logged from it, the workers' nodes."""
-    client = MlflowClient(mlflow_uri)
-    found = client.get_experiment_by_name(experiment)
-    run = find_run(mlflow_uri, found.experiment_id, run_name) if found else None
+    run = find_run_in(mlflow_uri, experiment, run_name)
     if run is None:
         return ClusterRunCheck(None, None, [])
-    versions = client.search_model_versions(f"name = '{registered_model}' and run_id = '{run.info.run_id}'")
+    versions = versions_logged_by(mlflow_uri, registered_model, run.info.run_id)
     nodes = run.data.tags.get(WORKER_NODES_TAG, "")
-    return ClusterRunCheck(
-        run.info.status, versions[0].version if versions else None, nodes.split(",") if nodes else []
-    )
+    return ClusterRunCheck(run.info.status, versions[0] if versions else None, nodes.split(",") if nodes else [])

@@ -1,10 +1,10 @@
 """A trained classifier's learned features: the input of its final linear layer, L2-normalised.
 
 That is AlexNet's fc7 (the second 4096-d fully connected layer after its ReLU, the layer the 2012 paper's
-retrieval figure used) and a ResNet's globally pooled vector (512-d for resnet18/34, 2048-d deeper). Any model
-the registry or a checkpoint gives works, with no retraining: eager modules get a forward hook, exported (pt2)
-graphs get one extra output node. One forward pass yields both the logits and the features, so evaluation scores
-and embeds in the same pass.
+retrieval figure used) and a ResNet's globally pooled vector (512-d for resnet18/34, 2048-d deeper): the layer
+and width the model table (`pipeline.architectures`) records. Any model the registry or a checkpoint gives works,
+with no retraining: eager modules get a forward hook, exported (pt2) graphs get one extra output node. One forward
+pass yields both the logits and the features, so evaluation scores and embeds in the same pass.
 
     net = with_features(load_model_for_inference(source, config).model)
     logits, features = net(images)  # features: (batch, dim), unit length
@@ -18,15 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.architectures import ARCHITECTURES
 from pipeline.errors import ModelSourceError
-
-ALEXNET_LAYER = "fc7"  # second 4096-d fully connected layer, after its ReLU
-RESNET_LAYER = "avgpool"  # global average pool over the last stage
-FEATURE_LAYERS = {
-    "alexnet": ALEXNET_LAYER,
-    "alexnet_tv": ALEXNET_LAYER,
-    **{name: RESNET_LAYER for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
-}
 
 
 @dataclass(frozen=True)
@@ -94,13 +87,14 @@ def with_features(model: nn.Module) -> WithFeatures:
 
 def feature_spec(architecture: str, model: nn.Module) -> FeatureSpec:
     """The features `with_features(model)` gives, found without changing `model`."""
-    if architecture not in FEATURE_LAYERS:
+    if architecture not in ARCHITECTURES:
         raise ModelSourceError(f"architecture {architecture!r}: no feature layer is defined for it")
+    layer = ARCHITECTURES[architecture].feature_layer
     if isinstance(model, WithFeatures):
-        return FeatureSpec(architecture, FEATURE_LAYERS[architecture], model.dim)
+        return FeatureSpec(architecture, layer, model.dim)
     graph = _exported_graph(model)
     dim = _final_linear_node(graph)[1] if graph is not None else _last_linear(model).in_features
-    return FeatureSpec(architecture, FEATURE_LAYERS[architecture], dim)
+    return FeatureSpec(architecture, layer, dim)
 
 
 def _exported_graph(model: nn.Module) -> torch.fx.GraphModule | None:

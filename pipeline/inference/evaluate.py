@@ -5,28 +5,29 @@
 
 The model comes from `pipeline.inference.loading` (registry, run or checkpoint). The split runs once through the
 same loader and evaluation step as training (world size 1, every sample exactly once), so the figures are
-directly comparable with the `val/top1` curve. Test results are logged back to the model's MLflow run. MLflow is
-imported only when a model is loaded from it or a result is logged.
+directly comparable with the `val/top1` curve. Test results are logged back to the model's MLflow run, beside
+its test-once record (both by `pipeline.tracking.heldout.record_test_results`). MLflow is imported only when a
+model is loaded from it or a result is logged.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline import metrics as m
+from pipeline import storage
+from pipeline.architectures import HUMAN_TOP5_ERROR, PUBLISHED_TOP1_TOP5
 from pipeline.config import Config
 from pipeline.data.loader import build_loader
 from pipeline.data.manifest import SPLITS
 from pipeline.errors import ConfigError, DataError, ModelSourceError
 from pipeline.features.extract import embed_pass, feature_spec, with_features
 from pipeline.features.quality import RECALL_AT, knn_top1, nearest, retrieval_metrics
-from pipeline.inference.loading import class_count_mismatch, load_model_for_inference, source_run_id, split_manifest
+from pipeline.inference.loading import class_count_mismatch, load_model_for_inference, split_manifest
 from pipeline.tracking.uri import resolve_tracking_uri
-from pipeline.train.models import HUMAN_TOP5_ERROR, PUBLISHED_TOP1_TOP5
 from pipeline.train.step import RankDevice, evaluate
 
 IMAGENET_NUM_CLASSES = 1000
@@ -111,14 +112,14 @@ def evaluate_model(
     if place is not None:  # before the pass: a refused evaluation reads no test image
         from pipeline.tracking.heldout import claim_test_evaluation
 
-        claim = claim_test_evaluation(_client(config), place, again_reason)
+        claim = claim_test_evaluation(resolve_tracking_uri(config), place, again_reason)
     try:
         return _score(config, source, split, manifest, loaded, log_to_mlflow, retrieval, claim)
     except BaseException:
         if claim is not None:
             from pipeline.tracking.heldout import release_claim
 
-            release_claim(_client(config), claim)
+            release_claim(resolve_tracking_uri(config), claim)
         raise
 
 
@@ -148,15 +149,20 @@ def _score(
     )
     if retrieval:
         report.features = feature_quality(config, source, split, loaded, net, collected, data)
-    if log_to_mlflow:
-        report.logged_to_run = log_test_metrics(report, resolve_tracking_uri(config), manifest, config)
-    if claim is not None:
-        from pipeline.tracking.heldout import record_test_evaluation
+    if claim is not None:  # a test evaluation of a model MLflow knows: its results go to MLflow, once
+        from pipeline.tracking.heldout import record_test_results
 
-        tag = record_test_evaluation(
-            _client(config), claim, report.metrics(), manifest.content_hash(), report.num_samples
+        results = record_test_results(
+            resolve_tracking_uri(config),
+            claim,
+            report.metrics(),
+            manifest,
+            storage.join(config.data.root, "test"),
+            report.num_samples,
+            log_to_run=log_to_mlflow,
         )
-        report.recorded = f"{claim.place.label} tag {tag}"
+        report.logged_to_run = results.logged_to_run
+        report.recorded = f"{claim.place.label} tag {results.record_tag}"
     print(format_report(report))
     return report
 
@@ -173,12 +179,6 @@ def record_place(config: Config, source: str):
     if pinned.run_id is not None:
         return ModelRecordPlace(pinned.source, run_id=pinned.run_id)
     return None
-
-
-def _client(config: Config):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(resolve_tracking_uri(config))
 
 
 def feature_quality(config: Config, source: str, split: str, loaded, net, collected: list, data) -> FeatureQuality:
@@ -227,29 +227,6 @@ def train_gallery(config: Config, source: str, net, data) -> tuple[torch.Tensor,
     )
     gallery, labels = embed_pass(net, loader, torch.device("cpu"))
     return gallery, labels, "embedded now (run `imagenet-pipeline embed --split train` once to reuse it)"
-
-
-def log_test_metrics(report: EvaluationReport, tracking_uri: str, manifest, config: Config) -> str | None:
-    """Attach test/top1, test/top5 and test/top5_error (and the test split as a dataset input) to the run that
-    logged the model; return its id.
-
-    Only the held-out test split is logged: val figures already sit in the run as a per-epoch curve, which
-    another point would distort. A checkpoint directory has no run to log to.
-    """
-    run_id = source_run_id(report.source, tracking_uri)
-    if report.split != "test" or run_id is None:
-        return None
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    from pipeline import storage
-    from pipeline.tracking.datasets import split_input
-
-    timestamp = int(time.time() * 1000)
-    client = MlflowClient(tracking_uri)
-    client.log_batch(run_id, metrics=[Metric(key, value, timestamp, 0) for key, value in report.metrics().items()])
-    client.log_inputs(run_id, datasets=[split_input(manifest, storage.join(config.data.root, "test"), "test")])
-    return run_id
 
 
 def format_report(report: EvaluationReport) -> str:

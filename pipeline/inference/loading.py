@@ -11,7 +11,6 @@ off, see pipeline/__init__.py) refuses an archive whose weights need unpickling.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,23 +19,20 @@ import torch
 import yaml
 
 from pipeline import storage
-from pipeline.config import MODEL_NAMES, Config, validate_saved_config
+from pipeline.architectures import MODEL_NAMES
+from pipeline.config import Config, validate_saved_config
 from pipeline.data.manifest import MANIFEST_NAME, SPLITS, Manifest, has_manifest, read_manifest
 from pipeline.errors import DataError, ModelSourceError, first_line
-from pipeline.tracking.uri import redact, resolve_tracking_uri
+from pipeline.tracking.models import RUN_ARTIFACT, check_model_source, model_version
+from pipeline.tracking.uri import resolve_tracking_uri
 from pipeline.train.checkpoints import META_FILE, STATE_FILE, load_weights, read_meta
 from pipeline.train.models import build_model
-
-# models:/<name>@<alias> or models:/<name>/<version>; runs:/<run_id>/<artifact path>
-_REGISTRY_ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
-_REGISTRY_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>\d+)$")
-_RUN_ARTIFACT = re.compile(r"^runs:/(?P<run_id>[0-9a-f]+)/(?P<path>.+)$")
 
 
 class InferenceModel(NamedTuple):
     model: torch.nn.Module  # in inference mode, on the CPU
     class_names: list[str]  # index -> human-readable name
-    architecture: str  # a config.MODEL_NAMES entry
+    architecture: str  # a pipeline.architectures entry
     eval_image_size: int  # the centre-crop side the model was evaluated (and, for pt2, exported) at
 
 
@@ -70,17 +66,6 @@ def load_model_for_inference(source: str, config: Config, split: str | None = No
     return _load_checkpoint_model(Path(source), config, split)
 
 
-def source_run_id(source: str, tracking_uri: str) -> str | None:
-    """The MLflow run that logged the model behind `source`; None for a checkpoint directory."""
-    if match := _RUN_ARTIFACT.match(source):
-        return match["run_id"]
-    if source.startswith("models:/"):
-        from mlflow.tracking import MlflowClient
-
-        return _model_version(source, MlflowClient(tracking_uri), tracking_uri).run_id or None
-    return None
-
-
 class PinnedSource(NamedTuple):
     source: str  # an alias resolved to its version: models:/<name>/<version>; other sources as given
     version: str | None  # registry version
@@ -91,12 +76,9 @@ def pin_model_source(source: str, config: Config) -> PinnedSource:
     """`models:/<name>@<alias>` as the version it points to now, so every replica and every later reader means the
     same model even if the alias moves meanwhile."""
     if source.startswith("models:/"):
-        from mlflow.tracking import MlflowClient
-
-        uri = resolve_tracking_uri(config)
-        version = _model_version(source, MlflowClient(uri), uri)
+        version = model_version(source, resolve_tracking_uri(config))
         return PinnedSource(f"models:/{version.name}/{version.version}", str(version.version), version.run_id or None)
-    if match := _RUN_ARTIFACT.match(source):
+    if match := RUN_ARTIFACT.match(source):
         return PinnedSource(source, None, match["run_id"])
     return PinnedSource(str(Path(source).resolve()), None, None)
 
@@ -114,20 +96,10 @@ def split_manifest(config: Config, split: str) -> Manifest:
 def _load_mlflow_model(source: str, config: Config) -> InferenceModel:
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(config)
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-    if source.startswith("models:/"):
-        _model_version(source, client, uri)  # a clear error before any download
-    elif match := _RUN_ARTIFACT.match(source):
-        try:
-            client.get_run(match["run_id"])
-        except MlflowException:
-            raise ModelSourceError(f"{source}: no MLflow run {match['run_id']} in {redact(uri)}") from None
-    else:
-        raise ModelSourceError(f"{source}: expected runs:/<run_id>/<artifact path>")
+    check_model_source(source, uri)  # a clear error before any download
     with tempfile.TemporaryDirectory() as scratch:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch))
@@ -210,28 +182,6 @@ def exported_model_metadata(folder: Path, source: str) -> dict[str, Any]:
 def _is_exported(module: torch.nn.Module) -> bool:
     # ExportedProgram.module() replaces train/eval with methods that raise; an eager model keeps nn.Module's.
     return "train" in vars(module)
-
-
-def _model_version(source: str, client, uri: str):
-    """The registry entry behind models:/<name>@<alias> or models:/<name>/<version>, or a one-line ValueError."""
-    by_alias, by_version = _REGISTRY_ALIAS.match(source), _REGISTRY_VERSION.match(source)
-    if not by_alias and not by_version:
-        raise ModelSourceError(f"{source}: expected models:/<name>@<alias> or models:/<name>/<version>")
-    from mlflow.exceptions import MlflowException
-
-    name = (by_alias or by_version)["name"]
-    try:
-        if by_alias:
-            return client.get_model_version_by_alias(name, by_alias["alias"])
-        return client.get_model_version(name, by_version["version"])
-    except MlflowException:
-        pass
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise ModelSourceError(f"{source}: no registered model '{name}' in {redact(uri)}") from None
-    wanted = f"alias '{by_alias['alias']}'" if by_alias else f"version {by_version['version']}"
-    raise ModelSourceError(f"{source}: registered model '{name}' has no {wanted}")
 
 
 def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -> InferenceModel:

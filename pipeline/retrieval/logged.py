@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
-from mlflow.tracking import MlflowClient
 
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.errors import DataError
 from pipeline.features import store
 from pipeline.features.index import INDEX_FILE
-from pipeline.tracking.runs import FINISHED, end_run, start_or_resume_run
+from pipeline.tracking.models import tag_model_version
+from pipeline.tracking.runs import attached, run_exists, run_scope, start_or_resume_run
 from pipeline.tracking.uri import redact, resolve_tracking_uri
 
 INDEX_RUN_TAG = "retrieval_index_run_{split}"  # on a model version: the embed run holding that split's index
@@ -29,31 +29,30 @@ def log_index(config: Config, uri: str, experiment_id: str, directory, meta, ima
     run_id, _ = start_or_resume_run(
         config, uri, experiment_id, name, meta.manifest_hash, extra_tags={"pipeline.kind": "embed"}
     )
-    client = MlflowClient(uri)
-    client.log_batch(
-        run_id,
-        params=[
-            mlflow.entities.Param(f"embed.{key}", str(value))
-            for key, value in {
-                "model_source": meta.model_source,
-                "model_version": meta.model_version,
-                "split": meta.split,
-                "layer": meta.layer,
-                "dim": meta.dim,
-                "num_samples": meta.num_samples,
-                "unreadable": meta.unreadable,
-                "index": config.retrieval.index,
-            }.items()
-        ],
-    )
-    if images_per_second is not None:
-        client.log_metric(run_id, "embed/images_per_second", images_per_second)
-    for file in (store.META_FILE, store.LABELS_FILE, store.POSITIONS_FILE, store.KEYS_FILE, INDEX_FILE):
-        client.log_artifact(run_id, str(directory / file), INDEX_ARTIFACTS)
-    if meta.model_version is not None:
-        model_name = meta.model_source.removeprefix("models:/").split("/")[0]
-        client.set_model_version_tag(model_name, meta.model_version, INDEX_RUN_TAG.format(split=meta.split), run_id)
-    end_run(client, run_id, FINISHED)
+    with run_scope(uri, run_id):
+        with attached(uri, run_id):
+            mlflow.log_params(
+                {
+                    f"embed.{key}": str(value)
+                    for key, value in {
+                        "model_source": meta.model_source,
+                        "model_version": meta.model_version,
+                        "split": meta.split,
+                        "layer": meta.layer,
+                        "dim": meta.dim,
+                        "num_samples": meta.num_samples,
+                        "unreadable": meta.unreadable,
+                        "index": config.retrieval.index,
+                    }.items()
+                }
+            )
+            if images_per_second is not None:
+                mlflow.log_metric("embed/images_per_second", images_per_second)
+            for file in (store.META_FILE, store.LABELS_FILE, store.POSITIONS_FILE, store.KEYS_FILE, INDEX_FILE):
+                mlflow.log_artifact(str(directory / file), INDEX_ARTIFACTS)
+        if meta.model_version is not None:
+            model_name = meta.model_source.removeprefix("models:/").split("/")[0]
+            tag_model_version(uri, model_name, meta.model_version, INDEX_RUN_TAG.format(split=meta.split), run_id)
     return run_id
 
 
@@ -63,10 +62,8 @@ def download_index(config: Config, run_id: str):
     target = Path(storage.require_local(config.retrieval.output, "retrieval.output")) / "runs" / run_id
     if (target / store.META_FILE).is_file():
         return target
-    try:
-        MlflowClient(uri).get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise DataError(f"--index {run_id}: no MLflow run with that id in {redact(uri)}") from None
+    if not run_exists(uri, run_id):
+        raise DataError(f"--index {run_id}: no MLflow run with that id in {redact(uri)}")
     with store.staged(target) as folder:
         try:
             local = mlflow.artifacts.download_artifacts(

@@ -17,6 +17,9 @@ The tags live in a shared store that other people and jobs write to, so the reco
   a test image. The winner also tags a claim (`test_evaluation_claim.<time>.<random>`), replaced by the record
   when the pass ends; a pass that fails removes its claim and frees the name. A claim left by a killed
   evaluation blocks plain evaluations (the message says so) until one with a reason runs.
+
+`record_test_results` is the one writer of an evaluation's results: the figures as test metrics of the run that
+logged the model, and the record; `pipeline.inference.evaluate` calls it once per test evaluation.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from pipeline.data.manifest import Manifest
 from pipeline.errors import ConfigError
+from pipeline.tracking.datasets import split_input
 
 TEST_EVALUATION_TAG = "test_evaluation"
 CLAIM_TAG_PREFIX = "test_evaluation_claim."
@@ -103,11 +109,17 @@ def _claims(tags: dict[str, str]) -> list[str]:
     return sorted(key for key in tags if _CLAIM_KEY.match(key))
 
 
-def claim_test_evaluation(client: MlflowClient, place: ModelRecordPlace, again_reason: str | None) -> TestClaim:
+def _client(store: str | MlflowClient) -> MlflowClient:
+    return store if isinstance(store, MlflowClient) else MlflowClient(store)
+
+
+def claim_test_evaluation(store: str | MlflowClient, place: ModelRecordPlace, again_reason: str | None) -> TestClaim:
     """Claim the test split of `place`'s model before any test image is read, or refuse in one line: it was
-    evaluated already (without a reason to do it again), or another evaluation holds or won the claim.
+    evaluated already (without a reason to do it again), or another evaluation holds or won the claim. `store`:
+    the tracking URI (or a client of it).
 
     An evaluation with a reason takes no lock: it is asked for on purpose and recorded beside the others."""
+    client = _client(store)
     lock_id = None
     if not again_reason:
         _refuse_if_taken(place, place.tags(client))
@@ -160,11 +172,43 @@ def _claim_time(key: str) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(key.split(".")[1]) / 1e9))
 
 
+@dataclass(frozen=True)
+class TestResults:
+    record_tag: str  # the tag the record was written to, on the model's version and run
+    logged_to_run: str | None  # the run whose test metrics hold the figures; None when not logged
+
+
+def record_test_results(
+    uri: str,
+    claim: TestClaim,
+    figures: dict[str, float],
+    manifest: Manifest,
+    location: str,
+    num_samples: int,
+    log_to_run: bool = True,
+) -> TestResults:
+    """Everything a claimed test evaluation writes: `figures` as metrics of the run that logged the model, with
+    the test split (`manifest`, read from `location`) as the run's dataset input, unless `log_to_run` is off;
+    then the test-once record of `num_samples` scored images (`record_test_evaluation`), which drops the claim.
+
+    Only the held-out test split is logged to the run: val figures already sit there as a per-epoch curve,
+    which another point would distort."""
+    client = MlflowClient(uri)
+    run_id = claim.place.run_id if log_to_run else None
+    if run_id:
+        timestamp = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, value, timestamp, 0) for key, value in figures.items()])
+        client.log_inputs(run_id, datasets=[split_input(manifest, location, "test")])
+    tag = record_test_evaluation(client, claim, figures, manifest.content_hash(), num_samples)
+    return TestResults(tag, run_id or None)
+
+
 def record_test_evaluation(
-    client: MlflowClient, claim: TestClaim, figures: dict[str, float], manifest_hash: str, num_samples: int
+    store: str | MlflowClient, claim: TestClaim, figures: dict[str, float], manifest_hash: str, num_samples: int
 ) -> str:
     """Record this evaluation at the next free number (never over another record), then drop the claim;
     returns the tag it was written to."""
+    client = _client(store)
     numbers = [number for key in claim.place.tags(client) if (number := _record_number(key)) is not None]
     key = TEST_EVALUATION_TAG if not numbers else f"{TEST_EVALUATION_TAG}.{max(numbers) + 1}"
     if _record_number(key) is None:  # someone tagged test_evaluation.999999: no number is left to read back
@@ -182,10 +226,12 @@ def record_test_evaluation(
     return key
 
 
-def release_claim(client: MlflowClient, claim: TestClaim) -> None:
+def release_claim(store: str | MlflowClient, claim: TestClaim) -> None:
     """A pass that failed leaves no claim behind (it reported no figure), and frees the lock's name for the next
     plain evaluation (a deleted experiment keeps its name until renamed)."""
     from mlflow.exceptions import MlflowException
+
+    client = _client(store)
 
     try:
         claim.place.delete_tag(client, claim.key)

@@ -7,7 +7,7 @@ Every decision, a move or a refusal, is also kept on the registered model as one
     imagenet-pipeline champion history imagenet-classifier
 
 The caller brings the model (an eval-mode CPU module): building it from a checkpoint is the training side's job.
-Logging a model does not end its run; the run's owner does (`pipeline.tracking.runs.end_run`).
+Logging a model does not end its run; the run's owner does (`pipeline.tracking.runs.run_scope`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.data.manifest import Manifest
+from pipeline.errors import ConfigError
 from pipeline.tracking.plots import learning_curve
 from pipeline.tracking.runs import attached
 from pipeline.tracking.uri import redact, redact_text
@@ -265,10 +266,16 @@ def record_decision(
     client.set_registered_model_tag(name, f"{HISTORY_TAG_PREFIX}{now:015d}.{version}", json.dumps(event))
 
 
-def champion_history(client: MlflowClient, name: str) -> list[ChampionEvent]:
-    """Every recorded decision on `name`, oldest first. Tags are data from a shared store: read as JSON, checked."""
+def champion_history(store: str | MlflowClient, name: str) -> list[ChampionEvent]:
+    """Every recorded decision on `name`, oldest first; `store` is the tracking URI (or a client of it). Tags are
+    data from a shared store: read as JSON, checked."""
+    client = store if isinstance(store, MlflowClient) else MlflowClient(store)
+    try:
+        tags = client.get_registered_model(name).tags
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"registered model {name!r}: not found in {redact(client.tracking_uri)}") from None
     events = []
-    for key, value in sorted(client.get_registered_model(name).tags.items()):
+    for key, value in sorted(tags.items()):
         if not key.startswith(HISTORY_TAG_PREFIX):
             continue
         try:

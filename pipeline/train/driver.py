@@ -27,8 +27,9 @@ from pipeline.data.plan import train_steps_per_epoch
 from pipeline.errors import ConfigError, DataError, StorageError
 from pipeline.features.extract import feature_spec
 from pipeline.tracking.datasets import split_input
+from pipeline.tracking.provenance import training_note
 from pipeline.tracking.registry import Gate, Published, register_model
-from pipeline.tracking.runs import FAILED, FINISHED, end_run, prepare_tracking, start_or_resume_run, training_note
+from pipeline.tracking.runs import prepare_tracking, run_scope, start_or_resume_run
 from pipeline.tracking.uri import redact
 from pipeline.train.checkpoints import (
     check_compatible,
@@ -118,7 +119,7 @@ def run_training(
         sample_log=events.sample_log_file(),
     )
     trainer = build_trainer(config, run_name, storage_root, wiring, list(trial.callbacks) if trial else [])
-    try:
+    with run_scope(uri, run_id):  # FINISHED once published; FAILED with the cause, or KILLED when interrupted
         result = trainer.fit()
         if result.error:
             raise result.error
@@ -129,10 +130,6 @@ def run_training(
             history = read_history(result.checkpoint)
             if best:
                 published = publish(config, uri, run_id, best.path, best.metrics, history, manifest, refit)
-    except BaseException:
-        end_run(uri, run_id, FAILED)
-        raise
-    end_run(uri, run_id, FINISHED)
     return TrainingOutcome(
         run_name=run_name,
         mlflow_run_id=run_id,

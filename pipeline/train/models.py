@@ -6,7 +6,8 @@
 
 Features for retrieval (the input of the final linear layer) come from `pipeline.features.extract`.
 
-Parameter counts at 1000 classes (checked in tests/test_models.py):
+Which builder, inits and smallest input each architecture has is the model table's (`pipeline.architectures`).
+Parameter counts at 1000 classes (checked in tests/train/test_models.py):
     alexnet     62,378,344  (single tower; the paper's two-GPU grouped net has 60,965,224, "60 million")
     alexnet_tv  61,100,840      resnet18  11,689,512      resnet34  21,797,672
     resnet50    25,557,032      resnet101 44,549,160      resnet152 60,192,808
@@ -18,46 +19,10 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.config import INITS_BY_MODEL, MODEL_NAMES, ModelConfig
-from pipeline.config import MIN_IMAGE_SIZE as CONFIG_MIN_IMAGE_SIZE
+from pipeline.architectures import ARCHITECTURES, architecture
+from pipeline.config import ModelConfig
 from pipeline.data.transforms import IMAGENET_STD
 from pipeline.errors import ConfigError
-
-_RESNET_BUILDERS = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
-    "resnet152": torchvision.models.resnet152,
-}
-_TORCHVISION_WEIGHTS = {
-    "alexnet_tv": torchvision.models.AlexNet_Weights.IMAGENET1K_V1,
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet34": torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
-    "resnet50": torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
-    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
-    "resnet152": torchvision.models.ResNet152_Weights.IMAGENET1K_V1,
-}
-
-# Published ImageNet-1k validation accuracy, percent: (top-1, top-5). Torchvision's figures are single 224 px
-# centre crops of its V1 reference-recipe weights, read from the weights' metadata (nothing is downloaded).
-# The paper's figure (Krizhevsky et al. 2012, Table 2, one CNN: 40.7 % top-1 / 18.2 % top-5 error) averages
-# ten crops (4 corners + centre, and their mirrors), so it flatters the net by roughly 1-2 points against
-# single-crop numbers.
-PUBLISHED_TOP1_TOP5: dict[str, tuple[float, float]] = {
-    "alexnet": (100.0 - 40.7, 100.0 - 18.2),
-    **{
-        name: (weights.meta["_metrics"]["ImageNet-1K"]["acc@1"], weights.meta["_metrics"]["ImageNet-1K"]["acc@5"])
-        for name, weights in _TORCHVISION_WEIGHTS.items()
-    },
-}
-# Top-5 error, percent: the 2012 winning entry (7 CNNs, test set) and a trained human annotator
-# (Russakovsky et al. 2015, on 1,500 test images).
-ALEXNET_ENSEMBLE_TOP5_ERROR = 15.3
-HUMAN_TOP5_ERROR = 5.1
-
-# Smallest square input side per architecture (pipeline.config owns the rule; ResNets accept any side).
-MIN_IMAGE_SIZE: dict[str, int] = {**{name: 1 for name in _RESNET_BUILDERS}, **CONFIG_MIN_IMAGE_SIZE}
 
 
 class AlexNet2012(nn.Module):
@@ -111,8 +76,9 @@ class AlexNet2012(nn.Module):
         # input exactly. Not learned, but saved with the weights: they only mean something at the scale they were
         # trained at (weights saved before it existed load with scale 1, see _load_from_state_dict).
         self.register_buffer("pixel_scale", 255.0 * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-        if init not in INITS_BY_MODEL["alexnet"]:
-            raise ConfigError(f"model.init = {init!r}: alexnet takes {' or '.join(INITS_BY_MODEL['alexnet'])}")
+        inits = ARCHITECTURES["alexnet"].inits
+        if init not in inits:
+            raise ConfigError(f"model.init = {init!r}: alexnet takes {' or '.join(inits)}")
         self._initialise(init)
 
     def _initialise(self, init: str) -> None:
@@ -157,18 +123,19 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     block starts as the identity, which helps large-batch training (Goyal et al. 2017). With dropout > 0 the
     classifier becomes `Sequential(Dropout, Linear)` (keys `fc.1.*`); with 0 it stays torchvision's plain `fc`.
     """
-    if config.name not in MODEL_NAMES:
-        raise ConfigError(f"model.name = {config.name!r}: unknown model; choose one of {', '.join(MODEL_NAMES)}")
+    entry = architecture(config.name)  # the model table; unknown names fail naming the choices
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ConfigError(f"num_classes = {num_classes!r}: a classifier needs an integer number of classes >= 2")
-    if config.name == "alexnet":
-        return AlexNet2012(
-            num_classes, config.dropout, config.local_response_norm, config.init or INITS_BY_MODEL["alexnet"][0]
+    if entry.torchvision_name is None:  # the 2012 net, which torchvision does not have
+        return AlexNet2012(num_classes, config.dropout, config.local_response_norm, config.init or entry.default_init)
+    if entry.family == "alexnet":
+        model = torchvision.models.get_model(
+            entry.torchvision_name, weights=None, num_classes=num_classes, dropout=config.dropout
         )
-    if config.name == "alexnet_tv":
-        model = torchvision.models.alexnet(weights=None, num_classes=num_classes, dropout=config.dropout)
         return kaiming_initialised(model) if config.init == "kaiming" else model
-    model = _RESNET_BUILDERS[config.name](weights=None, num_classes=num_classes, zero_init_residual=True)
+    model = torchvision.models.get_model(
+        entry.torchvision_name, weights=None, num_classes=num_classes, zero_init_residual=True
+    )
     if config.dropout > 0:
         model.fc = nn.Sequential(nn.Dropout(p=config.dropout), model.fc)
     return model

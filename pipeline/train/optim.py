@@ -81,10 +81,11 @@ def step_after_iteration(scheduler: LRScheduler) -> None:
         scheduler.step()
 
 
-def step_after_validation(scheduler: LRScheduler, val_top1: float) -> None:
+def step_after_validation(scheduler: LRScheduler, val_metrics: dict[str, float]) -> None:
     """After each epoch's validation: plateau compares val top-1 with its best and divides when it is stuck.
 
-    Every rank passes the same all-reduced val top-1, so the ranks' rates stay equal without communication.
+    Every rank passes the same all-reduced val top-1, so the ranks' rates stay equal without communication. A
+    refit has no validation (empty `val_metrics`); the config allows it no plateau schedule, so nothing steps.
     """
     if isinstance(scheduler, ReduceLROnPlateau):
-        scheduler.step(val_top1)
+        scheduler.step(val_metrics[m.SELECTION_METRIC])

@@ -5,8 +5,11 @@ held-out splits. Distribution enters only through `torch.distributed`: counts ar
 process group exists.
 
     rank = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
-    train_metrics = train_one_epoch(model, loader, optimizer, scheduler, grad_scaler(rank), config, rank, 0, state)
-    val_metrics = evaluate(model, val_loader, rank, prefix="val")
+    trainee = Trainee.build(model, config.optim, len(loader), rank)
+    for _ in range(config.optim.epochs):
+        train_metrics = train_one_epoch(trainee, loader, config, rank)
+        val_metrics = evaluate(trainee.model, val_loader, rank, prefix="val")
+        record_epoch(trainee.state, {**train_metrics, **val_metrics})
 """
 
 from __future__ import annotations
@@ -14,20 +17,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LRScheduler
 
 from pipeline import events
 from pipeline import metrics as m
-from pipeline.config import Config
+from pipeline.config import Config, OptimConfig
 from pipeline.data.loader import IGNORE_LABEL, EpochLoader
 from pipeline.data.transforms import normalize_batch
 from pipeline.errors import DataError
 from pipeline.train.checkpoints import TrainingState
-from pipeline.train.optim import step_after_iteration
+from pipeline.train.optim import build_optimizer, build_scheduler, step_after_iteration
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class RankDevice:
 
 # Called after every optimizer step with (global step, rank's mean loss of the step as a 0-d float64 tensor on
 # the device, lr, images in the global batch); reading the loss is the hook's choice, made at its own interval
-# (pipeline.tracking.runs.StepLog), so the step itself never waits for the device.
+# (pipeline.tracking.step_log.StepLog), so the step itself never waits for the device.
 StepHook = Callable[[int, torch.Tensor, float, int], None]
 # Called every tracking.checkpoint_every_steps steps within an epoch, on every rank at the same step, with the
 # training state saying where the epoch stands (`step_in_epoch`, `partial_epoch`): it writes the checkpoint.
@@ -67,6 +71,26 @@ def grad_scaler(rank: RankDevice) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(rank.device.type, enabled=rank.autocast_dtype == torch.float16)
 
 
+@dataclass
+class Trainee:
+    """What one rank trains, and all that a checkpoint saves and a resume restores with it: the model, its
+    optimiser, learning-rate schedule and loss scaler, and the run's state (epoch, step, history, best score).
+    Built once per rank and handed around whole; the worker swaps in the wrapped model and the restored state."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler  # per step, or plateau's per epoch: pipeline.train.optim
+    scaler: torch.amp.GradScaler
+    state: TrainingState = field(default_factory=TrainingState)
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, optim: OptimConfig, steps_per_epoch: int, rank: RankDevice) -> Trainee:
+        """A fresh run of `model` (already on its device, so restored optimiser buffers land there too): the
+        configured optimiser and schedule, the loss scaler the precision needs, and a state at step 0."""
+        optimizer = build_optimizer(model, optim)
+        return cls(model, optimizer, build_scheduler(optimizer, optim, steps_per_epoch), grad_scaler(rank))
+
+
 def autocast(rank: RankDevice):
     if rank.autocast_dtype is None:
         return nullcontext()
@@ -80,24 +104,21 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_one_epoch(
-    model,
+    trainee: Trainee,
     loader: EpochLoader,
-    optimizer,
-    scheduler,
-    scaler: torch.amp.GradScaler,
     config: Config,
     rank: RankDevice,
-    epoch: int,
-    state: TrainingState,
     on_step: StepHook | None = None,
     on_checkpoint: CheckpointHook | None = None,
 ) -> dict[str, float]:
-    """One epoch, or its rest when `state` comes from a checkpoint taken within it (`state.step_in_epoch` > 0):
-    the loader then starts at that step and the epoch's sums start from the checkpoint's, so the epoch's metrics
-    are those of an uninterrupted one."""
+    """Epoch `trainee.state.epoch` (counted from 0), or its rest when the state comes from a checkpoint taken
+    within it (`state.step_in_epoch` > 0): the loader then starts at that step and the epoch's sums start from the
+    checkpoint's, so the epoch's metrics are those of an uninterrupted one. The caller counts the epoch done
+    (`record_epoch`)."""
+    model, optimizer, state = trainee.model, trainee.optimizer, trainee.state
     model.train()
     resumed_at = state.step_in_epoch
-    loader.set_epoch(epoch, start_step=resumed_at)
+    loader.set_epoch(state.epoch, start_step=resumed_at)
     criterion = torch.nn.CrossEntropyLoss(
         ignore_index=IGNORE_LABEL, label_smoothing=config.optim.label_smoothing, reduction="sum"
     )
@@ -123,13 +144,7 @@ def train_one_epoch(
                 # averages over ranks, hence the world size): the exact mean over every valid sample, as one
                 # process would compute it, however the masked slots fall across ranks.
                 loss = criterion(model(images), labels) * (rank.world_size / global_valid)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # every rank runs backward: DDP's gradient all-reduce needs them all
-            scaler.unscale_(optimizer)  # clipping sees true gradient norms
-            if config.optim.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(trainee, loss, config.optim.grad_clip_norm)
             rank_loss_sum = loss.detach().double() * global_valid / rank.world_size
             loss_sum += rank_loss_sum
             counts += torch.tensor([valid, batch.corrupt], dtype=torch.float64)
@@ -139,8 +154,8 @@ def train_one_epoch(
                 )
         else:
             counts[1] += batch.corrupt
-        step_after_iteration(scheduler)
-        events.record_batch(rank.rank, epoch, state.step_in_epoch, batch.keys)
+        step_after_iteration(trainee.scheduler)
+        events.record_batch(rank.rank, state.epoch, state.step_in_epoch, batch.keys)
         state.global_step += 1
         state.step_in_epoch += 1
         if state.global_step == 1:
@@ -161,6 +176,17 @@ def train_one_epoch(
         m.TRAIN_DATA_WAIT_SHARE: waiting / elapsed,
         m.TRAIN_CORRUPT_SAMPLES: corrupt,
     }
+
+
+def optimizer_step(trainee: Trainee, loss: torch.Tensor, grad_clip_norm: float | None) -> None:
+    """Backward and one optimiser step through the loss scaler (a no-op but in fp16), gradients clipped first."""
+    trainee.optimizer.zero_grad(set_to_none=True)
+    trainee.scaler.scale(loss).backward()  # every rank runs backward: DDP's gradient all-reduce needs them all
+    trainee.scaler.unscale_(trainee.optimizer)  # clipping sees true gradient norms
+    if grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), grad_clip_norm)
+    trainee.scaler.step(trainee.optimizer)
+    trainee.scaler.update()
 
 
 @torch.no_grad()
@@ -269,16 +295,24 @@ def all_reduce(totals: torch.Tensor, rank: RankDevice) -> torch.Tensor:
     return totals
 
 
-def update_early_stopping(state: TrainingState, epoch_metrics: dict[str, float], patience: int | None) -> bool:
-    """Stop when validation accuracy has not improved for `patience` epochs (the val curve turned). A refit has
-    no validation: it records the epoch and never stops early."""
-    state.epoch = int(epoch_metrics[m.EPOCH])
+def record_epoch(state: TrainingState, epoch_metrics: dict[str, float]) -> None:
+    """The epoch is over: the state counts it and keeps its metrics (the run's history, saved in each checkpoint)."""
+    state.epoch += 1
     state.history.append(dict(epoch_metrics))
+
+
+def track_best_score(state: TrainingState, epoch_metrics: dict[str, float]) -> None:
+    """A new best val top-1 resets the count of epochs without improvement; any other score adds one. A refit has
+    no validation and changes neither."""
     if m.SELECTION_METRIC not in epoch_metrics:
-        return False
+        return
     score = epoch_metrics[m.SELECTION_METRIC]
     if state.best_metric is None or score > state.best_metric:
         state.best_metric, state.epochs_without_improvement = score, 0
     else:
         state.epochs_without_improvement += 1
+
+
+def patience_ran_out(state: TrainingState, patience: int | None) -> bool:
+    """Early stopping: val top-1 has not improved for `patience` epochs (the val curve turned). None: never."""
     return patience is not None and state.epochs_without_improvement >= patience

@@ -1,7 +1,8 @@
 """The function Ray Train runs on every worker (or in-process in local mode): the story of one rank's run.
 
-Set up the rank, build the loaders and the model, restore the latest checkpoint, then for each epoch train,
-evaluate, report (metrics + checkpoint) and decide whether to stop early. The Ray calls are here
+Set up the rank, build the loaders and the trainee (model, optimiser, schedule, loss scaler and state), restore
+the latest checkpoint into it, then for each epoch: train, validate, step the plateau schedule, record the epoch and
+its score, report (metrics + checkpoint) and stop early when patience ran out. The Ray calls are here
 (`ray.train.get_context/get_checkpoint/report`, `ray.train.torch.prepare_model/get_device`); the per-step work is
 plain PyTorch in `pipeline.train.step`. Workers receive the typed `Config` and a `RunWiring`; nothing else.
 """
@@ -38,18 +39,20 @@ from pipeline.train.checkpoints import (
     save_checkpoint,
 )
 from pipeline.train.models import build_model
-from pipeline.train.optim import build_optimizer, build_scheduler, step_after_validation
+from pipeline.train.optim import step_after_validation
 from pipeline.train.progress import EpochTable, RankLogger
 from pipeline.train.step import (
     RankDevice,
+    Trainee,
     autocast_dtype,
     broadcast_buffers_from_rank0,
     check_corrupt_share,
     evaluate,
-    grad_scaler,
+    patience_ran_out,
+    record_epoch,
+    track_best_score,
     train_one_epoch,
     unwrap,
-    update_early_stopping,
 )
 from pipeline.upstream import ray_54305, ray_train_report_log
 
@@ -79,84 +82,52 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ray_54305.record_placement_group(rank.rank, wiring.placement_group_note)
     nodes = worker_node_ids(rank)
     train_loader, val_loader = build_loaders(config, rank)
-    manifest = train_loader.manifest
+    manifest, steps_per_epoch = train_loader.manifest, len(train_loader)
     # On its device before the optimiser exists: restored momentum buffers then land on the same device.
     model = to_device(build_model(config.model, manifest.num_classes), rank)
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, len(train_loader))
-    scaler = grad_scaler(rank)
-    state = restore(config, model, optimizer, scheduler, scaler, manifest.num_classes, len(train_loader), rank, log)
-    if already_finished(config, state):
-        log.info(f"this run already finished after epoch {state.epoch}; nothing left to train")
+    trainee = Trainee.build(model, config.optim, steps_per_epoch, rank)
+    restore(trainee, config, manifest.num_classes, steps_per_epoch, rank, log)
+    if already_finished(config, trainee.state):
+        log.info(f"this run already finished after epoch {trainee.state.epoch}; nothing left to train")
         if wiring.report_finished_run:
-            report_recorded_end(state, rank)
+            report_recorded_end(trainee.state, rank)
         return  # every rank restored the same state, so every rank returns here
-    model = wrap(model, rank, config.scaling.compile)
-    tracker = WorkerTracker.for_rank(
-        rank.rank,
-        rank.local_rank,
-        rank.node_rank,
-        wiring.mlflow_run_id,
-        wiring.tracking_uri,
-        steps_between_logs(config.tracking.log_every_n_steps, len(train_loader)),
-    )
+    trainee.model = wrap(trainee.model, rank, config.scaling.compile)
+    tracker = worker_tracker(config, wiring, rank, steps_per_epoch)
     table = EpochTable(log)
     meta = checkpoint_meta(config, manifest.num_classes, manifest.content_hash())
+    loaders = {"train": train_loader, **({"val": val_loader} if val_loader else {})}
     log.info(
         f"world size {rank.world_size}, device {rank.device}, global batch {config.optim.batch_size} "
-        f"= {rank.world_size} x {config.per_worker_batch_size}, {len(train_loader)} steps per epoch, "
+        f"= {rank.world_size} x {config.per_worker_batch_size}, {steps_per_epoch} steps per epoch, "
         f"on {len(set(nodes))} node(s)"
     )
     events.record("loop_ready", rank=rank.rank)
     with tracker:
         tracker.set_tags({WORKER_NODES_TAG: ",".join(nodes)})
-        tracker.log_missing_epochs(state.history)
+        tracker.log_missing_epochs(trainee.state.history)
         step_log = tracker.step_hook()
 
         def checkpoint_within_epoch() -> None:
             if step_log is not None:
                 # MLflow holds every step up to the checkpoint's: a resume from it logs only later ones.
                 step_log.flush(wait=True)
-            report_within_epoch(model, optimizer, scheduler, scaler, state, meta, rank, wiring.local_checkpoint_root)
+            report_within_epoch(trainee, meta, rank, wiring.local_checkpoint_root)
 
-        for epoch in range(state.epoch, config.optim.epochs):
-            train_metrics = train_one_epoch(
-                model,
-                train_loader,
-                optimizer,
-                scheduler,
-                scaler,
-                config,
-                rank,
-                epoch,
-                state,
-                step_log,
-                checkpoint_within_epoch,
-            )
+        for epoch in range(trainee.state.epoch, config.optim.epochs):
+            train_metrics = train_one_epoch(trainee, train_loader, config, rank, step_log, checkpoint_within_epoch)
             if step_log is not None:
                 step_log.flush()
-            broadcast_buffers_from_rank0(model, rank)  # the score is the saved (rank 0's) weights' score
-            val_metrics = validate(model, val_loader, scheduler, config, rank, epoch, manifest.num_classes)
+            broadcast_buffers_from_rank0(trainee.model, rank)  # the score is the saved (rank 0's) weights' score
+            val_metrics = validate(trainee.model, val_loader, config, rank, epoch, manifest.num_classes)
+            # After validation and before the checkpoint saves the schedule: a resume continues the stepped one.
+            step_after_validation(trainee.scheduler, val_metrics)
             epoch_metrics = {m.EPOCH: epoch + 1, **train_metrics, **val_metrics}
-            check_corrupt_share(
-                epoch_metrics,
-                config.data.max_corrupt_fraction,
-                {"train": train_loader, **({"val": val_loader} if val_loader else {})},
-                rank,
-            )
-            stop = update_early_stopping(state, epoch_metrics, config.optim.patience)
-            report(
-                epoch_metrics,
-                model,
-                optimizer,
-                scheduler,
-                scaler,
-                state,
-                meta,
-                rank,
-                wiring.local_checkpoint_root,
-                stopped_early=stop,
-            )
+            check_corrupt_share(epoch_metrics, config.data.max_corrupt_fraction, loaders, rank)
+            record_epoch(trainee.state, epoch_metrics)
+            track_best_score(trainee.state, epoch_metrics)
+            stop = patience_ran_out(trainee.state, config.optim.patience)
+            report(epoch_metrics, trainee, meta, rank, wiring.local_checkpoint_root, stopped_early=stop)
             tracker.log_epoch(epoch_metrics)
             table.row(epoch_metrics)
             events.record("epoch_end", rank=rank.rank, epoch=epoch + 1)
@@ -167,8 +138,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 def already_finished(config: Config, state: TrainingState) -> bool:
     """Every epoch trained, or stopped early by patience: a resume has nothing left to do."""
-    stopped = bool(config.optim.patience) and state.epochs_without_improvement >= config.optim.patience
-    return stopped or state.epoch >= config.optim.epochs
+    return patience_ran_out(state, config.optim.patience) or state.epoch >= config.optim.epochs
 
 
 def report_recorded_end(state: TrainingState, rank: RankDevice) -> None:
@@ -179,17 +149,19 @@ def report_recorded_end(state: TrainingState, rank: RankDevice) -> None:
 
 
 def validate(
-    model, val_loader: EpochLoader | None, scheduler, config: Config, rank: RankDevice, epoch: int, num_classes: int
+    model: torch.nn.Module,
+    val_loader: EpochLoader | None,
+    config: Config,
+    rank: RankDevice,
+    epoch: int,
+    num_classes: int,
 ) -> dict[str, float]:
-    """The val pass (with k-NN when due), and the plateau schedule's step on its score; a refit has none."""
+    """The val pass, with k-NN when due; a refit has none (no metrics)."""
     if val_loader is None:
         return {}
     if knn_due(config, epoch):
-        val_metrics = evaluate_with_knn(unwrap(model), val_loader, config, rank, num_classes)
-    else:
-        val_metrics = evaluate(unwrap(model), val_loader, rank, prefix="val")
-    step_after_validation(scheduler, val_metrics[m.SELECTION_METRIC])  # before the checkpoint saves it
-    return val_metrics
+        return evaluate_with_knn(unwrap(model), val_loader, config, rank, num_classes)
+    return evaluate(unwrap(model), val_loader, rank, prefix="val")
 
 
 def knn_due(config: Config, epoch: int) -> bool:
@@ -256,6 +228,18 @@ def setup_rank(config: Config) -> RankDevice:
     )
 
 
+def worker_tracker(config: Config, wiring: RunWiring, rank: RankDevice, steps_per_epoch: int) -> WorkerTracker:
+    """This rank's MLflow logging into the driver's run (rank 0's metrics, each node's system metrics)."""
+    return WorkerTracker.for_rank(
+        rank.rank,
+        rank.local_rank,
+        rank.node_rank,
+        wiring.mlflow_run_id,
+        wiring.tracking_uri,
+        steps_between_logs(config.tracking.log_every_n_steps, steps_per_epoch),
+    )
+
+
 def worker_node_ids(rank: RankDevice) -> list[str]:
     """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
@@ -286,30 +270,23 @@ def build_loaders(config: Config, rank: RankDevice) -> tuple[EpochLoader, EpochL
 
 
 def restore(
-    config: Config,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    num_classes: int,
-    steps_per_epoch: int,
-    rank: RankDevice,
-    log: RankLogger,
-) -> TrainingState:
-    """The latest checkpoint's state, or the newest sound one before it when the latest is damaged (every rank
-    reads the same files, so every rank makes the same choice)."""
+    trainee: Trainee, config: Config, num_classes: int, steps_per_epoch: int, rank: RankDevice, log: RankLogger
+) -> None:
+    """Load the latest checkpoint into `trainee` (weights, optimiser, schedule, scaler, this rank's random streams,
+    and its state), or the newest sound one before it when the latest is damaged (every rank reads the same files,
+    so every rank makes the same choice). No checkpoint: the trainee stays fresh."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return TrainingState()
+        return
 
     def apply(directory: Path) -> TrainingState:
         check_compatible(read_meta(directory), config.model.name, num_classes, f"checkpoint {directory}")
         return load_checkpoint(
             directory,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            scaler=scaler,
+            model=trainee.model,
+            optimizer=trainee.optimizer,
+            scheduler=trainee.scheduler,
+            scaler=trainee.scaler,
             rank=rank.rank,
             world_size=rank.world_size,
             fallback_seed=config.seed + rank.rank,
@@ -325,7 +302,7 @@ def restore(
         else f"after epoch {state.epoch}"
     )
     log.info(f"resumed from {used} {where}")
-    return state
+    trainee.state = state
 
 
 def gather_rng_states(rank: RankDevice) -> list[dict[str, Any]]:
@@ -348,13 +325,9 @@ def wrap(model: torch.nn.Module, rank: RankDevice, compile_model: bool) -> torch
 
 
 def report(
-    epoch_metrics,
-    model,
-    optimizer,
-    scheduler,
-    scaler,
-    state,
-    meta,
+    metrics: dict[str, float],
+    trainee: Trainee,
+    meta: dict[str, Any],
     rank: RankDevice,
     local_checkpoint_root: str | None,
     stopped_early: bool = False,
@@ -364,6 +337,7 @@ def report(
     Ray copies a reported directory to storage; local mode (num_workers=0) keeps only a reference,
     so there the checkpoint is written straight into the run's storage folder instead.
     """
+    state = trainee.state
     rng_by_rank = gather_rng_states(rank)  # a collective: every rank's streams, for an exact resume
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = None
@@ -375,10 +349,10 @@ def report(
                 directory.mkdir(parents=True, exist_ok=True)
             save_checkpoint(
                 directory,
-                model=unwrap(model),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
+                model=unwrap(trainee.model),
+                optimizer=trainee.optimizer,
+                scheduler=trainee.scheduler,
+                scaler=trainee.scaler,
                 state=state,
                 meta=meta,
                 rng_by_rank=rng_by_rank,
@@ -387,7 +361,7 @@ def report(
             if local_checkpoint_root:
                 drop_superseded_step_checkpoints(Path(local_checkpoint_root), directory)
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-        ray.train.report(epoch_metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 def drop_superseded_step_checkpoints(root: Path, newest: Path) -> None:
@@ -399,10 +373,11 @@ def drop_superseded_step_checkpoints(root: Path, newest: Path) -> None:
 
 
 def report_within_epoch(
-    model, optimizer, scheduler, scaler, state: TrainingState, meta, rank: RankDevice, local_checkpoint_root: str | None
+    trainee: Trainee, meta: dict[str, Any], rank: RankDevice, local_checkpoint_root: str | None
 ) -> None:
     """A checkpoint within an epoch: where the epoch stands, and no score. Ray ranks a report without a number for
     the score attribute below every scored one (NaN sorts lowest), so keep-best-k keeps epoch checkpoints and
     such a checkpoint lives only while it is the latest."""
+    state = trainee.state
     metrics = {m.EPOCH: state.epoch, m.STEP_IN_EPOCH: state.step_in_epoch, m.SELECTION_METRIC: float("nan")}
-    report(metrics, model, optimizer, scheduler, scaler, state, meta, rank, local_checkpoint_root)
+    report(metrics, trainee, meta, rank, local_checkpoint_root)

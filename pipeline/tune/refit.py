@@ -21,20 +21,16 @@ that key decides it: the user's value is used).
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
 from pipeline import metrics as m
-from pipeline.config import Config, validate_saved_config, with_overrides, with_text_overrides
+from pipeline.config import Config, with_overrides, with_text_overrides
 from pipeline.errors import ConfigError
-from pipeline.tracking.runs import CONFIG_ARTIFACT, find_run, flatten, prepare_tracking
+from pipeline.tracking.run_config import CONFIG_ARTIFACT, flatten, read_run_config
+from pipeline.tracking.runs import find_run, metric_history, prepare_tracking
+from pipeline.tracking.sweeps import BEST_TRIAL_TAG, SWEEP_TAG
 from pipeline.train.driver import RefitOptions, TrainingOutcome, run_training
-from pipeline.tune.report import BEST_TRIAL_TAG
-from pipeline.tune.search import SWEEP_TAG, trial_run_name
+from pipeline.tune.trials import trial_run_name
 
 REFIT_TAG = "pipeline.refit"  # "true" on a refit's run and model version
 REFIT_SWEEP_TAG = "pipeline.refit_sweep"
@@ -55,7 +51,6 @@ def run_refit(locator: Config, sweep_name: str, overrides: list[str] | None = No
 def plan_refit(locator: Config, sweep_name: str, overrides: list[str]) -> tuple[Config, RefitOptions]:
     """Everything that can be wrong (no such sweep, no finished best trial, a plateau schedule) fails here."""
     uri, experiment_id = prepare_tracking(locator)
-    client = MlflowClient(uri)
     parent = find_run(uri, experiment_id, sweep_name)
     if parent is None or parent.data.tags.get(SWEEP_TAG) != "parent":
         raise ConfigError(
@@ -69,12 +64,12 @@ def plan_refit(locator: Config, sweep_name: str, overrides: list[str]) -> tuple[
             f"--sweep {sweep_name!r}: the sweep has no best trial yet (still running, interrupted, "
             "or every trial failed); finish it with `imagenet-pipeline tune --resume` first"
         )
-    scores = client.get_metric_history(trial_run.info.run_id, m.SELECTION_METRIC)
+    scores = metric_history(uri, trial_run.info.run_id, m.SELECTION_METRIC)
     if not scores:
         raise ConfigError(f"--sweep {sweep_name!r}: trial {trial_id} logged no {m.SELECTION_METRIC}")
     best = max(scores, key=lambda point: (point.value, -point.step))  # the first epoch that reached the best
     what = f"refit of sweep {sweep_name!r} trial {trial_id}"
-    trial_config = read_run_config(client, trial_run.info.run_id, f"sweep {sweep_name!r} trial {trial_id}")
+    trial_config = read_run_config(uri, trial_run.info.run_id, f"sweep {sweep_name!r} trial {trial_id}")
     refit_settings = {
         "data.fit_splits": ["train", "val"],
         "optim.epochs": int(best.step),
@@ -141,25 +136,3 @@ def trial_choices(user: Config, trial: Config, overrides: list[str], settled: se
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def read_run_config(client: MlflowClient, run_id: str, what: str) -> Config:
-    with tempfile.TemporaryDirectory() as scratch:
-        try:
-            path = Path(client.download_artifacts(run_id, CONFIG_ARTIFACT, scratch))
-        except (MlflowException, OSError):
-            raise ConfigError(
-                f"{what}: its run {run_id} has no {CONFIG_ARTIFACT} (logged since refit exists); "
-                "run the sweep again to refit it"
-            ) from None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise ConfigError(f"{what}: {CONFIG_ARTIFACT} of run {run_id} is not JSON") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what}: {CONFIG_ARTIFACT} of run {run_id} is not a JSON object")
-    data.get("tracking", {}).pop("tracking_uri", None)  # logged redacted; the refit's own URI replaces it
-    try:
-        return validate_saved_config(data)
-    except ConfigError as error:
-        raise ConfigError(f"{what}: {CONFIG_ARTIFACT} of run {run_id}: {error}") from None

@@ -1,4 +1,5 @@
-"""What a finished sweep shows: the trial table, and the parent MLflow run's summary, counts and plots."""
+"""What a finished sweep shows: the trial table, and the parent MLflow run's summary, counts and plots (written
+by `pipeline.tracking.sweeps`)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
 from pipeline import metrics as m
 from pipeline.config import Config
 from pipeline.tracking.plots import parameter_scatter, sweep_learning_curves
-from pipeline.tracking.runs import FAILED, FINISHED, KILLED, end_run, log_missing_epochs
-
-BEST_TRIAL_TAG = "best_trial"
-STOPPED_TAG = "asha_stopped"
-# ASHA's stop reaches a trial asynchronously, so a stopped trial may train one more epoch before it ends: the epoch
-# the stop was decided at (tagged when ASHA decides) and the epoch the trial ended at (tagged on every trial).
-STOP_DECIDED_TAG = "asha_stop_decided_at_epoch"
-ENDED_AT_TAG = "ended_at_epoch"
+from pipeline.tracking.runs import FAILED, FINISHED, KILLED
+from pipeline.tracking.sweeps import BEST_TRIAL_TAG, close_trial_run, write_sweep_summary
 
 COMPLETED, STOPPED, FAILED_STATUS, NO_RESULT = "completed", "stopped early", "failed", "no result"
 STATUSES = (COMPLETED, STOPPED, FAILED_STATUS, NO_RESULT)
@@ -67,23 +60,13 @@ def _short(value: Any) -> str:
 
 
 def log_sweep_summary(
-    client: MlflowClient, parent_run_id: str, config: Config, trials: list[TrialSummary], best: TrialSummary | None
+    uri: str, parent_run_id: str, config: Config, trials: list[TrialSummary], best: TrialSummary | None
 ) -> None:
-    """Counts, compute spent against the no-early-stopping budget, best configuration, plots; child tags."""
+    """Close each trial's run with what happened to it; on the parent run, counts, compute spent against the
+    no-early-stopping budget, the best configuration and plots. The parent run's owner ends it."""
     for trial in trials:
-        if trial.mlflow_run_id is None:
-            continue
-        stopped = trial.status == STOPPED
-        log_missing_epochs(client, trial.mlflow_run_id, trial.history)  # a stop can land before the last log
-        client.set_tag(trial.mlflow_run_id, STOPPED_TAG, str(stopped).lower())
-        client.set_tag(trial.mlflow_run_id, ENDED_AT_TAG, str(trial.epochs_run))
-        if stopped:
-            end_run(client, trial.mlflow_run_id, KILLED)
-        elif trial.status in (FAILED_STATUS, NO_RESULT):
-            end_run(client, trial.mlflow_run_id, FAILED)
-        else:
-            # Trained every epoch, but Tune may stop the trial at max_t before its driver closes the run: close it.
-            end_run(client, trial.mlflow_run_id, FINISHED)
+        if trial.mlflow_run_id is not None:
+            close_trial_run(uri, trial.mlflow_run_id, trial.history, _run_status(trial), trial.epochs_run)
     trial_epochs = sum(t.epochs_run for t in trials)
     # The epochs the sweep asked for: a stopped trial's up to ASHA's decision, every other trial's as it ran.
     decided_epochs = sum(t.stop_decided_at if t.stop_decided_at is not None else t.epochs_run for t in trials)
@@ -99,21 +82,19 @@ def log_sweep_summary(
         "sweep/trial_epochs_budget": budget,
         "sweep/compute_share": trial_epochs / budget if budget else 0.0,
     }
+    tags = {}
     if best is not None:
         metrics[f"best/{m.VAL_TOP1.replace('/', '_')}"] = float(best.best_top1)
-    client.log_batch(parent_run_id, metrics=[_metric(k, v) for k, v in metrics.items()])
-    if best is not None:
-        client.set_tag(parent_run_id, BEST_TRIAL_TAG, best.trial_id)
-        client.set_tag(parent_run_id, "best_config", json.dumps(best.params, sort_keys=True))
-    client.set_tag(
-        parent_run_id,
-        "scheduler",
+        tags = {BEST_TRIAL_TAG: best.trial_id, "best_config": json.dumps(best.params, sort_keys=True)}
+    tags["scheduler"] = (
         f"ASHA(time_attr={m.EPOCH}, grace_period={config.search.grace_period}, "
-        f"reduction_factor={config.search.reduction_factor}, max_t={config.optim.epochs})",
+        f"reduction_factor={config.search.reduction_factor}, max_t={config.optim.epochs})"
     )
-    client.log_figure(parent_run_id, sweep_learning_curves(trials), "sweep_learning_curves.png")
-    client.log_figure(parent_run_id, parameter_scatter(trials, list(config.search.space)), "sweep_parameters.png")
-    end_run(client, parent_run_id, FINISHED)
+    figures = {
+        "sweep_learning_curves.png": sweep_learning_curves(trials),
+        "sweep_parameters.png": parameter_scatter(trials, list(config.search.space)),
+    }
+    write_sweep_summary(uri, parent_run_id, metrics, tags, figures)
     late = trial_epochs - decided_epochs
     print(
         f"compute: {trial_epochs} trial-epochs run of a {budget} budget without early stopping "
@@ -122,13 +103,8 @@ def log_sweep_summary(
     )
 
 
-def tag_stop_decision(client: MlflowClient, run_id: str, epoch: int) -> None:
-    client.set_tag(run_id, STOP_DECIDED_TAG, str(epoch))
-
-
-def _metric(key: str, value: float):
-    import time
-
-    from mlflow.entities import Metric
-
-    return Metric(key, float(value), int(time.time() * 1000), 0)
+def _run_status(trial: TrialSummary) -> str:
+    """The MLflow status a trial's run ends with: KILLED when ASHA stopped it, FAILED without a result."""
+    if trial.status == STOPPED:
+        return KILLED
+    return FAILED if trial.status in (FAILED_STATUS, NO_RESULT) else FINISHED

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from pipeline.architectures import ARCHITECTURES
 from pipeline.config import ModelConfig
-from pipeline.features.extract import FEATURE_LAYERS, feature_spec, with_features
+from pipeline.features.extract import feature_spec, with_features
 from pipeline.inference.loading import FrozenEvalModule
 from pipeline.train.models import build_model
 
@@ -25,7 +26,8 @@ def test_features_are_the_unit_length_input_of_the_classifier_layer(name, dim, s
         expected_logits = model(batch)
         spec = feature_spec(name, model)
         logits, features = with_features(model)(batch)
-    assert spec.dim == dim and spec.layer == FEATURE_LAYERS[name]
+    assert spec.dim == dim == ARCHITECTURES[name].feature_dim
+    assert spec.layer == ARCHITECTURES[name].feature_layer == ("avgpool" if name.startswith("resnet") else "fc7")
     assert features.shape == (3, dim)
     torch.testing.assert_close(features.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(logits, expected_logits)

@@ -9,19 +9,11 @@ from mlflow.tracking import MlflowClient
 from pipeline import metrics as m
 from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.data.manifest import read_manifest
+from pipeline.tracking.provenance import GIT_COMMIT_TAG, GIT_DIRTY_TAG, SOURCE_NAME_TAG, SOURCE_TYPE_TAG, USER_TAG
 from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG, champion_gate, champion_history, champion_on
-from pipeline.tracking.runs import (
-    CONFIG_ARTIFACT,
-    EXPERIMENT_KIND_TAG,
-    GIT_COMMIT_TAG,
-    GIT_DIRTY_TAG,
-    MANIFEST_TAG,
-    RUN_NAME_TAG,
-    SOURCE_NAME_TAG,
-    SOURCE_TYPE_TAG,
-    USER_TAG,
-    resolve_tracking_uri,
-)
+from pipeline.tracking.run_config import CONFIG_ARTIFACT
+from pipeline.tracking.runs import END_CAUSE_TAG, EXPERIMENT_KIND_TAG, MANIFEST_TAG, RUN_NAME_TAG, run_scope
+from pipeline.tracking.uri import resolve_tracking_uri
 from pipeline.train.driver import run_training
 from tests.conftest import training_config
 
@@ -196,46 +188,6 @@ def test_training_through_a_real_mlflow_server(ray_session, learnable_shards, tm
     assert str(client.get_model_version_by_alias("server-model", CHAMPION_ALIAS).version) == outcome.model_version
 
 
-def test_a_ray_job_driver_tags_its_run_with_the_submission_id(monkeypatch):
-    from pipeline.tracking.runs import ray_job_tags
-
-    monkeypatch.delenv("RAY_JOB_SUBMISSION_ID", raising=False)
-    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert ray_job_tags() == {}
-    # What Ray's job supervisor sets for `ray job submit --submission-id nightly-r50`.
-    monkeypatch.setenv(
-        "RAY_JOB_CONFIG_JSON_ENV_VAR",
-        '{"runtime_env": {}, "metadata": {"job_submission_id": "nightly-r50", "job_name": "x"}}',
-    )
-    assert ray_job_tags() == {"ray.job_id": "nightly-r50"}
-
-
-def test_a_job_without_git_takes_the_submitters_commit(monkeypatch):
-    from pipeline.tracking.runs import git_tags
-
-    monkeypatch.setenv("PIPELINE_GIT_COMMIT", "abc123")
-    monkeypatch.setenv("PIPELINE_GIT_DIRTY", "true")
-    assert git_tags() == {GIT_COMMIT_TAG: "abc123", GIT_DIRTY_TAG: "true"}
-
-
-def test_the_source_name_is_the_command_or_the_project_script():
-    from pipeline.tracking.runs import entrypoint_name
-
-    assert entrypoint_name(["/venv/bin/imagenet-pipeline", "tune", "-c", "x.yaml"]) == "imagenet-pipeline tune"
-    assert entrypoint_name([str(PROJECT_ROOT / "jobs" / "refit.py"), "--sweep", "s"]) == "jobs/refit.py"
-
-
-def test_submitted_jobs_carry_the_submitters_user_and_commit(monkeypatch):
-    from pipeline.tracking.runs import job_environment, source_tags
-
-    monkeypatch.setenv("PIPELINE_USER", "ada")
-    env = job_environment()
-    assert env["PIPELINE_USER"] == "ada" and len(env["PIPELINE_GIT_COMMIT"]) == 40
-    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_1")
-    tags = source_tags()
-    assert tags[USER_TAG] == "ada" and tags[SOURCE_TYPE_TAG] == "JOB" and tags["ray.job_id"] == "raysubmit_1"
-
-
 def test_a_sqlite_store_inside_a_ray_jobs_working_dir_copy_is_refused(monkeypatch):
     from pipeline.config import ConfigError, load_config
     from pipeline.tracking.uri import resolve_tracking_uri
@@ -248,34 +200,6 @@ def test_a_sqlite_store_inside_a_ray_jobs_working_dir_copy_is_refused(monkeypatc
     )
     with pytest.raises(ConfigError, match="would vanish with the job; set MLFLOW_TRACKING_URI"):
         resolve_tracking_uri(config)
-
-
-def test_step_metrics_are_read_and_sent_once_per_window_and_at_each_epochs_end(monkeypatch):
-    import torch
-
-    from pipeline.tracking import runs
-
-    class Client:
-        def __init__(self):
-            self.batches = []
-
-        def log_batch(self, run_id, metrics, synchronous):
-            assert synchronous is False  # never waits for the server
-            self.batches.append({metric.key: (metric.value, metric.step) for metric in metrics})
-
-    client = Client()
-    log = runs.StepLog(client, "run", every=2)
-    for step in range(1, 6):  # well within a second: the time floor holds every window back
-        log(step, torch.tensor(float(step), dtype=torch.float64), 0.1, 8)
-    assert client.batches == []
-    log.flush()  # the epoch's end
-    assert client.batches[0][m.STEP_LOSS] == (3.0, 5) and client.batches[0][m.STEP_LR] == (0.1, 5)
-    monkeypatch.setattr(runs, "MIN_SECONDS_BETWEEN_STEP_LOGS", 0.0)
-    for step in range(6, 9):
-        log(step, torch.tensor(1.0, dtype=torch.float64), 0.2, 8)
-    assert [batch[m.STEP_LOSS][1] for batch in client.batches] == [5, 6, 8]
-    log.flush()  # nothing left in the window: nothing sent
-    assert len(client.batches) == 3
 
 
 def test_a_model_at_chance_is_registered_but_never_champion_not_even_the_first(tmp_path):
@@ -300,19 +224,60 @@ def test_a_model_at_chance_is_registered_but_never_champion_not_even_the_first(t
     assert [e.promoted for e in champion_history(client, "floor")] == [False, True, False]
 
 
-def test_epochs_a_kill_kept_from_mlflow_are_logged_from_the_checkpoint_record_once(tmp_path):
-    """The checkpoint is reported before its epoch reaches MLflow: a worker killed (or a trial stopped) between
-    the two leaves MLflow behind; the record fills exactly the missing epochs, and a second call adds nothing."""
-    from pipeline.tracking.runs import log_missing_epochs
+def _open_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'scope.db'}"
+    client = MlflowClient(uri)
+    return uri, client, client.create_run(client.create_experiment("scope")).info.run_id
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = client.create_run(client.create_experiment("lag")).info.run_id
-    history = [{m.EPOCH: epoch, m.TRAIN_LOSS: 2.0 / epoch, m.VAL_TOP1: 10.0 * epoch} for epoch in (1, 2, 3)]
-    client.log_metric(run_id, m.TRAIN_LOSS, 2.0, step=1)
-    client.log_metric(run_id, m.VAL_TOP1, 10.0, step=1)
-    assert log_missing_epochs(client, run_id, history) == 2
-    assert log_missing_epochs(client, run_id, history) == 0
-    for key in (m.TRAIN_LOSS, m.VAL_TOP1):
-        assert [(p.step, p.value) for p in client.get_metric_history(run_id, key)] == [
-            (row[m.EPOCH], row[key]) for row in history
-        ]
+
+def test_a_run_scope_that_completes_ends_its_run_finished(tmp_path):
+    uri, client, run_id = _open_run(tmp_path)
+    with run_scope(uri, run_id) as scoped:
+        assert scoped == run_id and client.get_run(run_id).info.status == "RUNNING"
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and END_CAUSE_TAG not in run.data.tags
+
+
+def test_a_run_scope_left_by_an_error_ends_its_run_failed_with_the_errors_first_line(tmp_path):
+    uri, client, run_id = _open_run(tmp_path)
+    with pytest.raises(ValueError, match="worker 3 lost"):  # the error itself goes on, unchanged
+        with run_scope(uri, run_id):
+            raise ValueError("worker 3 lost\nTraceback lines a run page should not carry")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[END_CAUSE_TAG] == "ValueError: worker 3 lost"
+
+
+def test_an_interrupted_run_scope_ends_its_run_killed(tmp_path):
+    uri, client, run_id = _open_run(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        with run_scope(uri, run_id):
+            raise KeyboardInterrupt
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags[END_CAUSE_TAG] == "interrupted (KeyboardInterrupt)"
+
+
+def test_a_sigterm_turned_into_an_exit_ends_the_run_killed(tmp_path):
+    """Ray's driver turns SIGTERM (`ray job stop`) into sys.exit(15); the run says it was stopped, not failed."""
+    import os
+    import signal
+    import sys
+
+    uri, client, run_id = _open_run(tmp_path)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
+    try:
+        with pytest.raises(SystemExit):
+            with run_scope(uri, run_id):
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.pause()  # the handler raises here at the latest
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.tags[END_CAUSE_TAG] == "interrupted (SystemExit: 15)"
+
+
+def test_a_store_that_fails_while_a_run_fails_does_not_hide_the_runs_own_error(tmp_path, capsys):
+    with pytest.raises(RuntimeError, match="the real cause"):
+        with run_scope(f"sqlite:///{tmp_path / 'scope.db'}", "no-such-run"):
+            raise RuntimeError("the real cause")
+    assert "MLflow run no-such-run not marked FAILED" in capsys.readouterr().err

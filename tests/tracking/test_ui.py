@@ -14,11 +14,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking.runs import RUN_NAME_TAG, prepare_tracking
+from pipeline.tracking.sweeps import BEST_TRIAL_TAG, SWEEP_TAG
 from pipeline.tracking.uri import ui_link
 from pipeline.train.driver import run_training
 from pipeline.tune.refit import run_refit
-from pipeline.tune.report import BEST_TRIAL_TAG
-from pipeline.tune.search import SWEEP_TAG
 from tests.conftest import training_config
 
 pytestmark = [pytest.mark.browser, pytest.mark.ray, pytest.mark.slow]

@@ -22,7 +22,7 @@ def test_redact_hides_user_and_password_and_keeps_the_rest():
 
 
 def test_the_tracking_uri_param_is_logged_redacted():
-    from pipeline.tracking.runs import flatten, loggable
+    from pipeline.tracking.run_config import flatten, loggable
 
     params = flatten(loggable(load_config(overrides=[f"tracking.tracking_uri={SECRET_URI}"])))
     assert params["tracking.tracking_uri"] == "https://***@mlflow.example.com:5000"

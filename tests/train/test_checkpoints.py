@@ -394,6 +394,7 @@ def test_a_workers_resume_says_once_that_it_passed_over_a_damaged_checkpoint(tmp
 
     from pipeline.config import load_config
     from pipeline.train import worker
+    from pipeline.train.step import Trainee
 
     (_, second, latest), models = _run_of_three(tmp_path)
     for directory in (second, latest):  # meta.json as a training run writes it
@@ -406,19 +407,12 @@ def test_a_workers_resume_says_once_that_it_passed_over_a_damaged_checkpoint(tmp
     )
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    config = load_config(overrides=[f"tracking.storage_path={tmp_path}"])
-    state = worker.restore(
-        config,
-        model,
-        optimizer,
-        torch.optim.lr_scheduler.StepLR(optimizer, 1),
-        None,
-        2,
-        10,
-        SimpleNamespace(rank=0, world_size=1),
-        log,
+    trainee = Trainee(
+        model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1), torch.amp.GradScaler("cpu", enabled=False)
     )
-    assert state.epoch == 2 and torch.equal(model.weight, models[2].weight)
+    config = load_config(overrides=[f"tracking.storage_path={tmp_path}"])
+    worker.restore(trainee, config, 2, 10, SimpleNamespace(rank=0, world_size=1), log)
+    assert trainee.state.epoch == 2 and torch.equal(model.weight, models[2].weight)
     assert lines == [
         (
             "warning",

@@ -8,15 +8,16 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from pipeline.config import MODEL_NAMES, ModelConfig
-from pipeline.train.models import (
+from pipeline.architectures import (
     ALEXNET_ENSEMBLE_TOP5_ERROR,
+    ARCHITECTURES,
     HUMAN_TOP5_ERROR,
     MIN_IMAGE_SIZE,
+    MODEL_NAMES,
     PUBLISHED_TOP1_TOP5,
-    build_model,
-    count_parameters,
 )
+from pipeline.config import ModelConfig
+from pipeline.train.models import build_model, count_parameters
 
 DEEP_RESNETS = ("resnet34", "resnet50", "resnet101", "resnet152")
 
@@ -187,6 +188,20 @@ def test_published_figures_cover_every_model():
     assert HUMAN_TOP5_ERROR < 100 - PUBLISHED_TOP1_TOP5["resnet152"][1] < ALEXNET_ENSEMBLE_TOP5_ERROR
 
 
+def test_the_tables_torchvision_figures_are_the_ones_its_weights_state():
+    # Read from the weights' metadata, which ships with torchvision: nothing is downloaded.
+    import torchvision
+
+    from_torchvision = {}
+    for name, entry in ARCHITECTURES.items():
+        if entry.torchvision_name is not None:
+            weights = torchvision.models.get_model_weights(entry.torchvision_name).IMAGENET1K_V1
+            metrics = weights.meta["_metrics"]["ImageNet-1K"]
+            from_torchvision[name] = (metrics["acc@1"], metrics["acc@5"])
+    assert set(from_torchvision) == set(MODEL_NAMES) - {"alexnet"}
+    assert {name: PUBLISHED_TOP1_TOP5[name] for name in from_torchvision} == from_torchvision
+
+
 def test_the_reference_initialisation_is_caffes_bvlc_alexnet():
     model = build_model(ModelConfig(name="alexnet", init="reference"), 10)
     convs = [module for module in model.features if isinstance(module, nn.Conv2d)]
@@ -238,9 +253,7 @@ def _recipe_run(shards, epochs, *overrides):
     global batch 16 (lr per 256 as shipped, so 0.00125), `epochs` epochs. (train loss, val top-1) per epoch."""
     from pipeline.config import PROJECT_ROOT, load_config
     from pipeline.data.loader import build_loader
-    from pipeline.train.checkpoints import TrainingState
-    from pipeline.train.optim import build_optimizer, build_scheduler
-    from pipeline.train.step import RankDevice, evaluate, grad_scaler, train_one_epoch
+    from pipeline.train.step import RankDevice, Trainee, evaluate, record_epoch, train_one_epoch
 
     config = load_config(
         [PROJECT_ROOT / "jobs" / "configs" / "alexnet_imagenet.yaml"],
@@ -260,15 +273,13 @@ def _recipe_run(shards, epochs, *overrides):
     rank = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
     train = build_loader(config.data, "train", rank=0, world_size=1, batch_size=16, seed=0)
     val = build_loader(config.data, "val", rank=0, world_size=1, batch_size=16, seed=0)
-    model = build_model(config.model, train.manifest.num_classes)
-    optimizer = build_optimizer(model, config.optim)
-    scheduler = build_scheduler(optimizer, config.optim, len(train))
-    state, curve = TrainingState(), []
-    for epoch in range(epochs):
-        loss = train_one_epoch(model, train, optimizer, scheduler, grad_scaler(rank), config, rank, epoch, state)[
-            "train/loss"
-        ]
-        curve.append((loss, evaluate(model, val, rank, "val")["val/top1"]))
+    trainee = Trainee.build(build_model(config.model, train.manifest.num_classes), config.optim, len(train), rank)
+    curve = []
+    for _ in range(epochs):
+        train_metrics = train_one_epoch(trainee, train, config, rank)
+        val_metrics = evaluate(trainee.model, val, rank, "val")
+        record_epoch(trainee.state, {**train_metrics, **val_metrics})
+        curve.append((train_metrics["train/loss"], val_metrics["val/top1"]))
     return curve
 
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from pipeline import metrics as m
 from pipeline.config import OptimConfig
 from pipeline.train.checkpoints import TrainingState, load_checkpoint, save_checkpoint
 from pipeline.train.optim import (
@@ -79,7 +80,7 @@ def _epoch(optimizer, scheduler, val_top1):
     for _ in range(5):
         optimizer.step()
         step_after_iteration(scheduler)
-    step_after_validation(scheduler, val_top1)
+    step_after_validation(scheduler, {m.VAL_TOP1: val_top1})
     return used
 
 

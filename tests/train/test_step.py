@@ -11,8 +11,7 @@ from pipeline.config import load_config
 from pipeline.data.loader import IGNORE_LABEL, Batch
 from pipeline.data.transforms import normalize_batch
 from pipeline.errors import DataError
-from pipeline.train.checkpoints import TrainingState
-from pipeline.train.step import RankDevice, check_corrupt_share, evaluate, grad_scaler, train_one_epoch
+from pipeline.train.step import RankDevice, Trainee, check_corrupt_share, evaluate, grad_scaler, train_one_epoch
 from tests.conftest import write_split
 
 RANK = RankDevice(rank=0, world_size=1, device=torch.device("cpu"), autocast_dtype=None, channels_last=False)
@@ -56,30 +55,20 @@ def test_an_all_masked_train_batch_makes_no_step_and_no_nan():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     before = [parameter.detach().clone() for parameter in net.parameters()]
     metrics = train_one_epoch(
-        net,
+        Trainee(net, optimizer, scheduler, grad_scaler(RANK)),
         ListLoader([batch([IGNORE_LABEL] * 4, corrupt=4)]),
-        optimizer,
-        scheduler,
-        grad_scaler(RANK),
         config,
         RANK,
-        0,
-        TrainingState(),
     )
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert metrics["train/corrupt_samples"] == 4 and metrics["train/loss"] == 0.0
 
     # A mixed batch still learns, and its loss is the mean over its valid samples only.
     metrics = train_one_epoch(
-        net,
+        Trainee(net, optimizer, scheduler, grad_scaler(RANK)),
         ListLoader([batch([0, IGNORE_LABEL, 1, 2])]),
-        optimizer,
-        scheduler,
-        grad_scaler(RANK),
         config,
         RANK,
-        0,
-        TrainingState(),
     )
     assert not all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -122,7 +111,7 @@ def _ddp_rank(rank: int, init_file: str, labels_by_rank: list[list[int]], result
             rank=rank, world_size=2, device=torch.device("cpu"), autocast_dtype=None, channels_last=False
         )
         loader = ListLoader([batch(labels_by_rank[rank])])
-        train_one_epoch(net, loader, optimizer, scheduler, grad_scaler(worker), config, worker, 0, TrainingState())
+        train_one_epoch(Trainee(net, optimizer, scheduler, grad_scaler(worker)), loader, config, worker)
         weights = [p.detach().clone() for p in net.module.parameters()]
         torch.save((weights, loader.batches[0].images), Path(results) / f"{rank}.pt")
     finally:
@@ -236,15 +225,10 @@ def test_device_side_sums_report_exactly_what_per_step_reads_did(device):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizers[1], lambda step: 1.0)
     seen = []
     metrics = train_one_epoch(
-        nets[1],
+        Trainee(nets[1], optimizers[1], scheduler, grad_scaler(rank)),
         loader,
-        optimizers[1],
-        scheduler,
-        grad_scaler(rank),
         config,
         rank,
-        0,
-        TrainingState(),
         on_step=lambda step, loss, lr, images: seen.append((step, loss, images)),
     )
     assert metrics["train/loss"] == loss_sum / valid  # bit for bit: the same float64 sums in the same order
@@ -296,9 +280,7 @@ def test_a_compiled_model_trains_the_same_epoch_as_the_eager_one():
         optimizer = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         runner = torch.compile(net) if compiled else net
-        metrics = train_one_epoch(
-            runner, loader, optimizer, scheduler, grad_scaler(RANK), config, RANK, 0, TrainingState()
-        )
+        metrics = train_one_epoch(Trainee(runner, optimizer, scheduler, grad_scaler(RANK)), loader, config, RANK)
         assert unwrap(runner) is net  # checkpoints and evaluation see the plain module
         results.append((metrics["train/loss"], [p.detach().clone() for p in net.parameters()]))
     (eager_loss, eager_weights), (compiled_loss, compiled_weights) = results

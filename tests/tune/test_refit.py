@@ -9,10 +9,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import metrics as m
 from pipeline.config import PROJECT_ROOT, ConfigError, load_config
-from pipeline.tracking.runs import CONFIG_ARTIFACT, RUN_NAME_TAG, loggable, prepare_tracking
+from pipeline.tracking.run_config import CONFIG_ARTIFACT, loggable
+from pipeline.tracking.runs import RUN_NAME_TAG, prepare_tracking
+from pipeline.tracking.sweeps import BEST_TRIAL_TAG, SWEEP_TAG
 from pipeline.tune.refit import REFIT_EPOCHS_TAG, REFIT_SWEEP_TAG, REFIT_TRIAL_TAG, plan_refit
-from pipeline.tune.report import BEST_TRIAL_TAG
-from pipeline.tune.search import SWEEP_TAG
 
 SWEEP_FILES = [PROJECT_ROOT / "jobs" / "configs" / "demo_sweep.yaml"]  # searches optim.lr, batch_size, dropout
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.tune.report import ENDED_AT_TAG, TrialSummary, log_sweep_summary, print_trial_table
+from pipeline.tracking.sweeps import ENDED_AT_TAG
+from pipeline.tune.report import TrialSummary, log_sweep_summary, print_trial_table
 
 
 def _trials(client, experiment):
@@ -54,7 +55,7 @@ def test_each_trial_run_is_closed_with_what_happened_to_it(tmp_path, capsys):
     )
 
     # The completed trial's run is still RUNNING: Tune stopped its driver at max_t before it closed the run.
-    log_sweep_summary(client, parent, config, trials, best=trials[0])
+    log_sweep_summary(client.tracking_uri, parent, config, trials, best=trials[0])
 
     assert client.get_run(runs["completed"]).info.status == "FINISHED"
     stopped = client.get_run(runs["stopped early"])
@@ -62,7 +63,7 @@ def test_each_trial_run_is_closed_with_what_happened_to_it(tmp_path, capsys):
     assert client.get_run(runs["failed"]).info.status == "FAILED"
     assert client.get_run(runs["no result"]).info.status == "FAILED"
     summary = client.get_run(parent)
-    assert summary.info.status == "FINISHED"
+    assert summary.info.status == "RUNNING"  # its owner, the sweep's run_scope, ends it after publishing
     assert summary.data.metrics["sweep/trial_epochs"] == 5  # 2 + 2 + 1 + 0, as run
     assert summary.data.metrics["sweep/trial_epochs_to_stop_decisions"] == 4  # the stopped trial's second is late
     assert summary.data.metrics["sweep/trials_without_result"] == 1

@@ -15,19 +15,12 @@ from pipeline import metrics as m
 from pipeline.config import ConfigError
 from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG
 from pipeline.tracking.runs import RUN_NAME_TAG
+from pipeline.tracking.sweeps import ENDED_AT_TAG, STOP_DECIDED_TAG, STOPPED_TAG, SWEEP_TAG
 from pipeline.train.checkpoints import read_run_record
+from pipeline.tune.cluster_fit import cluster_fit_problem, concurrent_trials, fit_concurrency_to_cluster
 from pipeline.tune.refit import REFIT_SWEEP_TAG, REFIT_TAG, REFIT_TRIAL_TAG, run_refit
-from pipeline.tune.report import ENDED_AT_TAG, STOP_DECIDED_TAG, STOPPED_TAG
-from pipeline.tune.search import (
-    SWEEP_TAG,
-    apply_params,
-    check_search,
-    cluster_fit_problem,
-    concurrent_trials,
-    fit_concurrency_to_cluster,
-    run_search,
-    trial_id_of,
-)
+from pipeline.tune.search import apply_params, check_search, run_search
+from pipeline.tune.trials import trial_id_of
 from tests.conftest import training_config
 
 # Seed 0 samples lr 1.6, 1.6, 1e-6, 1e-6: the two hopeless trials start only after a good one has set
@@ -169,7 +162,7 @@ def test_asha_sweep_on_a_cluster_holding_one_trial_finishes_all_four_and_registe
     stopped = sum(t.status == "stopped early" for t in outcome.trials)
     client = MlflowClient(config.tracking.tracking_uri)
     parent = client.get_run(outcome.parent_run_id)
-    assert parent.data.tags[SWEEP_TAG] == "parent"
+    assert parent.data.tags[SWEEP_TAG] == "parent" and parent.info.status == "FINISHED"  # ended by its run_scope
     assert parent.data.metrics["sweep/trials_completed"] == 4 - stopped
     assert parent.data.metrics["sweep/trials_stopped_early"] == stopped
     assert parent.data.metrics["sweep/trials_failed"] == parent.data.metrics["sweep/trials_without_result"] == 0

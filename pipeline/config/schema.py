@@ -1,29 +1,23 @@
-"""The one typed configuration: YAML files -> `--set key=value` overrides -> driver -> workers -> checkpoints.
+"""The typed configuration's schema: one pydantic model per section, and `Config` holding them all.
 
-Every setting lives here once. Loading validates everything that can be checked without touching the
-cluster, so a bad value fails with one line naming the key, the value and what is allowed.
+Every setting lives here once, with its default, range and meaning; `jobs/configs/default.yaml` lists them all.
+Validation checks everything that can be checked without touching the cluster, so a bad value fails with one line
+naming the key, the value and what is allowed. Model facts (names, inits, input sizes) come from the model table,
+`pipeline.architectures`.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline import storage
-from pipeline.errors import ConfigError
+from pipeline.architectures import ARCHITECTURES, MODEL_NAMES
 
-# Ray Train gives a worker group 60 s to start; on a busy machine importing torch in fresh worker
-# processes can take longer, and a timed-out start is retried in a loop. Raised on Ray we start (driver
-# environment, local cluster nodes) unless already set.
-WORKER_GROUP_START_TIMEOUT_S = "300"
-# Smallest square input side, pixels, that survives the network's strides and pools. Both AlexNets need three
-# 3x3 max-pools to see at least 3x3 maps; ResNets end in adaptive pooling and accept any side.
-MIN_IMAGE_SIZE = {"alexnet": 63, "alexnet_tv": 63}
 # data.max_image_pixels: ILSVRC2012's largest photos are camera originals of about 12-15 MP (4288x2848, a few near
 # 5000x3000); 40 MP leaves more than twice that and caps one decode at ~120 MB of RGB (160 MB in PIL, which keeps
 # 4 bytes a pixel) in a loader process, where a 140 KB PNG declaring 12000x12000 would take gigabytes. The ceiling
@@ -31,10 +25,9 @@ MIN_IMAGE_SIZE = {"alexnet": 63, "alexnet_tv": 63}
 # could not take effect without changing PIL's process-wide setting.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: 1024 * 1024 * 1024 // 4 // 3
-MODEL_NAMES = ("alexnet", "alexnet_tv", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = PROJECT_ROOT / "jobs" / "configs" / "default.yaml"
+# Every model.init any model takes; which model takes which is checked per model (ModelConfig).
+INITS = tuple(init for entry in ARCHITECTURES.values() for init in entry.inits)
 
 
 class _Section(BaseModel):
@@ -131,17 +124,12 @@ class DataConfig(_Section):
         return value
 
 
-# model.init per model; the first is the model's own (what None means).
-INITS_BY_MODEL = {"alexnet": ("paper", "reference"), "alexnet_tv": ("torchvision", "kaiming")}
-ALEXNET_INITS = tuple(init for inits in INITS_BY_MODEL.values() for init in inits)
-
-
 class ModelConfig(_Section):
     name: Literal[MODEL_NAMES] = "resnet18"  # type: ignore[valid-type]
     num_classes: int | None = Field(None, ge=2, description="None: from the shard manifest; else must match it")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="AlexNet FC dropout / ResNet pre-classifier dropout")
     local_response_norm: bool = Field(True, description="AlexNet only: LRN after conv1 and conv2 as in 2012")
-    init: Literal[ALEXNET_INITS] | None = Field(  # type: ignore[valid-type]
+    init: Literal[INITS] | None = Field(  # type: ignore[valid-type]
         None,
         description="AlexNets only; None: the model's own. alexnet: paper (N(0, 0.01), biases 1) or reference "
         "(Caffe's bvlc_alexnet: fc6/fc7 N(0, 0.005), biases 0.1); alexnet_tv: torchvision (PyTorch's layer "
@@ -150,7 +138,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _init_fits_the_model(self) -> "ModelConfig":
-        allowed = INITS_BY_MODEL.get(self.name, ())
+        allowed = ARCHITECTURES[self.name].inits
         if self.init is not None and self.init not in allowed:
             takes = f"takes {' or '.join(allowed)}" if allowed else "has no init choice"
             raise ValueError(f"model.init = {self.init!r} does not apply to {self.name}, which {takes}")
@@ -319,7 +307,7 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_input_size(self) -> "Config":
-        smallest = MIN_IMAGE_SIZE.get(self.model.name, 1)
+        smallest = ARCHITECTURES[self.model.name].min_image_size
         for key in ("train_image_size", "eval_image_size"):
             if getattr(self.data, key) < smallest:
                 raise ValueError(
@@ -377,148 +365,3 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def load_config(paths: list[Path] | None = None, overrides: list[str] | None = None) -> Config:
-    """Merge YAML files left to right, apply `key=value` overrides, validate once at the end."""
-    merged: dict[str, Any] = {}
-    for path in paths or [DEFAULT_CONFIG]:
-        _deep_merge(merged, _read_yaml(Path(path)))
-    for override in overrides or []:
-        _apply_override(merged, override)
-    return validate_config(merged)
-
-
-def validate_config(data: dict[str, Any]) -> Config:
-    try:
-        return Config.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_one_line(error)) from None
-
-
-def validate_saved_config(data: dict[str, Any]) -> Config:
-    """A config a run saved (a checkpoint's meta.json, a run's config.json), written by this or an older version."""
-    model = data.get("model")
-    # Saved before inits per model: every model carried init: paper, which meant something to alexnet only.
-    if isinstance(model, dict) and model.get("init") == "paper" and model.get("name", "resnet18") != "alexnet":
-        data = {**data, "model": {**model, "init": None}}
-    return validate_config(data)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?); give a YAML file") from None
-    if "\x00" in text:
-        raise ConfigError(f"config file {path} holds NUL bytes (a binary file?); give a YAML file")
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(data).__name__}")
-    return data
-
-
-def _apply_override(merged: dict[str, Any], override: str) -> None:
-    key, sep, raw = override.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {override!r} must look like section.key=value, e.g. optim.lr=0.2")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    set_key(merged, key.strip(), value, f"override {override!r}")
-
-
-def set_key(data: dict[str, Any], key: str, value: Any, origin: str) -> None:
-    """Set the dotted `key` in a raw config mapping: the one mechanism behind `--set` and Tune's sampled values.
-
-    Unknown leaf keys are left to validation (`extra="forbid"`), which names them; `origin` prefixes the error
-    when a section along the way is a value.
-    """
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{origin}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value.item() if hasattr(value, "item") else value  # numpy scalars from Tune's samplers
-
-
-def with_text_overrides(config: Config, overrides: list[str]) -> Config:
-    """`config` with `--set key=value` texts applied (YAML-typed, as on the command line), validated whole."""
-    data = config.model_dump(mode="json")
-    for override in overrides:
-        _apply_override(data, override)
-    return validate_config(data)
-
-
-def with_overrides(config: Config, values: dict[str, Any]) -> Config:
-    """`config` with dotted keys set to `values` (already typed, e.g. a Tune trial's samples), validated whole."""
-    data = config.model_dump(mode="json")
-    for key, value in values.items():
-        set_key(data, key, value, key)
-    return validate_config(data)
-
-
-def _deep_merge(into: dict[str, Any], update: dict[str, Any]) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "config"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        return f"{key}: unknown key (check the spelling; see jobs/configs/default.yaml for every key)"
-    if first["type"] == "missing":
-        return f"{key}: this key is required here and missing (see jobs/configs/default.yaml)"
-    if first["loc"] and not isinstance(first.get("input"), dict):  # a whole-section check names its keys itself
-        shown = first.get("input")
-        more = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
-        return f"{key} = {shown!r}: {message}{more}"
-    return message
-
-
-# Under `ray job submit --working-dir`, the job runs in Ray's copy of the working directory, which holds
-# neither data/ (.gitignore) nor anything else the relative path was meant to reach.
-RAY_WORKING_DIR_MARK = "/runtime_resources/working_dir_files/"
-RAY_JOB_COPY_HINT = (
-    "this Ray job runs in Ray's copy of the working directory, where relative paths land and data/ "
-    "is not uploaded; give an absolute path every node reaches (NFS) or a URL (s3://, gs://)"
-)
-
-
-def refuse_job_copy(key: str, value: str, problem: str) -> None:
-    """One check for every location a job resolves: inside Ray's working-dir copy it is lost or was never there."""
-    if RAY_WORKING_DIR_MARK in value:
-        raise ConfigError(f"{key} = '{value}': {problem}; {RAY_JOB_COPY_HINT}")
-
-
-def require_shards(config: Config, splits: tuple[str, ...] = ("train", "val")) -> None:
-    """Fail before any worker starts when the configured shard splits are missing."""
-    root = config.data.root
-    # Object stores have no directories, only keys: for a URL the manifests are the whole check.
-    if not storage.is_url(root) and not Path(root).expanduser().is_dir():
-        refuse_job_copy("data.root", root, "directory does not exist")
-        raise ConfigError(
-            f"data.root = '{root}': directory does not exist; create shards with `imagenet-pipeline shard` "
-            "or point data.root at a folder holding train/ val/ test/"
-        )
-    for split in splits:
-        if not storage.is_file(storage.join(root, split, "manifest.json")):
-            raise ConfigError(
-                f"data.root = '{root}': no {split}/manifest.json; shard the data or run `imagenet-pipeline index`"
-            )
