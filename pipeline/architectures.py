@@ -42,7 +42,7 @@ class Architecture:
 # Published figures: the paper's (Krizhevsky et al. 2012, Table 2, one CNN: 40.7 % top-1 / 18.2 % top-5 error)
 # averages ten crops (4 corners + centre, and their mirrors), so it flatters the net by roughly 1-2 points against
 # single-crop numbers; torchvision's are single 224 px centre crops of its V1 reference-recipe weights, as their
-# metadata states them (tests/train/test_models.py checks they agree).
+# metadata states them (tests/test_architectures.py checks they agree).
 # Columns: name, family, torchvision_name, min_image_size, inits, feature_layer, feature_dim, published_top1_top5.
 _TABLE = (
     Architecture("alexnet", "alexnet", None, 63, ("paper", "reference"), "fc7", 4096, (100.0 - 40.7, 100.0 - 18.2)),

@@ -68,7 +68,7 @@ def bench_plan(
     ] = "imagenet-1k,imagenet-22k",
     worlds: Annotated[str, typer.Option(help="comma-separated world sizes (ranks)")] = "8,64,512",
     loaders: Annotated[str, typer.Option(help="comma-separated DataLoader processes per rank")] = "2,8",
-    out: Annotated[Optional[Path], typer.Option(help="also write the figures as JSON here")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="also write the figures as JSON here (default: none)")] = None,
 ) -> None:
     """Benchmark (simulated, no data read): bytes read per bytes planned with and without sample indexes, plan
     time per rank and manifest size, for ImageNet-1k and -22k layouts at 8-512 ranks."""

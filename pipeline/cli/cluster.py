@@ -48,8 +48,8 @@ def _one_line_errors():
 
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.Abort):
-        raise  # typer's own exits are RuntimeErrors too: not errors to reword
+    except (click.exceptions.Exit, click.exceptions.Abort, typer.Exit):
+        raise  # typer's own exits (an inner `fail`) are RuntimeErrors too: not errors to reword
     except (JobClientError, RuntimeError, ConnectionError) as error:
         fail(first_line(error, with_type=False))
 

@@ -47,7 +47,7 @@ def summarize_trial(trial_id: str, result, run, run_name: str, storage_root: str
     decided = tags.get(STOP_DECIDED_TAG, "")
     best = record.best_kept(m.SELECTION_METRIC) if record else None
     if result.error is not None:
-        status, note = FAILED_STATUS, note or first_line(result.error)
+        status, note = FAILED_STATUS, first_line(result.error)  # why it failed, not the missing checkpoint it left
     elif record is None or not record.history:
         status = NO_RESULT
     elif tags.get(COMPLETED_TAG) == "true" or record.finished(max_epochs):

@@ -105,19 +105,3 @@ def test_controller_events_read_ray_trains_json_log_in_local_time():
             "workers_stopped": 30.125,
         }
     )
-
-
-def test_trial_gaps_pair_each_trials_last_epoch_with_the_next_first_step():
-    from pipeline.bench.trials import trial_gaps
-
-    records = [
-        {"event": "first_step", "unix_time": 10.0, "rank": 0},
-        {"event": "epoch_end", "unix_time": 12.0, "rank": 0},
-        {"event": "epoch_end", "unix_time": 12.5, "rank": 1},
-        {"event": "first_step", "unix_time": 20.0, "rank": 0},
-        {"event": "epoch_end", "unix_time": 22.0, "rank": 0},
-        {"event": "first_step", "unix_time": 26.0, "rank": 0},
-        {"event": "epoch_end", "unix_time": 27.0, "rank": 0},
-    ]
-    result = trial_gaps(records)
-    assert result["gaps_seconds"] == [8.0, 4.0] and result["median_gap_seconds"] == 6.0

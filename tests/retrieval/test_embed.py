@@ -1,14 +1,12 @@
-"""Embedding with Ray Data, the index in MLflow, and retrieval from the CLI, on the shared trained run."""
+"""Embedding with Ray Data (pipeline/retrieval/embed.py) on the shared trained run; the index logged to MLflow and
+retrieved from the CLI is tested in tests/retrieval/test_logged.py."""
 
 import json
 import shutil
 
 import numpy as np
 import pytest
-from PIL import Image
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.data.manifest import file_sha256, read_manifest
 from pipeline.errors import ConfigError, DataError, ModelSourceError
@@ -25,11 +23,16 @@ def with_retrieval(config, tmp_path, **settings):
     return config.model_copy(update={"retrieval": retrieval})
 
 
-@pytest.fixture(scope="module")
-def galleries(trained_run, tmp_path_factory):
-    """The champion's train and test embeddings (2 replicas)."""
-    config = with_retrieval(trained_run.config, tmp_path_factory.mktemp("embeddings"))
+def embed_galleries(trained_run):
+    """The champion's train and test embeddings (2 replicas), in the shared run's folder: the first module to ask
+    embeds them, a later one (tests/retrieval/test_logged.py) reuses the complete outputs."""
+    config = with_retrieval(trained_run.config, trained_run.workdir / "embeddings")
     return config, {split: embed_split(config, CHAMPION, split, progress=False) for split in ("train", "test")}
+
+
+@pytest.fixture(scope="module")
+def galleries(trained_run):
+    return embed_galleries(trained_run)
 
 
 def test_every_sample_is_embedded_exactly_once_in_manifest_order(trained_run, galleries):
@@ -90,51 +93,6 @@ def test_the_trained_features_retrieve_well_above_chance_and_untrained_ones_do_n
         torch.randn(test.vectors.shape, generator=torch.Generator().manual_seed(0)), dim=1
     )
     assert retrieval_metrics(untrained, torch.from_numpy(test.labels))["map_at_r"] < trained["map_at_r"] - 20
-
-
-def test_retrieve_prints_json_and_draws_a_sheet_from_the_logged_index(trained_run, galleries, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    config, results = galleries
-    runner = CliRunner()
-    overrides = [
-        f"--set=data.root={trained_run.shards}",
-        f"--set=tracking.tracking_uri={trained_run.tracking_uri}",
-        f"--set=retrieval.output={tmp_path / 'cache'}",
-        "--set=tracking.registered_model=test-model",
-    ]
-    embedded = runner.invoke(
-        app, ["embed", "--model", CHAMPION, "--split", "train", "--output", str(results["train"].directory), *overrides]
-    )
-    assert embedded.exit_code == 0, embedded.output
-    assert "reused" in embedded.output
-    run_id = embedded.output.strip().split("retrieve --index ")[-1].rstrip(")")
-    version = MlflowClient(trained_run.tracking_uri).get_model_version("test-model", "1")
-    assert version.tags["retrieval_index_run_train"] == run_id
-
-    queries = tmp_path / "queries"
-    queries.mkdir()
-    test = store.read_embeddings(results["test"].directory)
-    from pipeline.data.shard_reader import read_whole_shard
-
-    manifest = read_manifest(trained_run.shards / "test")
-    for position, (image, _label, key) in enumerate(read_whole_shard(str(trained_run.shards / "test"), manifest, 0)):
-        if position < 3:
-            (queries / f"{key}.jpg").write_bytes(image)
-    sheet = tmp_path / "sheet.png"
-    answer = runner.invoke(
-        app, ["retrieve", str(queries), "--index", run_id, "--top-k", "5", "--json", "--sheet", str(sheet), *overrides]
-    )
-    assert answer.exit_code == 0, answer.output
-    found = json.loads(answer.stdout)
-    assert len(found) == 3 and all(len(query["neighbours"]) == 5 for query in found)
-    assert set(found[0]["neighbours"][0]) >= {"rank", "key", "label", "class_name", "similarity"}
-    assert found[0]["neighbours"][0]["similarity"] >= found[0]["neighbours"][-1]["similarity"]
-    shutil.copy(sheet, "/tmp/retrieval_sheet.png")  # for a look by hand; harmless in CI
-    with Image.open(sheet) as picture:
-        assert picture.format == "PNG" and picture.size[0] > 400
-        picture.load()
-    assert test.meta.split == "test"
 
 
 def test_bad_inputs_are_refused_before_any_work(trained_run, galleries, tmp_path):

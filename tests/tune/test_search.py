@@ -17,10 +17,9 @@ from pipeline.tracking.registry import CHAMPION_ALIAS, DECISION_TAG
 from pipeline.tracking.runs import RUN_NAME_TAG
 from pipeline.tracking.sweeps import ENDED_AT_TAG, STOP_DECIDED_TAG, STOPPED_TAG, SWEEP_TAG
 from pipeline.train.checkpoints import read_run_record
-from pipeline.tune.cluster_fit import cluster_fit_problem, concurrent_trials, fit_concurrency_to_cluster
+from pipeline.tune.cluster_fit import fit_concurrency_to_cluster
 from pipeline.tune.refit import REFIT_SWEEP_TAG, REFIT_TAG, REFIT_TRIAL_TAG, run_refit
 from pipeline.tune.search import apply_params, check_search, run_search
-from pipeline.tune.trials import trial_id_of
 from tests.conftest import training_config
 
 # Seed 0 samples lr 1.6, 1.6, 1e-6, 1e-6: the two hopeless trials start only after a good one has set
@@ -94,46 +93,11 @@ def test_more_concurrent_trials_than_fit_run_as_many_as_fit_and_the_rest_wait(
     assert fit_concurrency_to_cluster(fitted) is fitted
 
 
-def test_workers_are_counted_per_node(learnable_shards, tmp_path):
-    gpu_nodes = [{"CPU": 44.0, "GPU": 4.0}, {"CPU": 44.0, "GPU": 4.0}]  # infra/kuberay's gpu group
-    two_gpu_trials = _sweep_config(
-        learnable_shards,
-        tmp_path,
-        "g",
-        "scaling.use_gpu=true",
-        "scaling.num_workers=2",
-        "scaling.cpus_per_worker=11",
-        "search.max_concurrent_trials=4",
-    )
-    assert cluster_fit_problem(two_gpu_trials, gpu_nodes) is None and concurrent_trials(two_gpu_trials, gpu_nodes) == 4
-    # 8 CPUs in total, but no single node holds a 6-CPU worker.
-    wide = _sweep_config(
-        learnable_shards,
-        tmp_path,
-        "w",
-        "scaling.num_workers=1",
-        "scaling.cpus_per_worker=6",
-        "search.max_concurrent_trials=1",
-    )
-    assert "hold 0" in cluster_fit_problem(wide, [{"CPU": 4.0}, {"CPU": 4.0}])
-    assert concurrent_trials(wide, [{"CPU": 4.0}, {"CPU": 4.0}]) == 0
-
-
 def test_sampled_values_land_in_the_trial_config(learnable_shards, tmp_path):
     base = _sweep_config(learnable_shards, tmp_path, "x")
     trial = apply_params(base, {"optim.lr": 0.123, "model.dropout": 0.2}, "x-trial1")
     assert trial.optim.lr == 0.123 and trial.model.dropout == 0.2 and trial.tracking.run_name == "x-trial1"
     assert trial.optim.momentum == base.optim.momentum
-
-
-def test_trial_id_comes_from_the_trial_folder_when_a_trial_never_reported():
-    class FailedEarly:
-        metrics = {}
-        path = "/runs/sweep-a/trial_driver_98fb1_00003_3_model_dropout=0.1,optim_lr=0.4_2026-11-30_03-03-20"
-
-    assert trial_id_of(FailedEarly()) == "98fb1_00003"
-    FailedEarly.metrics = {"trial_id": "98fb1_00007"}
-    assert trial_id_of(FailedEarly()) == "98fb1_00007"
 
 
 def _children(client, experiment_id, parent_id):

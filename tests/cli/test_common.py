@@ -1,5 +1,5 @@
-"""The CLI's error boundary: the project's own errors are one line and exit status 2; anything else is a bug and
-keeps its traceback."""
+"""The CLI's error boundary (pipeline/cli/common.py): the project's own errors are one line and exit status 2;
+anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -38,3 +38,9 @@ def test_a_library_value_error_is_not_passed_off_as_a_user_error(monkeypatch):
     result = runner.invoke(app, ["config"])
     assert result.exit_code != 0 and result.exit_code != 2
     assert isinstance(result.exception, ValueError) and "error:" not in result.output
+
+
+def test_bad_config_value_is_one_line_and_exit_code_2():
+    result = runner.invoke(app, ["config", "--set", "optim.lr=-1"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: optim.lr = -1: Input should be greater than 0"]
