@@ -130,7 +130,7 @@ def _load_mlflow_model(source: str, config: Config) -> InferenceModel:
             f"{source}: the logged model's metadata is malformed (classes must be a list of "
             "names, architecture a known model, eval_image_size a crop size in pixels)"
         )
-    model = FrozenEvalModule(graph) if _is_exported(graph) else graph.eval()
+    model = FrozenEvalModule(graph)  # only pt2 loads (exported_model_metadata): always a frozen graph
     return InferenceModel(model, classes, architecture, size)
 
 
@@ -177,11 +177,6 @@ def exported_model_metadata(folder: Path, source: str) -> dict[str, Any]:
     if not isinstance(metadata, dict):
         raise refuse("its metadata is not a mapping")
     return metadata
-
-
-def _is_exported(module: torch.nn.Module) -> bool:
-    # ExportedProgram.module() replaces train/eval with methods that raise; an eager model keeps nn.Module's.
-    return "train" in vars(module)
 
 
 def _load_checkpoint_model(directory: Path, config: Config, split: str | None) -> InferenceModel:

@@ -97,20 +97,7 @@ def test_two_epochs_straight_equal_one_epoch_then_a_resume_then_one_more(tiny_sh
 
     from pipeline.train.checkpoints import read_state
 
-    overrides = [
-        f"data.root={tiny_shards}",
-        "data.train_image_size=32",
-        "data.eval_image_size=32",
-        "data.loader_workers=0",
-        "data.shuffle_buffer=16",
-        "model.name=resnet18",
-        "model.dropout=0.5",
-        "optim.batch_size=16",
-        "optim.lr=0.4",
-        "optim.schedule=step",
-        "scaling.num_workers=0",
-        "data.max_corrupt_fraction=1",
-    ]
+    overrides = _resume_run(tiny_shards)
 
     def final_weights(reports):
         with reports[-1][1].as_directory() as directory:
@@ -135,6 +122,24 @@ def test_two_epochs_straight_equal_one_epoch_then_a_resume_then_one_more(tiny_sh
     assert all(torch.equal(expected[key], got[key]) for key in expected)
 
 
+def _resume_run(shards) -> list[str]:
+    """A tiny local-mode run whose dropout, shuffle and step schedule all draw randomness a resume must restore."""
+    return [
+        f"data.root={shards}",
+        "data.train_image_size=32",
+        "data.eval_image_size=32",
+        "data.loader_workers=0",
+        "data.shuffle_buffer=16",
+        "model.name=resnet18",
+        "model.dropout=0.5",
+        "optim.batch_size=16",
+        "optim.lr=0.4",
+        "optim.schedule=step",
+        "scaling.num_workers=0",
+        "data.max_corrupt_fraction=1",
+    ]
+
+
 class Killed(Exception):
     """Stands for a SIGKILL right after a checkpoint was handed over."""
 
@@ -149,24 +154,7 @@ def test_a_run_killed_after_a_checkpoint_within_an_epoch_resumes_at_its_next_ste
 
     from pipeline.train.checkpoints import read_state
 
-    config = load_config(
-        overrides=[
-            f"data.root={tiny_shards}",
-            "data.train_image_size=32",
-            "data.eval_image_size=32",
-            "data.loader_workers=0",
-            "data.shuffle_buffer=16",
-            "model.name=resnet18",
-            "model.dropout=0.5",
-            "optim.batch_size=16",
-            "optim.lr=0.4",
-            "optim.schedule=step",
-            "scaling.num_workers=0",
-            "data.max_corrupt_fraction=1",
-            "optim.epochs=2",
-            "tracking.checkpoint_every_steps=1",
-        ]
-    )
+    config = load_config(overrides=[*_resume_run(tiny_shards), "optim.epochs=2", "tracking.checkpoint_every_steps=1"])
 
     def final_weights(reports):
         with reports[-1][1].as_directory() as directory:
